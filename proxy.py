@@ -1,0 +1,1966 @@
+#!/usr/bin/env python3
+"""local-llm-proxy: an HTTPS front door for a plain-HTTP LLM backend on your network.
+
+A browser app served over HTTPS cannot call http://192.168.x.y:11434 (mixed content). This proxy
+terminates TLS with a locally trusted certificate, forwards every request 1:1 to one HTTP backend
+(Ollama, llama.cpp, LM Studio, vLLM, LiteLLM, ...), streams responses as they are produced, answers
+CORS and Chrome's private-network preflights, and counts the tokens that pass through.
+
+Run it:      python3 proxy.py                 (standard library only, Python 3.9+)
+Dashboard:   https://<this-machine>:8443/_proxy/dashboard
+Set-up page: https://<this-machine>:8443/_proxy/
+
+The file reads top to bottom in the order a request travels: configuration, certificates, the
+HTTP layer that receives and forwards, usage extraction and the stats store that record what
+passed, the command line, and last the embedded web pages.
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import datetime
+import difflib
+import errno
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import logging.handlers
+import math
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional, Tuple
+
+__all__ = [
+    "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
+    "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
+]
+
+VERSION = "1.0.0"
+log = logging.getLogger("llm-proxy")
+
+
+# ==================================================================================================
+# Constants and defaults: the one place where the default configuration lives
+# ==================================================================================================
+
+# Every config key, its default, and the check it must pass (checks are defined in the Config
+# section). Keys and defaults of the original tool's README are kept exactly; the others are
+# additions whose defaults keep the original behaviour.
+CONFIG_DEFAULTS = {
+    "proxy": {
+        "port": 8443,
+        "bind": "",                  # "" = every interface, IPv4 and IPv6 where available
+        "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
+        "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
+        "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
+    },
+    "target": {
+        "host": "127.0.0.1",
+        "port": 11434,
+        "connectTimeout": 10,        # seconds to open a TCP connection to the backend
+        "readTimeout": 600,          # seconds the backend may stay silent (a slow model's prefill)
+        "forwardOrigin": False,      # the proxy owns CORS; Ollama answers 403 to unknown origins
+    },
+    "tls": {
+        "cert": "./certs/cert.pem",
+        "key": "./certs/key.pem",
+        "hosts": [],                 # extra names/IPs for the generated certificate
+    },
+    "tracking": {
+        "enabled": True,
+        "statsFile": "./stats.json",
+        "persistInterval": 30,
+        "historySize": 100,
+        "injectStreamUsage": True,   # ask OpenAI-style streams for usage, hide the extra chunk
+    },
+}
+
+# Environment variables take precedence over the config file (names from the original README).
+ENV_OVERRIDES = (
+    ("PROXY_PORT", "proxy.port"),
+    ("TARGET_HOST", "target.host"),
+    ("TARGET_PORT", "target.port"),
+    ("CERT_FILE", "tls.cert"),
+    ("KEY_FILE", "tls.key"),
+    ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
+)
+
+# Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
+# (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
+# httputil.ReverseProxy notes). Every token named in a Connection header is dropped as well.
+# Applied to requests and responses alike.
+HOP_BY_HOP_HEADERS = (
+    "connection", "proxy-connection", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+)
+
+# Limits on what a client may send before we answer 414/431 (nginx uses 8 KiB lines, 32 KiB heads).
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_LINE = 16384
+MAX_HEADER_BYTES = 65536
+MAX_HEADER_COUNT = 128
+MAX_CHUNK_LINE = 4096
+
+# Request bodies up to this size are read whole before forwarding: usage tracking needs the model
+# name and the stream flags, and an OpenAI stream request is rewritten to ask for usage. Larger
+# bodies (base64 images) are streamed to the backend as they arrive; the tap sees their start.
+BODY_BUFFER_LIMIT = 1024 * 1024
+BODY_PEEK_LIMIT = 64 * 1024
+# One read from the backend returns at most this much; a small SSE event comes back at once.
+READ_CHUNK = 256 * 1024
+# Internal routes never need a body; anything bigger is refused rather than read.
+INTERNAL_BODY_LIMIT = 64 * 1024
+
+CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+# Browsers cap it (Chrome at 2 h); a long value saves a preflight before every chat request.
+CORS_MAX_AGE = "86400"
+# Response headers JavaScript may read without being listed (Fetch standard, CORS-safelisted).
+CORS_SAFELISTED_RESPONSE_HEADERS = (
+    "cache-control", "content-language", "content-length", "content-type", "expires",
+    "last-modified", "pragma",
+)
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+HEALTH_CACHE_SECONDS = 3.0
+
+
+# ==================================================================================================
+# Errors: one small tree; main() turns a ProxyError into "error: ..." and an exit code
+# ==================================================================================================
+
+class ProxyError(Exception):
+    """Base class for errors the proxy reports to the user without a traceback."""
+
+
+class ConfigError(ProxyError):
+    """The configuration file or an environment override is invalid."""
+
+
+class CertificateError(ProxyError):
+    """The TLS certificate or key is missing, unreadable, or inconsistent."""
+
+
+# ==================================================================================================
+# Config: load JSON, apply environment overrides, validate once into an immutable object
+# ==================================================================================================
+
+def _check_port(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        return "an integer from 1 to 65535"
+    return None
+
+
+def _check_positive_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * 7:
+        return "a number of seconds greater than 0"
+    return None
+
+
+def _check_history_size(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
+        return "an integer from 0 to 100000"
+    return None
+
+
+def _check_bool(value):
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _check_string(value):
+    return None if isinstance(value, str) else "a string"
+
+
+def _check_nonempty_string(value):
+    return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+def _check_string_list(value):
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return None
+    return "a list of strings"
+
+
+def _check_origins(value):
+    if isinstance(value, str) or _check_string_list(value) is None:
+        return None
+    return 'a string ("*" or a comma-separated list of origins) or a list of origins'
+
+
+CONFIG_CHECKS = {
+    "proxy.port": _check_port,
+    "proxy.bind": _check_string,
+    "proxy.allowedOrigins": _check_origins,
+    "proxy.adminToken": _check_string,
+    "proxy.clientTimeout": _check_positive_number,
+    "target.host": _check_nonempty_string,
+    "target.port": _check_port,
+    "target.connectTimeout": _check_positive_number,
+    "target.readTimeout": _check_positive_number,
+    "target.forwardOrigin": _check_bool,
+    "tls.cert": _check_nonempty_string,
+    "tls.key": _check_nonempty_string,
+    "tls.hosts": _check_string_list,
+    "tracking.enabled": _check_bool,
+    "tracking.statsFile": _check_nonempty_string,
+    "tracking.persistInterval": _check_positive_number,
+    "tracking.historySize": _check_history_size,
+    "tracking.injectStreamUsage": _check_bool,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings. Paths are absolute; origins are parsed. Build it with load_config()."""
+
+    port: int = 8443
+    bind: str = ""
+    allowed_origins: Tuple[str, ...] = ("*",)
+    admin_token: str = ""
+    client_timeout: float = 30.0
+    target_host: str = "127.0.0.1"
+    target_port: int = 11434
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    forward_origin: bool = False
+    cert_file: str = "certs/cert.pem"
+    key_file: str = "certs/key.pem"
+    tls_hosts: Tuple[str, ...] = ()
+    tracking_enabled: bool = True
+    stats_file: str = "stats.json"
+    persist_interval: float = 30.0
+    history_size: int = 100
+    inject_stream_usage: bool = True
+    source: Optional[str] = None            # the config file used, or None for defaults
+    warnings: Tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def target_url(self) -> str:
+        """The backend's base URL, as shown in logs and errors."""
+        host = self.target_host
+        if ":" in host and not host.startswith("["):
+            host = "[%s]" % host
+        return "http://%s:%d" % (host, self.target_port)
+
+    @property
+    def any_origin(self) -> bool:
+        """True when every origin may call the proxy (allowedOrigins "*")."""
+        return "*" in self.allowed_origins
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser page from `origin` may read our responses."""
+        return self.any_origin or origin.rstrip("/").lower() in self.allowed_origins
+
+
+def _parse_origins(value) -> Tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    origins = tuple(item.strip().rstrip("/").lower() for item in items if item.strip())
+    return origins or ("*",)
+
+
+def _flatten(settings: dict) -> Dict[str, object]:
+    return {"%s.%s" % (section, key): value
+            for section, keys in settings.items() for key, value in keys.items()}
+
+
+def _read_config_file(path: str) -> Tuple[dict, List[str]]:
+    """Parse a config file; returns (flat {dotted key: value}, warnings). Raises ConfigError."""
+    try:
+        with open(path, "r", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config file %s is not UTF-8 text" % path) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("%s: invalid JSON at line %d, column %d: %s"
+                          % (path, exc.lineno, exc.colno, exc.msg)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("%s: the top level must be a JSON object like {\"proxy\": {...}}" % path)
+    flat, warnings = {}, []
+    for section, keys in data.items():
+        if section not in CONFIG_DEFAULTS:
+            warnings.append(_unknown_key_warning(path, section, list(CONFIG_DEFAULTS)))
+            continue
+        if not isinstance(keys, dict):
+            raise ConfigError("%s: %s must be a JSON object, got %s"
+                              % (path, section, json.dumps(keys)))
+        for key, value in keys.items():
+            dotted = "%s.%s" % (section, key)
+            if dotted not in CONFIG_CHECKS:
+                choices = ["%s.%s" % (section, k) for k in CONFIG_DEFAULTS[section]]
+                warnings.append(_unknown_key_warning(path, dotted, choices))
+                continue
+            flat[dotted] = value
+    return flat, warnings
+
+
+def _unknown_key_warning(path: str, key: str, choices: List[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    hint = " (did you mean '%s'?)" % close[0] if close else ""
+    return "%s: unknown key '%s' ignored%s" % (path, key, hint)
+
+
+def _env_value(name: str, dotted: str, raw: str):
+    """Convert an environment override to the type its config key takes."""
+    if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], int):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError("environment variable %s=%r: %s must be an integer"
+                              % (name, raw, dotted)) from None
+    return raw
+
+
+def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True) -> Config:
+    """Build the Config from defaults, an optional JSON file and environment overrides.
+
+    With no `path`, ./config.json is used when it exists, else the defaults. Relative paths in a
+    config file resolve against that file's directory (cron starts programs in $HOME); relative
+    paths from the defaults or the environment resolve against the current directory.
+    Raises ConfigError naming the file (or variable), the key and the value.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and search_cwd and os.path.isfile("config.json"):
+        path = "config.json"
+    values = _flatten(CONFIG_DEFAULTS)
+    warnings: List[str] = []
+    origin_of = {key: None for key in values}       # None = default, else the file or env var
+    if path is not None:
+        path = os.path.abspath(path)
+        if not os.path.exists(path):
+            raise ConfigError("config file %s does not exist (copy config.example.json)" % path)
+        file_values, warnings = _read_config_file(path)
+        values.update(file_values)
+        origin_of.update({key: path for key in file_values})
+    for name, dotted in ENV_OVERRIDES:
+        raw = environ.get(name)
+        if raw is not None and raw != "":
+            values[dotted] = _env_value(name, dotted, raw)
+            origin_of[dotted] = "environment variable " + name
+    for dotted, check in CONFIG_CHECKS.items():
+        problem = check(values[dotted])
+        if problem:
+            where = origin_of[dotted] or "default"
+            raise ConfigError("%s: %s must be %s, got %s"
+                              % (where, dotted, problem, json.dumps(values[dotted])))
+    base_dir = os.path.dirname(path) if path else os.getcwd()
+
+    def resolve(dotted: str) -> str:
+        value = os.path.expanduser(values[dotted])
+        relative_to = base_dir if origin_of[dotted] == path and path else os.getcwd()
+        return os.path.normpath(os.path.join(relative_to, value))
+
+    return Config(
+        port=values["proxy.port"],
+        bind=values["proxy.bind"].strip(),
+        allowed_origins=_parse_origins(values["proxy.allowedOrigins"]),
+        admin_token=values["proxy.adminToken"],
+        client_timeout=float(values["proxy.clientTimeout"]),
+        target_host=values["target.host"].strip().strip("[]"),
+        target_port=values["target.port"],
+        connect_timeout=float(values["target.connectTimeout"]),
+        read_timeout=float(values["target.readTimeout"]),
+        forward_origin=values["target.forwardOrigin"],
+        cert_file=resolve("tls.cert"),
+        key_file=resolve("tls.key"),
+        tls_hosts=tuple(h.strip() for h in values["tls.hosts"]),
+        tracking_enabled=values["tracking.enabled"],
+        stats_file=resolve("tracking.statsFile"),
+        persist_interval=float(values["tracking.persistInterval"]),
+        history_size=values["tracking.historySize"],
+        inject_stream_usage=values["tracking.injectStreamUsage"],
+        source=path,
+        warnings=tuple(warnings),
+    )
+
+
+# ==================================================================================================
+# Certificates: find or create the local CA and the server certificate
+# ==================================================================================================
+
+# MERGE: certificates section
+
+
+def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context: TLS 1.2+, ALPN http/1.1, our certificate. Raises CertificateError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except FileNotFoundError as exc:
+        raise CertificateError("certificate file missing: %s" % exc.filename) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError("cannot load certificate %s with key %s: %s"
+                               % (cert_file, key_file, exc)) from None
+    return context
+
+
+# ==================================================================================================
+# HTTP layer, part 1: reading a client's request strictly (no smuggling past us)
+# ==================================================================================================
+
+class RequestError(Exception):
+    """A request we refuse before forwarding; carries the status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped sending in the middle of a request."""
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\Z")
+
+
+class RequestHead:
+    """A parsed request line and header list (names keep their case, order is kept)."""
+
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: str, headers: List[Tuple[str, str]]):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """The last value of header `name` (case-insensitive), or `default`."""
+        name = name.lower()
+        for key, value in reversed(self.headers):
+            if key.lower() == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> List[str]:
+        """Every value of header `name`, in order."""
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def connection_tokens(self) -> List[str]:
+        """Lower-case tokens of every Connection header."""
+        return _connection_tokens(self.get_all("connection"))
+
+
+def _connection_tokens(values) -> List[str]:
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+
+
+def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
+    """One CRLF-terminated line without its CRLF. b"" at a clean end of stream before any byte."""
+    line = rfile.readline(limit + 1)
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if not line:
+        raise EOFError
+    if len(line) > limit:
+        raise RequestError(too_long_status, "%s too long" % what)
+    if line.endswith(b"\n"):
+        # A bare LF is accepted by some servers and not by others: exactly the disagreement that
+        # request smuggling feeds on (RFC 9112 §2.2), so we refuse it.
+        raise RequestError(400, "line ends in a bare LF; HTTP needs CRLF")
+    raise ClientGone()
+
+
+def read_request_head(rfile) -> Optional[RequestHead]:
+    """Read one request head. Returns None when the client closed the connection cleanly.
+
+    Strict by design: CRLF only, no obsolete line folding, header names must be tokens, no control
+    characters in values, limits on sizes. Raises RequestError (status + message) or ClientGone.
+    """
+    try:
+        line = _read_line(rfile, MAX_REQUEST_LINE, 414, "request line")
+        if not line:  # RFC 9112 §2.2: ignore at least one empty line before a request
+            line = _read_line(rfile, MAX_REQUEST_LINE, 414, "request line")
+    except EOFError:
+        return None
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _TARGET.match(parts[1]):
+        raise RequestError(400, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if version.startswith(b"HTTP/"):
+            raise RequestError(505, "HTTP version not supported")
+        raise RequestError(400, "malformed request line")
+    headers = []
+    total = len(line)
+    while True:
+        try:
+            line = _read_line(rfile, MAX_HEADER_LINE, 431, "header line")
+        except EOFError:
+            raise ClientGone() from None
+        if not line:
+            break
+        total += len(line) + 2
+        if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADER_COUNT:
+            raise RequestError(431, "request headers too large")
+        if line[:1] in (b" ", b"\t"):
+            raise RequestError(400, "obsolete header line folding is not accepted")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise RequestError(400, "malformed header line")
+        value = value.strip(b" \t")
+        if _BAD_FIELD_VALUE.search(value):
+            raise RequestError(400, "control character in header %s" % name.decode("ascii"))
+        headers.append((name.decode("ascii"), value.decode("latin-1")))
+    return RequestHead(method.decode("ascii"), target.decode("ascii"),
+                       version.decode("ascii"), headers)
+
+
+def request_body_length(head: RequestHead) -> Optional[int]:
+    """How the request body is framed (RFC 9112 §6.3): -1 chunked, N bytes, or None for no body.
+
+    Raises RequestError for the ambiguous framings used to smuggle requests.
+    """
+    codings = head.get_all("transfer-encoding")
+    lengths = head.get_all("content-length")
+    if codings:
+        if lengths:
+            raise RequestError(400, "both Transfer-Encoding and Content-Length")
+        if head.version == "HTTP/1.0":
+            raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        tokens = [t.strip().lower() for v in codings for t in v.split(",")]
+        if tokens != ["chunked"]:
+            raise RequestError(501 if "chunked" in tokens else 400,
+                               "unsupported Transfer-Encoding: %s" % ", ".join(codings))
+        return -1
+    if lengths:
+        values = {v.strip() for item in lengths for v in item.split(",")}
+        if len(values) != 1:
+            raise RequestError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise RequestError(400, "invalid Content-Length")
+        return int(value) or None
+    return None
+
+
+def iter_fixed_body(rfile, length: int, piece: int = READ_CHUNK):
+    """Yield a Content-Length body in pieces. Raises ClientGone if it ends early."""
+    remaining = length
+    while remaining:
+        data = rfile.read1(min(piece, remaining))
+        if not data:
+            raise ClientGone()
+        remaining -= len(data)
+        yield data
+
+
+def iter_chunked_body(rfile, piece: int = READ_CHUNK):
+    """Yield the decoded data of a chunked body; reads and drops trailers. Strict framing."""
+    while True:
+        try:
+            line = _read_line(rfile, MAX_CHUNK_LINE, 400, "chunk size line")
+        except EOFError:
+            raise ClientGone() from None
+        match = _CHUNK_SIZE.match(line)
+        if not match:
+            raise RequestError(400, "invalid chunk size")
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        yield from iter_fixed_body(rfile, size, piece)
+        if rfile.read(2) != b"\r\n":
+            raise RequestError(400, "chunk data not followed by CRLF")
+    trailer_bytes = 0
+    while True:
+        try:
+            line = _read_line(rfile, MAX_HEADER_LINE, 431, "trailer line")
+        except EOFError:
+            raise ClientGone() from None
+        if not line:
+            return
+        trailer_bytes += len(line)
+        if trailer_bytes > MAX_HEADER_BYTES:
+            raise RequestError(431, "trailers too large")
+
+
+# ==================================================================================================
+# HTTP layer, part 2: the backend connection pool
+# ==================================================================================================
+
+class UpstreamError(Exception):
+    """The backend could not be reached or answered badly; carries the status and a message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamPool:
+    """Keep-alive connections to the one backend, reused last-in first-out.
+
+    A pooled connection that has become readable while idle was closed by the backend (or sent
+    something unasked); it is dropped before use rather than discovered broken mid-request.
+    """
+
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float,
+                 max_idle: int = 64):
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: List[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self.url = Config(target_host=host, target_port=port).target_url
+
+    def acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
+        """A connected HTTPConnection and whether it was reused. Raises UpstreamError."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(), False
+            if _socket_is_quiet(conn.sock):
+                return conn, True
+            conn.close()
+
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        """Return a connection whose response was read to the end."""
+        with self._lock:
+            if conn.sock is not None and len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close_all(self) -> None:
+        """Close every idle connection (shutdown, tests)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError(504, "Timed out connecting to %s after %gs"
+                                % (self.url, self.connect_timeout)) from None
+        except OSError as exc:
+            conn.close()
+            raise UpstreamError(502, "Cannot connect to %s: %s"
+                                % (self.url, _describe_os_error(exc))) from None
+        conn.sock.settimeout(self.read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+
+def _socket_is_quiet(sock) -> bool:
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "host name not found"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the backend"
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "no route to host"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+# ==================================================================================================
+# HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
+# ==================================================================================================
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """One client connection: reads requests, answers /_proxy/* and preflights, forwards the rest.
+
+    The stock request parsing of BaseHTTPRequestHandler is replaced by read_request_head() (lean and
+    strict); responses are written as one buffer per head and straight through for bodies.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llm-proxy/" + VERSION
+    disable_nagle_algorithm = True   # every SSE event must leave at once
+    wbufsize = 0                     # writes go straight to the socket
+    rbufsize = 65536
+
+    # -- the per-connection loop --------------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.connection.settimeout(self.server.config.client_timeout)
+
+    def handle_one_request(self):
+        self.close_connection = True
+        self.head = None
+        try:
+            head = read_request_head(self.rfile)
+        except RequestError as exc:
+            self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+            return
+        except (ClientGone, OSError):
+            return
+        if head is None:
+            return
+        self.head = head
+        self.close_connection = not self._client_keeps_alive(head)
+        try:
+            self.route(head)
+        except RequestError as exc:
+            self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+        except (ClientGone, OSError):
+            self.close_connection = True
+
+    def _client_keeps_alive(self, head: RequestHead) -> bool:
+        tokens = head.connection_tokens()
+        if head.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+    def route(self, head: RequestHead) -> None:
+        """Decide where one request goes: refused, internal, preflight, or forwarded."""
+        if head.method == "CONNECT":
+            raise RequestError(405, "CONNECT is not supported: this proxy forwards to one backend only")
+        if not head.target.startswith("/"):
+            if head.target == "*" and head.method == "OPTIONS":
+                self.send_local(204, b"", extra=[("Allow", CORS_ALLOW_METHODS)])
+                return
+            raise RequestError(400, "only origin-form request targets (/path) are accepted; "
+                                    "this proxy is not an open relay")
+        body_length = request_body_length(head)
+        path = head.target.split("?", 1)[0]
+        if path == "/_proxy" or path.startswith("/_proxy/"):
+            self.discard_body(head, body_length)
+            self.handle_internal(head, path)
+        elif (head.method == "OPTIONS" and head.get("origin")
+              and head.get("access-control-request-method")):
+            self.discard_body(head, body_length)
+            self.answer_preflight(head)
+        else:
+            self.forward(head, path, body_length)
+
+    # -- writing responses -------------------------------------------------------------------
+
+    def write_head(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
+        """Send a status line and headers in one write."""
+        lines = ["HTTP/1.1 %d %s\r\n" % (status, reason)]
+        lines.extend("%s: %s\r\n" % pair for pair in headers)
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        self.wfile.write("".join(lines).encode("latin-1"))
+
+    def send_local(self, status: int, body: bytes, content_type: str = "",
+                   extra: List[Tuple[str, str]] = (), close: bool = False) -> None:
+        """Answer a request ourselves with a complete body."""
+        if close:
+            self.close_connection = True
+        headers = []
+        if content_type:
+            headers.append(("Content-Type", content_type))
+        headers.append(("Content-Length", str(len(body))))
+        headers.extend(extra)
+        headers.extend(self.cors_response_headers(()))
+        self.write_head(status, http.client.responses.get(status, "Unknown"), headers)
+        if body and not (self.head is not None and self.head.method == "HEAD"):
+            self.wfile.write(body)
+        self._log_local(status, len(body))
+
+    def send_json(self, status: int, payload, extra: List[Tuple[str, str]] = ()) -> None:
+        """Answer with a JSON document (never cached: stats change every request)."""
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        self.send_local(status, body, "application/json",
+                        [("Cache-Control", "no-store")] + list(extra))
+
+    def send_proxy_error(self, status: int, message: str, error_type: str = "proxy_error",
+                         close: bool = False) -> None:
+        """The one error path for proxy-made errors: a JSON body both official SDKs parse.
+
+        OpenAI's SDK reads error.message, Anthropic's reads type/error.type/error.message.
+        """
+        payload = {"type": "error", "error": {"type": error_type, "message": message}}
+        if close:
+            self.close_connection = True
+        try:
+            self.send_json(status, payload)
+        except OSError:
+            self.close_connection = True
+
+    def _log_local(self, status: int, size: int) -> None:
+        head = self.head
+        if head is not None and log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %d %dB", self.client_ip, head.method,
+                     head.target.split("?", 1)[0], status, size)
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        log.debug("%s %s", self.client_ip, format % args)
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address, with IPv4-mapped IPv6 addresses shown as plain IPv4."""
+        host = self.client_address[0]
+        return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+    def discard_body(self, head: RequestHead, body_length: Optional[int]) -> None:
+        """Read and drop a body we do not forward, so the connection can carry the next request."""
+        if body_length is None:
+            return
+        if body_length > INTERNAL_BODY_LIMIT:
+            raise RequestError(413, "request body too large for this endpoint")
+        self.expect_continue(head)
+        pieces = iter_chunked_body(self.rfile) if body_length < 0 else \
+            iter_fixed_body(self.rfile, body_length)
+        seen = 0
+        for data in pieces:
+            seen += len(data)
+            if seen > INTERNAL_BODY_LIMIT:
+                raise RequestError(413, "request body too large for this endpoint")
+
+    def expect_continue(self, head: RequestHead) -> None:
+        """Answer "Expect: 100-continue" ourselves (curl sends it for bodies over 1 MiB)."""
+        if head.version == "HTTP/1.1" and (head.get("expect") or "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- CORS ----------------------------------------------------------------------------------
+
+    def allowed_origin(self) -> Optional[str]:
+        """The request's Origin when it may read our responses, else None."""
+        origin = self.head.get("origin") if self.head is not None else None
+        if origin and self.server.config.origin_allowed(origin):
+            return origin
+        return None
+
+    def cors_response_headers(self, response_header_names) -> List[Tuple[str, str]]:
+        """CORS headers for an actual (non-preflight) response to an allowed origin."""
+        origin = self.allowed_origin()
+        if origin is None:
+            return []
+        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        exposed = sorted({name for name in response_header_names
+                          if name.lower() not in CORS_SAFELISTED_RESPONSE_HEADERS})
+        if exposed:
+            headers.append(("Access-Control-Expose-Headers", ", ".join(exposed)))
+        return headers
+
+    def answer_preflight(self, head: RequestHead) -> None:
+        """Answer a CORS preflight ourselves; it is never forwarded.
+
+        The requested headers are reflected because "Access-Control-Allow-Headers: *" does not
+        cover Authorization (Fetch standard), which both SDKs send.
+        """
+        origin = head.get("origin")
+        if not self.server.config.origin_allowed(origin):
+            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
+                                  "origin_not_allowed")
+            return
+        headers = [
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
+            ("Access-Control-Max-Age", CORS_MAX_AGE),
+            ("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers, "
+                     "Access-Control-Request-Private-Network"),
+            ("Content-Length", "0"),
+        ]
+        requested = head.get("access-control-request-headers", "")
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        if names and all(_TOKEN.match(n.encode("latin-1")) for n in names):
+            headers.append(("Access-Control-Allow-Headers", ", ".join(names)))
+        # Chrome's Private Network Access: a public HTTPS page calling a LAN address asks first.
+        if (head.get("access-control-request-private-network") or "").lower() == "true":
+            headers.append(("Access-Control-Allow-Private-Network", "true"))
+        self.write_head(204, "No Content", headers)
+        self._log_local(204, 0)
+
+    # -- internal routes: /_proxy/* ---------------------------------------------------------
+
+    def handle_internal(self, head: RequestHead, path: str) -> None:
+        """Serve the proxy's own endpoints; never forwarded."""
+        route = INTERNAL_ROUTES.get(path.rstrip("/") or "/_proxy")
+        if route is None:
+            self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
+            return
+        methods, handler_name = route
+        if head.method not in methods:
+            self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
+                                  "method_not_allowed")
+            return
+        getattr(self, handler_name)()
+
+    def serve_stats(self) -> None:
+        self.send_json(200, self.server.stats.snapshot())
+
+    def serve_reset(self) -> None:
+        refusal = self.admin_refusal()
+        if refusal:
+            self.send_proxy_error(refusal[0], refusal[1], "forbidden")
+            return
+        self.server.stats.reset()
+        log.info("stats reset by %s", self.client_ip)
+        self.send_json(200, {"ok": True})
+
+    def admin_refusal(self) -> Optional[Tuple[int, str]]:
+        """Why an admin action (reset) is refused, or None when allowed.
+
+        Another website open in the user's browser must not drive it: a browser always sends
+        Origin on a cross-site POST, so any Origin but our own is refused.
+        """
+        origin = self.head.get("origin")
+        if origin is not None and origin.lower() != "https://" + (self.head.get("host") or "").lower():
+            return 403, "admin endpoints refuse cross-origin requests (Origin %s)" % origin
+        token = self.server.config.admin_token
+        if token:
+            supplied = self.head.get("authorization") or ""
+            if not hmac.compare_digest(supplied.encode("utf-8"), ("Bearer " + token).encode("utf-8")):
+                return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
+        return None
+
+    def serve_health(self) -> None:
+        self.send_json(200, self.server.health())
+
+    def serve_metrics(self) -> None:
+        body = render_metrics(self.server.stats).encode("utf-8")
+        self.send_local(200, body, METRICS_CONTENT_TYPE, [("Cache-Control", "no-store")])
+
+    def serve_dashboard(self) -> None:
+        self.send_page(DASHBOARD_HTML)
+
+    def serve_setup_page(self) -> None:
+        self.send_page(SETUP_HTML)
+
+    def send_page(self, page: "Page") -> None:
+        self.send_local(200, page.body, "text/html; charset=utf-8", page.headers)
+
+    def serve_ca_pem(self) -> None:
+        self.send_ca(der=False)
+
+    def serve_ca_der(self) -> None:
+        self.send_ca(der=True)
+
+    def send_ca(self, der: bool) -> None:
+        """Serve the CA certificate (never its key) for devices to install."""
+        ca_file = os.path.join(os.path.dirname(self.server.config.cert_file), "ca.pem")
+        try:
+            with open(ca_file, "rb") as handle:
+                pem = handle.read()
+        except OSError:
+            self.send_proxy_error(404, "no local CA here (%s): the proxy uses a certificate it "
+                                       "did not issue" % ca_file, "not_found")
+            return
+        if der:
+            self.send_local(200, pem_to_der(pem), "application/x-x509-ca-cert",
+                            [("Content-Disposition", 'attachment; filename="llm-proxy-ca.crt"')])
+        else:
+            self.send_local(200, pem, "application/x-pem-file",
+                            [("Content-Disposition", 'attachment; filename="llm-proxy-ca.pem"')])
+
+    # -- forwarding --------------------------------------------------------------------------
+
+    def forward(self, head: RequestHead, path: str, body_length: Optional[int]) -> None:
+        """The forwarding pipeline: refuse foreign origins, send upstream, stream the answer back."""
+        origin = head.get("origin")
+        if origin and not self.server.config.origin_allowed(origin):
+            # The browser would hide our answer anyway; refusing also spares the backend the work.
+            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
+                                  "origin_not_allowed")
+            return
+        exchange = Exchange(self, head, path, body_length)
+        self.server.stats.request_started()
+        try:
+            exchange.run()
+        finally:
+            self.server.stats.request_finished()
+            exchange.finish()
+
+
+class Exchange:
+    """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
+
+    def __init__(self, handler: ProxyHandler, head: RequestHead, path: str,
+                 body_length: Optional[int]):
+        self.handler = handler
+        self.server = handler.server
+        self.config = handler.server.config
+        self.head = head
+        self.path = path
+        self.body_length = body_length
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.status = 0
+        self.sent = 0
+        self.ttfb = None
+        self.error = False
+        self.tap = None
+        self.kind = classify_endpoint(path) if self.config.tracking_enabled else None
+        self.request_info = None
+        self.injected = False
+
+    # The steps, in order --------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            body, body_stream = self.read_request_body()
+            conn, response = self.round_trip(body, body_stream)
+        except UpstreamError as exc:
+            self.fail(exc.status, exc.message)
+            return
+        except RequestError:
+            self.status, self.error = 400, True
+            raise
+        except ClientGone:
+            self.status, self.error = 499, True     # nginx's "client closed request"
+            raise
+        self.relay_response(conn, response)
+
+    def read_request_body(self):
+        """(whole body or None, iterator of pieces or None). Small bodies are read whole."""
+        length = self.body_length
+        if length is None:
+            self.request_info = inspect_request(self.kind, b"", True) if self.kind else None
+            return b"", None
+        self.handler.expect_continue(self.head)
+        rfile = self.handler.rfile
+        if 0 < length <= BODY_BUFFER_LIMIT:
+            body = b"".join(iter_fixed_body(rfile, length))
+            if self.kind:
+                self.request_info = inspect_request(self.kind, body, True)
+                if self.config.inject_stream_usage:
+                    rewritten = inject_stream_usage(self.kind, body, self.request_info)
+                    if rewritten is not None:
+                        body, self.injected = rewritten, True
+            return body, None
+        pieces = iter_chunked_body(rfile) if length < 0 else iter_fixed_body(rfile, length)
+        if self.kind:
+            return None, self._peek_request(pieces)
+        return None, pieces
+
+    def _peek_request(self, pieces):
+        """Pass pieces through, and let the usage tap see the body's first BODY_PEEK_LIMIT bytes."""
+        prefix = bytearray()
+        for data in pieces:
+            if prefix is not None:
+                prefix += data[:BODY_PEEK_LIMIT - len(prefix)]
+                if len(prefix) >= BODY_PEEK_LIMIT:
+                    self.request_info = inspect_request(self.kind, bytes(prefix), False)
+                    prefix = None
+            yield data
+        if prefix is not None:
+            self.request_info = inspect_request(self.kind, bytes(prefix), True)
+
+    def upstream_headers(self, body: Optional[bytes]) -> List[Tuple[str, str]]:
+        """The client's headers minus hop-by-hop ones, plus Host, framing and X-Forwarded-*."""
+        head = self.head
+        dropped = set(HOP_BY_HOP_HEADERS)
+        dropped.update(head.connection_tokens())
+        dropped.update(("host", "content-length", "expect", "x-forwarded-proto", "x-forwarded-host"))
+        if not self.config.forward_origin:
+            dropped.add("origin")
+        if self.injected:
+            dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
+        headers = [("Host", self.server.upstream_host_header)]
+        forwarded_for = []
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower == "x-forwarded-for":
+                forwarded_for.append(value)
+            elif lower not in dropped:
+                headers.append((name, value))
+        forwarded_for.append(self.handler.client_ip)
+        headers.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+        headers.append(("X-Forwarded-Proto", "https"))
+        if head.get("host"):
+            headers.append(("X-Forwarded-Host", head.get("host")))
+        if self.injected:
+            headers.append(("Accept-Encoding", "identity"))
+        if body is not None:
+            if body or self.body_length is not None or self.head.method in ("POST", "PUT", "PATCH"):
+                headers.append(("Content-Length", str(len(body))))
+        else:
+            headers.append(("Transfer-Encoding", "chunked"))
+        return headers
+
+    def round_trip(self, body: Optional[bytes], body_stream):
+        """Send the request and read the response head. Retries once on a stale pooled connection.
+
+        Only a connection reused from the pool is retried, only when the backend closed it without
+        answering, and only when the body is still in hand: then the backend cannot have started
+        on this request (it had closed an idle connection), so sending again is safe.
+        """
+        headers = self.upstream_headers(body)
+        pool = self.server.upstream
+        for attempt in (1, 2):
+            conn, reused = pool.acquire()
+            try:
+                conn.putrequest(self.head.method, self.head.target,
+                                skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    conn.putheader(name, value)
+                if body is not None:
+                    conn.endheaders(body)
+                else:
+                    conn.endheaders()
+                    self.stream_request_body(conn, body_stream)
+                return conn, conn.getresponse()
+            except (ClientGone, RequestError):
+                conn.close()
+                raise
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.close()
+                if reused and attempt == 1 and body is not None:
+                    log.debug("pooled backend connection was stale (%s); retrying once", exc)
+                    continue
+                raise UpstreamError(502, "The backend at %s closed the connection without "
+                                         "answering" % pool.url) from None
+            except socket.timeout:
+                conn.close()
+                raise UpstreamError(504, "The backend at %s did not answer within %gs"
+                                    % (pool.url, self.config.read_timeout)) from None
+            except http.client.HTTPException as exc:
+                conn.close()
+                raise UpstreamError(502, "The backend at %s sent an invalid HTTP response (%s)"
+                                    % (pool.url, type(exc).__name__)) from None
+            except OSError as exc:
+                conn.close()
+                raise UpstreamError(502, "Error talking to the backend at %s: %s"
+                                    % (pool.url, _describe_os_error(exc))) from None
+        raise AssertionError("unreachable")
+
+    def stream_request_body(self, conn, pieces) -> None:
+        """Forward a large or chunked body as it arrives, re-framed as chunked.
+
+        If the client stops halfway, the terminating chunk is never sent: the backend sees a
+        broken request, never a complete one.
+        """
+        send = conn.sock.sendall
+        for data in pieces:
+            send(b"%x\r\n%s\r\n" % (len(data), data))
+        send(b"0\r\n\r\n")
+
+    def response_headers(self, response, body_kept: bool) -> Tuple[List[Tuple[str, str]], bool]:
+        """The backend's headers to pass on, and whether we frame the body as chunked."""
+        raw = response.getheaders()
+        dropped = set(HOP_BY_HOP_HEADERS)
+        dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
+        if not body_kept:
+            dropped.add("content-length")
+        headers = [(k, v) for k, v in raw
+                   if k.lower() not in dropped and not k.lower().startswith("access-control-")]
+        chunked = False
+        if self.has_body(response):
+            if response.chunked or response.length is None or not body_kept:
+                if self.head.version == "HTTP/1.1":
+                    headers.append(("Transfer-Encoding", "chunked"))
+                    chunked = True
+                else:
+                    self.handler.close_connection = True   # HTTP/1.0: the close ends the body
+        headers.extend(self.handler.cors_response_headers([k for k, _ in headers]))
+        return headers, chunked
+
+    def has_body(self, response) -> bool:
+        status = response.status
+        return not (self.head.method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+    def relay_response(self, conn, response) -> None:
+        """Copy status, headers and body to the client, each piece as soon as it arrives."""
+        self.status = response.status
+        if self.kind and 200 <= response.status < 300:
+            self.tap = UsageTap(self.kind, self.request_info,
+                                response.getheader("content-type", ""),
+                                response.getheader("content-encoding", ""),
+                                strip_injected_usage=self.injected)
+        body_kept = not (self.tap is not None and self.injected)
+        headers, chunked = self.response_headers(response, body_kept)
+        write = self.handler.wfile.write
+        reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
+        try:
+            self.handler.write_head(response.status, reason, headers)
+        except OSError:
+            conn.close()
+            raise ClientGone() from None
+        if not self.has_body(response):
+            self.ttfb = time.monotonic() - self.started
+            response.close()
+            self.server.upstream.release(conn)
+            return
+        tap = self.tap
+        read1 = response.read1
+        complete = False
+        while True:
+            try:
+                data = read1(READ_CHUNK)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self.upstream_broke(conn, exc)
+                return
+            if self.ttfb is None:
+                self.ttfb = time.monotonic() - self.started
+            if not data:
+                complete = True
+                break
+            if tap is not None:
+                data = tap.feed(data)
+                if not data:
+                    continue
+            self.sent += len(data)
+            try:
+                write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            except OSError:
+                self.client_broke(conn)
+                return
+        tail = b""
+        if tap is not None:
+            tail, _ = tap.finish(complete)
+        try:
+            if tail:
+                self.sent += len(tail)
+                write(b"%x\r\n%s\r\n" % (len(tail), tail) if chunked else tail)
+            if chunked:
+                write(b"0\r\n\r\n")
+        except OSError:
+            self.client_broke(conn)
+            return
+        response.close()
+        if response.will_close:
+            conn.close()
+        else:
+            self.server.upstream.release(conn)
+
+    def upstream_broke(self, conn, exc) -> None:
+        """The backend failed mid-body: all we can do is abort the client connection too.
+
+        A clean chunked end would look like success to the client, so we close without it.
+        """
+        log.warning("backend %s broke off the response to %s %s: %s", self.server.upstream.url,
+                    self.head.method, self.path, _describe_os_error(exc)
+                    if isinstance(exc, OSError) else type(exc).__name__)
+        conn.close()
+        self.error = True
+        self.handler.close_connection = True
+        _abort_connection(self.handler.connection)
+
+    def client_broke(self, conn) -> None:
+        """The client went away mid-stream: close the backend connection at once.
+
+        Ollama and llama.cpp stop generating when their client disconnects, which frees the GPU.
+        """
+        conn.close()
+        self.error = True
+        self.handler.close_connection = True
+
+    def fail(self, status: int, message: str) -> None:
+        """Answer with a proxy-made error (502/504); keep the client connection when possible."""
+        self.status, self.error = status, True
+        log.warning("%s %s -> %d: %s", self.head.method, self.path, status, message)
+        self.handler.send_proxy_error(status, message, "proxy_error",
+                                      close=self.body_length is not None)
+
+    def finish(self) -> None:
+        """Log one line and hand one record to the stats store."""
+        duration = time.monotonic() - self.started
+        usage = None
+        source = None
+        model = self.request_info.model if self.request_info is not None else None
+        if self.tap is not None:
+            usage = self.tap.usage
+            source = usage.get("source")
+            model = usage.get("model") or model
+            if usage.get("error"):
+                self.error = True
+        elif self.kind and self.status and 200 <= self.status < 300:
+            source = "missing"
+        if self.status >= 400:
+            self.error = True
+        tokens = usage.get("total", 0) if usage else 0
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
+                     self.status, self.sent, duration * 1000,
+                     " %d tokens" % tokens if tokens else "")
+        self.server.stats.record({
+            "time": self.started_wall, "method": self.head.method, "path": self.path,
+            "client": self.handler.client_ip, "status": self.status,
+            "completion": bool(self.kind) and is_completion_kind(self.kind),
+            "model": model, "usage": usage, "usageSource": source, "error": self.error,
+            "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
+            "durationMs": duration * 1000, "bytes": self.sent,
+        })
+
+
+def _abort_connection(sock) -> None:
+    """Close a client connection with a TCP reset, so no client mistakes it for a clean end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# Method sets and handler names of the internal routes (paths without a trailing slash).
+INTERNAL_ROUTES = {
+    "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
+    "/_proxy/dashboard": (("GET", "HEAD"), "serve_dashboard"),
+    "/_proxy/stats": (("GET", "HEAD"), "serve_stats"),
+    "/_proxy/reset": (("POST",), "serve_reset"),
+    "/_proxy/health": (("GET", "HEAD"), "serve_health"),
+    "/_proxy/metrics": (("GET", "HEAD"), "serve_metrics"),
+    "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
+    "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
+}
+
+
+# ==================================================================================================
+# HTTP layer, part 4: the TLS server
+# ==================================================================================================
+
+class ProxyServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that accepts plain TCP and does the TLS handshake in the worker thread.
+
+    Wrapping the listening socket would handshake inside accept(): one client that never sends a
+    ClientHello would stall every other client. Here the accept loop only accepts.
+
+    For the caller: serve_forever(), shutdown() (from another thread), server_close(),
+    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, stats, ssl_context: ssl.SSLContext):
+        self.config = config
+        self.stats = stats
+        self.ssl_context = ssl_context
+        self.upstream = UpstreamPool(config.target_host, config.target_port,
+                                     config.connect_timeout, config.read_timeout)
+        host = config.target_host if ":" not in config.target_host else "[%s]" % config.target_host
+        self.upstream_host_header = host if config.target_port == 80 else \
+            "%s:%d" % (host, config.target_port)
+        self._health_lock = threading.Lock()
+        self._health_cache = (0.0, None)
+        self._active = 0
+        self._active_changed = threading.Condition()
+        family, address = _listen_address(config.bind, config.port)
+        self.address_family = family
+        super().__init__(address, ProxyHandler, bind_and_activate=False)
+        try:
+            if family == socket.AF_INET6 and not config.bind:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can hang for seconds at start.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "llm-proxy"
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request, client_address):
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         daemon=True).start()
+
+    def finish_request(self, request, client_address):
+        """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
+        request.settimeout(self.config.client_timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True,
+                                               do_handshake_on_connect=False)
+        except OSError:
+            return
+        try:
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            tls.close()
+            return
+        with self._active_changed:
+            self._active += 1
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            with self._active_changed:
+                self._active -= 1
+                self._active_changed.notify_all()
+            try:
+                tls.close()
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error while serving %s", client_address[0])
+
+    def wait_for_requests(self, timeout: float) -> bool:
+        """Wait until no connection is being served; True if all finished in time."""
+        deadline = time.monotonic() + timeout
+        with self._active_changed:
+            while self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._active_changed.wait(remaining)
+        return True
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key again; new connections use them (SIGHUP)."""
+        self.ssl_context = make_server_ssl_context(self.config.cert_file, self.config.key_file)
+
+    def health(self) -> dict:
+        """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
+        with self._health_lock:
+            checked, backend = self._health_cache
+            if backend is None or time.monotonic() - checked > HEALTH_CACHE_SECONDS:
+                backend = self._probe_backend()
+                self._health_cache = (time.monotonic(), backend)
+        snapshot_uptime = time.monotonic() - START_MONOTONIC
+        return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
+                "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+
+    def _probe_backend(self) -> dict:
+        started = time.monotonic()
+        result = {"url": self.upstream.url, "reachable": False, "latencyMs": None, "error": None,
+                  "checkedAt": _iso_utc(time.time())}
+        try:
+            probe = socket.create_connection((self.config.target_host, self.config.target_port),
+                                             timeout=min(2.0, self.config.connect_timeout))
+            probe.close()
+            result["reachable"] = True
+            result["latencyMs"] = round((time.monotonic() - started) * 1000, 2)
+        except OSError as exc:
+            result["error"] = _describe_os_error(exc)
+        return result
+
+
+START_MONOTONIC = time.monotonic()
+
+
+def _iso_utc(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _listen_address(bind: str, port: int):
+    """(family, address) to listen on: dual-stack '::' by default where IPv6 exists."""
+    if not bind:
+        if socket.has_ipv6:
+            try:
+                probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                probe.close()
+                return socket.AF_INET6, ("::", port)
+            except OSError:
+                pass
+        return socket.AF_INET, ("0.0.0.0", port)
+    try:
+        return (socket.AF_INET6 if ipaddress.ip_address(bind.strip("[]")).version == 6
+                else socket.AF_INET), (bind.strip("[]"), port)
+    except ValueError:
+        return socket.AF_INET, (bind, port)
+
+
+def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContext] = None):
+    """Create a bound, listening ProxyServer (not yet serving). Raises CertificateError or OSError."""
+    if ssl_context is None:
+        ssl_context = make_server_ssl_context(config.cert_file, config.key_file)
+    if stats is None:
+        stats = StatsStore(history_size=config.history_size,
+                           path=config.stats_file if config.tracking_enabled else None,
+                           enabled=config.tracking_enabled)
+    return ProxyServer(config, stats, ssl_context)
+
+
+# ==================================================================================================
+# Service: pidfile, daemon mode, signals, the serve loop
+# ==================================================================================================
+
+class PidFile:
+    """A pidfile guarded by an exclusive flock: the lock, not the number, says who is alive.
+
+    A stale file (its process died) holds no lock and is simply taken over.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = None
+
+    def acquire(self) -> Optional[int]:
+        """Take the lock. Returns None on success, or the pid of the instance holding it."""
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = int(os.read(fd, 32).decode("ascii", "replace").strip() or 0)
+            except ValueError:
+                owner = 0
+            os.close(fd)
+            return owner or -1
+        self.fd = fd
+        return None
+
+    def write(self, pid: int) -> None:
+        """Record `pid` in the locked file."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % pid, 0)
+
+    def release(self) -> None:
+        """Remove the file and drop the lock (at exit)."""
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def stop_daemon(pidfile_path: str, timeout: float = 15.0) -> int:
+    """--stop: SIGTERM the instance holding the pidfile and wait until it has exited."""
+    probe = PidFile(pidfile_path)
+    if not os.path.exists(pidfile_path):
+        print("not running (no pidfile %s)" % pidfile_path)
+        return 0
+    owner = probe.acquire()
+    if owner is None:
+        probe.release()
+        print("not running (removed stale pidfile %s)" % pidfile_path)
+        return 0
+    if owner <= 0:
+        print("error: pidfile %s is locked but holds no pid" % pidfile_path, file=sys.stderr)
+        return 1
+    os.kill(owner, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if probe.acquire() is None:
+            probe.release()
+            print("stopped (pid %d)" % owner)
+            return 0
+    print("error: pid %d did not stop within %ds" % (owner, timeout), file=sys.stderr)
+    return 1
+
+
+def daemonize() -> int:
+    """Detach from the terminal (double fork). Returns, in the daemon, a pipe fd to report on.
+
+    The original process waits on that pipe and exits only when the daemon says it is serving,
+    so a script (or cron line) that runs --daemon twice in a row sees the first one's pidfile.
+    """
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        message = os.read(read_end, 256).decode("utf-8", "replace")
+        print(message or "error: the daemon exited during start-up (see the log file)")
+        os._exit(0 if message.startswith("started") else 1)
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return write_end
+
+
+class Maintenance(threading.Thread):
+    """Background upkeep: notice a certificate replaced on disk and load it for new connections."""
+
+    def __init__(self, server: "ProxyServer", interval: float = 5.0):
+        super().__init__(name="maintenance", daemon=True)
+        self.server = server
+        self.interval = interval
+        self.stopped = threading.Event()
+        self._stamp = self._cert_stamp()
+
+    def _cert_stamp(self):
+        stamps = []
+        for path in (self.server.config.cert_file, self.server.config.key_file):
+            try:
+                info = os.stat(path)
+                stamps.append((info.st_mtime_ns, info.st_size, info.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            stamp = self._cert_stamp()
+            if stamp != self._stamp and None not in stamp:
+                self._stamp = stamp
+                reload_certificate(self.server, "certificate files changed on disk")
+
+
+def reload_certificate(server: "ProxyServer", why: str) -> None:
+    """Swap in the certificate on disk for new connections; keep the old one if it fails."""
+    try:
+        server.reload_tls()
+        log.info("reloaded TLS certificate (%s)", why)
+    except CertificateError as exc:
+        log.error("kept the previous certificate: %s", exc)
+
+
+def serve(server: "ProxyServer", ready=None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests and save the stats. Returns 0."""
+    def request_stop(signum, frame):
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=reload_certificate, args=(server, "SIGHUP"), daemon=True).start())
+    maintenance = Maintenance(server)
+    maintenance.start()
+    if server.config.tracking_enabled:
+        server.stats.start_autosave(server.config.persist_interval)
+    if ready is not None:
+        ready()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        maintenance.stopped.set()
+        server.server_close()
+        if not server.wait_for_requests(SHUTDOWN_GRACE_SECONDS):
+            log.warning("stopping with requests still in flight after %gs", SHUTDOWN_GRACE_SECONDS)
+        server.stats.stop_autosave()
+        server.upstream.close_all()
+        log.info("stopped")
+    return 0
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of proxy.py."""
+    parser = argparse.ArgumentParser(
+        prog="proxy.py",
+        description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default: ./config.json if present, else built-in defaults)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"),
+                        help="how much to log (default: info, one line per request)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log to this file (rotated at 5 MiB) instead of stderr")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and certificates, then exit (0 good, 2 bad)")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach and run in the background (POSIX); safe to repeat from cron")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the daemon named by --pidfile and wait for it to exit")
+    parser.add_argument("--pidfile", metavar="PATH",
+                        help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the config)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    return parser
+
+
+def setup_logging(level: str, log_file: Optional[str] = None) -> None:
+    """One handler on the "llm-proxy" logger: stderr, or a size-rotated file."""
+    if log_file:
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024,
+                                                       backupCount=3, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    # systemd's journal stamps every line itself; don't print the time twice.
+    journal = bool(os.environ.get("JOURNAL_STREAM")) and not log_file
+    handler.setFormatter(logging.Formatter(
+        "%(levelname)s %(message)s" if journal else "%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(getattr(logging, level.upper()))
+    log.propagate = False
+
+
+def _default_beside_config(config: Config, name: str) -> str:
+    return os.path.join(os.path.dirname(config.source) if config.source else os.getcwd(), name)
+
+
+def check_setup(config: Config) -> int:
+    """--check: report on the config and certificates without serving. Returns 0 or 2."""
+    print("config: %s" % (config.source or "built-in defaults (no config file)"))
+    for warning in config.warnings:
+        print("warning: %s" % warning)
+    print("backend: %s" % config.target_url)
+    have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
+    if not have_cert and not have_key:
+        print("certificate: %s will be created at first start" % config.cert_file)
+        return 0
+    try:
+        make_server_ssl_context(config.cert_file, config.key_file)
+    except CertificateError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    print("certificate: %s (ok)" % config.cert_file)
+    return 0
+
+
+def print_banner(config: Config, cert_status) -> None:
+    """Tell the user where to point their app, and where the CA to trust lives."""
+    port = config.port
+    log.info("llm-proxy %s forwarding https://*:%d -> %s", VERSION, port, config.target_url)
+    for url in endpoint_urls(cert_status, port):
+        log.info("  endpoint for your app: %s/v1", url)
+    log.info("  dashboard: https://localhost:%d/_proxy/dashboard   set-up page: "
+             "https://localhost:%d/_proxy/", port, port)
+    if cert_status is not None and getattr(cert_status, "ca_file", None):
+        log.info("  trust this CA once on each device: %s (or download /_proxy/ca.pem)",
+                 cert_status.ca_file)
+
+
+def main(argv=None) -> int:
+    """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging("warning" if args.quiet else args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else \
+        _default_beside_config(config, "llm-proxy.pid")
+    if args.stop:
+        return stop_daemon(pidfile_path)
+    if args.check:
+        return check_setup(config)
+    for warning in config.warnings:
+        log.warning(warning)
+    if config.source is None:
+        log.info("no config file given and no ./config.json: running on built-in defaults")
+    pidfile = None
+    if args.daemon:
+        if not hasattr(os, "fork"):
+            print("error: --daemon needs a POSIX system; use a service manager instead",
+                  file=sys.stderr)
+            return 2
+        pidfile = PidFile(pidfile_path)
+        owner = pidfile.acquire()
+        if owner is not None:
+            print("already running (pid %d)" % owner)
+            return 0
+    try:
+        cert_status = ensure_certificates(config.cert_file, config.key_file,
+                                          extra_hosts=config.tls_hosts)
+        server = build_server(config)
+    except ProxyError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print("error: port %d is already in use by another program (set proxy.port or "
+                  "PROXY_PORT)" % config.port, file=sys.stderr)
+        else:
+            print("error: cannot listen on port %d: %s" % (config.port, exc.strerror or exc),
+                  file=sys.stderr)
+        return 1
+    server.stats.load()
+    ready = None
+    if args.daemon:
+        log_file = os.path.abspath(args.log_file) if args.log_file else \
+            _default_beside_config(config, "llm-proxy.log")
+        report = daemonize()
+        setup_logging("warning" if args.quiet else args.log_level, log_file)
+        pidfile.write(os.getpid())
+
+        def ready():
+            os.write(report, ("started (pid %d), logging to %s" % (os.getpid(), log_file)).encode())
+            os.close(report)
+    elif args.log_file:
+        setup_logging("warning" if args.quiet else args.log_level, os.path.abspath(args.log_file))
+    print_banner(config, cert_status)
+    try:
+        return serve(server, ready)
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+
+
+# ==================================================================================================
+# MERGE-STUBS (temporary until the drafts land)
+# ==================================================================================================
+
+def classify_endpoint(path):
+    for suffix, kind in (("/chat/completions", "openai_chat"), ("/messages", "anthropic_messages"),
+                         ("/api/generate", "ollama_generate"), ("/api/chat", "ollama_chat")):
+        if path.endswith(suffix):
+            return kind
+    return None
+
+
+def is_completion_kind(kind):
+    return kind is not None
+
+
+class _Info:
+    def __init__(self, model=None, stream=None, include_usage=False):
+        self.model, self.stream, self.include_usage = model, stream, include_usage
+
+
+def inspect_request(kind, body, complete):
+    try:
+        data = json.loads(body)
+        return _Info(data.get("model"), data.get("stream"))
+    except Exception:
+        return _Info()
+
+
+def inject_stream_usage(kind, body, info):
+    return None
+
+
+class UsageTap:
+    def __init__(self, kind, info, content_type, content_encoding, strip_injected_usage=False):
+        self.usage = {"model": None, "prompt": 0, "completion": 0, "total": 0, "cacheRead": 0,
+                      "cacheWrite": 0, "reasoning": 0, "source": "missing", "error": None}
+
+    def feed(self, data):
+        return data
+
+    def finish(self, complete):
+        return b"", self.usage
+
+
+class StatsStore:
+    def __init__(self, history_size=100, path=None, enabled=True, **kw):
+        self.lock = threading.Lock()
+        self.records = []
+        self.in_flight = 0
+
+    def request_started(self):
+        with self.lock:
+            self.in_flight += 1
+
+    def request_finished(self):
+        with self.lock:
+            self.in_flight -= 1
+
+    def record(self, rec):
+        with self.lock:
+            self.records.append(rec)
+
+    def snapshot(self):
+        with self.lock:
+            return {"requests": len(self.records), "errors": sum(r["error"] for r in self.records)}
+
+    def reset(self):
+        with self.lock:
+            self.records = []
+
+    def load(self):
+        pass
+
+    def save(self):
+        return True
+
+    def start_autosave(self, interval):
+        pass
+
+    def stop_autosave(self):
+        pass
+
+
+def render_metrics(store):
+    return "# nothing yet\n"
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def format_uptime(seconds):
+    return "%ds" % seconds
+
+
+def ensure_certificates(cert_file, key_file, extra_hosts=()):
+    if not (os.path.exists(cert_file) and os.path.exists(key_file)):
+        import subprocess
+        d = os.path.dirname(cert_file)
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        os.path.join(d, "ca-key.pem"), "-out", os.path.join(d, "ca.pem"), "-days", "30",
+                        "-subj", "/CN=test ca", "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-addext", "basicConstraints=critical,CA:TRUE"], check=True, capture_output=True)
+        subprocess.run("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s/req.csr -subj /CN=localhost && "
+                       "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > %s/ext && "
+                       "openssl x509 -req -in %s/req.csr -CA %s/ca.pem -CAkey %s/ca-key.pem -CAcreateserial -out %s -days 30 -extfile %s/ext"
+                       % (key_file, d, d, d, d, d, cert_file, d), shell=True, check=True, capture_output=True)
+    return None
+
+
+def endpoint_urls(cert_status, port):
+    return ["https://localhost:%d" % port]
+
+
+def pem_to_der(pem):
+    body = b"".join(l for l in pem.splitlines() if l and not l.startswith(b"-----"))
+    return base64.b64decode(body)
+
+
+# ==================================================================================================
+# Web pages: the dashboard and the device set-up page, served from this file
+# ==================================================================================================
+
+class Page:
+    """An HTML page and the headers it is served with.
+
+    The Content-Security-Policy allows only the page's own inline scripts (by hash) and requests
+    to this origin: even if a model name slipped into the DOM as HTML, no script would run.
+    """
+
+    def __init__(self, html: str):
+        self.body = html.encode("utf-8")
+        hashes = " ".join(
+            "'sha256-%s'" % base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+            for script in re.findall(r"<script>(.*?)</script>", html, re.S))
+        self.headers = [
+            ("Content-Security-Policy",
+             "default-src 'none'; script-src %s; style-src 'unsafe-inline'; img-src 'self' data:; "
+             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+             % (hashes or "'none'")),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("Cache-Control", "no-cache"),
+        ]
+
+
+DASHBOARD_HTML = Page("<!doctype html><title>llm-proxy</title><p>dashboard</p>")
+SETUP_HTML = Page("<!doctype html><title>llm-proxy</title><p>setup</p>")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

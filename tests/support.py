@@ -1,0 +1,254 @@
+"""Shared test fixtures: a real fake backend, the real proxy over real TLS, real clients.
+
+Everything binds 127.0.0.1 port 0 and reads the port back from the socket. Servers run
+serve_forever() in daemon threads and are stopped with addCleanup.
+"""
+
+import http.client
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import proxy  # noqa: E402
+
+# Request logs go to a buffer; tests/run.py prints it for failing tests only.
+LOG_BUFFER = io.StringIO()
+_log_handler = logging.StreamHandler(LOG_BUFFER)
+_log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+proxy.log.handlers[:] = [_log_handler]
+proxy.log.setLevel(logging.DEBUG)
+proxy.log.propagate = False
+
+_CERTS = {}
+_CERTS_LOCK = threading.Lock()
+
+
+def certs_dir() -> str:
+    """A directory with a CA and a server certificate for localhost/127.0.0.1, made once per run."""
+    with _CERTS_LOCK:
+        if "dir" not in _CERTS:
+            path = tempfile.mkdtemp(prefix="llm-proxy-test-certs-")
+            proxy.ensure_certificates(os.path.join(path, "cert.pem"), os.path.join(path, "key.pem"))
+            _CERTS["dir"] = path
+            import atexit
+            atexit.register(shutil.rmtree, path, True)
+        return _CERTS["dir"]
+
+
+def ca_file() -> str:
+    return os.path.join(certs_dir(), "ca.pem")
+
+
+def client_context() -> ssl.SSLContext:
+    """A strict client context that trusts only the test CA (as a browser with the CA installed)."""
+    context = ssl.create_default_context(cafile=ca_file())
+    context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
+    return context
+
+
+class RecordedRequest:
+    """What the fake backend received for one request."""
+
+    def __init__(self, method, path, version, headers, body):
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = headers          # list of (name, value) as received
+        self.body = body
+
+    def header(self, name):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_names(self):
+        return [key.lower() for key, _ in self.headers]
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def handle_one_request(self):
+        # Read the whole request (Content-Length or chunked), record it, then let the test's
+        # responder answer.
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except OSError:
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            return
+        body = b""
+        if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            body = b"".join(chunks)
+        elif self.headers.get("Content-Length"):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = RecordedRequest(self.command, self.path, self.request_version,
+                                  list(self.headers.items()), body)
+        self.server.requests.append(request)
+        try:
+            self.server.responder(self, request)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+    # Helpers for responders.
+    def send_json(self, status, payload, headers=()):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def start_chunked(self, status=200, content_type="text/event-stream", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+
+    def send_chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def echo_responder(handler, request):
+    """Answer with a JSON description of the request."""
+    handler.send_json(200, {"method": request.method, "path": request.path,
+                            "headers": request.headers, "bodyLength": len(request.body)})
+
+
+class FakeUpstream(ThreadingHTTPServer):
+    """A real HTTP/1.1 backend on an ephemeral port; records requests and connections."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, responder=echo_responder):
+        self.requests = []
+        self.connections = 0
+        self.responder = responder
+        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+
+    def get_request(self):
+        conn, addr = super().get_request()
+        self.connections += 1
+        return conn, addr
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+
+def start_upstream(test: unittest.TestCase, responder=echo_responder) -> FakeUpstream:
+    upstream = FakeUpstream(responder)
+    _serve_in_thread(test, upstream)
+    return upstream
+
+
+def _serve_in_thread(test, server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    test.addCleanup(stop)
+
+
+def make_config(upstream_port=1, **overrides) -> proxy.Config:
+    """A Config for tests: loopback only, test certificates, a temp stats file."""
+    directory = certs_dir()
+    values = dict(port=0, bind="127.0.0.1", target_host="127.0.0.1", target_port=upstream_port,
+                  cert_file=os.path.join(directory, "cert.pem"),
+                  key_file=os.path.join(directory, "key.pem"),
+                  stats_file=os.path.join(tempfile.mkdtemp(prefix="llm-proxy-stats-"), "stats.json"),
+                  client_timeout=10.0, connect_timeout=2.0, read_timeout=10.0)
+    values.update(overrides)
+    return proxy.Config(**values)
+
+
+def start_proxy(test: unittest.TestCase, upstream_port=1, **overrides) -> "proxy.ProxyServer":
+    """The real proxy over real TLS, serving in a thread until the test ends."""
+    server = proxy.build_server(make_config(upstream_port, **overrides))
+    _serve_in_thread(test, server)
+    test.addCleanup(server.upstream.close_all)
+    return server
+
+
+def https(server, timeout=10.0) -> http.client.HTTPSConnection:
+    """An HTTPS client connection to the proxy that verifies the certificate strictly."""
+    return http.client.HTTPSConnection("localhost", server.server_address[1],
+                                       context=client_context(), timeout=timeout)
+
+
+def tls_socket(server, timeout=10.0) -> ssl.SSLSocket:
+    """A raw TLS socket to the proxy, for hand-written requests."""
+    raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=timeout)
+    return client_context().wrap_socket(raw, server_hostname="localhost")
+
+
+def read_http_response(sock, max_bytes=1 << 20) -> bytes:
+    """Read from a socket until the peer closes or max_bytes arrive (for raw-protocol tests)."""
+    data = b""
+    try:
+        while len(data) < max_bytes:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    except (socket.timeout, ConnectionResetError, ssl.SSLError):
+        pass
+    return data
+
+
+def wait_until(predicate, timeout=5.0, interval=0.01) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
