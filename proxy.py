@@ -46,7 +46,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
@@ -415,6 +415,1017 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         raise CertificateError("cannot load certificate %s with key %s: %s"
                                % (cert_file, key_file, exc)) from None
     return context
+
+
+# ==================================================================================================
+# Stats store
+# ==================================================================================================
+
+#: Bump when the layout of stats.json changes incompatibly.  A file with an
+#: unknown (newer) version is moved aside, never overwritten.
+STATS_FILE_FORMAT = "llm-proxy-stats"
+STATS_FILE_VERSION = 1
+
+#: Upper bounds (seconds) of the latency histograms; "+Inf" is implicit.
+#: Chosen for LLM traffic: sub-second model listings up to 5-minute generations.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Key that absorbs new breakdown keys once a map is full, and the model key
+#: for records that carry usage but no model name.
+STATS_OTHER_KEY = "(other)"
+STATS_UNKNOWN_MODEL = "(unknown)"
+
+STATS_TOKEN_FIELDS = ("prompt", "completion", "total", "cacheRead", "cacheWrite", "reasoning")
+STATS_USAGE_SOURCES = ("reported", "injected", "missing")
+
+# Chart windows: 48 hourly buckets, 90 daily buckets (UTC), current one included.
+_STATS_HOUR = 3600
+_STATS_DAY = 86400
+_STATS_HOURLY_KEEP = 48
+_STATS_DAILY_KEEP = 90
+
+# A hostile client controls paths and model names; bound each key's length so
+# a 64 KiB path cannot bloat memory, stats.json or /metrics.
+_STATS_KEY_MAX_LEN = 200
+# stats.json holds a few hundred KB at most (3 x max_keys breakdown entries,
+# 100 recent requests, 138 buckets); anything far larger is not ours.
+_STATS_FILE_MAX_BYTES = 64 * 1024 * 1024
+
+# Internal per-key sums; the snapshot derives averages from them.
+_STATS_BREAKDOWN_SUM_FIELDS = ("requests", "errors", "prompt", "completion", "total",
+                         "cacheRead", "cacheWrite", "reasoning", "ttfbCount", "genTokens")
+_STATS_BREAKDOWN_FLOAT_FIELDS = ("ttfbSumMs", "genSeconds")
+_STATS_BUCKET_FIELDS = ("requests", "errors", "prompt", "completion", "total")
+_STATS_RECENT_TOKEN_FIELDS = ("prompt", "completion", "total", "cacheRead", "cacheWrite")
+
+
+def format_tokens(n):
+    # type: (float) -> str
+    """Return a short human form of a token count: 999 -> "999",
+    20800 -> "20.8k", 1500000 -> "1.5M", 2100000000 -> "2.1B".
+
+    Rounds half up on exact integers (no float surprises such as 20.85 ->
+    "20.8k"), and rolls over to the next unit (999950 -> "1.0M").
+    """
+    n = int(n)
+    if n < 0:
+        return "-" + format_tokens(-n)
+    if n < 1000:
+        return str(n)
+    for unit, suffix in ((10 ** 3, "k"), (10 ** 6, "M"), (10 ** 9, "B"), (10 ** 12, "T")):
+        tenths = (n * 10 + unit // 2) // unit
+        if tenths < 10000 or suffix == "T":
+            return "%d.%d%s" % (tenths // 10, tenths % 10, suffix)
+    raise AssertionError("unreachable")
+
+
+def format_uptime(seconds):
+    # type: (float) -> str
+    """Return a short human duration: "45s", "12m", "2h 15m", "3d 4h" (floored)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return "%ds" % s
+    if s < _STATS_HOUR:
+        return "%dm" % (s // 60)
+    if s < _STATS_DAY:
+        return "%dh %dm" % (s // _STATS_HOUR, (s % _STATS_HOUR) // 60)
+    return "%dd %dh" % (s // _STATS_DAY, (s % _STATS_DAY) // _STATS_HOUR)
+
+
+def iso_utc(ts):
+    # type: (Optional[float]) -> Optional[str]
+    """Return epoch seconds as ISO-8601 UTC ("2026-11-26T20:01:02Z"), None for None."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
+    # type: (Any, int) -> str
+    """Make an untrusted string safe to store, persist and export: bounded
+    length, and no lone surrogates (a JSON "\\ud800" escape in a model name
+    would otherwise make the UTF-8 encode of /metrics or stats.json fail)."""
+    s = value if isinstance(value, str) else str(value)
+    if len(s) > max_len:
+        s = s[:max_len - 3] + "..."
+    return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _stats_count(value):
+    # type: (Any) -> int
+    """A token count from the tap: a non-negative int, anything else is 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return max(0, int(value))
+
+
+def _stats_ms(value):
+    # type: (Any) -> Optional[float]
+    """A duration in ms: a finite non-negative float, or None if unknown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        return None
+    return value
+
+
+def _stats_new_breakdown():
+    # type: () -> Dict[str, Any]
+    entry = dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0)  # type: Dict[str, Any]
+    entry.update(dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
+    return entry
+
+
+def _stats_new_histogram(bounds):
+    # type: (Tuple[float, ...]) -> Dict[str, Any]
+    # counts are per bucket (not cumulative); the last slot is +Inf.
+    return {"buckets": list(bounds), "counts": [0] * (len(bounds) + 1), "sum": 0.0, "count": 0}
+
+
+def _stats_copy_histogram(hist):
+    # type: (Dict[str, Any]) -> Dict[str, Any]
+    return {"buckets": list(hist["buckets"]), "counts": list(hist["counts"]),
+            "sum": hist["sum"], "count": hist["count"]}
+
+
+def _stats_histogram_observe(hist, value):
+    # type: (Dict[str, Any], float) -> None
+    i = 0
+    bounds = hist["buckets"]
+    while i < len(bounds) and value > bounds[i]:
+        i += 1
+    hist["counts"][i] += 1
+    hist["sum"] += value
+    hist["count"] += 1
+
+
+def _stats_breakdown_view(entry):
+    # type: (Dict[str, Any]) -> Dict[str, Any]
+    """The public form of one breakdown entry (averages instead of sums)."""
+    avg_ttfb = None
+    if entry["ttfbCount"]:
+        avg_ttfb = round(entry["ttfbSumMs"] / entry["ttfbCount"], 1)
+    tps = None
+    if entry["genSeconds"] > 0:
+        tps = round(entry["genTokens"] / entry["genSeconds"], 1)
+    return {"requests": entry["requests"], "errors": entry["errors"],
+            "prompt": entry["prompt"], "completion": entry["completion"],
+            "total": entry["total"], "cacheRead": entry["cacheRead"],
+            "cacheWrite": entry["cacheWrite"],
+            "avgTtfbMs": avg_ttfb, "tokensPerSecond": tps}
+
+
+class StatsFileError(ValueError):
+    """stats.json exists but is not a stats file this version can read."""
+
+
+class StatsStore(object):
+    """Thread-safe token and request statistics, with optional persistence.
+
+    Methods for the HTTP layer:
+      request_started() / request_finished() -- around every forwarded request
+      record(rec)        -- once per forwarded request, with the dict below
+      snapshot()         -- the /_proxy/stats JSON (a fresh dict)
+      reset()            -- zero everything (POST /_proxy/reset)
+    Methods for start-up / shutdown:
+      load()             -- read stats.json once at start
+      save()             -- write stats.json atomically if anything changed
+      start_autosave(interval) / stop_autosave() -- background saver thread
+
+    ``rec`` keys: time (epoch s, request start), method, path (no query),
+    client, status, completion (bool), model (str|None), usage (dict of
+    STATS_TOKEN_FIELDS ints |None), usageSource ("reported"|"injected"|"missing"|
+    None), error (bool), ttfbMs (float|None), durationMs (float), bytes (int);
+    optional: streamed (bool) -- see _generation_seconds().
+
+    One lock guards all state; it is never held during disk I/O.  No thread
+    is started by the constructor.  With enabled=False (tracking disabled in
+    config) counting still happens in memory, but load()/save() never touch
+    the disk.
+    """
+
+    def __init__(self, history_size=100, path=None, enabled=True, clock=time.time,
+                 max_keys=200, version=None):
+        # type: (int, Optional[str], bool, Any, int, Optional[str]) -> None
+        self.history_size = max(0, int(history_size))
+        self.path = path
+        self.enabled = bool(enabled)
+        self.max_keys = max(1, int(max_keys))
+        self.version = version if version is not None else VERSION
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Serialises whole save() calls so an older copy of the state can never
+        # replace a newer one on disk; record() never takes it.
+        self._save_lock = threading.Lock()
+        self._started_at = clock()
+        self._in_flight = 0
+        self._change_gen = 0      # bumped by every change
+        self._saved_gen = 0       # change_gen that is on disk
+        self._last_saved = None   # type: Optional[float]
+        self._last_error = None   # type: Optional[str]
+        self._logged_error = None  # type: Optional[str]
+        # Set when load() could neither read nor move aside the file: saving
+        # would then overwrite data we could not read.
+        self._save_blocked = None  # type: Optional[str]
+        self._autosave_thread = None  # type: Optional[threading.Thread]
+        self._autosave_stop = None  # type: Optional[threading.Event]
+        self._zero(self._started_at)
+
+    # -- state ---------------------------------------------------------
+
+    def _zero(self, since):
+        # type: (float) -> None
+        """Reset every persisted counter (caller holds the lock or owns self)."""
+        self._since = since
+        self._requests = 0
+        self._completions = 0
+        self._errors = 0
+        self._bytes = 0
+        self._tokens = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        self._usage_reports = dict.fromkeys(STATS_USAGE_SOURCES, 0)
+        self._by_model = {}     # type: Dict[str, Dict[str, Any]]
+        self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
+        self._by_client = {}    # type: Dict[str, Dict[str, Any]]
+        self._recent = collections.deque(maxlen=self.history_size)  # oldest first
+        self._hourly = {}  # type: Dict[int, Dict[str, int]]
+        self._daily = {}   # type: Dict[int, Dict[str, int]]
+        self._duration_hist = _stats_new_histogram(DURATION_BUCKETS)
+        self._ttfb_hist = _stats_new_histogram(TTFB_BUCKETS)
+
+    def _breakdown_entry(self, table, key):
+        # type: (Dict[str, Dict[str, Any]], str) -> Dict[str, Any]
+        """Return the entry for key, folding new keys into "(other)" once the
+        table is full, so the table (incl. "(other)") never exceeds max_keys."""
+        entry = table.get(key)
+        if entry is None:
+            if len(table) >= self.max_keys - 1 and key != STATS_OTHER_KEY:
+                key = STATS_OTHER_KEY
+                entry = table.get(key)
+            if entry is None:
+                entry = table[key] = _stats_new_breakdown()
+        return entry
+
+    def _fold_table(self, table):
+        # type: (Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
+        """Bring a loaded table back under max_keys: keep the busiest keys,
+        add the rest into "(other)"."""
+        if len(table) <= self.max_keys:
+            return table
+        other = table.pop(STATS_OTHER_KEY, None) or _stats_new_breakdown()
+        ranked = sorted(table.items(), key=lambda kv: (-kv[1]["requests"], kv[0]))
+        keep = dict(ranked[:self.max_keys - 1])
+        for _key, entry in ranked[self.max_keys - 1:]:
+            for f in _STATS_BREAKDOWN_SUM_FIELDS + _STATS_BREAKDOWN_FLOAT_FIELDS:
+                other[f] += entry[f]
+        keep[STATS_OTHER_KEY] = other
+        return keep
+
+    def _prune_buckets(self, now):
+        # type: (float) -> None
+        hour_cut = int(now // _STATS_HOUR) * _STATS_HOUR - (_STATS_HOURLY_KEEP - 1) * _STATS_HOUR
+        day_cut = int(now // _STATS_DAY) * _STATS_DAY - (_STATS_DAILY_KEEP - 1) * _STATS_DAY
+        for start in [s for s in self._hourly if s < hour_cut]:
+            del self._hourly[start]
+        for start in [s for s in self._daily if s < day_cut]:
+            del self._daily[start]
+
+    def _bucket_add(self, table, size, keep, when, now, errors, usage):
+        # type: (Dict[int, Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
+        start = int(when // size) * size
+        if start < int(now // size) * size - (keep - 1) * size:
+            return  # older than the chart window: nothing to show it in
+        bucket = table.get(start)
+        if bucket is None:
+            bucket = table[start] = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+            self._prune_buckets(now)  # a new hour/day began: drop the oldest
+        bucket["requests"] += 1
+        bucket["errors"] += errors
+        bucket["prompt"] += usage["prompt"]
+        bucket["completion"] += usage["completion"]
+        bucket["total"] += usage["total"]
+
+    @staticmethod
+    def _generation_seconds(duration_ms, ttfb_ms, streamed):
+        # type: (Optional[float], Optional[float], Optional[bool]) -> Optional[float]
+        """Seconds the backend spent generating, for tokens/s.
+
+        Streaming: duration - ttfb (the first byte arrives once the prompt is
+        processed, so the rest is generation).  A non-streamed response only
+        sends its first byte after generating everything, so duration - ttfb is
+        just the transfer time and would give absurd rates; when the caller
+        says streamed=False we use the whole duration instead.
+        """
+        if duration_ms is None:
+            return None
+        if streamed is False or ttfb_ms is None:
+            gen_ms = duration_ms
+        else:
+            gen_ms = duration_ms - ttfb_ms
+        if gen_ms < 1.0:  # below timer noise: no meaningful rate
+            return None
+        return gen_ms / 1000.0
+
+    def request_started(self):
+        # type: () -> None
+        """Count one request in flight (gauge for /metrics)."""
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self):
+        # type: () -> None
+        """Undo request_started(); never goes below zero."""
+        with self._lock:
+            if self._in_flight > 0:
+                self._in_flight -= 1
+
+    def record(self, rec):
+        # type: (Dict[str, Any]) -> None
+        """Add one finished forwarded request (see the class docstring for
+        the keys).  Never raises on odd values: bad numbers count as 0/None."""
+        now = self._clock()
+        when = rec.get("time")
+        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+            when = now
+        status = rec.get("status")
+        status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+        is_error = bool(rec.get("error"))
+        is_completion = bool(rec.get("completion")) and 200 <= status < 300
+        raw_usage = rec.get("usage")
+        usage = None  # type: Optional[Dict[str, int]]
+        if isinstance(raw_usage, dict):
+            usage = {f: _stats_count(raw_usage.get(f)) for f in STATS_TOKEN_FIELDS}
+            if not usage["total"]:
+                usage["total"] = usage["prompt"] + usage["completion"]
+        zero_usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        u = usage or zero_usage
+        source = rec.get("usageSource")
+        model = rec.get("model")
+        model_key = None  # type: Optional[str]
+        if isinstance(model, str) and model:
+            model_key = _stats_clean_key(model)
+        elif usage is not None:
+            model_key = STATS_UNKNOWN_MODEL
+        path = _stats_clean_key(rec.get("path") or "")
+        client = _stats_clean_key(rec.get("client") or "")
+        method = _stats_clean_key(rec.get("method") or "", 16)
+        ttfb_ms = _stats_ms(rec.get("ttfbMs"))
+        duration_ms = _stats_ms(rec.get("durationMs"))
+        nbytes = _stats_count(rec.get("bytes"))
+        gen_s = None  # type: Optional[float]
+        if u["completion"] > 0:
+            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
+        tps = round(u["completion"] / gen_s, 1) if gen_s else None
+
+        entry = {
+            "time": iso_utc(when),
+            "method": method,
+            "path": path,
+            "model": model_key if model_key != STATS_UNKNOWN_MODEL else None,
+            "status": status,
+            "client": client,
+            "tokens": {f: u[f] for f in _STATS_RECENT_TOKEN_FIELDS},
+            "durationMs": round(duration_ms, 1) if duration_ms is not None else None,
+            "ttfbMs": round(ttfb_ms, 1) if ttfb_ms is not None else None,
+            "tokensPerSecond": tps,
+            "usage": source if source in STATS_USAGE_SOURCES else None,
+            "error": is_error,
+        }
+
+        with self._lock:
+            self._change_gen += 1
+            self._requests += 1
+            self._completions += is_completion
+            self._errors += is_error
+            self._bytes += nbytes
+            for f in STATS_TOKEN_FIELDS:
+                self._tokens[f] += u[f]
+            if source in STATS_USAGE_SOURCES:
+                self._usage_reports[source] += 1
+            targets = [self._breakdown_entry(self._by_endpoint, path),
+                       self._breakdown_entry(self._by_client, client)]
+            if model_key is not None:
+                targets.append(self._breakdown_entry(self._by_model, model_key))
+            for b in targets:
+                b["requests"] += 1
+                b["errors"] += is_error
+                for f in ("prompt", "completion", "total", "cacheRead", "cacheWrite", "reasoning"):
+                    b[f] += u[f]
+                if ttfb_ms is not None:
+                    b["ttfbCount"] += 1
+                    b["ttfbSumMs"] += ttfb_ms
+                if gen_s:
+                    b["genTokens"] += u["completion"]
+                    b["genSeconds"] += gen_s
+            self._recent.append(entry)
+            self._bucket_add(self._hourly, _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
+            self._bucket_add(self._daily, _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
+            if duration_ms is not None:
+                _stats_histogram_observe(self._duration_hist, duration_ms / 1000.0)
+            if ttfb_ms is not None:
+                _stats_histogram_observe(self._ttfb_hist, ttfb_ms / 1000.0)
+
+    def reset(self):
+        # type: () -> None
+        """Zero totals, breakdowns, recent, buckets and histograms; `since`
+        becomes now.  In-flight and uptime are untouched.  Marks dirty so the
+        reset reaches disk."""
+        now = self._clock()
+        with self._lock:
+            self._zero(now)
+            self._change_gen += 1
+
+    # -- reading -------------------------------------------------------
+
+    def snapshot(self):
+        # type: () -> Dict[str, Any]
+        """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
+        (keeps every field of the original proxy.js response)."""
+        now = self._clock()
+        with self._lock:
+            self._prune_buckets(now)
+            uptime = max(0, int(now - self._started_at))
+            tokens = dict(self._tokens)  # type: Dict[str, Any]
+            tokens["formatted"] = format_tokens(tokens["total"])
+            snap = {
+                "version": self.version,
+                "uptime": format_uptime(uptime),
+                "uptimeSeconds": uptime,
+                "startedAt": iso_utc(self._started_at),
+                "since": iso_utc(self._since),
+                "requests": self._requests,
+                "completions": self._completions,
+                "errors": self._errors,
+                "inFlight": self._in_flight,
+                "bytes": self._bytes,
+                "tokens": tokens,
+                "usageReports": dict(self._usage_reports),
+                "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
+                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
+                "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
+                "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
+                "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
+                "persistence": {
+                    "enabled": self._persistence_enabled(),
+                    "file": self.path,
+                    "lastSaved": iso_utc(self._last_saved),
+                    "lastError": self._last_error or self._save_blocked,
+                },
+            }
+        return snap
+
+    def _metrics_state(self):
+        # type: () -> Dict[str, Any]
+        """Copy of what render_metrics() needs, taken under the lock."""
+        now = self._clock()
+        with self._lock:
+            def copy_map(table):
+                return {k: dict(v) for k, v in table.items()}
+            return {
+                "version": self.version,
+                "uptime": max(0.0, now - self._started_at),
+                "inFlight": self._in_flight,
+                "requests": self._requests,
+                "completions": self._completions,
+                "errors": self._errors,
+                "tokens": dict(self._tokens),
+                "usageReports": dict(self._usage_reports),
+                "byModel": copy_map(self._by_model),
+                "byEndpoint": copy_map(self._by_endpoint),
+                "byClient": copy_map(self._by_client),
+                    "bytes": self._bytes,
+                "duration": _stats_copy_histogram(self._duration_hist),
+                "ttfb": _stats_copy_histogram(self._ttfb_hist),
+            }
+
+    # -- persistence ---------------------------------------------------
+
+    def _persistence_enabled(self):
+        # type: () -> bool
+        return self.enabled and bool(self.path)
+
+    def _to_file_state(self):
+        # type: () -> Dict[str, Any]
+        """The stats.json document (caller holds the lock).  Only counters,
+        paths, model names and client IPs: never headers or bodies."""
+        def copy_map(table):
+            return {k: dict(v) for k, v in table.items()}
+
+        return {
+            "format": STATS_FILE_FORMAT,
+            "formatVersion": STATS_FILE_VERSION,
+            "version": self.version,
+            "savedAt": None,  # filled in by save()
+            "since": self._since,
+            "requests": self._requests,
+            "completions": self._completions,
+            "errors": self._errors,
+            "bytes": self._bytes,
+            "tokens": dict(self._tokens),
+            "usageReports": dict(self._usage_reports),
+            "byModel": copy_map(self._by_model),
+            "byEndpoint": copy_map(self._by_endpoint),
+            "byClient": copy_map(self._by_client),
+            "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
+            "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
+            "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
+            "histograms": {"duration": _stats_copy_histogram(self._duration_hist),
+                           "ttfb": _stats_copy_histogram(self._ttfb_hist)},
+        }
+
+    def load(self):
+        # type: () -> bool
+        """Read stats.json into the store (call once at start-up).
+
+        Returns True if state was loaded.  A missing file is a fresh start
+        (False).  A file that cannot be read, is not JSON, or has the wrong
+        shape is renamed to ``<path>.corrupt-<YYYYmmdd-HHMMSS>`` (a warning
+        names both paths) and the store starts empty: it is never silently
+        overwritten.  A no-op (False) when tracking is disabled or no path.
+        """
+        if not self._persistence_enabled():
+            return False
+        path = self.path
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_STATS_FILE_MAX_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            # NotADirectoryError: a parent is a regular file; there is no
+            # stats file to lose, and save() will report the bad path.
+            log.info("no stats file at %s yet; starting with empty stats", path)
+            return False
+        except IsADirectoryError:
+            # Not ours to rename; refuse to save rather than fight over it.
+            msg = "stats file %s is a directory; not saving stats" % path
+            log.warning("%s", msg)
+            with self._lock:
+                self._save_blocked = msg
+            return False
+        except OSError as exc:
+            self._set_aside(path, "cannot be read (%s)" % exc)
+            return False
+        try:
+            if len(data) > _STATS_FILE_MAX_BYTES:
+                raise StatsFileError("larger than %d bytes" % _STATS_FILE_MAX_BYTES)
+            try:
+                doc = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise StatsFileError("not valid JSON: %s" % exc)
+            state = _stats_parse_file(doc, self.history_size)
+        except StatsFileError as exc:
+            self._set_aside(path, str(exc))
+            return False
+        with self._lock:
+            self._since = state["since"]
+            self._requests = state["requests"]
+            self._completions = state["completions"]
+            self._errors = state["errors"]
+            self._bytes = state["bytes"]
+            self._tokens = state["tokens"]
+            self._usage_reports = state["usageReports"]
+            # max_keys may have been lowered since the file was written.
+            self._by_model = self._fold_table(state["byModel"])
+            self._by_endpoint = self._fold_table(state["byEndpoint"])
+            self._by_client = self._fold_table(state["byClient"])
+            self._recent = collections.deque(state["recent"], maxlen=self.history_size)
+            self._hourly = state["hourly"]
+            self._daily = state["daily"]
+            self._duration_hist = state["duration"]
+            self._ttfb_hist = state["ttfb"]
+            self._last_saved = state["savedAt"]
+            self._prune_buckets(self._clock())
+            self._saved_gen = self._change_gen  # memory == disk
+        log.info("loaded stats from %s (%d requests since %s)",
+                 path, state["requests"], iso_utc(state["since"]))
+        return True
+
+    def _set_aside(self, path, reason):
+        # type: (str, str) -> None
+        """Rename an unusable stats file out of the way, keeping its bytes."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self._clock()))
+        target = "%s.corrupt-%s" % (path, stamp)
+        n = 1
+        while os.path.exists(target):  # two failures in one second: keep both
+            target = "%s.corrupt-%s-%d" % (path, stamp, n)
+            n += 1
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            msg = ("stats file %s %s, and moving it aside to %s failed (%s); "
+                   "not saving stats so it is not overwritten" % (path, reason, target, exc))
+            log.warning("%s", msg)
+            with self._lock:
+                self._save_blocked = msg
+            return
+        log.warning("stats file %s %s; moved it to %s and starting with empty stats",
+                    path, reason, target)
+
+    def save(self):
+        # type: () -> bool
+        """Write stats.json atomically if anything changed since the last save.
+
+        Returns True if this call wrote the file; False if nothing changed,
+        persistence is off, or the write failed.  A failure is logged as a
+        warning once per distinct error (not every interval), kept in
+        snapshot()["persistence"]["lastError"], and never raised: the store
+        stays dirty so the next save retries.
+        """
+        if not self._persistence_enabled():
+            return False
+        with self._save_lock:
+            with self._lock:
+                if self._save_blocked or self._change_gen == self._saved_gen:
+                    return False
+                gen = self._change_gen
+                doc = self._to_file_state()
+            # Disk I/O below happens without the state lock: record() and
+            # snapshot() carry on while we write.
+            now = self._clock()
+            doc["savedAt"] = now
+            try:
+                data = json.dumps(doc, ensure_ascii=True, allow_nan=False,
+                                  separators=(",", ":")).encode("ascii")
+                _stats_atomic_write(self.path, data)
+            except (OSError, ValueError, TypeError) as exc:
+                err = "cannot save stats to %s: %s" % (self.path, exc)
+                with self._lock:
+                    self._last_error = err
+                if err != self._logged_error:  # once per distinct error
+                    self._logged_error = err
+                    log.warning("%s (will retry)", err)
+                return False
+            with self._lock:
+                self._saved_gen = max(self._saved_gen, gen)
+                self._last_saved = now
+                recovered = self._last_error is not None
+                self._last_error = None
+            if recovered:
+                log.info("stats saved to %s again", self.path)
+            self._logged_error = None
+            return True
+
+    def start_autosave(self, interval):
+        # type: (float) -> None
+        """Start a daemon thread that calls save() every `interval` seconds.
+        Does nothing if persistence is off or the thread already runs."""
+        if not self._persistence_enabled() or interval <= 0:
+            return
+        if self._autosave_thread is not None and self._autosave_thread.is_alive():
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=self._autosave_loop, args=(float(interval), stop),
+                                  name="llm-proxy-stats-autosave", daemon=True)
+        self._autosave_stop = stop
+        self._autosave_thread = thread
+        thread.start()
+
+    def _autosave_loop(self, interval, stop):
+        # type: (float, threading.Event) -> None
+        # Event.wait returns at once when stop_autosave() sets it.
+        while not stop.wait(interval):
+            try:
+                self.save()
+            except Exception:  # never let the saver die silently
+                log.exception("stats autosave failed")
+
+    def stop_autosave(self, timeout=5.0):
+        # type: (float) -> bool
+        """Stop the autosave thread (if any) and do one final save().
+        Safe to call more than once; returns what the final save() returned."""
+        stop, thread = self._autosave_stop, self._autosave_thread
+        if stop is not None:
+            stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._autosave_stop = self._autosave_thread = None
+        return self.save()
+
+
+def _stats_atomic_write(path, data):
+    # type: (str, bytes) -> None
+    """Replace `path` with `data` so that readers (and a power cut) see either
+    the old or the new file, never a torn one: temp file in the same
+    directory, fsync, os.replace, then fsync the directory (POSIX) so the
+    rename itself is durable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if os.name == "posix":
+        try:
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # best effort: some filesystems refuse fsync on directories
+
+
+# -- stats.json validation ---------------------------------------------
+
+def _statsfile_int(obj, key, where):
+    # type: (Dict[str, Any], str, str) -> int
+    v = obj.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise StatsFileError("%s.%s: expected a non-negative integer" % (where, key))
+    return v
+
+
+def _statsfile_num(obj, key, where):
+    # type: (Dict[str, Any], str, str) -> float
+    v = obj.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise StatsFileError("%s.%s: expected a non-negative number" % (where, key))
+    return float(v)
+
+
+def _statsfile_dict(obj, key, where):
+    # type: (Dict[str, Any], str, str) -> Dict[str, Any]
+    v = obj.get(key)
+    if not isinstance(v, dict):
+        raise StatsFileError("%s.%s: expected an object" % (where, key))
+    return v
+
+
+def _statsfile_list(obj, key, where):
+    # type: (Dict[str, Any], str, str) -> List[Any]
+    v = obj.get(key)
+    if not isinstance(v, list):
+        raise StatsFileError("%s.%s: expected a list" % (where, key))
+    return v
+
+
+def _statsfile_optional(obj, key, where, types):
+    # type: (Dict[str, Any], str, str, Tuple[type, ...]) -> Any
+    v = obj.get(key)
+    if v is not None and (isinstance(v, bool) and bool not in types or not isinstance(v, types)):
+        raise StatsFileError("%s.%s: wrong type" % (where, key))
+    return v
+
+
+def _statsfile_histogram(obj, where, bounds):
+    # type: (Any, str, Tuple[float, ...]) -> Dict[str, Any]
+    if not isinstance(obj, dict):
+        raise StatsFileError("%s: expected an object" % where)
+    counts = _statsfile_list(obj, "counts", where)
+    saved_bounds = _statsfile_list(obj, "buckets", where)
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise StatsFileError("%s.counts: expected non-negative integers" % where)
+    if len(counts) != len(saved_bounds) + 1:
+        raise StatsFileError("%s: counts do not match buckets" % where)
+    hist = {"buckets": list(bounds), "counts": list(counts),
+            "sum": _statsfile_num(obj, "sum", where), "count": _statsfile_int(obj, "count", where)}
+    if [float(b) for b in saved_bounds] != [float(b) for b in bounds]:
+        # Written with other bucket bounds (another version): the counts cannot
+        # be re-binned, so restart this histogram rather than reject the file.
+        log.info("stats file %s uses other buckets; restarting that histogram", where)
+        return _stats_new_histogram(bounds)
+    return hist
+
+
+def _stats_parse_file(doc, history_size):
+    # type: (Any, int) -> Dict[str, Any]
+    """Validate a decoded stats.json document and return internal state.
+    Raises StatsFileError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise StatsFileError("not a JSON object")
+    if doc.get("format") != STATS_FILE_FORMAT:
+        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
+    fv = doc.get("formatVersion")
+    if fv != STATS_FILE_VERSION:
+        raise StatsFileError("has formatVersion %r, this version reads %d"
+                             % (fv, STATS_FILE_VERSION))
+    st = {}  # type: Dict[str, Any]
+    st["since"] = _statsfile_num(doc, "since", "file")
+    saved_at = _statsfile_optional(doc, "savedAt", "file", (int, float))
+    st["savedAt"] = float(saved_at) if saved_at is not None else None
+    for k in ("requests", "completions", "errors", "bytes"):
+        st[k] = _statsfile_int(doc, k, "file")
+    tokens = _statsfile_dict(doc, "tokens", "file")
+    st["tokens"] = {f: _statsfile_int(tokens, f, "tokens") for f in STATS_TOKEN_FIELDS}
+    reports = _statsfile_dict(doc, "usageReports", "file")
+    st["usageReports"] = {f: _statsfile_int(reports, f, "usageReports")
+                          for f in STATS_USAGE_SOURCES}
+    for name in ("byModel", "byEndpoint", "byClient"):
+        table = {}
+        for key, entry in _statsfile_dict(doc, name, "file").items():
+            where = "%s[%r]" % (name, key[:40])
+            if not isinstance(entry, dict):
+                raise StatsFileError("%s: expected an object" % where)
+            clean = {f: _statsfile_int(entry, f, where) for f in _STATS_BREAKDOWN_SUM_FIELDS}
+            clean.update({f: _statsfile_num(entry, f, where)
+                          for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
+            table[_stats_clean_key(key)] = clean
+        st[name] = table
+    recent = []
+    saved_recent = _statsfile_list(doc, "recent", "file")
+    for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
+        where = "recent[%d]" % i
+        if not isinstance(e, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        for k in ("time", "method", "path", "client"):
+            if not isinstance(e.get(k), str):
+                raise StatsFileError("%s.%s: expected a string" % (where, k))
+        tok = _statsfile_dict(e, "tokens", where)
+        usage = e.get("usage")
+        if usage is not None and usage not in STATS_USAGE_SOURCES:
+            raise StatsFileError("%s.usage: unknown source" % where)
+        if not isinstance(e.get("error"), bool):
+            raise StatsFileError("%s.error: expected true/false" % where)
+        recent.append({
+            "time": e["time"], "method": _stats_clean_key(e["method"], 16),
+            "path": _stats_clean_key(e["path"]),
+            "model": _statsfile_optional(e, "model", where, (str,)),
+            "status": _statsfile_int(e, "status", where),
+            "client": _stats_clean_key(e["client"]),
+            "tokens": {f: _statsfile_int(tok, f, where + ".tokens")
+                       for f in _STATS_RECENT_TOKEN_FIELDS},
+            "durationMs": _statsfile_optional(e, "durationMs", where, (int, float)),
+            "ttfbMs": _statsfile_optional(e, "ttfbMs", where, (int, float)),
+            "tokensPerSecond": _statsfile_optional(e, "tokensPerSecond", where, (int, float)),
+            "usage": usage,
+            "error": e["error"],
+        })
+    st["recent"] = recent
+    for name in ("hourly", "daily"):
+        table = {}
+        for i, b in enumerate(_statsfile_list(doc, name, "file")):
+            where = "%s[%d]" % (name, i)
+            if not isinstance(b, dict):
+                raise StatsFileError("%s: expected an object" % where)
+            start = _statsfile_int(b, "start", where)
+            table[start] = {f: _statsfile_int(b, f, where) for f in _STATS_BUCKET_FIELDS}
+        st[name] = table
+    hists = _statsfile_dict(doc, "histograms", "file")
+    st["duration"] = _statsfile_histogram(hists.get("duration"), "histograms.duration",
+                                          DURATION_BUCKETS)
+    st["ttfb"] = _statsfile_histogram(hists.get("ttfb"), "histograms.ttfb", TTFB_BUCKETS)
+    return st
+
+
+# ==================================================================================================
+# Metrics
+# ==================================================================================================
+
+#: Content-Type of GET /_proxy/metrics (Prometheus text format 0.0.4).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# stats token field -> Prometheus label value (snake_case by convention).
+_METRIC_TOKEN_TYPES = (("prompt", "prompt"), ("completion", "completion"),
+                       ("cacheRead", "cache_read"), ("cacheWrite", "cache_write"),
+                       ("reasoning", "reasoning"))
+
+
+def _prom_escape_label(value):
+    # type: (str) -> str
+    # Text format 0.0.4: in label values \, " and newline are escaped.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_escape_help(text):
+    # type: (str) -> str
+    # In HELP text only \ and newline are escaped.
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _prom_number(value):
+    # type: (float) -> str
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class _PromWriter(object):
+    """Collects families; each family's HELP/TYPE is written once, samples follow."""
+
+    def __init__(self):
+        # type: () -> None
+        self.lines = []  # type: List[str]
+
+    def family(self, name, mtype, help_text):
+        # type: (str, str, str) -> None
+        self.lines.append("# HELP %s %s" % (name, _prom_escape_help(help_text)))
+        self.lines.append("# TYPE %s %s" % (name, mtype))
+
+    def sample(self, name, value, labels=()):
+        # type: (str, float, Any) -> None
+        if labels:
+            inner = ",".join('%s="%s"' % (k, _prom_escape_label(str(v))) for k, v in labels)
+            self.lines.append("%s{%s} %s" % (name, inner, _prom_number(value)))
+        else:
+            self.lines.append("%s %s" % (name, _prom_number(value)))
+
+    def histogram(self, name, hist, labels=()):
+        # type: (str, Dict[str, Any], Any) -> None
+        cumulative = 0
+        for bound, count in zip(hist["buckets"], hist["counts"]):
+            cumulative += count
+            # le as a Python float repr ("0.05", "1.0"), as prometheus_client writes it.
+            self.sample(name + "_bucket", cumulative, tuple(labels) + (("le", repr(float(bound))),))
+        self.sample(name + "_bucket", hist["count"], tuple(labels) + (("le", "+Inf"),))
+        self.sample(name + "_sum", hist["sum"], labels)
+        self.sample(name + "_count", hist["count"], labels)
+
+    def text(self):
+        # type: () -> str
+        return "\n".join(self.lines) + "\n"
+
+
+def render_metrics(store):
+    # type: (StatsStore) -> str
+    """Return the store as Prometheus text exposition format 0.0.4
+    (serve with METRICS_CONTENT_TYPE).  Label cardinality is bounded by the
+    store's capped breakdown maps (max_keys each, overflow in "(other)").
+    Counters restart from zero after POST /_proxy/reset, which Prometheus
+    treats as an ordinary counter reset."""
+    s = store._metrics_state()
+    w = _PromWriter()
+    w.family("llm_proxy_info", "gauge", "Proxy build information; always 1.")
+    w.sample("llm_proxy_info", 1, (("version", s["version"]),))
+    w.family("llm_proxy_uptime_seconds", "gauge", "Seconds since the proxy process started.")
+    w.sample("llm_proxy_uptime_seconds", round(s["uptime"], 3))
+    w.family("llm_proxy_in_flight_requests", "gauge", "Forwarded requests currently in progress.")
+    w.sample("llm_proxy_in_flight_requests", s["inFlight"])
+
+    w.family("llm_proxy_requests_total", "counter", "Forwarded requests.")
+    w.sample("llm_proxy_requests_total", s["requests"])
+    w.family("llm_proxy_completions_total", "counter",
+             "Completion-endpoint requests answered with a 2xx status.")
+    w.sample("llm_proxy_completions_total", s["completions"])
+    w.family("llm_proxy_errors_total", "counter",
+             "Requests that failed: status >= 400, proxy error, aborted stream, or error event.")
+    w.sample("llm_proxy_errors_total", s["errors"])
+    w.family("llm_proxy_response_bytes_total", "counter",
+             "Response body bytes sent to clients for forwarded requests.")
+    w.sample("llm_proxy_response_bytes_total", s["bytes"])
+    w.family("llm_proxy_tokens_total", "counter",
+             "Tokens by type, as reported by the backend (reasoning is part of completion).")
+    for field, label in _METRIC_TOKEN_TYPES:
+        w.sample("llm_proxy_tokens_total", s["tokens"][field], (("type", label),))
+    w.family("llm_proxy_usage_reports_total", "counter",
+             "Completion responses by where their usage came from (reported, injected, missing).")
+    for source in STATS_USAGE_SOURCES:
+        w.sample("llm_proxy_usage_reports_total", s["usageReports"][source], (("source", source),))
+
+    by_model = sorted(s["byModel"].items())
+    w.family("llm_proxy_model_requests_total", "counter", "Requests by model.")
+    for model, e in by_model:
+        w.sample("llm_proxy_model_requests_total", e["requests"], (("model", model),))
+    w.family("llm_proxy_model_errors_total", "counter", "Failed requests by model.")
+    for model, e in by_model:
+        w.sample("llm_proxy_model_errors_total", e["errors"], (("model", model),))
+    w.family("llm_proxy_model_tokens_total", "counter", "Tokens by model and type.")
+    for model, e in by_model:
+        for field, label in _METRIC_TOKEN_TYPES:
+            w.sample("llm_proxy_model_tokens_total", e[field], (("model", model), ("type", label)))
+
+    by_endpoint = sorted(s["byEndpoint"].items())
+    w.family("llm_proxy_endpoint_requests_total", "counter", "Requests by endpoint path.")
+    for path, e in by_endpoint:
+        w.sample("llm_proxy_endpoint_requests_total", e["requests"], (("endpoint", path),))
+    w.family("llm_proxy_endpoint_errors_total", "counter", "Failed requests by endpoint path.")
+    for path, e in by_endpoint:
+        w.sample("llm_proxy_endpoint_errors_total", e["errors"], (("endpoint", path),))
+
+    w.family("llm_proxy_client_requests_total", "counter", "Requests by client IP address.")
+    for client, e in sorted(s["byClient"].items()):
+        w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
+
+    w.family("llm_proxy_request_duration_seconds", "histogram",
+             "Time from request start to the end of the response.")
+    w.histogram("llm_proxy_request_duration_seconds", s["duration"])
+    w.family("llm_proxy_time_to_first_byte_seconds", "histogram",
+             "Time from request start to the first response byte from the backend.")
+    w.histogram("llm_proxy_time_to_first_byte_seconds", s["ttfb"])
+    return w.text()
 
 
 # ==================================================================================================
@@ -1024,6 +2035,7 @@ class Exchange:
         self.kind = classify_endpoint(path) if self.config.tracking_enabled else None
         self.request_info = None
         self.injected = False
+        self.streamed = None
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -1193,9 +2205,10 @@ class Exchange:
     def relay_response(self, conn, response) -> None:
         """Copy status, headers and body to the client, each piece as soon as it arrives."""
         self.status = response.status
+        content_type = response.getheader("content-type", "")
+        self.streamed = "event-stream" in content_type or "ndjson" in content_type
         if self.kind and 200 <= response.status < 300:
-            self.tap = UsageTap(self.kind, self.request_info,
-                                response.getheader("content-type", ""),
+            self.tap = UsageTap(self.kind, self.request_info, content_type,
                                 response.getheader("content-encoding", ""),
                                 strip_injected_usage=self.injected)
         body_kept = not (self.tap is not None and self.injected)
@@ -1310,7 +2323,7 @@ class Exchange:
             "completion": bool(self.kind) and is_completion_kind(self.kind),
             "model": model, "usage": usage, "usageSource": source, "error": self.error,
             "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
-            "durationMs": duration * 1000, "bytes": self.sent,
+            "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
         })
 
 
@@ -1452,7 +2465,7 @@ class ProxyServer(ThreadingHTTPServer):
     def _probe_backend(self) -> dict:
         started = time.monotonic()
         result = {"url": self.upstream.url, "reachable": False, "latencyMs": None, "error": None,
-                  "checkedAt": _iso_utc(time.time())}
+                  "checkedAt": iso_utc(time.time())}
         try:
             probe = socket.create_connection((self.config.target_host, self.config.target_port),
                                              timeout=min(2.0, self.config.connect_timeout))
@@ -1466,10 +2479,6 @@ class ProxyServer(ThreadingHTTPServer):
 
 START_MONOTONIC = time.monotonic()
 
-
-def _iso_utc(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _listen_address(bind: str, port: int):
@@ -1856,55 +2865,6 @@ class UsageTap:
     def finish(self, complete):
         return b"", self.usage
 
-
-class StatsStore:
-    def __init__(self, history_size=100, path=None, enabled=True, **kw):
-        self.lock = threading.Lock()
-        self.records = []
-        self.in_flight = 0
-
-    def request_started(self):
-        with self.lock:
-            self.in_flight += 1
-
-    def request_finished(self):
-        with self.lock:
-            self.in_flight -= 1
-
-    def record(self, rec):
-        with self.lock:
-            self.records.append(rec)
-
-    def snapshot(self):
-        with self.lock:
-            return {"requests": len(self.records), "errors": sum(r["error"] for r in self.records)}
-
-    def reset(self):
-        with self.lock:
-            self.records = []
-
-    def load(self):
-        pass
-
-    def save(self):
-        return True
-
-    def start_autosave(self, interval):
-        pass
-
-    def stop_autosave(self):
-        pass
-
-
-def render_metrics(store):
-    return "# nothing yet\n"
-
-
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def format_uptime(seconds):
-    return "%ds" % seconds
 
 
 def ensure_certificates(cert_file, key_file, extra_hosts=()):
