@@ -2698,6 +2698,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop the daemon named by --pidfile and wait for it to exit")
     parser.add_argument("--pidfile", metavar="PATH",
                         help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the config)")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
+                             "used by the Docker HEALTHCHECK")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
 
@@ -2741,6 +2744,30 @@ def check_setup(config: Config) -> int:
     return 0
 
 
+def healthcheck(config: Config, timeout: float = 4.0) -> int:
+    """--healthcheck: GET /_proxy/health from the running proxy over TLS. Returns 0 or 1."""
+    ca_file = os.path.join(os.path.dirname(config.cert_file), "ca.pem")
+    context = ssl.create_default_context(cafile=ca_file if os.path.exists(ca_file) else None)
+    if not os.path.exists(ca_file):      # a user-supplied certificate: liveness is what counts
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    host = config.bind if config.bind and config.bind not in ("0.0.0.0", "::") else "127.0.0.1"
+    conn = http.client.HTTPSConnection(host, config.port, timeout=timeout, context=context)
+    try:
+        conn.sock = context.wrap_socket(socket.create_connection((host, config.port), timeout),
+                                        server_hostname="localhost")
+        conn.request("GET", "/_proxy/health")
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        print("unhealthy: %s" % exc)
+        return 1
+    finally:
+        conn.close()
+    print(body.decode("utf-8", "replace"))
+    return 0 if response.status == 200 else 1
+
+
 def print_banner(config: Config, cert_status) -> None:
     """Tell the user where to point their app, and where the CA to trust lives."""
     port = config.port
@@ -2769,6 +2796,8 @@ def main(argv=None) -> int:
         return stop_daemon(pidfile_path)
     if args.check:
         return check_setup(config)
+    if args.healthcheck:
+        return healthcheck(config)
     for warning in config.warnings:
         log.warning(warning)
     if config.source is None:
