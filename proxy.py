@@ -39,6 +39,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -46,7 +47,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
@@ -398,7 +399,1248 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
 # Certificates: find or create the local CA and the server certificate
 # ==================================================================================================
 
-# MERGE: certificates section
+# --------------------------------------------------------------------------- constants
+
+CERT_DIR_DEFAULT = "./certs"
+CA_CERT_FILENAME = "ca.pem"
+CA_KEY_FILENAME = "ca-key.pem"
+SERVER_CERT_FILENAME = "cert.pem"
+SERVER_KEY_FILENAME = "key.pem"
+COMBINED_FILENAME = "combined.pem"
+
+RSA_KEY_BITS = 2048          # accepted everywhere (Apple, Android, Windows, NSS, OpenSSL)
+RSA_PUBLIC_EXPONENT = 65537
+CA_VALIDITY_DAYS = 3650      # ~10 years: the CA is installed by hand once, so it should last.
+# Apple rejects TLS server certificates valid for more than 825 days, even under a user-installed
+# root (Apple HT210176, iOS 13 / macOS 10.15). The later 398-day limit (HT211025) applies only to
+# certificates from publicly trusted roots, not to ours. issue_server_certificate() caps
+# notAfter - notBefore (back-dating included) at 825 days; the default stays a little below that
+# as a margin against any verifier that counts differently. ensure_certificates() re-issues 30
+# days before expiry, so the length only decides how often that happens.
+SERVER_CERT_MAX_DAYS = 825
+SERVER_CERT_DEFAULT_DAYS = 800
+CERT_RENEW_BEFORE_DAYS = 30
+# notBefore is set this far in the past: a phone whose clock is a few minutes behind the proxy
+# host would otherwise reject a certificate issued "in the future".
+CERT_BACKDATE = datetime.timedelta(hours=1)
+
+# Object identifiers (dotted strings; encoded by _der_oid).
+_OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+_OID_SHA256_WITH_RSA = "1.2.840.113549.1.1.11"
+_OID_COMMON_NAME = "2.5.4.3"
+_OID_ORGANIZATION = "2.5.4.10"
+_OID_ORG_UNIT = "2.5.4.11"
+_OID_SUBJECT_KEY_ID = "2.5.29.14"
+_OID_KEY_USAGE = "2.5.29.15"
+_OID_SUBJECT_ALT_NAME = "2.5.29.17"
+_OID_BASIC_CONSTRAINTS = "2.5.29.19"
+_OID_AUTHORITY_KEY_ID = "2.5.29.35"
+_OID_EXT_KEY_USAGE = "2.5.29.37"
+_OID_KP_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+
+# keyUsage bit numbers, RFC 5280 section 4.2.1.3.
+_KU_DIGITAL_SIGNATURE = 0
+_KU_KEY_ENCIPHERMENT = 2
+_KU_KEY_CERT_SIGN = 5
+_KU_CRL_SIGN = 6
+
+_CA_ORGANIZATION = "llm-proxy local CA"
+_SERVER_ORGANIZATION = "llm-proxy"
+_CN_MAX_LEN = 64  # ub-common-name, RFC 5280 Appendix A.1
+
+
+# --------------------------------------------------------------------------- DER encoding
+# Distinguished Encoding Rules (ITU-T X.690). Only what X.509 needs; every function returns the
+# complete TLV (tag, length, value) as bytes.
+
+def _der_len(length: int) -> bytes:
+    """Encode a DER length: short form below 128, else 0x80|n followed by n big-endian bytes."""
+    if length < 0x80:
+        return bytes([length])
+    body = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_tlv(tag: int, content: bytes) -> bytes:
+    return bytes([tag]) + _der_len(len(content)) + content
+
+
+def _der_integer(value: int) -> bytes:
+    """Encode a non-negative INTEGER in the minimal two's-complement form (leading 0x00 if the
+    top bit would otherwise be set, so the number stays positive)."""
+    if value < 0:
+        raise ValueError("negative INTEGERs are not needed here")
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    # bit_length()//8 + 1 bytes always leaves room for a clear sign bit; drop one redundant 0x00.
+    if len(body) > 1 and body[0] == 0 and body[1] < 0x80:
+        body = body[1:]
+    return _der_tlv(0x02, body)
+
+
+def _der_boolean(value: bool) -> bytes:
+    # DER: TRUE is 0xFF (X.690 11.1).
+    return _der_tlv(0x01, b"\xff" if value else b"\x00")
+
+
+def _der_bit_string(data: bytes, unused_bits: int = 0) -> bytes:
+    return _der_tlv(0x03, bytes([unused_bits]) + data)
+
+
+def _der_named_bits(bits: Iterable[int]) -> bytes:
+    """Encode a named-bit BIT STRING (e.g. keyUsage): bit 0 is the MSB of the first byte and, per
+    X.690 11.2.2, trailing zero bits are removed."""
+    bits = sorted(set(bits))
+    if not bits:
+        return _der_bit_string(b"")
+    nbytes = bits[-1] // 8 + 1
+    buf = bytearray(nbytes)
+    for bit in bits:
+        buf[bit // 8] |= 0x80 >> (bit % 8)
+    return _der_bit_string(bytes(buf), 7 - bits[-1] % 8)
+
+
+def _der_octet_string(data: bytes) -> bytes:
+    return _der_tlv(0x04, data)
+
+
+def _der_null() -> bytes:
+    return b"\x05\x00"
+
+
+def _der_oid(dotted: str) -> bytes:
+    """Encode an OBJECT IDENTIFIER: the first two arcs as 40*a+b, then each arc in base 128
+    with the high bit set on all but its last byte."""
+    arcs = [int(part) for part in dotted.split(".")]
+    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] >= 40):
+        raise ValueError("invalid OID %r" % dotted)
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return _der_tlv(0x06, bytes(body))
+
+
+def _der_utf8_string(text: str) -> bytes:
+    return _der_tlv(0x0C, text.encode("utf-8"))
+
+
+def _der_printable_string(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9 '()+,\-./:=?]*", text):
+        raise ValueError("not a PrintableString: %r" % text)
+    return _der_tlv(0x13, text.encode("ascii"))
+
+
+def _der_time(moment: datetime.datetime) -> bytes:
+    """Encode a certificate time per RFC 5280 4.1.2.5: UTCTime (YYMMDDHHMMSSZ) through 2049,
+    GeneralizedTime (YYYYMMDDHHMMSSZ) from 2050 on; always UTC, whole seconds."""
+    moment = moment.astimezone(datetime.timezone.utc)
+    if 1950 <= moment.year <= 2049:
+        return _der_tlv(0x17, moment.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return _der_tlv(0x18, ("%04d" % moment.year + moment.strftime("%m%d%H%M%SZ")).encode("ascii"))
+
+
+def _der_sequence(*items: bytes) -> bytes:
+    return _der_tlv(0x30, b"".join(items))
+
+
+def _der_set(*items: bytes) -> bytes:
+    # DER sorts SET OF elements by their encodings (X.690 11.6).
+    return _der_tlv(0x31, b"".join(sorted(items)))
+
+
+def _der_context(number: int, content: bytes, constructed: bool = True) -> bytes:
+    """Context-specific tag [number]: constructed for EXPLICIT tagging or IMPLICIT SEQUENCEs,
+    primitive for IMPLICIT primitive types (e.g. dNSName [2], keyIdentifier [0])."""
+    return _der_tlv((0xA0 if constructed else 0x80) | number, content)
+
+
+# --------------------------------------------------------------------------- DER reading
+
+class _DerNode(NamedTuple):
+    tag: int
+    content: bytes
+    raw: bytes  # the complete TLV, e.g. to hash or to compare names byte for byte
+
+
+def _der_read(data: bytes, offset: int = 0) -> Tuple[_DerNode, int]:
+    """Read one TLV at ``offset``; return (node, offset after it). Definite lengths only, as DER
+    requires. Raises ValueError on malformed input."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag = data[offset]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte DER tags are not supported")
+    first = data[offset + 1]
+    pos = offset + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError("truncated DER")
+    return _DerNode(tag, bytes(data[pos:end]), bytes(data[offset:end])), end
+
+
+def _der_children(content: bytes) -> List[_DerNode]:
+    """Split the content of a constructed value (SEQUENCE, SET, [n]) into its elements."""
+    nodes = []
+    offset = 0
+    while offset < len(content):
+        node, offset = _der_read(content, offset)
+        nodes.append(node)
+    return nodes
+
+
+def _der_parse_one(data: bytes, tag: Optional[int] = None) -> _DerNode:
+    node, end = _der_read(data)
+    if end != len(data):
+        raise ValueError("trailing data after DER value")
+    if tag is not None and node.tag != tag:
+        raise ValueError("expected DER tag 0x%02x, got 0x%02x" % (tag, node.tag))
+    return node
+
+
+def _der_to_int(node: _DerNode) -> int:
+    if node.tag != 0x02:
+        raise ValueError("expected INTEGER")
+    return int.from_bytes(node.content, "big", signed=True)
+
+
+def _der_to_oid(node: _DerNode) -> str:
+    if node.tag != 0x06 or not node.content:
+        raise ValueError("expected OBJECT IDENTIFIER")
+    arcs = []
+    value = 0
+    for byte in node.content:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = arcs[0]
+    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
+    return ".".join(str(arc) for arc in head + arcs[1:])
+
+
+def _der_to_time(node: _DerNode) -> datetime.datetime:
+    text = node.content.decode("ascii")
+    if node.tag == 0x17:  # UTCTime; RFC 5280: YY >= 50 means 19YY
+        year = int(text[:2])
+        text = ("19" if year >= 50 else "20") + text
+    elif node.tag != 0x18:
+        raise ValueError("expected UTCTime or GeneralizedTime")
+    if not text.endswith("Z"):
+        raise ValueError("certificate time is not in UTC: %r" % text)
+    text = text[:-1].split(".")[0]  # tolerate fractional seconds in certificates we did not make
+    moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%S")
+    return moment.replace(tzinfo=datetime.timezone.utc)
+
+
+# --------------------------------------------------------------------------- PEM
+
+def _pem_encode(der: bytes, label: str) -> bytes:
+    b64 = base64.b64encode(der).decode("ascii")
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    text = "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+    return text.encode("ascii")
+
+
+_PEM_BLOCK_RE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
+
+
+def _pem_blocks(data: bytes) -> List[Tuple[str, bytes]]:
+    """Return every (label, DER) block of a PEM file, in order. Headers (Proc-Type...) make the
+    block unreadable here, which is what we want for encrypted keys."""
+    blocks = []
+    for match in _PEM_BLOCK_RE.finditer(data):
+        try:
+            der = base64.b64decode(b"".join(match.group(2).split()), validate=True)
+        except ValueError:
+            continue
+        blocks.append((match.group(1).decode("ascii"), der))
+    return blocks
+
+
+def ca_pem_to_der(pem_bytes: bytes) -> bytes:
+    """Return the DER bytes of the first certificate in ``pem_bytes`` (for serving the CA as
+    ``application/x-x509-ca-cert``, which iOS and Android install directly).
+    Raises CertificateError if there is no certificate in it."""
+    for label, der in _pem_blocks(pem_bytes):
+        if label == "CERTIFICATE":
+            return der
+    raise CertificateError("no PEM certificate found")
+
+
+# --------------------------------------------------------------------------- RSA
+
+class RSAPrivateKey(NamedTuple):
+    """An RSA private key with its CRT parameters (the fields of PKCS#1 RSAPrivateKey)."""
+    n: int
+    e: int
+    d: int
+    p: int
+    q: int
+    dp: int
+    dq: int
+    qinv: int
+
+    @property
+    def size_bytes(self) -> int:
+        """Length of the modulus (and of every signature) in bytes."""
+        return (self.n.bit_length() + 7) // 8
+
+
+_SMALL_PRIMES_PRODUCT_CACHE = []  # type: List[int]
+
+
+def _rsa_small_primes_product() -> int:
+    """Product of the odd primes below 2000, computed once on first use (not at import). One
+    gcd() against it (done in C) rejects ~85% of random odd candidates before Miller-Rabin."""
+    if not _SMALL_PRIMES_PRODUCT_CACHE:
+        limit = 2000
+        sieve = bytearray([1]) * limit
+        sieve[0:2] = b"\x00\x00"
+        for i in range(2, int(limit ** 0.5) + 1):
+            if sieve[i]:
+                sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
+        product = 1
+        for i in range(3, limit):
+            if sieve[i]:
+                product *= i
+        _SMALL_PRIMES_PRODUCT_CACHE.append(product)
+    return _SMALL_PRIMES_PRODUCT_CACHE[0]
+
+
+# FIPS 186-4 Appendix C.3 (Table C.3) asks for only 4 rounds for random 1024-bit candidates at a
+# 2^-100 error rate; 40 rounds also bound the worst case (adversarial input) by 4^-40 = 2^-80, and
+# cost only ~40 modular exponentiations per *accepted* prime (composites fail in round one).
+_MILLER_RABIN_ROUNDS = 40
+
+
+def _is_probable_prime(candidate: int, rounds: int = _MILLER_RABIN_ROUNDS) -> bool:
+    """Miller-Rabin with random bases from ``secrets`` (FIPS 186-4 C.3.1)."""
+    if candidate < 4:
+        return candidate in (2, 3)
+    if candidate % 2 == 0:
+        return False
+    d = candidate - 1
+    s = 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for _ in range(rounds):
+        base = 2 + secrets.randbelow(candidate - 3)  # uniform in [2, candidate-2]
+        x = pow(base, d, candidate)
+        if x == 1 or x == candidate - 1:
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, candidate)
+            if x == candidate - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _rsa_random_prime(bits: int, e: int) -> int:
+    """Return a random prime of exactly ``bits`` bits with gcd(e, p-1) = 1.
+
+    The two top bits are set so that p > sqrt(2) * 2^(bits-1) (FIPS 186-4 B.3.1) and the product
+    of two such primes has exactly 2*bits bits."""
+    sieve = _rsa_small_primes_product()
+    top = (1 << (bits - 1)) | (1 << (bits - 2)) | 1
+    while True:
+        candidate = secrets.randbits(bits) | top
+        if math.gcd(candidate, sieve) != 1:
+            continue
+        # e is prime, so gcd(e, p-1) = 1 exactly when p mod e != 1.
+        if candidate % e == 1:
+            continue
+        if _is_probable_prime(candidate):
+            return candidate
+
+
+def generate_rsa_key(bits: int = RSA_KEY_BITS, e: int = RSA_PUBLIC_EXPONENT) -> RSAPrivateKey:
+    """Generate an RSA private key (default 2048 bits, e = 65537) from the OS CSPRNG.
+
+    Follows FIPS 186-4 B.3.3 where it matters: |p - q| > 2^(bits/2 - 100), d computed modulo
+    lambda(n) = lcm(p-1, q-1) and d > 2^(bits/2). Takes a fraction of a second to a few seconds
+    in CPython."""
+    if bits < 1024 or bits % 2:
+        raise ValueError("RSA key size must be an even number >= 1024")
+    half = bits // 2
+    while True:
+        p = _rsa_random_prime(half, e)
+        q = _rsa_random_prime(half, e)
+        if abs(p - q) <= (1 << (half - 100)):
+            continue  # also rules out p == q
+        n = p * q
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+        if math.gcd(e, lam) != 1:
+            continue
+        d = pow(e, -1, lam)
+        if d <= (1 << half):
+            continue
+        if p < q:
+            p, q = q, p  # conventional (OpenSSL) order; qinv = q^-1 mod p
+        return RSAPrivateKey(n, e, d, p, q, d % (p - 1), d % (q - 1), pow(q, -1, p))
+
+
+# DigestInfo prefix for SHA-256, RFC 8017 section 9.2 note 1.
+_SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _emsa_pkcs1_v1_5_sha256(message: bytes, length: int) -> bytes:
+    """EMSA-PKCS1-v1_5 encoding (RFC 8017 9.2): 00 01 FF..FF 00 || DigestInfo(SHA-256(M))."""
+    t = _SHA256_DIGEST_INFO_PREFIX + hashlib.sha256(message).digest()
+    if length < len(t) + 11:
+        raise ValueError("RSA modulus too short")
+    return b"\x00\x01" + b"\xff" * (length - len(t) - 3) + b"\x00" + t
+
+
+def rsa_sign_sha256(key: RSAPrivateKey, message: bytes) -> bytes:
+    """Sign ``message`` with RSASSA-PKCS1-v1_5 and SHA-256 (sha256WithRSAEncryption); return the
+    signature (as many bytes as the modulus).
+
+    Uses the CRT and checks the result with the public key before returning it, so that a
+    computation fault can never release a signature that would leak a factor of n. No blinding:
+    we only sign our own certificates, locally, so there is no timing oracle to hide."""
+    k = key.size_bytes
+    m = int.from_bytes(_emsa_pkcs1_v1_5_sha256(message, k), "big")
+    m1 = pow(m, key.dp, key.p)
+    m2 = pow(m, key.dq, key.q)
+    h = (key.qinv * (m1 - m2)) % key.p
+    s = m2 + h * key.q
+    if pow(s, key.e, key.n) != m:
+        raise CertificateError("RSA signature self-check failed (inconsistent private key)")
+    return s.to_bytes(k, "big")
+
+
+def rsa_verify_sha256(n: int, e: int, message: bytes, signature: bytes) -> bool:
+    """Return True if ``signature`` is a valid RSASSA-PKCS1-v1_5 / SHA-256 signature of
+    ``message`` under the public key (n, e)."""
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= n:
+        return False
+    em = pow(s, e, n).to_bytes(k, "big")
+    return hmac.compare_digest(em, _emsa_pkcs1_v1_5_sha256(message, k))
+
+
+# Key serialisation: PKCS#8 PrivateKeyInfo (RFC 5208) wrapping a PKCS#1 RSAPrivateKey (RFC 8017
+# A.1.2) - "BEGIN PRIVATE KEY", which OpenSSL, ssl.load_cert_chain and Node all read.
+
+def _rsa_algorithm_identifier() -> bytes:
+    # RFC 3279 2.3.1: parameters MUST be NULL for rsaEncryption.
+    return _der_sequence(_der_oid(_OID_RSA_ENCRYPTION), _der_null())
+
+
+def _rsa_public_key_der(n: int, e: int) -> bytes:
+    return _der_sequence(_der_integer(n), _der_integer(e))
+
+
+def _rsa_spki_der(n: int, e: int) -> bytes:
+    """SubjectPublicKeyInfo for an RSA key (RFC 5280 4.1.2.7)."""
+    return _der_sequence(_rsa_algorithm_identifier(), _der_bit_string(_rsa_public_key_der(n, e)))
+
+
+def private_key_to_pem(key: RSAPrivateKey) -> bytes:
+    """Serialise ``key`` as an unencrypted PKCS#8 PEM ("-----BEGIN PRIVATE KEY-----")."""
+    pkcs1 = _der_sequence(*(_der_integer(v) for v in (
+        0, key.n, key.e, key.d, key.p, key.q, key.dp, key.dq, key.qinv)))
+    pkcs8 = _der_sequence(_der_integer(0), _rsa_algorithm_identifier(), _der_octet_string(pkcs1))
+    return _pem_encode(pkcs8, "PRIVATE KEY")
+
+
+def _rsa_key_from_pkcs1(der: bytes) -> RSAPrivateKey:
+    fields = [_der_to_int(node) for node in _der_children(_der_parse_one(der, 0x30).content)]
+    if len(fields) != 9 or fields[0] != 0:
+        raise ValueError("not a two-prime RSAPrivateKey")
+    key = RSAPrivateKey(*fields[1:])
+    if key.p * key.q != key.n:
+        raise ValueError("RSA key is inconsistent (n != p*q)")
+    return key
+
+
+def load_private_key_pem(data: bytes) -> RSAPrivateKey:
+    """Read an unencrypted RSA private key from PEM (PKCS#8 "PRIVATE KEY" or PKCS#1
+    "RSA PRIVATE KEY"). Raises CertificateError for anything else (EC keys, encrypted keys)."""
+    for label, der in _pem_blocks(data):
+        try:
+            if label == "RSA PRIVATE KEY":
+                return _rsa_key_from_pkcs1(der)
+            if label == "PRIVATE KEY":
+                _version, algorithm, octets = _der_children(_der_parse_one(der, 0x30).content)[:3]
+                if _der_to_oid(_der_children(algorithm.content)[0]) != _OID_RSA_ENCRYPTION:
+                    raise CertificateError("not an RSA private key")
+                if octets.tag != 0x04:
+                    raise ValueError("bad PrivateKeyInfo")
+                return _rsa_key_from_pkcs1(octets.content)
+        except (ValueError, IndexError) as exc:
+            raise CertificateError("unreadable RSA private key: %s" % exc) from None
+    raise CertificateError("no unencrypted RSA private key (PKCS#8 or PKCS#1 PEM) found")
+
+
+# --------------------------------------------------------------------------- host names
+
+def _split_host(host: str):
+    """Return an ipaddress object for an IP literal (brackets allowed), else a normalised
+    lower-case ASCII DNS name (IDNA-encoded). Raises ValueError for anything else."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        address = None
+    if address is not None:
+        if getattr(address, "scope_id", None):  # "fe80::1%eth0" (3.9+): no zone in a certificate
+            raise ValueError("%r: an IP address with a zone index cannot be certified" % host)
+        return address
+    if "%" in text or ":" in text:
+        raise ValueError("%r is not a valid host name or IP address" % host)
+    name = text.rstrip(".").lower()
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("%r is not a valid host name" % host) from None
+    labels = name.split(".")
+    if labels and labels[0] == "*" and len(labels) > 2:
+        labels = labels[1:]  # a wildcard is allowed only as the whole left-most label
+    if not name or len(name) > 253 or not all(
+            re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels):
+        raise ValueError("%r is not a valid host name or IP address" % host)
+    return name
+
+
+def normalize_hosts(hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Split host names / IP addresses into (dns_names, ip_addresses), normalised, in order,
+    without duplicates. IP literals always become IP entries (never DNS names).
+    Raises ValueError naming the first invalid entry."""
+    dns_names = []  # type: List[str]
+    ips = []  # type: List[str]
+    for host in hosts:
+        value = _split_host(host)
+        if isinstance(value, str):
+            if value not in dns_names:
+                dns_names.append(value)
+        elif str(value) not in ips:
+            ips.append(str(value))
+    return dns_names, ips
+
+
+def _linux_ipv4_addresses() -> List[str]:
+    """IPv4 addresses of every interface, read with ioctl(SIOCGIFADDR) on an unconnected UDP
+    socket: a local kernel query, nothing is sent on the network. Only the primary address of
+    each interface is seen (unlabelled secondary addresses need netlink); use --host for those."""
+    import fcntl  # Unix only; this function runs only on Linux
+
+    siocgifaddr = 0x8915  # <linux/sockios.h>
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _index, name in socket.if_nameindex():
+            ifreq = struct.pack("256s", name.encode()[:15])
+            try:
+                result = fcntl.ioctl(sock.fileno(), siocgifaddr, ifreq)
+            except OSError:
+                continue  # interface without IPv4 address, or down
+            found.append(socket.inet_ntoa(result[20:24]))  # ifr_addr.sin_addr
+    return found
+
+
+def _linux_ipv6_addresses(path: str = "/proc/net/if_inet6") -> List[str]:
+    """Stable IPv6 addresses from /proc/net/if_inet6 (no packets). Skips temporary (privacy)
+    addresses, which rotate daily and would force a re-issue at every start, and addresses that
+    are deprecated, tentative or failed duplicate detection."""
+    skip_flags = 0x01 | 0x08 | 0x20 | 0x40  # IFA_F_TEMPORARY|DADFAILED|DEPRECATED|TENTATIVE
+    found = []
+    with open(path) as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) < 6 or len(fields[0]) != 32:
+                continue
+            if int(fields[4], 16) & skip_flags:
+                continue
+            found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return found
+
+
+def _resolver_addresses(hostname: str) -> List[str]:
+    """Addresses that getaddrinfo() gives for this machine's own name (used on macOS and Windows,
+    which answer it from local data; not on Linux, see discover_hosts())."""
+    found = []
+    for info in socket.getaddrinfo(hostname, None, 0, socket.SOCK_STREAM):
+        found.append(info[4][0].split("%")[0])
+    return found
+
+
+def discover_hosts() -> List[str]:
+    """Return the names and addresses this machine is reached by on the LAN: "localhost", the
+    host name, "<hostname>.local" (mDNS) when the name has no dot, 127.0.0.1, ::1 and every
+    non-link-local address of every interface.
+
+    Sends nothing on the network itself: on Linux interfaces are enumerated with ioctl and /proc
+    and the resolver is never asked (a name missing from /etc/hosts would become a DNS or mDNS
+    query); on macOS and Windows the machine's own name is resolved with getaddrinfo(), which the
+    OS answers from local data. Never raises: whatever cannot be read is left out (add it with
+    extra hosts)."""
+    hosts = ["localhost"]
+    hostname = ""
+    try:
+        hostname = socket.gethostname().strip().rstrip(".")
+    except OSError:
+        pass
+    if hostname:
+        try:
+            hostname = _split_host(hostname)
+        except ValueError:
+            log.debug("host name %r is not a valid DNS name; not put in the certificate", hostname)
+            hostname = ""
+    if isinstance(hostname, str) and hostname and hostname != "localhost":
+        hosts.append(hostname)
+        if "." not in hostname:
+            hosts.append(hostname + ".local")
+    hosts += ["127.0.0.1", "::1"]
+
+    addresses = []  # type: List[str]
+    if sys.platform.startswith("linux"):
+        for reader in (_linux_ipv4_addresses, _linux_ipv6_addresses):
+            try:
+                addresses += reader()
+            except (OSError, ValueError, ImportError) as exc:
+                log.debug("could not enumerate addresses with %s: %s", reader.__name__, exc)
+    elif isinstance(hostname, str) and hostname:
+        try:
+            addresses += _resolver_addresses(hostname)
+        except (OSError, UnicodeError, ValueError) as exc:
+            log.debug("could not resolve %s: %s", hostname, exc)
+
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if address.is_loopback or address.is_link_local or address.is_unspecified \
+                or address.is_multicast:
+            continue  # loopback is already listed; link-local needs a zone id, useless in a URL
+        if str(address) not in hosts:
+            hosts.append(str(address))
+    return hosts
+
+
+# --------------------------------------------------------------------------- reading certificates
+
+class CertificateInfo(NamedTuple):
+    """What we read back from a certificate (no I/O; see read_certificate_info())."""
+    der: bytes
+    serial: int
+    subject_cn: str
+    issuer_cn: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    dns_names: Tuple[str, ...]
+    ip_addresses: Tuple[str, ...]
+    is_ca: bool
+    server_auth: bool           # EKU absent (any purpose) or containing serverAuth
+    subject_key_id: Optional[bytes]
+    authority_key_id: Optional[bytes]
+    public_key: Optional[Tuple[int, int]]   # (n, e) for RSA keys, else None
+    subject_der: bytes
+    issuer_der: bytes
+    tbs_der: bytes
+    signature_algorithm: str    # dotted OID
+    signature: bytes
+
+    def covers(self, dns_names: Iterable[str], ip_addresses: Iterable[str]) -> bool:
+        """True if every given DNS name and IP address is in this certificate's subjectAltName
+        (compared exactly, case-insensitively; wildcards are not expanded)."""
+        have_dns = {name.lower() for name in self.dns_names}
+        have_ips = {str(ipaddress.ip_address(ip)) for ip in self.ip_addresses}
+        return all(name.lower() in have_dns for name in dns_names) and all(
+            str(ipaddress.ip_address(ip)) in have_ips for ip in ip_addresses)
+
+
+def _name_common_name(name_der: bytes) -> str:
+    for rdn in _der_children(_der_parse_one(name_der, 0x30).content):
+        for attribute in _der_children(rdn.content):
+            oid, value = _der_children(attribute.content)[:2]
+            if _der_to_oid(oid) == _OID_COMMON_NAME:
+                return value.content.decode("utf-8", "replace")
+    return ""
+
+
+def parse_certificate_der(der: bytes) -> CertificateInfo:
+    """Read the fields we need from a DER X.509 certificate. Raises ValueError if malformed.
+    Works for any v1/v3 certificate; the public key is read for RSA only."""
+    try:
+        return _parse_certificate_der(der)
+    except (IndexError, UnicodeError) as exc:  # a missing element, an odd string
+        raise ValueError("malformed certificate (%s)" % exc) from None
+
+
+def _parse_certificate_der(der: bytes) -> CertificateInfo:
+    cert = _der_children(_der_parse_one(der, 0x30).content)
+    tbs, sig_alg, sig_value = cert[0], cert[1], cert[2]
+    fields = _der_children(tbs.content)
+    if fields[0].tag == 0xA0:  # [0] EXPLICIT version
+        fields = fields[1:]
+    serial = _der_to_int(fields[0])
+    issuer, validity, subject, spki = fields[2], fields[3], fields[4], fields[5]
+    not_before, not_after = (_der_to_time(node) for node in _der_children(validity.content))
+
+    public_key = None
+    algorithm, key_bits = _der_children(spki.content)
+    if _der_to_oid(_der_children(algorithm.content)[0]) == _OID_RSA_ENCRYPTION:
+        n_node, e_node = _der_children(_der_parse_one(key_bits.content[1:], 0x30).content)
+        public_key = (_der_to_int(n_node), _der_to_int(e_node))
+
+    dns_names = []  # type: List[str]
+    ips = []  # type: List[str]
+    is_ca = False
+    server_auth = True
+    ski = aki = None
+    for node in fields[6:]:
+        if node.tag != 0xA3:  # [3] EXPLICIT extensions; [1]/[2] unique IDs are ignored
+            continue
+        for extension in _der_children(_der_parse_one(node.content, 0x30).content):
+            parts = _der_children(extension.content)
+            oid, value = _der_to_oid(parts[0]), parts[-1].content
+            if oid == _OID_SUBJECT_ALT_NAME:
+                for general_name in _der_children(_der_parse_one(value, 0x30).content):
+                    if general_name.tag == 0x82:  # dNSName
+                        dns_names.append(general_name.content.decode("ascii", "replace"))
+                    elif general_name.tag == 0x87:  # iPAddress
+                        ips.append(str(ipaddress.ip_address(general_name.content)))
+            elif oid == _OID_BASIC_CONSTRAINTS:
+                items = _der_children(_der_parse_one(value, 0x30).content)
+                is_ca = bool(items) and items[0].tag == 0x01 and items[0].content != b"\x00"
+            elif oid == _OID_EXT_KEY_USAGE:
+                purposes = [_der_to_oid(purpose) for purpose in
+                            _der_children(_der_parse_one(value, 0x30).content)]
+                server_auth = _OID_KP_SERVER_AUTH in purposes or "2.5.29.37.0" in purposes
+            elif oid == _OID_SUBJECT_KEY_ID:
+                ski = _der_parse_one(value, 0x04).content
+            elif oid == _OID_AUTHORITY_KEY_ID:
+                for item in _der_children(_der_parse_one(value, 0x30).content):
+                    if item.tag == 0x80:  # keyIdentifier [0] IMPLICIT
+                        aki = item.content
+
+    if sig_value.tag != 0x03 or not sig_value.content or sig_value.content[0] != 0:
+        raise ValueError("bad signature BIT STRING")
+    return CertificateInfo(
+        der=bytes(der), serial=serial,
+        subject_cn=_name_common_name(subject.raw), issuer_cn=_name_common_name(issuer.raw),
+        not_before=not_before, not_after=not_after,
+        dns_names=tuple(dns_names), ip_addresses=tuple(ips), is_ca=is_ca,
+        server_auth=server_auth, subject_key_id=ski, authority_key_id=aki,
+        public_key=public_key, subject_der=subject.raw, issuer_der=issuer.raw,
+        tbs_der=tbs.raw, signature_algorithm=_der_to_oid(_der_children(sig_alg.content)[0]),
+        signature=sig_value.content[1:])
+
+
+def read_certificate_info(path: str) -> CertificateInfo:
+    """Read the first certificate of a PEM file. Raises CertificateError (naming the file) if it
+    cannot be read or parsed."""
+    try:
+        with open(path, "rb") as handle:
+            der = ca_pem_to_der(handle.read())
+        return parse_certificate_der(der)
+    except OSError as exc:
+        raise CertificateError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    except CertificateError:
+        raise CertificateError("%s contains no PEM certificate" % path) from None
+    except (ValueError, IndexError, UnicodeError) as exc:
+        raise CertificateError("%s is not a certificate we can read: %s" % (path, exc)) from None
+
+
+def read_private_key(path: str) -> RSAPrivateKey:
+    """Read an unencrypted RSA private key file. Raises CertificateError naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            return load_private_key_pem(handle.read())
+    except OSError as exc:
+        raise CertificateError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    except CertificateError as exc:
+        raise CertificateError("%s: %s" % (path, exc)) from None
+
+
+def key_matches_certificate(key: RSAPrivateKey, cert: CertificateInfo) -> bool:
+    """True if ``key`` is the private key of ``cert``'s public key."""
+    return cert.public_key == (key.n, key.e)
+
+
+def certificate_issued_by(cert: CertificateInfo, ca: CertificateInfo) -> bool:
+    """True if ``cert`` names ``ca`` as issuer (issuer DN, and AKI when both have key ids) and its
+    signature verifies with the CA's RSA public key."""
+    if cert.issuer_der != ca.subject_der or ca.public_key is None:
+        return False
+    if cert.authority_key_id and ca.subject_key_id and cert.authority_key_id != ca.subject_key_id:
+        return False
+    if cert.signature_algorithm != _OID_SHA256_WITH_RSA:
+        return False
+    return rsa_verify_sha256(ca.public_key[0], ca.public_key[1], cert.tbs_der, cert.signature)
+
+
+# --------------------------------------------------------------------------- making certificates
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+
+def _random_serial() -> int:
+    # RFC 5280 4.1.2.2: positive, at most 20 octets; CA/B Forum wants >= 64 random bits.
+    while True:
+        serial = secrets.randbits(128)
+        if serial:
+            return serial
+
+
+def _key_identifier(n: int, e: int) -> bytes:
+    # RFC 5280 4.2.1.2 method (1): SHA-1 of the subjectPublicKey BIT STRING value.
+    return hashlib.sha1(_rsa_public_key_der(n, e), usedforsecurity=False).digest()
+
+
+def _x509_name(common_name: str, organization: str, unit: str = "") -> bytes:
+    attributes = [(_OID_ORGANIZATION, organization)]
+    if unit:
+        attributes.append((_OID_ORG_UNIT, unit))
+    attributes.append((_OID_COMMON_NAME, common_name))
+    # One attribute per RDN (SET); RFC 5280 recommends UTF8String.
+    return _der_sequence(*(
+        _der_set(_der_sequence(_der_oid(oid), _der_utf8_string(value[:_CN_MAX_LEN])))
+        for oid, value in attributes))
+
+
+def _x509_extension(oid: str, critical: bool, value: bytes) -> bytes:
+    # critical is BOOLEAN DEFAULT FALSE: DER omits a default value (X.690 11.5).
+    parts = [_der_oid(oid)]
+    if critical:
+        parts.append(_der_boolean(True))
+    parts.append(_der_octet_string(value))
+    return _der_sequence(*parts)
+
+
+def _x509_certificate(serial: int, issuer: bytes, subject: bytes, not_before: datetime.datetime,
+                      not_after: datetime.datetime, subject_key: Tuple[int, int],
+                      extensions: Sequence[bytes], signing_key: RSAPrivateKey) -> bytes:
+    """Build and sign a v3 certificate; return its DER."""
+    algorithm = _der_sequence(_der_oid(_OID_SHA256_WITH_RSA), _der_null())  # RFC 4055: NULL params
+    tbs = _der_sequence(
+        _der_context(0, _der_integer(2)),                     # version v3
+        _der_integer(serial),
+        algorithm,
+        issuer,
+        _der_sequence(_der_time(not_before), _der_time(not_after)),
+        subject,
+        _rsa_spki_der(*subject_key),
+        _der_context(3, _der_sequence(*extensions)),
+    )
+    return _der_sequence(tbs, algorithm, _der_bit_string(rsa_sign_sha256(signing_key, tbs)))
+
+
+def _ca_common_name(hostname: Optional[str] = None) -> str:
+    if hostname is None:
+        try:
+            hostname = socket.gethostname()
+        except OSError:
+            hostname = ""
+    hostname = (hostname or "").split(".")[0] or "unknown host"
+    prefix = "llm-proxy local CA ("
+    return prefix + hostname[:_CN_MAX_LEN - len(prefix) - 1] + ")"
+
+
+def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
+              key: Optional[RSAPrivateKey] = None) -> Tuple[bytes, RSAPrivateKey]:
+    """Create a self-signed CA certificate; return (certificate DER, private key).
+
+    CN defaults to "llm-proxy local CA (<hostname>)" (iOS hides roots without a CN);
+    basicConstraints CA:TRUE pathLen 0 and keyUsage keyCertSign/cRLSign/digitalSignature, both
+    critical; SKI and AKI; ``days`` of validity (default ~10 years)."""
+    key = key or generate_rsa_key()
+    now = _utc_now()
+    name = _x509_name(common_name or _ca_common_name(), _CA_ORGANIZATION,
+                      "created %s" % now.strftime("%Y-%m-%d"))
+    key_id = _key_identifier(key.n, key.e)
+    extensions = [
+        _x509_extension(_OID_BASIC_CONSTRAINTS, True,
+                        _der_sequence(_der_boolean(True), _der_integer(0))),
+        _x509_extension(_OID_KEY_USAGE, True, _der_named_bits(
+            [_KU_DIGITAL_SIGNATURE, _KU_KEY_CERT_SIGN, _KU_CRL_SIGN])),
+        _x509_extension(_OID_SUBJECT_KEY_ID, False, _der_octet_string(key_id)),
+        _x509_extension(_OID_AUTHORITY_KEY_ID, False,
+                        _der_sequence(_der_context(0, key_id, constructed=False))),
+    ]
+    der = _x509_certificate(_random_serial(), name, name, now - CERT_BACKDATE,
+                            now + datetime.timedelta(days=days), (key.n, key.e), extensions, key)
+    return der, key
+
+
+def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: Iterable[str],
+                             days: int = SERVER_CERT_DEFAULT_DAYS,
+                             key: Optional[RSAPrivateKey] = None) -> Tuple[bytes, RSAPrivateKey]:
+    """Issue a TLS server certificate for ``hosts`` (names and IP literals) signed by the CA;
+    return (certificate DER, new private key).
+
+    Subject CN is the first DNS name; every name goes in subjectAltName (IPs as iPAddress); EKU
+    serverAuth; keyUsage digitalSignature+keyEncipherment and basicConstraints CA:FALSE, both
+    critical; SKI/AKI. notBefore is back-dated by CERT_BACKDATE, notAfter is ``days`` from now,
+    capped so the whole validity is <= 825 days and never beyond the CA's own notAfter.
+    Raises ValueError for bad hosts or days, CertificateError if the CA key does not fit."""
+    if not 1 <= days <= SERVER_CERT_MAX_DAYS:
+        raise ValueError("server certificate validity must be 1..%d days" % SERVER_CERT_MAX_DAYS)
+    dns_names, ips = normalize_hosts(hosts)
+    if not dns_names and not ips:
+        raise ValueError("a server certificate needs at least one host name or IP address")
+    ca = parse_certificate_der(ca_cert_der)
+    if not key_matches_certificate(ca_key, ca):
+        raise CertificateError("the CA private key does not match the CA certificate")
+    now = _utc_now()
+    if ca.not_after <= now:
+        raise CertificateError("the CA certificate expired on %s; create a new CA "
+                               "(generate_cert.py --force) and trust it" % ca.not_after.date())
+    key = key or generate_rsa_key()
+    not_before = now - CERT_BACKDATE
+    not_after = min(now + datetime.timedelta(days=days),
+                    not_before + datetime.timedelta(days=SERVER_CERT_MAX_DAYS), ca.not_after)
+    # GeneralName, RFC 5280 4.2.1.6: dNSName [2] IA5String, iPAddress [7] OCTET STRING (4 or 16
+    # bytes), both IMPLICIT, hence primitive context tags 0x82 and 0x87.
+    general_names = [_der_tlv(0x82, name.encode("ascii")) for name in dns_names]
+    general_names += [_der_tlv(0x87, ipaddress.ip_address(ip).packed) for ip in ips]
+    cn = next((name for name in dns_names if len(name) <= _CN_MAX_LEN), "llm-proxy server")
+    extensions = [
+        _x509_extension(_OID_BASIC_CONSTRAINTS, True, _der_sequence()),  # cA DEFAULT FALSE
+        _x509_extension(_OID_KEY_USAGE, True, _der_named_bits(
+            [_KU_DIGITAL_SIGNATURE, _KU_KEY_ENCIPHERMENT])),
+        _x509_extension(_OID_EXT_KEY_USAGE, False, _der_sequence(_der_oid(_OID_KP_SERVER_AUTH))),
+        _x509_extension(_OID_SUBJECT_ALT_NAME, False, _der_sequence(*general_names)),
+        _x509_extension(_OID_SUBJECT_KEY_ID, False,
+                        _der_octet_string(_key_identifier(key.n, key.e))),
+        _x509_extension(_OID_AUTHORITY_KEY_ID, False, _der_sequence(
+            _der_context(0, ca.subject_key_id or _key_identifier(ca_key.n, ca_key.e),
+                         constructed=False))),
+    ]
+    der = _x509_certificate(_random_serial(), ca.subject_der, _x509_name(cn, _SERVER_ORGANIZATION),
+                            not_before, not_after, (key.n, key.e), extensions, ca_key)
+    return der, key
+
+
+# --------------------------------------------------------------------------- files
+
+def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
+    readers see the old or the new file, never half of one. mkstemp() creates the temp file with
+    mode 0600, so a private key is never readable by others, not even for a moment; public files
+    are widened to 0644 before they take their name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not private:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX only)
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+
+def ca_paths(directory: str) -> Tuple[str, str]:
+    """Return (ca.pem path, ca-key.pem path) in ``directory``."""
+    return os.path.join(directory, CA_CERT_FILENAME), os.path.join(directory, CA_KEY_FILENAME)
+
+
+def create_ca_files(directory: str) -> CertificateInfo:
+    """Generate a new CA and write ``ca.pem`` and ``ca-key.pem`` (0600) into ``directory``,
+    replacing existing files (callers decide whether that is allowed). Returns the CA's info."""
+    cert_der, key = create_ca()
+    ca_cert, ca_key = ca_paths(directory)
+    _write_file_atomic(ca_key, private_key_to_pem(key), private=True)
+    _write_file_atomic(ca_cert, _pem_encode(cert_der, "CERTIFICATE"), private=False)
+    log.info("created local CA %s", ca_cert)
+    return parse_certificate_der(cert_der)
+
+
+def load_ca(directory: str) -> Tuple[CertificateInfo, RSAPrivateKey]:
+    """Read ``ca.pem`` and ``ca-key.pem`` from ``directory`` and check they belong together.
+    Raises CertificateError (naming the files) if either is missing or they do not match."""
+    ca_cert, ca_key = ca_paths(directory)
+    missing = [path for path in (ca_cert, ca_key) if not os.path.exists(path)]
+    if missing:
+        raise CertificateError("missing CA file%s: %s" % (
+            "s" if len(missing) > 1 else "", ", ".join(missing)))
+    info = read_certificate_info(ca_cert)
+    key = read_private_key(ca_key)
+    if not key_matches_certificate(key, info):
+        raise CertificateError("%s does not belong to %s" % (ca_key, ca_cert))
+    return info, key
+
+
+def issue_server_files(cert_file: str, key_file: str, hosts: Iterable[str],
+                       days: int = SERVER_CERT_DEFAULT_DAYS,
+                       ca_dir: Optional[str] = None) -> CertificateInfo:
+    """Issue a server certificate with the CA in ``ca_dir`` (default: the directory of
+    ``cert_file``) and write ``key_file`` (0600), ``cert_file`` and ``combined.pem`` (cert + key,
+    0600) beside ``cert_file``, replacing existing files. Returns the new certificate's info."""
+    ca_info, ca_key = load_ca(ca_dir or os.path.dirname(os.path.abspath(cert_file)))
+    cert_der, key = issue_server_certificate(ca_info.der, ca_key, hosts, days)
+    cert_pem = _pem_encode(cert_der, "CERTIFICATE")
+    key_pem = private_key_to_pem(key)
+    _write_file_atomic(key_file, key_pem, private=True)
+    _write_file_atomic(cert_file, cert_pem, private=False)
+    _write_file_atomic(_combined_path(cert_file), cert_pem + key_pem, private=True)
+    return parse_certificate_der(cert_der)
+
+
+def _combined_path(cert_file: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(cert_file)), COMBINED_FILENAME)
+
+
+# --------------------------------------------------------------------------- start-up entry point
+
+class CertStatus(NamedTuple):
+    """Outcome of ensure_certificates(), for the start-up banner (no I/O in it).
+
+    action: "created" (new server certificate), "renewed" (re-issued with the existing CA),
+    "kept" (ours, still good) or "external" (not issued by our CA: reported, never touched)."""
+    action: str
+    cert_file: str
+    key_file: str
+    combined_file: Optional[str]     # None for external certificates
+    ca_file: Optional[str]           # None when the certificate is not from our CA
+    ca_created: bool                 # True when a new CA was made: it must be trusted first
+    dns_names: Tuple[str, ...]
+    ip_addresses: Tuple[str, ...]
+    not_after: Optional[datetime.datetime]
+    serial: Optional[int]
+    reasons: Tuple[str, ...]         # why it was (re-)issued
+    warnings: Tuple[str, ...]        # problems worth logging (expiring external cert, ...)
+
+    def describe(self) -> str:
+        """A few human-readable lines for the start-up banner."""
+        lines = ["TLS certificate %s: %s" % (self.action, self.cert_file)]
+        if self.reasons:
+            lines.append("  reason: " + "; ".join(self.reasons))
+        if self.not_after is not None:
+            lines.append("  valid until %s UTC" % self.not_after.strftime("%Y-%m-%d %H:%M"))
+        names = list(self.dns_names) + list(self.ip_addresses)
+        if names:
+            lines.append("  names: " + ", ".join(names))
+        if self.ca_file:
+            lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
+                                          if self.ca_created else ""))
+        for warning in self.warnings:
+            lines.append("  warning: " + warning)
+        return "\n".join(lines)
+
+
+def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str] = (),
+                        days: int = SERVER_CERT_DEFAULT_DAYS,
+                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS) -> CertStatus:
+    """Make sure a usable server certificate exists; return what was done.
+
+    The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
+    * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
+      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem.
+    * cert issued by our CA (its signature verifies with ca.pem and ca-key.pem is present):
+      re-issue it when it expires within ``renew_before_days`` or its SANs miss a current name or
+      address. The new certificate keeps the old names too, so names once added with
+      generate_cert.py --host are not lost.
+    * cert not issued by our CA: never touched, only reported (with warnings).
+    * only one of cert/key present, key not matching cert, or half a CA: CertificateError, so
+      that nothing the user made is overwritten silently.
+    Raises CertificateError only (also for an invalid extra host or ``days``, and for files that
+    cannot be written)."""
+    if not 1 <= days <= SERVER_CERT_MAX_DAYS:
+        raise CertificateError("server certificate validity must be 1..%d days, not %s"
+                               % (SERVER_CERT_MAX_DAYS, days))
+    try:
+        wanted = normalize_hosts(list(discover_hosts()) + list(extra_hosts))
+    except ValueError as exc:
+        raise CertificateError("invalid extra host: %s" % exc) from None
+    try:
+        return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
+                                    wanted[0], wanted[1], days, renew_before_days)
+    except OSError as exc:
+        raise CertificateError("cannot write %s: %s" % (
+            exc.filename or os.path.dirname(os.path.abspath(cert_file)),
+            exc.strerror or exc)) from None
+
+
+def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
+                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+    ca_dir = os.path.dirname(cert_file)
+    ca_cert_path, ca_key_path = ca_paths(ca_dir)
+    combined_path = _combined_path(cert_file)
+
+    have_cert, have_key = os.path.exists(cert_file), os.path.exists(key_file)
+    if have_cert != have_key:
+        present, absent = (cert_file, key_file) if have_cert else (key_file, cert_file)
+        raise CertificateError(
+            "%s exists but %s is missing; restore it, or delete %s to have a new certificate "
+            "issued" % (present, absent, present))
+
+    def ca_warnings(ca_not_after: datetime.datetime) -> Tuple[str, ...]:
+        if ca_not_after - _utc_now() >= datetime.timedelta(days=renew_before_days):
+            return ()
+        return ("the local CA %s expires on %s; then delete the CA and certificate files in %s "
+                "to start over (and trust the new CA)" % (ca_cert_path, ca_not_after.date(),
+                                                          ca_dir),)
+
+    def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
+        log.info("TLS certificate %s: %s (%s)", action, cert_file, "; ".join(reasons))
+        ca_not_after = read_certificate_info(ca_cert_path).not_after
+        return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path, ca_created,
+                          info.dns_names, info.ip_addresses, info.not_after, info.serial,
+                          tuple(reasons), ca_warnings(ca_not_after))
+
+    if not have_cert:
+        ca_created = False
+        have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
+        if not any(have_ca):
+            create_ca_files(ca_dir)
+            ca_created = True
+        elif not all(have_ca):
+            raise CertificateError(
+                "%s is missing, so no certificate can be issued; restore it, or delete %s to "
+                "start over with a new CA (which must then be trusted again)" % (
+                    ca_key_path if have_ca[0] else ca_cert_path,
+                    ca_cert_path if have_ca[0] else ca_key_path))
+        return issue("created", ["no certificate yet"], wanted_dns + wanted_ips, ca_created)
+
+    try:
+        cert = read_certificate_info(cert_file)
+    except CertificateError as exc:
+        # Not something our reader understands, so certainly not ours: leave it to the ssl
+        # module, which reads far more formats, and only report it.
+        return CertStatus("external", cert_file, key_file, None, None, False, (), (), None, None,
+                          (), ("could not inspect the certificate: %s" % exc,))
+    now = _utc_now()
+    ca = None  # type: Optional[CertificateInfo]
+    if os.path.exists(ca_cert_path):
+        try:
+            candidate = read_certificate_info(ca_cert_path)
+            if certificate_issued_by(cert, candidate):
+                ca = candidate
+        except CertificateError as exc:
+            log.warning("ignoring unreadable CA: %s", exc)
+
+    # A key that does not fit its certificate: TLS cannot start. Say so clearly instead of
+    # letting ssl.load_cert_chain fail with "key values mismatch". (Keys we cannot parse, e.g.
+    # EC or encrypted ones, are left for the ssl module to judge.)
+    try:
+        key = read_private_key(key_file)  # type: Optional[RSAPrivateKey]
+    except CertificateError:
+        key = None
+    if key is not None and not key_matches_certificate(key, cert):
+        raise CertificateError("%s does not belong to %s; restore the right key, or %s" % (
+            key_file, cert_file, "run generate_cert.py --renew to re-issue both" if ca
+            else "delete both to have a new certificate issued"))
+
+    reasons = []
+    remaining = cert.not_after - now
+    if remaining < datetime.timedelta(days=renew_before_days):
+        reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
+                       else "expired %s" % cert.not_after.date())
+    missing = [name for name in wanted_dns if not cert.covers([name], [])]
+    missing += [ip for ip in wanted_ips if not cert.covers([], [ip])]
+    if missing:
+        reasons.append("does not name " + ", ".join(missing))
+
+    if ca is None:
+        return CertStatus("external", cert_file, key_file, None, None, False, cert.dns_names,
+                          cert.ip_addresses, cert.not_after, cert.serial, (),
+                          tuple("user-supplied certificate " + r for r in reasons))
+
+    if reasons and os.path.exists(ca_key_path):
+        hosts = wanted_dns + wanted_ips + list(cert.dns_names) + list(cert.ip_addresses)
+        return issue("renewed", reasons, hosts, False)
+
+    warnings = list(ca_warnings(ca.not_after))
+    if reasons:
+        warnings.append("certificate %s, but %s is missing so it cannot be renewed"
+                        % ("; ".join(reasons), ca_key_path))
+    if key is not None and not os.path.exists(combined_path):
+        # combined.pem is derived from the other two; recreate it if someone removed it.
+        with open(cert_file, "rb") as handle:
+            cert_pem = handle.read()
+        _write_file_atomic(combined_path, cert_pem + private_key_to_pem(key), private=True)
+    return CertStatus("kept", cert_file, key_file,
+                      combined_path if os.path.exists(combined_path) else None, ca_cert_path,
+                      False, cert.dns_names, cert.ip_addresses, cert.not_after, cert.serial, (),
+                      tuple(warnings))
+
+
+# --------------------------------------------------------------------------- trust instructions
+
+def trust_instructions(ca_path: str, ca_url: Optional[str] = None) -> str:
+    """Return short, platform-by-platform instructions for trusting the CA at ``ca_path``
+    (optionally also downloadable from ``ca_url``, e.g. https://<ip>:8443/_proxy/ca.crt).
+    Browsers' fetch() needs this; clicking through a warning is not enough."""
+    ca = ca_path
+    name = os.path.basename(ca)
+    if ca_url:
+        ios_get = "open %s in Safari (accept the warning once)" % ca_url
+        android_get = "download %s in the browser (accept the warning once)" % ca_url
+    else:
+        ios_get = "AirDrop or e-mail %s to the device and open it" % name
+        android_get = "copy %s to the device" % name
+    return "\n".join([
+        "Trust the local CA once on every device that will call the proxy (it signs only",
+        "this proxy's certificates; keep %s private):" % os.path.join(
+            os.path.dirname(ca) or ".", CA_KEY_FILENAME),
+        "",
+        "  macOS:   sudo security add-trusted-cert -d -r trustRoot \\",
+        "             -k /Library/Keychains/System.keychain %s" % ca,
+        "  Windows: certutil -addstore -f Root %s   (admin prompt; or double-click," % ca,
+        "           Install Certificate > Local Machine > Trusted Root Certification Authorities)",
+        "  Debian/Ubuntu: sudo cp %s /usr/local/share/ca-certificates/llm-proxy-ca.crt" % ca,
+        "                 sudo update-ca-certificates",
+        "  Fedora/RHEL:   sudo cp %s /etc/pki/ca-trust/source/anchors/llm-proxy-ca.pem" % ca,
+        "                 sudo update-ca-trust",
+        "  Chrome/Chromium on Linux use their own store: certutil -d sql:$HOME/.pki/nssdb \\",
+        "             -A -t C,, -n llm-proxy-ca -i %s   (package libnss3-tools / nss-tools)" % ca,
+        "  Firefox: on Windows/macOS it trusts the OS store (default since Firefox 120; else set",
+        "           security.enterprise_roots.enabled=true in about:config). On Linux: Settings >",
+        "           Privacy & Security > Certificates > View Certificates > Authorities > Import,",
+        "           pick %s, tick 'Trust this CA to identify websites'." % ca,
+        "  iOS/iPadOS: %s;" % ios_get,
+        "           then Settings > General > VPN & Device Management > install the profile,",
+        "           and Settings > General > About > Certificate Trust Settings > full trust.",
+        "  Android: %s;" % android_get,
+        "           then Settings > Security > Encryption & credentials > Install a certificate",
+        "           > CA certificate, pick the file (names vary by vendor). Chrome trusts",
+        "           user-installed CAs; most other apps do not.",
+        "",
+        "Restart the browser afterwards.",
+    ])
 
 
 def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -1989,7 +3231,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                        "did not issue" % ca_file, "not_found")
             return
         if der:
-            self.send_local(200, pem_to_der(pem), "application/x-x509-ca-cert",
+            self.send_local(200, ca_pem_to_der(pem), "application/x-x509-ca-cert",
                             [("Content-Disposition", 'attachment; filename="llm-proxy-ca.crt"')])
         else:
             self.send_local(200, pem, "application/x-pem-file",
@@ -2768,17 +4010,21 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
-def print_banner(config: Config, cert_status) -> None:
-    """Tell the user where to point their app, and where the CA to trust lives."""
+def print_banner(config: Config, cert_status: "CertStatus") -> None:
+    """Tell the user where to point their app, and which CA their devices must trust."""
     port = config.port
-    log.info("llm-proxy %s forwarding https://*:%d -> %s", VERSION, port, config.target_url)
-    for url in endpoint_urls(cert_status, port):
-        log.info("  endpoint for your app: %s/v1", url)
-    log.info("  dashboard: https://localhost:%d/_proxy/dashboard   set-up page: "
+    log.info("llm-proxy %s: https://*:%d -> %s", VERSION, port, config.target_url)
+    for line in cert_status.describe().splitlines():
+        log.info("  %s", line)
+    addresses = [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
+    for host in addresses or ["localhost"]:
+        host = "[%s]" % host if ":" in host else host
+        log.info("  endpoint for your apps: https://%s:%d/v1", host, port)
+    log.info("  dashboard: https://localhost:%d/_proxy/dashboard  device set-up: "
              "https://localhost:%d/_proxy/", port, port)
-    if cert_status is not None and getattr(cert_status, "ca_file", None):
-        log.info("  trust this CA once on each device: %s (or download /_proxy/ca.pem)",
-                 cert_status.ca_file)
+    if cert_status.ca_created:
+        for line in trust_instructions(cert_status.ca_file).splitlines():
+            log.info("  %s", line)
 
 
 def main(argv=None) -> int:
@@ -2894,30 +4140,6 @@ class UsageTap:
     def finish(self, complete):
         return b"", self.usage
 
-
-
-def ensure_certificates(cert_file, key_file, extra_hosts=()):
-    if not (os.path.exists(cert_file) and os.path.exists(key_file)):
-        import subprocess
-        d = os.path.dirname(cert_file)
-        os.makedirs(d, exist_ok=True)
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                        os.path.join(d, "ca-key.pem"), "-out", os.path.join(d, "ca.pem"), "-days", "30",
-                        "-subj", "/CN=test ca", "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-addext", "basicConstraints=critical,CA:TRUE"], check=True, capture_output=True)
-        subprocess.run("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s/req.csr -subj /CN=localhost && "
-                       "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > %s/ext && "
-                       "openssl x509 -req -in %s/req.csr -CA %s/ca.pem -CAkey %s/ca-key.pem -CAcreateserial -out %s -days 30 -extfile %s/ext"
-                       % (key_file, d, d, d, d, d, cert_file, d), shell=True, check=True, capture_output=True)
-    return None
-
-
-def endpoint_urls(cert_status, port):
-    return ["https://localhost:%d" % port]
-
-
-def pem_to_der(pem):
-    body = b"".join(l for l in pem.splitlines() if l and not l.startswith(b"-----"))
-    return base64.b64decode(body)
 
 
 # ==================================================================================================

@@ -97,20 +97,12 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             return
         if not self.parse_request():
             return
-        body = b""
-        if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            body = b"".join(chunks)
-        elif self.headers.get("Content-Length"):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+        try:
+            body = self._read_body()
+        except (ValueError, OSError):
+            # A broken or cut-off body is never recorded as a request: tests rely on that.
+            self.close_connection = True
+            return
         request = RecordedRequest(self.command, self.path, self.request_version,
                                   list(self.headers.items()), body)
         self.server.requests.append(request)
@@ -119,6 +111,31 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        body = b""
+        if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
+            chunks = []
+            while True:
+                line = self.rfile.readline()
+                if not line.endswith(b"\n"):
+                    raise ValueError("chunked body cut short")
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunk = self.rfile.read(size)
+                if len(chunk) != size or self.rfile.readline() != b"\r\n":
+                    raise ValueError("chunked body cut short")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        elif self.headers.get("Content-Length"):
+            length = int(self.headers["Content-Length"])
+            body = self.rfile.read(length)
+            if len(body) != length:
+                raise ValueError("body cut short")
+        return body
 
     def log_message(self, *args):
         pass
@@ -169,6 +186,9 @@ class FakeUpstream(ThreadingHTTPServer):
         self.connections = 0
         self.responder = responder
         super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+
+    def handle_error(self, request, client_address):
+        pass    # tests provoke broken connections on purpose
 
     def get_request(self):
         conn, addr = super().get_request()

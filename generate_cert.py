@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Create the local CA and the TLS certificate for the LLM proxy (standard library only).
+
+    python3 generate_cert.py                # certs/ca.pem ca-key.pem cert.pem key.pem combined.pem
+    python3 generate_cert.py --host llm.lan # add a name or IP address (repeatable)
+    python3 generate_cert.py --renew        # new server certificate, same CA (no re-trust needed)
+    python3 generate_cert.py --force        # start over: new CA and certificate
+
+The server certificate names this machine: localhost, its host name, <host name>.local, 127.0.0.1,
+::1 and every LAN address, plus --host. Install ca.pem as trusted once on each device. The proxy
+(python3 proxy.py) also creates these files at start-up when they are missing, and re-issues its
+certificate (same CA) before it expires or when this machine's addresses change.
+"""
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+# All the machinery lives in proxy.py (it must work when copied alone); this is its command line.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxy  # noqa: E402
+
+
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a whole number of days, got %r" % text) from None
+    if not 1 <= value <= proxy.SERVER_CERT_MAX_DAYS:
+        raise argparse.ArgumentTypeError(
+            "must be between 1 and %d (Apple rejects TLS certificates valid for longer), got %d"
+            % (proxy.SERVER_CERT_MAX_DAYS, value))
+    return value
+
+
+def _host(text: str) -> str:
+    try:
+        proxy.normalize_hosts([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of generate_cert.py."""
+    parser = argparse.ArgumentParser(
+        prog="generate_cert.py",
+        description="Create a local CA and a TLS server certificate for the LLM proxy "
+                    "(like mkcert, standard library only).")
+    parser.add_argument("--out", metavar="DIR", default=proxy.CERT_DIR_DEFAULT,
+                        help="directory for ca.pem, ca-key.pem, cert.pem, key.pem, combined.pem "
+                             "(default: %(default)s)")
+    parser.add_argument("--host", metavar="NAME_OR_IP", action="append", default=[], type=_host,
+                        help="extra DNS name or IP address for the certificate (repeatable); "
+                             "this machine's names and addresses are always included")
+    parser.add_argument("--days", metavar="N", type=_days, default=proxy.SERVER_CERT_DEFAULT_DAYS,
+                        help="server certificate validity, at most %d (default: %%(default)s)"
+                             % proxy.SERVER_CERT_MAX_DAYS)
+    parser.add_argument("--renew", action="store_true",
+                        help="re-issue only the server certificate, signed by the existing CA "
+                             "(devices that trust the CA need nothing new)")
+    parser.add_argument("--force", action="store_true",
+                        help="allow overwriting existing files; without --renew this makes a "
+                             "new CA too, which every device must trust again")
+    return parser
+
+
+def _existing(paths: List[str]) -> List[str]:
+    return [path for path in paths if os.path.exists(path)]
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = args.out
+    ca_cert, ca_key = proxy.ca_paths(out)
+    cert_file = os.path.join(out, proxy.SERVER_CERT_FILENAME)
+    key_file = os.path.join(out, proxy.SERVER_KEY_FILENAME)
+    combined = os.path.join(out, proxy.COMBINED_FILENAME)
+    hosts = proxy.discover_hosts() + list(args.host)
+    ca_created = False
+
+    if args.renew:
+        if not os.path.exists(ca_cert) or not os.path.exists(ca_key):
+            raise proxy.CertificateError(
+                "--renew needs the existing CA, but %s is missing; run without --renew to create "
+                "a CA and certificate" % " and ".join(
+                    path for path in (ca_cert, ca_key) if not os.path.exists(path)))
+        ca_info, _ca_key = proxy.load_ca(out)
+        if os.path.exists(cert_file) and not args.force:
+            try:
+                ours = proxy.certificate_issued_by(proxy.read_certificate_info(cert_file), ca_info)
+            except proxy.CertificateError:
+                ours = False
+            if not ours:
+                raise proxy.CertificateError(
+                    "%s was not issued by %s, so --renew will not replace it; add --force to "
+                    "replace it anyway" % (cert_file, ca_cert))
+    else:
+        if not args.force:
+            blocking = _existing([cert_file, key_file, combined])
+            have_ca = _existing([ca_cert, ca_key])
+            if len(have_ca) == 1:
+                blocking += have_ca
+            if blocking:
+                raise proxy.CertificateError(
+                    "%s already exist%s, not overwriting. Use --renew to re-issue the server "
+                    "certificate with the existing CA, or --force to replace everything "
+                    "(devices must then trust the new CA)"
+                    % (", ".join(blocking), "s" if len(blocking) == 1 else ""))
+        if args.force or not _existing([ca_cert, ca_key]):
+            proxy.create_ca_files(out)
+            ca_created = True
+
+    info = proxy.issue_server_files(cert_file, key_file, hosts, args.days, out)
+
+    written = []
+    if ca_created:
+        written += [(ca_cert, "local CA certificate: install this one as trusted"),
+                    (ca_key, "CA private key: keep it private, it can sign for any name")]
+    written += [(cert_file, "server certificate, valid until %s UTC"
+                 % info.not_after.strftime("%Y-%m-%d %H:%M")),
+                (key_file, "server private key"),
+                (combined, "certificate + key in one file")]
+    width = max(len(path) for path, _ in written)
+    print("Wrote:")
+    for path, what in written:
+        print("  %-*s  %s" % (width, path, what))
+    print("Names: %s" % ", ".join(info.dns_names + info.ip_addresses))
+    print()
+    if ca_created:
+        print(proxy.trust_instructions(ca_cert))
+    else:
+        print("The CA (%s) is unchanged: devices that already trust it need nothing new."
+              % ca_cert)
+        print("Devices that do not trust it yet:")
+        print()
+        print(proxy.trust_instructions(ca_cert))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 user error, 1 I/O error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except proxy.ProxyError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: %s: %s" % (exc.filename or args.out, exc.strerror or exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
