@@ -169,6 +169,13 @@ def _check_port(value):
     return None
 
 
+def _check_listen_port(value):
+    # 0 asks the system for a free port (tests, scripts); the banner shows the one chosen.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        return "an integer from 0 to 65535"
+    return None
+
+
 def _check_positive_number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * 7:
         return "a number of seconds greater than 0"
@@ -206,7 +213,7 @@ def _check_origins(value):
 
 
 CONFIG_CHECKS = {
-    "proxy.port": _check_port,
+    "proxy.port": _check_listen_port,
     "proxy.bind": _check_string,
     "proxy.allowedOrigins": _check_origins,
     "proxy.adminToken": _check_string,
@@ -4010,10 +4017,10 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
-def print_banner(config: Config, cert_status: "CertStatus") -> None:
+def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
     """Tell the user where to point their app, and which CA their devices must trust."""
-    port = config.port
-    log.info("llm-proxy %s: https://*:%d -> %s", VERSION, port, config.target_url)
+    log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
+             config.bind or "*", port, config.target_url)
     for line in cert_status.describe().splitlines():
         log.info("  %s", line)
     addresses = [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
@@ -4088,7 +4095,7 @@ def main(argv=None) -> int:
             os.close(report)
     elif args.log_file:
         setup_logging("warning" if args.quiet else args.log_level, os.path.abspath(args.log_file))
-    print_banner(config, cert_status)
+    print_banner(config, cert_status, server.server_address[1])
     try:
         return serve(server, ready)
     finally:
