@@ -70,8 +70,8 @@ class ConfigTests(unittest.TestCase):
 
     def test_wrong_type_names_the_dotted_key_and_value(self):
         for section, key, value, expected in (
-                ("proxy", "port", "8443", 'proxy.port must be an integer from 1 to 65535, got "8443"'),
-                ("proxy", "port", 70000, "proxy.port must be an integer from 1 to 65535, got 70000"),
+                ("proxy", "port", "8443", 'proxy.port must be an integer from 0 to 65535, got "8443"'),
+                ("proxy", "port", 70000, "proxy.port must be an integer from 0 to 65535, got 70000"),
                 ("tracking", "enabled", "yes", 'tracking.enabled must be true or false, got "yes"'),
                 ("tracking", "persistInterval", -1, "tracking.persistInterval must be"),
                 ("target", "host", "", 'target.host must be a non-empty string, got ""')):
@@ -86,7 +86,7 @@ class ConfigTests(unittest.TestCase):
             proxy.load_config(None, environ={"TARGET_PORT": "eleven"}, search_cwd=False)
         self.assertIn("TARGET_PORT", str(caught.exception))
         with self.assertRaises(proxy.ConfigError) as caught:
-            proxy.load_config(None, environ={"PROXY_PORT": "0"}, search_cwd=False)
+            proxy.load_config(None, environ={"PROXY_PORT": "-1"}, search_cwd=False)
         self.assertIn("environment variable PROXY_PORT: proxy.port", str(caught.exception))
 
     def test_unknown_keys_warn_with_a_suggestion(self):
