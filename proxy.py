@@ -22,6 +22,7 @@ import collections
 import datetime
 import difflib
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1667,6 +1668,1228 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 # ==================================================================================================
+# Usage extraction: which endpoints report tokens, and an incremental tap that reads them
+# ==================================================================================================
+
+# Request bodies up to BODY_BUFFER_LIMIT are inspected whole; above it the HTTP layer hands us only
+# the first BODY_PEEK_LIMIT bytes (it has to stream the rest to the backend anyway).
+# A non-streaming (JSON) response is buffered for parsing up to this many decoded bytes.  Above
+# it we keep only its head and tail and look for usage in the tail (usage comes last in every API).
+USAGE_MAX_JSON_BODY = 4 << 20
+# One SSE event or NDJSON line longer than this is skipped instead of buffered.
+USAGE_MAX_LINE = 1 << 20
+# A compressed body stops being parsed once this much has been inflated (zip-bomb guard).
+USAGE_MAX_DECODED = 64 << 20
+
+_USAGE_HEAD_KEEP = 64 << 10
+_USAGE_TAIL_KEEP = 256 << 10
+_USAGE_INFLATE_CHUNK = 64 << 10
+_USAGE_MODEL_PROBES = 3   # stream events parsed unconditionally while looking for the model name
+
+# Path suffix -> kind.  First match wins, so more specific suffixes come first ("/api/embeddings"
+# before "/embeddings", "/chat/completions" before "/completions").  Suffixes start with "/" so
+# only whole path segments match ("/v1/messagesX" is not "/messages").
+USAGE_ENDPOINT_SUFFIXES = (
+    ("/messages/count_tokens", "anthropic_count_tokens"),
+    ("/chat/completions", "openai_chat"),
+    ("/api/generate", "ollama_generate"),
+    ("/api/chat", "ollama_chat"),
+    ("/api/embed", "ollama_embed"),
+    ("/api/embeddings", "ollama_embed"),          # legacy Ollama endpoint (reports no counts)
+    ("/embeddings", "openai_embeddings"),
+    ("/completions", "openai_completions"),
+    ("/responses", "openai_responses"),
+    ("/messages", "anthropic_messages"),
+    ("/completion", "llamacpp_completion"),
+    ("/infill", "llamacpp_completion"),           # llama.cpp: same response shape as /completion
+)
+
+# Kinds whose responses carry token usage (count_tokens returns a count, not usage).
+USAGE_KINDS = frozenset((
+    "openai_chat", "openai_completions", "openai_embeddings", "openai_responses",
+    "anthropic_messages", "ollama_generate", "ollama_chat", "ollama_embed", "llamacpp_completion",
+))
+# Kinds that count as a "completion" in the stats (embeddings use tokens but complete nothing).
+USAGE_COMPLETION_KINDS = frozenset((
+    "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
+    "ollama_generate", "ollama_chat", "llamacpp_completion",
+))
+_USAGE_INJECT_KINDS = frozenset(("openai_chat", "openai_completions"))
+_USAGE_OLLAMA_STREAMING_KINDS = frozenset(("ollama_generate", "ollama_chat"))
+
+# SSE event names (the `event:` field) that never carry usage, model or errors: skipped unparsed.
+# They are the bulk of Anthropic and Responses streams.
+_USAGE_SSE_SKIP_EVENTS = frozenset((
+    b"ping", b"content_block_start", b"content_block_delta", b"content_block_stop", b"message_stop",
+))
+# Of the many "response.*" events of the OpenAI Responses API only these matter.
+_USAGE_RESPONSES_EVENTS = frozenset((
+    b"response.created", b"response.in_progress", b"response.completed",
+    b"response.incomplete", b"response.failed",
+))
+_USAGE_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_USAGE_ANTHROPIC_FIELDS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+)
+
+_USAGE_JSON_WS = re.compile(r"[ \t\n\r]*")
+_usage_json_decoder = json.JSONDecoder()
+# The `"usage":null` member OpenAI adds to every chunk once include_usage is on.  Matched at a
+# position found by bytes.find (a regex scan over the whole line is ten times slower), on one
+# data line without its line ending, so the whitespace classes never cross a line.
+_USAGE_NULL_MEMBER = re.compile(rb'"usage"[ \t]*:[ \t]*null')
+_USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
+_USAGE_TAIL_USAGE = re.compile(r'"usage"\s*:\s*\{')
+_USAGE_TAIL_MODEL = re.compile(r'"model"\s*:\s*("(?:[^"\\]|\\.){1,512}")')
+_USAGE_TAIL_OLLAMA = re.compile(r'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,15})\b')
+_USAGE_BOM = b"\xef\xbb\xbf"
+
+
+def classify_endpoint(path):
+    # type: (str) -> Optional[str]
+    """Return the usage kind of a request path, or None when it is not an API we read usage from.
+
+    ``path`` is the request path without its query string (a query is tolerated and ignored).
+    Matching is by suffix, so a prefix in front still counts ("/ollama/v1/chat/completions"), and a
+    trailing slash is tolerated.  Kinds: openai_chat, openai_completions, openai_embeddings,
+    openai_responses, anthropic_messages, anthropic_count_tokens, ollama_generate, ollama_chat,
+    ollama_embed, llamacpp_completion.  Only POST requests should be classified: a GET of the
+    same path (e.g. listing) creates no usage.
+    """
+    if not path:
+        return None
+    p = path.split("?", 1)[0].rstrip("/").lower()
+    for suffix, kind in USAGE_ENDPOINT_SUFFIXES:
+        if p.endswith(suffix):
+            return kind
+    return None
+
+
+def is_usage_kind(kind):
+    # type: (Optional[str]) -> bool
+    """True when responses of this kind carry token usage (everything but count_tokens / None)."""
+    return kind in USAGE_KINDS
+
+
+def is_completion_kind(kind):
+    # type: (Optional[str]) -> bool
+    """True for the kinds counted as "completions" in the stats.
+
+    Chat, legacy completions, Responses, Anthropic messages, Ollama generate/chat and llama.cpp
+    /completion.  Embeddings use tokens but are not completions; count_tokens is neither.
+    """
+    return kind in USAGE_COMPLETION_KINDS
+
+
+class RequestInfo(object):
+    """What the proxy learned from a request body.
+
+    ``model``: the top-level "model" string or None.  ``stream``: the top-level "stream" boolean,
+    None when absent (or not a boolean, or not found in a body prefix).  ``include_usage``: True
+    when ``stream_options.include_usage`` is true.
+    """
+
+    __slots__ = ("model", "stream", "include_usage")
+
+    def __init__(self, model=None, stream=None, include_usage=False):
+        # type: (Optional[str], Optional[bool], bool) -> None
+        self.model = model
+        self.stream = stream
+        self.include_usage = include_usage
+
+    def __repr__(self):
+        return "RequestInfo(model=%r, stream=%r, include_usage=%r)" % (
+            self.model, self.stream, self.include_usage)
+
+    def __eq__(self, other):
+        if not isinstance(other, RequestInfo):
+            return NotImplemented
+        return (self.model, self.stream, self.include_usage) == (
+            other.model, other.stream, other.include_usage)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None  # mutable
+
+
+def _usage_json_members(text):
+    # type: (str) -> Tuple[List[Tuple[str, Any, int, int]], int]
+    """Walk the top-level JSON object in ``text`` one member at a time.
+
+    Returns ``(members, close)``: ``members`` lists ``(key, value, value_start, value_end)`` (str
+    indexes) for every member whose value parsed and was followed by "," or "}"; ``close`` is the
+    index of the object's closing brace, or -1 when the text is not an object, breaks, or ends
+    first (a body prefix).  Values are parsed by the stdlib decoder (C speed), so a big
+    "messages" array costs one fast parse, not a Python loop over characters.
+    """
+    members = []  # type: List[Tuple[str, Any, int, int]]
+    ws = _USAGE_JSON_WS.match
+    decode = _usage_json_decoder.raw_decode
+    i = ws(text, 0).end()
+    if text[i:i + 1] == "\ufeff":
+        i = ws(text, i + 1).end()
+    if text[i:i + 1] != "{":
+        return members, -1
+    i = ws(text, i + 1).end()
+    if text[i:i + 1] == "}":
+        return members, i
+    try:
+        while True:
+            if text[i:i + 1] != '"':
+                return members, -1
+            key, i = decode(text, i)
+            i = ws(text, i).end()
+            if text[i:i + 1] != ":":
+                return members, -1
+            start = ws(text, i + 1).end()
+            value, end = decode(text, start)
+            i = ws(text, end).end()
+            c = text[i:i + 1]
+            if c not in (",", "}"):
+                # Also where a prefix ends right after a value: "stream": tr|ue, or a number
+                # that may continue -- only values with a delimiter after them are trusted.
+                return members, -1
+            members.append((key, value, start, end))
+            if c == "}":
+                return members, i
+            i = ws(text, i + 1).end()
+    except (ValueError, RecursionError):
+        return members, -1
+
+
+def _usage_fill_info(info, get):
+    # type: (RequestInfo, Any) -> RequestInfo
+    model = get("model")
+    info.model = model if isinstance(model, str) else None
+    stream = get("stream")
+    info.stream = stream if isinstance(stream, bool) else None
+    options = get("stream_options")
+    info.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return info
+
+
+def inspect_request(kind, body, complete=True):
+    # type: (Optional[str], Optional[bytes], bool) -> RequestInfo
+    """Read model, stream and stream_options.include_usage from a request body.
+
+    ``complete`` says whether ``body`` is the whole body (then it is parsed as JSON) or only a
+    prefix of a bigger one.  For a prefix (or a body that does not parse) the top-level object is
+    walked member by member up to the first member that is cut off or broken: keys that come
+    after that point stay unknown (model None, stream None, include_usage False).  Clients
+    usually send "model" first, but "stream" often comes after a large "messages" array, so a
+    stream flag beyond the prefix is simply not found.  Never raises; ``kind`` is accepted for
+    symmetry with the other calls.
+    """
+    info = RequestInfo()
+    if not body:
+        return info
+    try:
+        if not isinstance(body, bytes):
+            body = bytes(body)
+        if complete:
+            try:
+                obj = json.loads(body)
+            except (ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict):
+                return _usage_fill_info(info, obj.get)
+        text = body.decode("utf-8", "replace")
+        found = {}  # type: Dict[str, Any]
+        for key, value, _start, _end in _usage_json_members(text)[0]:
+            found[key] = value
+        return _usage_fill_info(info, found.get)
+    except Exception:  # never let a strange body break forwarding
+        log.debug("usage: could not inspect request body", exc_info=True)
+        return RequestInfo()
+
+
+def inject_stream_usage(kind, body, info=None):
+    # type: (Optional[str], Optional[bytes], Optional[RequestInfo]) -> Optional[bytes]
+    """Return the request body with ``stream_options.include_usage: true`` added, or None.
+
+    Only for openai_chat / openai_completions bodies that are one complete, valid JSON object with
+    top-level ``"stream": true`` and include_usage not already true.  The edit is textual: every
+    other byte stays as the client sent it.  A missing (or null) "stream_options" becomes
+    ``"stream_options":{"include_usage":true}`` appended as the last member; an existing object
+    keeps its other keys and gains ``"include_usage":true`` (only that small object is
+    re-serialised).  Returns None when nothing should change (wrong kind, not streaming, already
+    asked, invalid JSON, non-UTF-8 body, odd stream_options type).  Never raises.
+    """
+    if kind not in _USAGE_INJECT_KINDS or not body:
+        return None
+    if info is not None and info.include_usage:
+        return None
+    try:
+        text = bytes(body).decode("utf-8")
+        members, close = _usage_json_members(text)
+        if close < 0 or text[close + 1:].strip(" \t\n\r"):
+            return None
+        last = {}  # type: Dict[str, Tuple[Any, int, int]]
+        for key, value, start, end in members:
+            last[key] = (value, start, end)   # duplicate keys: the last wins, as in json.loads
+        if "stream" not in last or last["stream"][0] is not True:
+            return None
+        if "stream_options" not in last:
+            added = ',"stream_options":{"include_usage":true}'
+            return (text[:close] + added + text[close:]).encode("utf-8")
+        options, start, end = last["stream_options"]
+        if options is None:
+            new = '{"include_usage":true}'
+        elif isinstance(options, dict):
+            if options.get("include_usage") is True:
+                return None
+            options = dict(options)
+            options["include_usage"] = True
+            new = json.dumps(options, separators=(",", ":"))
+        else:
+            return None
+        return (text[:start] + new + text[end:]).encode("utf-8")
+    except Exception:
+        log.debug("usage: could not inject include_usage", exc_info=True)
+        return None
+
+
+def _usage_int(value):
+    # type: (Any) -> int
+    """A token count from JSON: ints (not bools) and integral floats; anything else is 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value if value > 0 else 0
+    if isinstance(value, float) and value == value and 0 < value < 1e18:
+        return int(value)
+    return 0
+
+
+def _usage_dig(obj, key, sub):
+    # type: (Dict[str, Any], str, str) -> Any
+    inner = obj.get(key)
+    return inner.get(sub) if isinstance(inner, dict) else None
+
+
+def _usage_anthropic_counts(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    # Anthropic's input_tokens excludes the cached parts; all input = the three added up.
+    cache_write = _usage_int(u.get("cache_creation_input_tokens"))
+    cache_read = _usage_int(u.get("cache_read_input_tokens"))
+    prompt = _usage_int(u.get("input_tokens")) + cache_write + cache_read
+    return prompt, _usage_int(u.get("output_tokens")), cache_read, cache_write, 0
+
+
+def _usage_counts(u, kind):
+    # type: (Dict[str, Any], Optional[str]) -> Tuple[int, int, int, int, int]
+    """Normalise a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
+        return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
+                _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
+                _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
+    responses = kind == "openai_responses" or (
+        kind != "anthropic_messages" and ("input_tokens_details" in u or "output_tokens_details" in u))
+    if responses:
+        # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
+        return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
+                _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
+                _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
+    return _usage_anthropic_counts(u)
+
+
+def _usage_describe_error(err):
+    # type: (Any) -> str
+    """A short one-line description of an error object: "type: message" (at most 200 chars)."""
+    if isinstance(err, dict):
+        inner = err.get("error")
+        if isinstance(inner, dict):
+            err = inner
+        label = ""
+        for key in ("type", "code"):
+            v = err.get(key)
+            if isinstance(v, (str, int)) and not isinstance(v, bool) and v != "" and v != "error":
+                label = str(v)
+                break
+        message = err.get("message")
+        if not isinstance(message, str):
+            message = inner if isinstance(inner, str) else ""
+        text = "%s: %s" % (label, message) if label and message else (label or message or "error")
+    elif isinstance(err, bytes):
+        text = err.decode("utf-8", "replace")
+    else:
+        text = str(err)
+    text = " ".join(text.split())
+    return text[:200] if text else "error"
+
+
+class _UsageSseReader(object):
+    """Incremental Server-Sent Events parser (WHATWG HTML "event stream interpretation").
+
+    Accepts LF, CRLF and lone CR line endings, ":" comments, "event:" names, "data:" with or
+    without the space, multi-line data (joined with "\\n"), unknown fields (ignored) and events
+    split at any byte.  A line ending in CR at the very end of the buffered bytes is kept until
+    the next byte shows whether an LF follows, so a CRLF split across two reads never makes an
+    extra blank line.  Each complete event is handed to ``on_event(name, payload, raw_lines)``.
+
+    In raw mode (used only to strip the usage the proxy injected) the reader also keeps the
+    exact bytes of the pending event in ``held``; ``on_event`` returns None (pass the event on
+    unchanged), b"" (drop it) or replacement bytes, and the bytes to send accumulate in ``out``.
+    Comments and blank lines between events are passed on at once.
+    """
+
+    __slots__ = ("on_event", "max_line", "raw", "partial", "skipping", "skip_lf", "data",
+                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out")
+
+    def __init__(self, on_event, max_line, raw=False):
+        self.on_event = on_event
+        self.max_line = max_line
+        self.raw = raw
+        self.partial = bytearray()   # incomplete last line (non-raw mode)
+        self.skipping = False        # discarding the rest of an over-long line
+        self.skip_lf = False         # the discarded line ended in CR: drop an LF that follows
+        self.data = None             # type: Optional[List[bytes]]
+        self.data_len = 0
+        self.event = None            # type: Optional[bytes]
+        self.bad = False             # part of the pending event was lost: don't parse it
+        self.started = False
+        self.held = bytearray()      # raw mode: pending event + incomplete line, not yet sent
+        self.ev_lines = []           # type: List[bytes]
+        self.ev_len = 0
+        self.out = []                # type: List[bytes]
+
+    def feed(self, data):
+        # type: (bytes) -> None
+        if self.raw:
+            self.held += data
+            if b"\n" not in data and b"\r" not in data:
+                return
+            seg = bytes(self.held[self.ev_len:])
+        else:
+            if self.skipping:
+                data = self._skip_rest(data)
+                if not data:
+                    return
+            if b"\n" not in data and b"\r" not in data:
+                # No line end in the new bytes: only append (scanning just the new bytes keeps a
+                # long line arriving in small pieces linear, not quadratic).
+                self.partial += data
+                if len(self.partial) > self.max_line:
+                    self.partial = bytearray()
+                    self.skipping = True
+                    self.bad = True
+                return
+            if self.partial:
+                self.partial += data
+                seg = bytes(self.partial)
+                self.partial = bytearray()
+            else:
+                seg = data
+        lines = seg.splitlines(True)   # bytes.splitlines splits on \n, \r\n and \r only
+        last = lines[-1]
+        if last[-1:] == b"\n":
+            last = b""
+        else:
+            lines.pop()   # incomplete, or ends in CR that may be half of a CRLF
+        for line in lines:
+            self._line(line)
+        if last and not self.raw:
+            if len(last) > self.max_line:
+                self.skipping = True
+                self.bad = True   # the over-long line belongs to the pending event
+            else:
+                self.partial += last
+
+    def _skip_rest(self, data):
+        # type: (bytes) -> bytes
+        """Drop bytes up to and including the end of the over-long line being skipped."""
+        if self.skip_lf:
+            self.skip_lf = False
+            self.skipping = False
+            return data[1:] if data[:1] == b"\n" else data
+        n, r = data.find(b"\n"), data.find(b"\r")
+        if n < 0 and r < 0:
+            return b""
+        if r < 0 or 0 <= n < r:
+            self.skipping = False
+            return data[n + 1:]
+        if r + 1 == len(data):
+            self.skip_lf = True   # CR at the end: an LF may come with the next read
+            return b""
+        self.skipping = False
+        return data[r + 2:] if data[r + 1:r + 2] == b"\n" else data[r + 1:]
+
+    def _line(self, raw_line):
+        # type: (bytes) -> None
+        line = raw_line.rstrip(b"\r\n")
+        if not self.started:
+            self.started = True
+            if line.startswith(_USAGE_BOM):   # a leading BOM is stripped (WHATWG)
+                line = line[3:]
+        if not line:
+            if self.raw:
+                self.ev_lines.append(raw_line)
+                self.ev_len += len(raw_line)
+            self._dispatch()
+            return
+        if self.raw:
+            if self.ev_len == 0 and line[:1] == b":":
+                self._emit_front(len(raw_line))   # a comment between events goes out at once
+                return
+            self.ev_lines.append(raw_line)
+            self.ev_len += len(raw_line)
+        if line[:5] == b"data:":
+            value = line[5:]
+            if value[:1] == b" ":
+                value = value[1:]
+        elif line[:1] == b":":
+            return
+        else:
+            colon = line.find(b":")
+            if colon < 0:
+                field, value = line, b""
+            else:
+                field, value = line[:colon], line[colon + 1:]
+                if value[:1] == b" ":
+                    value = value[1:]
+            if field == b"event":
+                self.event = value
+                return
+            if field != b"data":
+                return   # id, retry and unknown fields: nothing for us
+        if self.bad:
+            return
+        self.data_len += len(value) + 1
+        if self.data_len > self.max_line:
+            self.data = None
+            self.bad = True
+            return
+        if self.data is None:
+            self.data = [value]
+        else:
+            self.data.append(value)
+
+    def _emit_front(self, n):
+        # type: (int) -> None
+        self.out.append(bytes(self.held[:n]))
+        del self.held[:n]   # CPython bytearray drops a prefix without moving the rest
+
+    def _dispatch(self):
+        # type: () -> None
+        replacement = None
+        data = self.data
+        if data is not None and not self.bad:
+            payload = data[0] if len(data) == 1 else b"\n".join(data)
+            replacement = self.on_event(self.event, payload, self.ev_lines if self.raw else None)
+        self.data = None
+        self.data_len = 0
+        self.event = None
+        self.bad = False
+        if self.raw:
+            n = self.ev_len
+            if replacement is None:
+                self.out.append(bytes(self.held[:n]))
+            elif replacement:
+                self.out.append(replacement)
+            del self.held[:n]
+            self.ev_lines = []
+            self.ev_len = 0
+
+    def take_output(self):
+        # type: () -> bytes
+        out = self.out
+        if not out:
+            return b""
+        self.out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_everything_raw(self):
+        # type: () -> bytes
+        """Give up raw mode: return every byte not yet sent, unchanged, and keep parsing only."""
+        rest = bytes(self.held)
+        tail = rest[self.ev_len:]
+        out = self.take_output() + rest
+        self.raw = False
+        self.held = bytearray()
+        self.ev_lines = []
+        self.ev_len = 0
+        if len(tail) > self.max_line:
+            self.skipping = True
+            self.bad = True
+        else:
+            self.partial = bytearray(tail)
+        return out
+
+    def finish(self):
+        # type: () -> bytes
+        """End of stream: parse the unterminated last line and dispatch a pending event.
+
+        Lenient on purpose: a final event without its blank line still counts.  A truncated
+        JSON payload simply fails to parse later.  Returns the bytes still to send (raw mode).
+        """
+        if self.raw:
+            seg = bytes(self.held[self.ev_len:])
+        else:
+            seg = b"" if self.skipping else bytes(self.partial)
+            self.partial = bytearray()
+        if seg:
+            for line in seg.splitlines(True):
+                self._line(line)
+        if self.data is not None or self.ev_len:
+            self._dispatch()
+        if self.raw and self.held:   # cannot happen; never lose bytes all the same
+            self._emit_front(len(self.held))
+        return self.take_output()
+
+    def held_bytes(self):
+        # type: () -> int
+        return len(self.held) + len(self.partial)
+
+
+class _UsageLineReader(object):
+    """Incremental NDJSON splitter: calls ``on_line(line)`` for every complete LF-ended line.
+
+    Lines longer than ``max_line`` are dropped, not buffered.
+    """
+
+    __slots__ = ("on_line", "max_line", "partial", "skipping")
+
+    def __init__(self, on_line, max_line):
+        self.on_line = on_line
+        self.max_line = max_line
+        self.partial = bytearray()
+        self.skipping = False
+
+    def feed(self, data):
+        # type: (bytes) -> None
+        if b"\n" not in data:
+            if not self.skipping:
+                self.partial += data
+                if len(self.partial) > self.max_line:
+                    self.partial = bytearray()
+                    self.skipping = True
+            return
+        if self.partial:
+            self.partial += data
+            data = bytes(self.partial)
+            self.partial = bytearray()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if self.skipping:
+            self.skipping = False
+            del lines[0]   # the end of the over-long line
+        for line in lines:
+            self.on_line(line)
+        if tail:
+            if len(tail) > self.max_line:
+                self.skipping = True
+            else:
+                self.partial += tail
+
+    def finish(self):
+        # type: () -> bytes
+        if self.partial and not self.skipping:
+            self.on_line(bytes(self.partial))
+        self.partial = bytearray()
+        return b""
+
+    def held_bytes(self):
+        # type: () -> int
+        return len(self.partial)
+
+
+class _UsageJsonBuffer(object):
+    """Collects a non-streaming body for one parse at the end, bounded by ``max_body``.
+
+    Beyond the bound only the first _USAGE_HEAD_KEEP and the last _USAGE_TAIL_KEEP bytes are
+    kept; ``on_end(body, head, tail)`` gets either the whole body or (None, head, tail).
+    """
+
+    __slots__ = ("on_end", "max_body", "parts", "size", "head", "tail")
+
+    def __init__(self, on_end, max_body):
+        self.on_end = on_end
+        self.max_body = max_body
+        self.parts = []   # type: List[bytes]
+        self.size = 0
+        self.head = None  # type: Optional[bytes]
+        self.tail = bytearray()
+
+    def feed(self, data):
+        # type: (bytes) -> None
+        if self.head is None:
+            self.parts.append(data)
+            self.size += len(data)
+            if self.size > self.max_body:
+                body = b"".join(self.parts)
+                self.parts = []
+                self.head = body[:_USAGE_HEAD_KEEP]
+                self.tail = bytearray(body[-_USAGE_TAIL_KEEP:])
+        else:
+            self.tail += data
+            if len(self.tail) > 2 * _USAGE_TAIL_KEEP:
+                del self.tail[:-_USAGE_TAIL_KEEP]
+
+    def finish(self):
+        # type: () -> bytes
+        if self.head is None:
+            body = b"".join(self.parts)
+            self.parts = []
+            self.on_end(body, None, None)
+        else:
+            self.on_end(None, self.head, bytes(self.tail[-_USAGE_TAIL_KEEP:]))
+        return b""
+
+    def held_bytes(self):
+        # type: () -> int
+        return self.size if self.head is None else len(self.head) + len(self.tail)
+
+
+class UsageTap(object):
+    """Incremental usage parser for one upstream response body.
+
+    Create it once the response headers of a 2xx answer for a usage kind are known, pass every
+    piece of the body through ``feed`` and call ``finish`` at the end::
+
+        tap = UsageTap(kind, info, content_type, content_encoding, strip_injected_usage=injected)
+        out = tap.feed(data)            # write `out` to the client (may be b"" when stripping)
+        leftover, usage = tap.finish(complete)
+
+    Format by content type: ``text/event-stream`` is SSE; ``application/x-ndjson`` is NDJSON;
+    ``application/json`` is buffered as one JSON body (bounded; several JSON lines are read as
+    NDJSON).  Without a JSON or SSE content type, Ollama /api/chat and /api/generate are read as
+    NDJSON unless the request said ``"stream": false`` (Ollama streams by default), and anything
+    else is sniffed: a body starting like SSE is SSE, otherwise JSON.  gzip and deflate bodies
+    are inflated on a copy; other encodings (br, zstd...) are passed on unparsed (usage
+    "missing").
+
+    ``feed`` never raises and, unless stripping, returns the very ``data`` object it was given.
+
+    Stripping (``strip_injected_usage=True``, for an OpenAI SSE stream whose request the proxy
+    changed with ``inject_stream_usage``): ``feed`` returns what the client would have received
+    without the injection -- the usage-only chunk (``"choices": []`` with a usage object) is
+    removed with its whole event, and the ``"usage":null`` member is cut out of every other chunk
+    by a byte edit that leaves everything else identical.  An incomplete event is held back until
+    its blank line arrives (comments between events are not held).  Stripping needs an
+    uncompressed body: with a Content-Encoding the bytes are passed on unchanged.  If a single
+    event grows beyond the line bound, the held bytes are released unchanged and stripping stops.
+
+    Usage (``usage`` property, and what ``finish`` returns) is a dict::
+
+        {"model": str|None, "prompt": int, "completion": int, "total": int, "cacheRead": int,
+         "cacheWrite": int, "reasoning": int, "source": str, "error": str|None}
+
+    prompt is all input tokens (Anthropic: input + cache_creation + cache_read); total = prompt +
+    completion; reasoning is informational (already part of completion).  source: "reported"
+    (the backend sent usage on its own), "injected" (usage exists only because the proxy asked
+    for it), "missing" (a usage kind that ended without usage: stream without include_usage,
+    interrupted stream, unparseable body) or "none" (not a usage kind: count_tokens, None).
+    error: a short text when the body carried an error (Anthropic ``event: error`` in a 200,
+    Ollama ``{"error": ...}``, Responses ``response.failed`` / ``error``, OpenAI-style
+    ``data: {"error": ...}``), else None.
+
+    Interrupted streams: only usage objects the backend actually sent are counted, never an
+    estimate, so a cut OpenAI/Ollama/llama.cpp/Responses stream is "missing" unless its final
+    usage event had already arrived.  Anthropic reports usage in message_start (input and cache
+    tokens) and message_delta (cumulative output): a cut Anthropic stream counts what those
+    events reported -- the input tokens were really consumed -- with source "reported".
+    """
+
+    def __init__(self, kind, info=None, content_type=None, content_encoding=None,
+                 strip_injected_usage=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
+        # type: (Optional[str], Optional[RequestInfo], Optional[str], Optional[str], bool, int, int) -> None  # noqa: E501
+        self.kind = kind
+        self.complete = None          # type: Optional[bool]  # set by finish()
+        self._request_model = getattr(info, "model", None)
+        self._model = None            # type: Optional[str]
+        self._counts = None           # type: Optional[Tuple[int, int, int, int, int]]
+        self._counts_from_usage = False
+        self._anthropic = None        # type: Optional[Dict[str, Any]]
+        self._error = None            # type: Optional[str]
+        self._final = None            # type: Optional[Dict[str, Any]]
+        self._probes = _USAGE_MODEL_PROBES
+        self._max_body = max_body
+        self._max_line = max_line
+        self._reader = None           # type: Any
+        self._format = None           # type: Optional[str]
+        self._sniffed = b""
+        self._inflater = None         # type: Any
+        self._inflate_deflate = False  # deflate: zlib or raw is decided on the first two bytes
+        self._inflate_pending = b""
+        self._decoded = 0
+        self._want_strip = bool(strip_injected_usage)
+        self._strip = False
+        self._injected = False
+        self._parsing = kind in USAGE_KINDS
+        if not self._parsing:
+            return
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if codings:
+            if codings in (["gzip"], ["x-gzip"]):
+                self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif codings == ["deflate"]:
+                self._inflate_deflate = True
+            else:
+                log.debug("usage: not parsing a %s-encoded body", ",".join(codings))
+                self._parsing = False
+                return
+        ctype = (content_type or "").split(";", 1)[0].strip().lower()
+        if "event-stream" in ctype:
+            self._start("sse", strip=self._want_strip and not codings)
+        elif "ndjson" in ctype or "jsonl" in ctype or "json-seq" in ctype:
+            self._start("ndjson")
+        elif "json" in ctype:
+            self._start("json")
+        elif kind in _USAGE_OLLAMA_STREAMING_KINDS and getattr(info, "stream", None) is not False:
+            self._start("ndjson")   # Ollama streams NDJSON by default when "stream" is absent
+        # else: decided from the first bytes of the body (_route)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def feed(self, data):
+        # type: (bytes) -> bytes
+        """Take one piece of the upstream body; return the bytes to send to the client.
+
+        Without stripping this is ``data`` itself (same object, no copy).
+        """
+        if self._strip:
+            return self._feed_strip(data)
+        if self._parsing and data:
+            try:
+                if self._inflater is not None or self._inflate_deflate:
+                    self._inflate(data)
+                else:
+                    self._route(data if isinstance(data, bytes) else bytes(data))
+            except Exception:   # a parser bug must never break the proxied stream
+                log.debug("usage: parser error, usage for this response is lost", exc_info=True)
+                self._parsing = False
+        return data
+
+    def finish(self, complete=True):
+        # type: (bool) -> Tuple[bytes, Dict[str, Any]]
+        """End of body.  Returns ``(leftover, usage)``.
+
+        ``complete`` says whether the upstream body ended normally; it is recorded as
+        ``self.complete``.  A truncated JSON body is never guessed at (its tail is not searched),
+        and a cut stream counts only what it reported (see the class docstring).  ``leftover``
+        is held-back bytes still to send (only ever non-empty when stripping).  Calling finish
+        again returns ``(b"", usage)``.
+        """
+        if self._final is not None:
+            return b"", dict(self._final)
+        self.complete = bool(complete)
+        leftover = b""
+        if self._strip:
+            try:
+                leftover = self._reader.finish()
+            except Exception:
+                log.debug("usage: strip error at end of stream", exc_info=True)
+                leftover = self._reader.take_everything_raw()
+            self._strip = False
+        elif self._parsing:
+            try:
+                if self._inflater is not None:
+                    rest = self._inflater.flush()
+                    if rest:
+                        self._route(rest)
+                if self._reader is None and self._sniffed:
+                    self._start("json")
+                    self._reader.feed(self._sniffed)
+                if self._reader is not None:
+                    self._reader.finish()
+            except Exception:
+                log.debug("usage: parser error at end of body", exc_info=True)
+        self._parsing = False
+        self._final = self._build_usage()
+        return leftover, dict(self._final)
+
+    @property
+    def usage(self):
+        # type: () -> Dict[str, Any]
+        """The usage dict as known so far (final after ``finish``)."""
+        if self._final is not None:
+            return dict(self._final)
+        return self._build_usage()
+
+    @property
+    def held_bytes(self):
+        # type: () -> int
+        """Bytes currently buffered by the parser (diagnostics and tests)."""
+        n = len(self._sniffed) + len(self._inflate_pending)
+        return n + (self._reader.held_bytes() if self._reader is not None else 0)
+
+    # -- format selection and decoding ---------------------------------------------------
+
+    def _start(self, fmt, strip=False):
+        # type: (str, bool) -> None
+        self._format = fmt
+        if fmt == "sse":
+            self._reader = _UsageSseReader(self._on_sse_event, self._max_line, raw=strip)
+            self._strip = strip
+            self._injected = self._want_strip
+        elif fmt == "ndjson":
+            self._reader = _UsageLineReader(self._on_ndjson_line, self._max_line)
+        else:
+            self._reader = _UsageJsonBuffer(self._on_json_end, self._max_body)
+
+    def _route(self, data):
+        # type: (bytes) -> None
+        if self._reader is not None:
+            self._reader.feed(data)
+            return
+        # Unknown content type: look at the first non-blank bytes.
+        pending = self._sniffed + data if self._sniffed else data
+        head = pending.lstrip()
+        if head.startswith(_USAGE_BOM):
+            head = head[3:].lstrip()
+        elif _USAGE_BOM.startswith(head):
+            head = b""   # maybe the start of a BOM: wait for more bytes
+        if not head:
+            self._sniffed = pending[-self._max_line:]
+            return
+        self._sniffed = b""
+        if head[:1] in (b"{", b"["):
+            self._start("json")
+        elif head[:1] in (b"d", b"e", b":", b"i", b"r"):   # data:, event:, comment, id:, retry:
+            self._start("sse")
+        else:
+            self._start("json")
+        self._reader.feed(pending)
+
+    def _inflate(self, data):
+        # type: (bytes) -> None
+        d = self._inflater
+        if d is None:
+            # HTTP "deflate" should be zlib-wrapped (RFC 9110 8.4.1.2) but some servers send raw
+            # deflate: a zlib header has compression method 8 and (CMF*256 + FLG) % 31 == 0.
+            data = self._inflate_pending + bytes(data)
+            if len(data) < 2:
+                self._inflate_pending = data
+                return
+            self._inflate_pending = b""
+            zlib_header = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+            d = self._inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        try:
+            while True:
+                # max_length bounds each piece; the rest of the input waits in unconsumed_tail,
+                # and a full piece with no input left may mean more output is pending.
+                out = d.decompress(data, _USAGE_INFLATE_CHUNK)
+                data = d.unconsumed_tail
+                if out:
+                    self._decoded += len(out)
+                    if self._decoded > USAGE_MAX_DECODED:
+                        log.debug("usage: inflated body too large, not parsed further")
+                        self._parsing = False
+                        return
+                    self._route(out)
+                if d.eof or (not data and len(out) < _USAGE_INFLATE_CHUNK):
+                    return
+        except zlib.error:
+            log.debug("usage: cannot inflate body, not parsed")
+            self._parsing = False
+
+    # -- stripping -------------------------------------------------------------------------
+
+    def _feed_strip(self, data):
+        # type: (bytes) -> bytes
+        reader = self._reader
+        try:
+            reader.feed(data if isinstance(data, bytes) else bytes(data))
+            if len(reader.held) > self._max_line:
+                # One event too big to hold: send everything unchanged and stop stripping.
+                log.debug("usage: SSE event too long, injected usage no longer stripped")
+                self._strip = False
+                return reader.take_everything_raw()
+            return reader.take_output()
+        except Exception:
+            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+            self._strip = False
+            self._parsing = False
+            return reader.take_everything_raw()
+
+    def _strip_event(self, obj, raw_lines):
+        # type: (Dict[str, Any], List[bytes]) -> Optional[bytes]
+        """The bytes to send instead of one chunk of an OpenAI stream we injected usage into."""
+        if "usage" not in obj:
+            return None
+        usage = obj["usage"]
+        if isinstance(usage, dict):
+            choices = obj.get("choices")
+            if isinstance(choices, list) and not choices:
+                return b""   # the usage-only chunk before [DONE]: drop the whole event
+            return None
+        if usage is not None:
+            return None
+        # Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
+        # inside JSON strings are escaped, so a match in valid JSON is a real key; one match and a
+        # top-level usage of null means it is that one).  Removing it with one adjacent comma
+        # leaves valid JSON.
+        hit = None
+        data_lines = 0
+        for index, raw_line in enumerate(raw_lines):
+            if raw_line[:1] != b"d":
+                continue
+            data_lines += 1
+            if data_lines > 1:
+                return None   # JSON split over data lines: the comma may sit on another line
+            body = raw_line.rstrip(b"\r\n")
+            pos = body.find(b'"usage"')
+            while pos >= 0:
+                match = _USAGE_NULL_MEMBER.match(body, pos)
+                if match is not None:
+                    if hit is not None:
+                        return None
+                    hit = (index, body, pos, match.end())
+                pos = body.find(b'"usage"', pos + 7)
+        if hit is None:
+            return None
+        index, body, start, end = hit
+        before = body[:start].rstrip(b" \t")
+        if before[-1:] == b",":        # `,"usage":null` -- drop the comma before it
+            edited = before[:-1] + body[end:]
+        else:                          # `"usage":null,` or the only member
+            after = _USAGE_COMMA_AFTER.match(body, end)
+            edited = body[:start] + body[after.end() if after else end:]
+        raw_line = raw_lines[index]
+        lines = list(raw_lines)
+        lines[index] = edited + raw_line[len(body):]
+        return b"".join(lines)
+
+    # -- parsers' callbacks ----------------------------------------------------------------
+
+    def _on_sse_event(self, name, payload, raw_lines):
+        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> Optional[bytes]
+        if payload[:1] == b"[" and payload.strip() == b"[DONE]":
+            return None
+        if name is not None and name != b"message":
+            if name in _USAGE_SSE_SKIP_EVENTS:
+                return None
+            if name[:9] == b"response." and name not in _USAGE_RESPONSES_EVENTS:
+                return None
+        elif self._probes > 0:
+            self._probes -= 1
+        elif not self._worth_parsing(payload):
+            return None
+        try:
+            obj = json.loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
+        except (ValueError, RecursionError):
+            if name == b"error":
+                self._note_error(payload)
+            return None
+        if not isinstance(obj, dict):
+            return None
+        event = name.decode("latin-1") if name is not None else None
+        self._take(obj, event)
+        if raw_lines is not None:
+            return self._strip_event(obj, raw_lines)
+        return None
+
+    def _worth_parsing(self, payload):
+        # type: (bytes) -> bool
+        """Cheap byte test: can this data payload (no event name) hold usage or an error?
+
+        Plain OpenAI-style content chunks are skipped without a JSON parse.  False positives
+        (the word in generated text) only cost a parse.
+        """
+        if b"usage" in payload:
+            # include_usage puts "usage":null in every chunk: not interesting unless stripping.
+            return self._strip or payload.count(b"usage") != 1 or b'"usage":null' not in payload
+        return (b"error" in payload or b'"type"' in payload or b"timings" in payload
+                or b'"stop":true' in payload)
+
+    def _on_ndjson_line(self, line):
+        # type: (bytes) -> None
+        line = line.strip()
+        if not line:
+            return
+        if (self._probes <= 0 and b'"done":false' in line and b"eval_count" not in line
+                and b"error" not in line):
+            return   # an Ollama token line
+        self._probes -= 1
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return
+        if isinstance(obj, dict):
+            self._take(obj, None)
+
+    def _on_json_end(self, body, head, tail):
+        # type: (Optional[bytes], Optional[bytes], Optional[bytes]) -> None
+        if body is not None:
+            if not body.strip():
+                return
+            try:
+                obj = json.loads(body)
+            except (ValueError, RecursionError):
+                obj = None
+                # Several JSON documents, one per line: read them as NDJSON.
+                for line in body.splitlines():
+                    self._on_ndjson_line(line)
+            if isinstance(obj, dict):
+                self._take(obj, None)
+            return
+        if self.complete:
+            self._scan_tail(head or b"", tail or b"")
+
+    def _scan_tail(self, head, tail):
+        # type: (bytes, bytes) -> None
+        """Best effort for a body above the buffer bound (e.g. a large embeddings batch).
+
+        Every API puts usage last: parse the complete lines of the tail (NDJSON), else find the
+        last ``"usage": {...}`` object and Ollama's count fields in the tail and the model in
+        head or tail.  Outside JSON strings a quoted key cannot be faked (quotes inside strings
+        are escaped), and these bodies hold numbers and base64, so the last match is the
+        top-level member.
+        """
+        found = False
+        for line in tail.split(b"\n")[1:]:   # the first piece is probably a cut line
+            line = line.strip()
+            if line[:1] != b"{":
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict):
+                found = True
+                self._take(obj, None)
+        if found:
+            return
+        text = tail.decode("utf-8", "replace")
+        fragment = {}  # type: Dict[str, Any]
+        last = None
+        for last in _USAGE_TAIL_USAGE.finditer(text):
+            pass
+        if last is not None:
+            try:
+                fragment["usage"] = _usage_json_decoder.raw_decode(text, last.end() - 1)[0]
+            except ValueError:
+                pass
+        for match in _USAGE_TAIL_OLLAMA.finditer(text):
+            fragment[match.group(1)] = int(match.group(2))
+        for source in (head.decode("utf-8", "replace"), text):
+            match = _USAGE_TAIL_MODEL.search(source)
+            if match:
+                try:
+                    fragment["model"] = json.loads(match.group(1))
+                except ValueError:
+                    pass
+                break
+        if fragment:
+            self._take(fragment, None)
+
+    # -- interpretation --------------------------------------------------------------------
+
+    def _take(self, obj, event):
+        # type: (Dict[str, Any], Optional[str]) -> None
+        """Learn model, usage and errors from one parsed JSON object (body, event or line)."""
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            kind = event
+        err = obj.get("error")
+        if err:
+            self._note_error(obj)
+        elif kind == "error":
+            self._note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
+
+        if kind == "message_start":            # Anthropic stream
+            message = obj.get("message")
+            if isinstance(message, dict):
+                self._see_model(message.get("model"))
+                self._merge_anthropic(message.get("usage"))
+            return
+        if kind == "message_delta":            # Anthropic: cumulative usage, last value wins
+            self._merge_anthropic(obj.get("usage"))
+            return
+        if kind is not None and kind.startswith("response."):   # OpenAI Responses stream
+            response = obj.get("response")
+            if isinstance(response, dict):
+                self._see_model(response.get("model"))
+                if kind in _USAGE_RESPONSES_TERMINAL:
+                    usage = response.get("usage")
+                    if isinstance(usage, dict):
+                        self._counts = _usage_counts(usage, self.kind)
+                        self._counts_from_usage = True
+                    if kind == "response.failed":
+                        self._note_error(response.get("error") or "response.failed")
+            return
+
+        self._see_model(obj.get("model"))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            # OpenAI (also vLLM's per-chunk cumulative usage: the last one wins), Anthropic and
+            # Responses bodies.
+            self._counts = _usage_counts(usage, self.kind)
+            self._counts_from_usage = True
+            return
+        if "prompt_eval_count" in obj or "eval_count" in obj or obj.get("done") is True:
+            # Ollama: the final done:true object, or an /api/embed body.  Zero counts are omitted.
+            self._counts = (_usage_int(obj.get("prompt_eval_count")),
+                            _usage_int(obj.get("eval_count")), 0, 0, 0)
+            self._counts_from_usage = True
+            return
+        if self._counts_from_usage or obj.get("stop") is False:
+            return   # llama.cpp partial chunks repeat running counts: only the final one counts
+        timings = obj.get("timings")
+        if not isinstance(timings, dict):
+            timings = {}
+        if "tokens_evaluated" in obj or "tokens_predicted" in obj or timings:
+            # llama.cpp /completion final object (or `timings` on an OpenAI-style last chunk).
+            prompt = obj.get("tokens_evaluated", timings.get("prompt_n"))
+            completion = obj.get("tokens_predicted", timings.get("predicted_n"))
+            self._counts = (_usage_int(prompt), _usage_int(completion), 0, 0, 0)
+
+    def _see_model(self, model):
+        # type: (Any) -> None
+        if self._model is None and isinstance(model, str) and model:
+            self._model = model
+            self._probes = 0
+
+    def _merge_anthropic(self, usage):
+        # type: (Any) -> None
+        if not isinstance(usage, dict):
+            return
+        if self._anthropic is None:
+            self._anthropic = {}
+        for field in _USAGE_ANTHROPIC_FIELDS:
+            value = usage.get(field)
+            if value is not None:   # cumulative: replace, never add
+                self._anthropic[field] = value
+
+    def _note_error(self, err):
+        # type: (Any) -> None
+        if self._error is None:   # the first error is the cause; later ones are consequences
+            self._error = _usage_describe_error(err)
+
+    def _build_usage(self):
+        # type: () -> Dict[str, Any]
+        model = self._model or self._request_model
+        counts = None
+        if self.kind not in USAGE_KINDS:
+            source = "none"
+        else:
+            if self._anthropic is not None:
+                counts = _usage_anthropic_counts(self._anthropic)
+            elif self._counts is not None:
+                counts = self._counts
+            if counts is None:
+                source = "missing"
+            else:
+                source = "injected" if self._injected else "reported"
+        prompt, completion, cache_read, cache_write, reasoning = counts or (0, 0, 0, 0, 0)
+        return {
+            "model": model,
+            "prompt": prompt,
+            "completion": completion,
+            "total": prompt + completion,
+            "cacheRead": cache_read,
+            "cacheWrite": cache_write,
+            "reasoning": reasoning,
+            "source": source,
+            "error": self._error,
+        }
+
+
+# ==================================================================================================
 # Stats store
 # ==================================================================================================
 
@@ -3218,8 +4441,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def serve_setup_page(self) -> None:
         self.send_page(SETUP_HTML)
 
-    def send_page(self, page: "Page") -> None:
-        self.send_local(200, page.body, "text/html; charset=utf-8", page.headers)
+    def send_page(self, html: str) -> None:
+        """Serve an embedded page with its Content-Security-Policy (see page_headers)."""
+        self.send_local(200, html.encode("utf-8"), extra=list(page_headers(html)))
 
     def serve_ca_pem(self) -> None:
         self.send_ca(der=False)
@@ -3281,7 +4505,9 @@ class Exchange:
         self.ttfb = None
         self.error = False
         self.tap = None
-        self.kind = classify_endpoint(path) if self.config.tracking_enabled else None
+        # Only POSTs generate: a GET on /v1/responses/{id} or /api/chat is no new usage.
+        self.kind = classify_endpoint(path) \
+            if self.config.tracking_enabled and head.method == "POST" else None
         self.request_info = None
         self.injected = False
         self.streamed = None
@@ -3553,11 +4779,11 @@ class Exchange:
         model = self.request_info.model if self.request_info is not None else None
         if self.tap is not None:
             usage = self.tap.usage
-            source = usage.get("source")
-            model = usage.get("model") or model
+            source = usage["source"] if usage["source"] != "none" else None
+            model = usage["model"] or model
             if usage.get("error"):
                 self.error = True
-        elif self.kind and self.status and 200 <= self.status < 300:
+        elif self.kind and is_usage_kind(self.kind) and 200 <= self.status < 300:
             source = "missing"
         if self.status >= 400:
             self.error = True
@@ -4104,80 +5330,1419 @@ def main(argv=None) -> int:
 
 
 # ==================================================================================================
-# MERGE-STUBS (temporary until the drafts land)
-# ==================================================================================================
-
-def classify_endpoint(path):
-    for suffix, kind in (("/chat/completions", "openai_chat"), ("/messages", "anthropic_messages"),
-                         ("/api/generate", "ollama_generate"), ("/api/chat", "ollama_chat")):
-        if path.endswith(suffix):
-            return kind
-    return None
-
-
-def is_completion_kind(kind):
-    return kind is not None
-
-
-class _Info:
-    def __init__(self, model=None, stream=None, include_usage=False):
-        self.model, self.stream, self.include_usage = model, stream, include_usage
-
-
-def inspect_request(kind, body, complete):
-    try:
-        data = json.loads(body)
-        return _Info(data.get("model"), data.get("stream"))
-    except Exception:
-        return _Info()
-
-
-def inject_stream_usage(kind, body, info):
-    return None
-
-
-class UsageTap:
-    def __init__(self, kind, info, content_type, content_encoding, strip_injected_usage=False):
-        self.usage = {"model": None, "prompt": 0, "completion": 0, "total": 0, "cacheRead": 0,
-                      "cacheWrite": 0, "reasoning": 0, "source": "missing", "error": None}
-
-    def feed(self, data):
-        return data
-
-    def finish(self, complete):
-        return b"", self.usage
-
-
-
-# ==================================================================================================
 # Web pages: the dashboard and the device set-up page, served from this file
 # ==================================================================================================
 
-class Page:
-    """An HTML page and the headers it is served with.
+def _page_inline_hashes(html, tag):
+    # type: (str, str) -> List[str]
+    """CSP source expressions ('sha256-...') for each inline <tag>...</tag> block of html."""
+    out = []
+    for m in re.finditer(r"<%s>(.*?)</%s>" % (tag, tag), html, re.S):
+        digest = hashlib.sha256(m.group(1).encode("utf-8")).digest()
+        out.append("'sha256-%s'" % base64.b64encode(digest).decode("ascii"))
+    return out
 
-    The Content-Security-Policy allows only the page's own inline scripts (by hash) and requests
-    to this origin: even if a model name slipped into the DOM as HTML, no script would run.
+
+@functools.lru_cache(maxsize=4)
+def page_headers(html):
+    # type: (str) -> Tuple[Tuple[str, str], ...]
+    """Headers for serving DASHBOARD_HTML or SETUP_HTML (add Content-Length yourself).
+
+    The Content-Security-Policy allows exactly the page's own inline <script> and <style>
+    (by SHA-256 hash, CSP Level 2), same-origin fetch() and the data: favicon. The pages
+    never parse data as HTML; the policy makes sure a future slip could not run script
+    either (an injected onerror= or <script> is blocked). no-store: the page is tiny and
+    must never be stale after an upgrade.
     """
+    csp = "; ".join([
+        "default-src 'none'",
+        "script-src " + " ".join(_page_inline_hashes(html, "script")),
+        "style-src " + " ".join(_page_inline_hashes(html, "style")),
+        "img-src data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ])
+    return (
+        ("Content-Type", "text/html; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+        ("X-Frame-Options", "DENY"),
+    )
 
-    def __init__(self, html: str):
-        self.body = html.encode("utf-8")
-        hashes = " ".join(
-            "'sha256-%s'" % base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
-            for script in re.findall(r"<script>(.*?)</script>", html, re.S))
-        self.headers = [
-            ("Content-Security-Policy",
-             "default-src 'none'; script-src %s; style-src 'unsafe-inline'; img-src 'self' data:; "
-             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-             % (hashes or "'none'")),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer"),
-            ("Cache-Control", "no-cache"),
-        ]
 
+DASHBOARD_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>LLM Proxy &middot; Usage</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
+  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff;
+  --prompt: #3b82f6; --completion: #f59e0b; --other: #a3acb9;
+  --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
+  --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
+  color-scheme: light dark;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
+    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220;
+    --prompt: #5b9cff; --completion: #fbbf24; --other: #6e7886;
+    --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
+    --shadow: none;
+  }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--fg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+.num, td.n, th.n { font-variant-numeric: tabular-nums; }
+header.top {
+  position: sticky; top: 0; z-index: 5; background: var(--card); border-bottom: 1px solid var(--border);
+}
+.top-inner {
+  max-width: 1240px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; flex-wrap: wrap;
+}
+.brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
+.brand svg { flex: none; }
+.brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
+.brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
+.conn { display: inline-flex; align-items: center; gap: 7px; font-size: 13px; color: var(--muted); white-space: nowrap; }
+.conn .dot { width: 8px; height: 8px; border-radius: 50%; background: var(--faint); flex: none; }
+.conn.live .dot { background: var(--ok); box-shadow: 0 0 0 3px var(--ok-bg); }
+.conn.lost { color: var(--err); font-weight: 600; }
+.conn.lost .dot { background: var(--err); box-shadow: 0 0 0 3px var(--err-bg); }
+.conn.paused .dot { background: var(--warn); }
+.actions { display: flex; gap: 8px; align-items: center; }
+.btn {
+  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
+  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
+}
+.btn:hover { background: var(--hover); text-decoration: none; }
+.btn:disabled { opacity: 0.6; cursor: default; }
+.btn.danger { color: var(--err); border-color: var(--err); background: transparent; }
+.btn.danger:hover { background: var(--err-bg); }
+a.btn { display: inline-block; color: var(--fg); }
+main { max-width: 1240px; margin: 0 auto; padding: 18px 20px 40px; }
+.notice { margin: 0 0 14px; padding: 9px 12px; border-radius: 8px; font-size: 13px; border: 1px solid var(--border); background: var(--card); }
+.notice.ok { border-color: var(--ok); background: var(--ok-bg); color: var(--ok); }
+.notice.err { border-color: var(--err); background: var(--err-bg); color: var(--err); }
+.notice[hidden] { display: none; }
+.meta-line { color: var(--muted); font-size: 13px; margin: 0 0 14px; }
+.cards { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 12px; margin-bottom: 14px; }
+.card { background: var(--card); border: 1px solid var(--border); border-radius: 10px; padding: 14px 16px; box-shadow: var(--shadow); min-width: 0; }
+.card.wide { grid-column: span 2; }
+.card .label { font-size: 12px; text-transform: uppercase; letter-spacing: 0.05em; color: var(--muted); font-weight: 600; }
+.card .value { font-size: 28px; font-weight: 650; letter-spacing: -0.02em; margin-top: 4px; line-height: 1.15; font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
+.card .hint { font-size: 12.5px; color: var(--muted); margin-top: 4px; }
+.card .value.bad { color: var(--err); }
+.total-row { display: flex; align-items: baseline; gap: 10px; flex-wrap: wrap; }
+.total-row .exact { color: var(--muted); font-size: 13px; font-variant-numeric: tabular-nums; }
+.parts { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 8px; margin-top: 12px; }
+.part .k { font-size: 12px; color: var(--muted); display: flex; align-items: center; gap: 6px; white-space: nowrap; }
+.part .v { font-size: 15px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.sw { width: 9px; height: 9px; border-radius: 2px; display: inline-block; flex: none; }
+.sw.prompt { background: var(--prompt); }
+.sw.completion { background: var(--completion); }
+.sw.other { background: var(--other); }
+.sw.none { background: transparent; border: 1px solid var(--faint); }
+.kv { display: flex; justify-content: space-between; gap: 8px; font-size: 13px; margin-top: 3px; }
+.kv .k { color: var(--muted); }
+.kv .v { font-weight: 600; font-variant-numeric: tabular-nums; }
+.kv .v.bad { color: var(--err); }
+.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); min-width: 0; }
+.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); flex-wrap: wrap; }
+.panel-head h2 { font-size: 14px; margin: 0; font-weight: 650; margin-right: auto; }
+.panel-head .count { color: var(--muted); font-weight: 500; margin-left: 6px; }
+.panel-body { padding: 12px 16px 14px; }
+.seg { display: inline-flex; border: 1px solid var(--border); border-radius: 7px; overflow: hidden; }
+.seg button { font: inherit; font-size: 12.5px; padding: 4px 10px; border: 0; background: transparent; color: var(--muted); cursor: pointer; }
+.seg button + button { border-left: 1px solid var(--border); }
+.seg button[aria-pressed="true"] { background: var(--accent); color: var(--accent-fg); font-weight: 600; }
+.legend { display: flex; gap: 14px; font-size: 12.5px; color: var(--muted); align-items: center; flex-wrap: wrap; }
+.legend span { display: inline-flex; align-items: center; gap: 6px; }
+.readout { font-size: 13px; color: var(--muted); min-height: 19px; margin-bottom: 6px; font-variant-numeric: tabular-nums; }
+.readout strong { color: var(--fg); font-weight: 600; }
+#chart { width: 100%; min-height: 180px; }
+#chart svg { display: block; width: 100%; }
+#chart text { fill: var(--muted); font-size: 11px; font-family: inherit; }
+#chart .gridline { stroke: var(--grid); stroke-width: 1; }
+#chart .axis { stroke: var(--border); stroke-width: 1; }
+#chart .b-prompt { fill: var(--prompt); }
+#chart .b-completion { fill: var(--completion); }
+#chart .b-other { fill: var(--other); }
+#chart .hit { fill: transparent; }
+#chart .slot:hover .hit, #chart .slot.sel .hit { fill: var(--hover); }
+#chart .empty-msg { fill: var(--faint); font-size: 13px; }
+.table-wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+table { width: 100%; border-collapse: collapse; font-size: 13px; }
+th, td { padding: 7px 12px; text-align: left; border-bottom: 1px solid var(--border); white-space: nowrap; vertical-align: middle; }
+th { font-size: 11.5px; text-transform: uppercase; letter-spacing: 0.04em; color: var(--muted); font-weight: 600; background: var(--card); }
+th.n, td.n { text-align: right; }
+tbody tr:hover td { background: var(--hover); }
+tbody tr:last-child td { border-bottom: 0; }
+td.name { min-width: 180px; max-width: 360px; white-space: normal; overflow-wrap: anywhere; }
+td.name .txt { font-weight: 550; }
+td.muted, .muted { color: var(--faint); }
+.share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
+.share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
+td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
+.method { font-weight: 650; font-size: 11.5px; color: var(--muted); margin-right: 6px; letter-spacing: 0.02em; }
+.badge { display: inline-block; min-width: 38px; text-align: center; padding: 1px 7px; border-radius: 999px; font-size: 12px; font-weight: 650; background: var(--grid); color: var(--fg); font-variant-numeric: tabular-nums; }
+.badge.ok { background: var(--ok-bg); color: var(--ok); }
+.badge.err { background: var(--err-bg); color: var(--err); }
+.tag { font-size: 11.5px; color: var(--muted); }
+.tag.warn { color: var(--warn); }
+td.empty { text-align: center; color: var(--faint); padding: 22px 12px; white-space: normal; }
+footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
+footer.foot .err { color: var(--err); }
+@media (max-width: 900px) {
+  .cards { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+  .parts { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+}
+@media (max-width: 560px) {
+  .top-inner { padding: 8px 12px; gap: 8px; }
+  .brand .sub { display: none; }
+  .conn { order: 3; width: 100%; white-space: normal; }
+  main { padding: 12px 12px 32px; }
+  .card { padding: 12px; }
+  .card .value { font-size: 23px; }
+  .cards { gap: 10px; }
+  .panel-head { padding: 10px 12px; }
+  .panel-body { padding: 10px 12px 12px; }
+  th, td { padding: 7px 10px; }
+  /* Keep the row's name visible while the numbers scroll sideways. */
+  td.name, table.breakdown th:first-child { position: sticky; left: 0; z-index: 1; background: var(--card); min-width: 150px; max-width: 190px; box-shadow: 1px 0 0 var(--border); }
+  tbody tr:hover td.name { background: var(--hover); }
+}
+</style>
+</head>
+<body>
+<header class="top">
+  <div class="top-inner">
+    <div class="brand">
+      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
+      <h1>LLM Proxy</h1><span class="sub">Token usage</span>
+    </div>
+    <span id="conn" class="conn" role="status" aria-live="polite"><span class="dot"></span><span id="conn-text">Connecting&hellip;</span></span>
+    <div class="actions">
+      <a class="btn" href="/_proxy/">Setup</a>
+      <button type="button" class="btn danger" id="reset-btn">Reset stats</button>
+    </div>
+  </div>
+</header>
+<main>
+  <div id="notice" class="notice" role="status" aria-live="polite" hidden></div>
+  <p class="meta-line" id="meta-line">Loading statistics&hellip;</p>
 
-DASHBOARD_HTML = Page("<!doctype html><title>llm-proxy</title><p>dashboard</p>")
-SETUP_HTML = Page("<!doctype html><title>llm-proxy</title><p>setup</p>")
+  <section class="cards" aria-label="Totals">
+    <div class="card wide">
+      <div class="label">Total tokens</div>
+      <div class="total-row"><div class="value" id="c-total">&ndash;</div><div class="exact" id="c-total-exact"></div></div>
+      <div class="parts">
+        <div class="part"><div class="k"><span class="sw prompt"></span>Prompt</div><div class="v" id="c-prompt">&ndash;</div></div>
+        <div class="part"><div class="k"><span class="sw completion"></span>Completion</div><div class="v" id="c-completion">&ndash;</div></div>
+        <div class="part"><div class="k"><span class="sw none"></span>Cache read</div><div class="v" id="c-cache-read">&ndash;</div></div>
+        <div class="part"><div class="k"><span class="sw none"></span>Cache write</div><div class="v" id="c-cache-write">&ndash;</div></div>
+      </div>
+    </div>
+    <div class="card"><div class="label">Requests</div><div class="value" id="c-requests">&ndash;</div><div class="hint" id="c-requests-hint">&nbsp;</div></div>
+    <div class="card"><div class="label">Completions</div><div class="value" id="c-completions">&ndash;</div><div class="hint" id="c-completions-hint">&nbsp;</div></div>
+    <div class="card"><div class="label">Errors</div><div class="value" id="c-errors">&ndash;</div><div class="hint" id="c-errors-hint">&nbsp;</div></div>
+    <div class="card"><div class="label">In flight</div><div class="value" id="c-inflight">&ndash;</div><div class="hint">requests in progress</div></div>
+    <div class="card"><div class="label">Uptime</div><div class="value" id="c-uptime">&ndash;</div><div class="hint" id="c-uptime-hint">&nbsp;</div></div>
+    <div class="card" title="Reported: the backend's response carried usage. Injected: the proxy asked the backend to include usage (e.g. stream_options.include_usage). Missing: no usage could be found.">
+      <div class="label">Usage reporting</div>
+      <div class="kv"><span class="k">Reported</span><span class="v" id="c-u-reported">&ndash;</span></div>
+      <div class="kv"><span class="k">Injected</span><span class="v" id="c-u-injected">&ndash;</span></div>
+      <div class="kv"><span class="k">Missing</span><span class="v" id="c-u-missing">&ndash;</span></div>
+    </div>
+  </section>
+
+  <section class="panel" aria-labelledby="chart-title">
+    <div class="panel-head">
+      <h2 id="chart-title">Tokens over time</h2>
+      <div class="legend"><span><i class="sw prompt"></i>Prompt</span><span><i class="sw completion"></i>Completion</span><span id="legend-other" hidden><i class="sw other"></i>Other</span></div>
+      <div class="seg" role="group" aria-label="Time range">
+        <button type="button" id="range-hourly" aria-pressed="true">48 hours</button>
+        <button type="button" id="range-daily" aria-pressed="false">90 days</button>
+      </div>
+    </div>
+    <div class="panel-body">
+      <div class="readout" id="readout">&nbsp;</div>
+      <div id="chart"></div>
+    </div>
+  </section>
+
+  <section class="panel" aria-labelledby="t-model-title">
+    <div class="panel-head"><h2 id="t-model-title">By model<span class="count" id="t-model-count"></span></h2></div>
+    <div class="table-wrap"><table class="breakdown">
+      <thead><tr><th>Model</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
+      <tbody id="t-model"></tbody>
+    </table></div>
+  </section>
+
+  <section class="panel" aria-labelledby="t-endpoint-title">
+    <div class="panel-head"><h2 id="t-endpoint-title">By endpoint<span class="count" id="t-endpoint-count"></span></h2></div>
+    <div class="table-wrap"><table class="breakdown">
+      <thead><tr><th>Endpoint</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
+      <tbody id="t-endpoint"></tbody>
+    </table></div>
+  </section>
+
+  <section class="panel" aria-labelledby="t-client-title">
+    <div class="panel-head"><h2 id="t-client-title">By client<span class="count" id="t-client-count"></span></h2></div>
+    <div class="table-wrap"><table class="breakdown">
+      <thead><tr><th>Client</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
+      <tbody id="t-client"></tbody>
+    </table></div>
+  </section>
+
+  <section class="panel" aria-labelledby="t-recent-title">
+    <div class="panel-head"><h2 id="t-recent-title">Recent requests<span class="count" id="t-recent-count"></span></h2></div>
+    <div class="table-wrap"><table>
+      <thead><tr><th>Time</th><th>Model</th><th>Request</th><th class="n">Status</th><th class="n">Tokens</th><th class="n">Duration</th><th class="n">TTFB</th><th class="n">Tokens/s</th><th>Client</th><th>Usage</th></tr></thead>
+      <tbody id="t-recent"></tbody>
+    </table></div>
+  </section>
+
+  <footer class="foot">
+    <span id="f-version"></span>
+    <span id="f-persist"></span>
+    <span><a href="/_proxy/stats">Stats JSON</a> &middot; <a href="/_proxy/metrics">Prometheus metrics</a> &middot; <a href="/_proxy/">Set up a device</a></span>
+  </footer>
+</main>
+<script>
+(function () {
+  "use strict";
+
+  // Everything shown here comes from /_proxy/stats, whose strings (model names, paths,
+  // client addresses) originate from untrusted clients and backends. They are only ever
+  // inserted with textContent / createTextNode / setAttribute, never parsed as HTML.
+  var STATS_URL = "/_proxy/stats";
+  var RESET_URL = "/_proxy/reset";
+  var POLL_MS = 5000;
+  var FETCH_TIMEOUT_MS = 8000;
+  var TOKEN_KEY = "llm-proxy-admin-token";
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var DASH = String.fromCharCode(8211);
+  var DOT = " " + String.fromCharCode(183) + " ";
+  var ELLIPSIS = String.fromCharCode(8230);
+
+  var state = {
+    data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
+    range: "hourly", selected: -1, series: null, polls: 0
+  };
+
+  function byId(id) { return document.getElementById(id); }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function num(v) { return isNum(v) ? v : 0; }
+  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+  function str(v) { return v === null || v === undefined ? "" : String(v); }
+
+  function setText(id, text) { var e = byId(id); if (e) { e.textContent = text; } return e; }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function svg(tag, attrs) {
+    var e = document.createElementNS(SVG_NS, tag);
+    for (var k in attrs) {
+      if (Object.prototype.hasOwnProperty.call(attrs, k)) { e.setAttribute(k, String(attrs[k])); }
+    }
+    return e;
+  }
+
+  // ---- formatting -------------------------------------------------------
+  function fmtInt(v) { return isNum(v) ? Math.round(v).toLocaleString() : DASH; }
+  function fmtDec(v, digits) {
+    return isNum(v) ? v.toLocaleString(undefined, { maximumFractionDigits: digits }) : DASH;
+  }
+  function fmtCompact(v) {
+    if (!isNum(v)) { return DASH; }
+    var a = Math.abs(v);
+    var units = [[1e12, "T"], [1e9, "B"], [1e6, "M"], [1e3, "k"]];
+    for (var i = 0; i < units.length; i++) {
+      if (a >= units[i][0]) {
+        var x = v / units[i][0];
+        return x.toLocaleString(undefined, { maximumFractionDigits: Math.abs(x) < 100 ? 1 : 0 }) + units[i][1];
+      }
+    }
+    return Math.round(v).toLocaleString();
+  }
+  function fmtMs(v) {
+    if (!isNum(v)) { return DASH; }
+    if (v < 1000) { return Math.round(v).toLocaleString() + " ms"; }
+    if (v < 60000) { return (v / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 }) + " s"; }
+    var s = Math.round(v / 1000);
+    return Math.floor(s / 60) + "m " + (s % 60) + "s";
+  }
+  function fmtDuration(seconds) {
+    if (!isNum(seconds) || seconds < 0) { return DASH; }
+    var s = Math.floor(seconds);
+    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d > 0) { return d + "d " + h + "h"; }
+    if (h > 0) { return h + "h " + m + "m"; }
+    if (m > 0) { return m + "m " + (s % 60) + "s"; }
+    return s + "s";
+  }
+  function parseTime(v) {
+    if (typeof v !== "string" || !v) { return null; }
+    var t = Date.parse(v);
+    return isFinite(t) ? t : null;
+  }
+  function sameDay(a, b) {
+    return a.getFullYear() === b.getFullYear() && a.getMonth() === b.getMonth() && a.getDate() === b.getDate();
+  }
+  function fmtWhen(t) {
+    // Local time of the browser; the date only when it is not today.
+    if (t === null) { return DASH; }
+    var d = new Date(t);
+    var time = d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    if (sameDay(d, new Date())) { return time; }
+    return d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " " + time;
+  }
+  function fmtFull(t) { return t === null ? "" : new Date(t).toLocaleString(); }
+  function pct(part, whole) {
+    if (!isNum(part) || !isNum(whole) || whole <= 0) { return null; }
+    return (part / whole) * 100;
+  }
+
+  // ---- connection indicator -------------------------------------------------
+  function renderConn() {
+    var box = byId("conn");
+    var text;
+    box.classList.remove("live", "lost", "paused");
+    if (document.hidden) {
+      box.classList.add("paused");
+      text = "Paused while hidden";
+    } else if (state.lastAttemptFailed) {
+      box.classList.add("lost");
+      text = "Connection lost" + (state.error ? " (" + state.error + ")" : "");
+      text += state.lastOk ? DOT + "last update " + fmtWhen(state.lastOk) : "";
+      text += DOT + "retrying";
+    } else if (state.lastOk) {
+      box.classList.add("live");
+      var age = Math.max(0, Math.round((Date.now() - state.lastOk) / 1000));
+      text = "Live" + DOT + "updated " + (age < 2 ? "just now" : age + " s ago");
+    } else {
+      text = "Connecting" + ELLIPSIS;
+    }
+    byId("conn-text").textContent = text;
+    box.setAttribute("title", state.lastOk ? "Last successful update: " + fmtFull(state.lastOk) : "");
+  }
+
+  // ---- headline cards -------------------------------------------------------
+  function renderCards(d) {
+    var t = obj(d.tokens);
+    var total = isNum(t.total) ? t.total : num(t.prompt) + num(t.completion);
+    setText("c-total", fmtCompact(total)).setAttribute("title", fmtInt(total) + " tokens");
+    setText("c-total-exact", fmtInt(total) + " tokens");
+    setText("c-prompt", fmtInt(num(t.prompt)));
+    setText("c-completion", fmtInt(num(t.completion)));
+    setText("c-cache-read", fmtInt(num(t.cacheRead)));
+    setText("c-cache-write", fmtInt(num(t.cacheWrite)));
+
+    var requests = num(d.requests), completions = num(d.completions), errors = num(d.errors);
+    setText("c-requests", fmtInt(requests));
+    setText("c-requests-hint", isNum(t.reasoning) && t.reasoning > 0
+      ? fmtInt(t.reasoning) + " reasoning tokens" : "since stats began");
+    setText("c-completions", fmtInt(completions));
+    var perCompletion = completions > 0 ? total / completions : null;
+    setText("c-completions-hint", perCompletion === null ? "with token usage" : fmtInt(perCompletion) + " tokens each on average");
+    var ev = setText("c-errors", fmtInt(errors));
+    ev.classList.toggle("bad", errors > 0);
+    var rate = pct(errors, requests);
+    setText("c-errors-hint", rate === null ? "no requests yet" : fmtDec(rate, 1) + "% of requests");
+    setText("c-inflight", fmtInt(num(d.inFlight)));
+
+    var up = typeof d.uptime === "string" && d.uptime ? d.uptime : fmtDuration(d.uptimeSeconds);
+    setText("c-uptime", up);
+    var started = parseTime(d.startedAt);
+    setText("c-uptime-hint", started === null ? "proxy process" : "started " + fmtWhen(started));
+
+    var u = obj(d.usageReports);
+    setText("c-u-reported", fmtInt(num(u.reported)));
+    setText("c-u-injected", fmtInt(num(u.injected)));
+    setText("c-u-missing", fmtInt(num(u.missing))).classList.toggle("bad", num(u.missing) > 0);
+
+    var since = parseTime(d.since);
+    var line = since !== null ? "Counting since " + fmtFull(since) : "Statistics of this proxy";
+    if (started !== null) { line += DOT + "proxy started " + fmtFull(started); }
+    setText("meta-line", line);
+  }
+
+  // ---- chart ----------------------------------------------------------------
+  function buildSeries(d, range) {
+    var hourly = range === "hourly";
+    var step = hourly ? 3600000 : 86400000;
+    var n = hourly ? 48 : 90;
+    var src = Array.isArray(d[range]) ? d[range] : [];
+    var pts = [];
+    for (var i = 0; i < src.length; i++) {
+      var b = obj(src[i]);
+      var t = parseTime(b.start);
+      if (t === null) { continue; }
+      var prompt = num(b.prompt), completion = num(b.completion);
+      var total = isNum(b.total) ? b.total : prompt + completion;
+      pts.push({ t: t, prompt: prompt, completion: completion, other: Math.max(0, total - prompt - completion),
+                 total: total, requests: num(b.requests), errors: num(b.errors) });
+    }
+    // The newest bucket anchors the grid (the server decides where buckets start);
+    // then it is moved forward to "now" so that idle hours/days show as zero buckets.
+    var now = Date.now();
+    var anchor = null;
+    for (i = 0; i < pts.length; i++) { if (anchor === null || pts[i].t > anchor) { anchor = pts[i].t; } }
+    if (anchor === null) { anchor = Math.floor(now / step) * step; }
+    var ahead = Math.floor((now - anchor) / step);
+    if (ahead > 0 && ahead < 100000) { anchor += ahead * step; }
+    var slots = [];
+    for (i = 0; i < n; i++) {
+      slots.push({ t: anchor - (n - 1 - i) * step, prompt: 0, completion: 0, other: 0, total: 0, requests: 0, errors: 0 });
+    }
+    for (i = 0; i < pts.length; i++) {
+      // Math.round tolerates buckets that drift by an hour across DST changes.
+      var idx = n - 1 + Math.round((pts[i].t - anchor) / step);
+      if (idx < 0 || idx >= n) { continue; }
+      var s = slots[idx];
+      s.prompt += pts[i].prompt; s.completion += pts[i].completion; s.other += pts[i].other;
+      s.total += pts[i].total; s.requests += pts[i].requests; s.errors += pts[i].errors;
+    }
+    var utcDays = !hourly && anchor % 86400000 === 0;
+    return { slots: slots, hourly: hourly, step: step, utcDays: utcDays };
+  }
+
+  function niceStep(x) {
+    if (!(x > 0)) { return 1; }
+    var p = Math.pow(10, Math.floor(Math.log(x) / Math.LN10));
+    var f = x / p;
+    var nf = f <= 1 ? 1 : f <= 2 ? 2 : f <= 2.5 ? 2.5 : f <= 5 ? 5 : 10;
+    return Math.max(1, nf * p);
+  }
+
+  function slotLabel(series, s, long) {
+    var d = new Date(s.t);
+    if (series.hourly) {
+      var hm = d.toLocaleTimeString(undefined, { hour: "numeric", minute: "2-digit" });
+      if (!long) { return hm; }
+      var end = new Date(s.t + series.step).toLocaleTimeString(undefined, { hour: "numeric", minute: "2-digit" });
+      return d.toLocaleDateString(undefined, { weekday: "short", month: "short", day: "numeric" }) + " " + hm + DASH + end;
+    }
+    var opts = long ? { weekday: "short", month: "short", day: "numeric", year: "numeric" } : { month: "short", day: "numeric" };
+    if (series.utcDays) { opts.timeZone = "UTC"; }
+    return d.toLocaleDateString(undefined, opts) + (long && series.utcDays ? " (UTC day)" : "");
+  }
+
+  function describeSlot(series, s) {
+    return [slotLabel(series, s, true), fmtInt(s.prompt) + " prompt", fmtInt(s.completion) + " completion",
+            fmtInt(s.requests) + (s.requests === 1 ? " request" : " requests") +
+            (s.errors ? " (" + fmtInt(s.errors) + " failed)" : "")].join(DOT);
+  }
+
+  function renderReadout() {
+    var box = byId("readout");
+    clear(box);
+    var series = state.series;
+    if (!series) { box.textContent = String.fromCharCode(160); return; }
+    if (state.selected >= 0 && state.selected < series.slots.length) {
+      box.textContent = describeSlot(series, series.slots[state.selected]);
+      return;
+    }
+    var tot = 0, req = 0, pr = 0, co = 0;
+    for (var i = 0; i < series.slots.length; i++) {
+      tot += series.slots[i].total; req += series.slots[i].requests;
+      pr += series.slots[i].prompt; co += series.slots[i].completion;
+    }
+    box.appendChild(document.createTextNode((series.hourly ? "Last 48 hours: " : "Last 90 days: ")));
+    box.appendChild(el("strong", null, fmtInt(tot) + " tokens"));
+    box.appendChild(document.createTextNode(" (" + fmtInt(pr) + " prompt, " + fmtInt(co) + " completion)" + DOT +
+      fmtInt(req) + (req === 1 ? " request" : " requests")));
+  }
+
+  function renderChart() {
+    var box = byId("chart");
+    var d = state.data;
+    if (!d) { return; }
+    var series = buildSeries(d, state.range);
+    state.series = series;
+    var slots = series.slots, n = slots.length;
+    var W = Math.max(280, Math.floor(box.clientWidth || 600));
+    var H = W < 560 ? 190 : 240;
+    var ml = 46, mr = 6, mt = 8, mb = 24;
+    var pw = W - ml - mr, ph = H - mt - mb;
+    var max = 0, anyOther = false;
+    for (var i = 0; i < n; i++) {
+      var sum = slots[i].prompt + slots[i].completion + slots[i].other;
+      if (sum > max) { max = sum; }
+      if (slots[i].other > 0) { anyOther = true; }
+    }
+    byId("legend-other").hidden = !anyOther;
+    var step = niceStep(max / 4);
+    var top = Math.max(step, Math.ceil(max / step) * step);
+    function y(v) { return mt + ph - (v / top) * ph; }
+
+    var root = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
+      "aria-label": "Tokens per " + (series.hourly ? "hour, last 48 hours" : "day, last 90 days") });
+    for (var v = 0; v <= top + step / 2; v += step) {
+      var yy = Math.round(y(v)) + 0.5;
+      root.appendChild(svg("line", { "class": v === 0 ? "axis" : "gridline", x1: ml, x2: W - mr, y1: yy, y2: yy }));
+      var lab = svg("text", { x: ml - 6, y: yy + 3.5, "text-anchor": "end" });
+      lab.textContent = fmtCompact(v);
+      root.appendChild(lab);
+    }
+
+    var bw = pw / n;
+    var gap = bw >= 6 ? Math.min(4, bw * 0.22) : 0.6;
+    // Label spacing: at least ~64 px between labels, aligned to round hours/days.
+    var need = Math.ceil(64 / bw);
+    var strides = series.hourly ? [1, 2, 3, 4, 6, 8, 12, 24] : [1, 2, 3, 5, 7, 14, 30, 45];
+    var stride = strides[strides.length - 1];
+    for (i = 0; i < strides.length; i++) { if (strides[i] >= need) { stride = strides[i]; break; } }
+
+    for (i = 0; i < n; i++) {
+      var s = slots[i];
+      var x0 = ml + i * bw;
+      var g = svg("g", { "class": "slot" + (i === state.selected ? " sel" : "") });
+      g.setAttribute("data-i", String(i));
+      var title = svg("title", {});
+      title.textContent = describeSlot(series, s);
+      g.appendChild(title);
+      g.appendChild(svg("rect", { "class": "hit", x: x0, y: mt, width: bw, height: ph }));
+      var base = 0;
+      var parts = [["prompt", s.prompt], ["completion", s.completion], ["other", s.other]];
+      for (var p = 0; p < parts.length; p++) {
+        var val = parts[p][1];
+        if (val <= 0) { continue; }
+        var y1 = y(base + val), y0 = y(base);
+        var h = Math.max(1, y0 - y1);
+        g.appendChild(svg("rect", { "class": "b-" + parts[p][0], x: x0 + gap / 2, y: y0 - h,
+          width: Math.max(0.8, bw - gap), height: h, rx: bw > 8 ? 1.5 : 0 }));
+        base += val;
+      }
+      root.appendChild(g);
+
+      var dt = new Date(s.t);
+      var labelHere;
+      if (series.hourly) {
+        labelHere = dt.getHours() % stride === 0 && (dt.getMinutes() === 0 || stride === 1);
+      } else {
+        labelHere = (n - 1 - i) % stride === 0;
+      }
+      var cx = x0 + bw / 2;
+      // Skip labels that would be cut off at either end of the axis.
+      if (labelHere && cx > ml + 24 && cx < W - mr - 24) {
+        var txt;
+        if (series.hourly && dt.getHours() === 0) {
+          txt = dt.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+        } else {
+          txt = slotLabel(series, s, false);
+        }
+        var xl = svg("text", { x: cx, y: H - 7, "text-anchor": "middle" });
+        xl.textContent = txt;
+        root.appendChild(xl);
+        root.appendChild(svg("line", { "class": "axis", x1: cx, x2: cx, y1: mt + ph, y2: mt + ph + 4 }));
+      }
+    }
+    if (max === 0) {
+      var msg = svg("text", { "class": "empty-msg", x: ml + pw / 2, y: mt + ph / 2, "text-anchor": "middle" });
+      msg.textContent = !Array.isArray(d[state.range]) ? "This proxy reports no token history" :
+        series.hourly ? "No tokens in the last 48 hours" : "No tokens in the last 90 days";
+      root.appendChild(msg);
+    }
+    clear(box);
+    box.appendChild(root);
+    renderReadout();
+  }
+
+  function chartSlotFromEvent(ev) {
+    var t = ev.target;
+    while (t && t !== ev.currentTarget) {
+      if (t.getAttribute && t.getAttribute("data-i") !== null) { return parseInt(t.getAttribute("data-i"), 10); }
+      t = t.parentNode;
+    }
+    return -1;
+  }
+
+  function selectSlot(i) {
+    if (i === state.selected) { return; }
+    state.selected = i;
+    var gs = byId("chart").querySelectorAll("g.slot");
+    for (var k = 0; k < gs.length; k++) { gs[k].classList.toggle("sel", k === i); }
+    renderReadout();
+  }
+
+  function setRange(range) {
+    state.range = range;
+    state.selected = -1;
+    byId("range-hourly").setAttribute("aria-pressed", range === "hourly" ? "true" : "false");
+    byId("range-daily").setAttribute("aria-pressed", range === "daily" ? "true" : "false");
+    renderChart();
+  }
+
+  // ---- tables ---------------------------------------------------------------
+  function numCell(text, title) {
+    var td = el("td", "n", text);
+    if (title) { td.setAttribute("title", title); }
+    return td;
+  }
+
+  function emptyRow(tbody, cols, text) {
+    var tr = el("tr");
+    var td = el("td", "empty", text);
+    td.setAttribute("colspan", String(cols));
+    tr.appendChild(td);
+    tbody.appendChild(tr);
+  }
+
+  function renderBreakdown(tbodyId, countId, map, emptyText) {
+    var tbody = byId(tbodyId);
+    var rows = [];
+    var m = obj(map);
+    for (var k in m) {
+      if (Object.prototype.hasOwnProperty.call(m, k)) { rows.push({ name: k, v: obj(m[k]) }); }
+    }
+    rows.sort(function (a, b) {
+      return num(b.v.total) - num(a.v.total) || num(b.v.requests) - num(a.v.requests) || (a.name < b.name ? -1 : 1);
+    });
+    var grand = 0;
+    for (var i = 0; i < rows.length; i++) { grand += num(rows[i].v.total); }
+    setText(countId, rows.length ? String(rows.length) : "");
+    clear(tbody);
+    if (!rows.length) { emptyRow(tbody, 9, emptyText); return; }
+    for (i = 0; i < rows.length; i++) {
+      var r = rows[i].v;
+      var tr = el("tr");
+      var name = el("td", "name");
+      var label = rows[i].name;
+      // "(unknown)" / "(other)" are the store's own placeholder keys: shown muted.
+      var shown = label === "" || label === "null" ? "(unknown)" : label;
+      var placeholder = shown === "(unknown)" || shown === "(other)";
+      var txt = el("span", "txt" + (placeholder ? " muted" : ""), shown);
+      name.appendChild(txt);
+      var share = pct(num(r.total), grand);
+      if (share !== null) {
+        var bar = el("div", "share");
+        var fill = el("i");
+        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+        bar.appendChild(fill);
+        bar.setAttribute("title", fmtDec(share, 1) + "% of all tokens");
+        name.appendChild(bar);
+      }
+      tr.appendChild(name);
+      tr.appendChild(numCell(fmtInt(num(r.requests))));
+      tr.appendChild(numCell(fmtInt(num(r.prompt))));
+      tr.appendChild(numCell(fmtInt(num(r.completion))));
+      tr.appendChild(numCell(fmtInt(num(r.total)), fmtCompact(num(r.total))));
+      var cache = el("td", "n" + (num(r.cacheRead) || num(r.cacheWrite) ? "" : " muted"),
+        fmtInt(num(r.cacheRead)) + " / " + fmtInt(num(r.cacheWrite)));
+      tr.appendChild(cache);
+      tr.appendChild(numCell(fmtMs(r.avgTtfbMs)));
+      tr.appendChild(numCell(fmtDec(r.tokensPerSecond, 1)));
+      var errs = el("td", "n", fmtInt(num(r.errors)));
+      if (num(r.errors) > 0) {
+        var eb = el("span", "badge err", fmtInt(num(r.errors)));
+        errs.textContent = "";
+        errs.appendChild(eb);
+      }
+      tr.appendChild(errs);
+      tbody.appendChild(tr);
+    }
+  }
+
+  function renderRecent(list) {
+    var tbody = byId("t-recent");
+    var rows = [];
+    if (Array.isArray(list)) {
+      for (var i = 0; i < list.length; i++) { rows.push({ r: obj(list[i]), i: i }); }
+    }
+    // Newest first, whatever order the server keeps its ring buffer in.
+    rows.sort(function (a, b) {
+      var ta = parseTime(a.r.time), tb = parseTime(b.r.time);
+      if (ta !== tb) { return (tb === null ? -Infinity : tb) - (ta === null ? -Infinity : ta); }
+      return b.i - a.i;
+    });
+    setText("t-recent-count", rows.length ? String(rows.length) : "");
+    clear(tbody);
+    if (!rows.length) { emptyRow(tbody, 10, "No requests yet. Point a client at this proxy and they will show up here."); return; }
+    for (i = 0; i < rows.length; i++) {
+      var r = rows[i].r;
+      var tr = el("tr");
+      var t = parseTime(r.time);
+      var tdTime = el("td", "num", fmtWhen(t));
+      if (t !== null) { tdTime.setAttribute("title", fmtFull(t)); }
+      tr.appendChild(tdTime);
+
+      var model = str(r.model);
+      tr.appendChild(el("td", model ? "" : "muted", model || DASH));
+
+      var req = el("td", "path");
+      req.appendChild(el("span", "method", str(r.method) || "?"));
+      req.appendChild(document.createTextNode(str(r.path)));
+      req.setAttribute("title", (str(r.method) + " " + str(r.path)).trim());
+      tr.appendChild(req);
+
+      var status = typeof r.status === "string" && r.status.trim() !== "" && isFinite(+r.status) ? +r.status : r.status;
+      var failed = r.error === true || (isNum(status) && status >= 400);
+      var tdStatus = el("td", "n");
+      var badge = el("span", "badge" + (failed ? " err" : isNum(status) && status < 300 ? " ok" : ""),
+        isNum(status) ? String(status) : (failed ? "error" : DASH));
+      tdStatus.appendChild(badge);
+      tr.appendChild(tdStatus);
+
+      var tk = obj(r.tokens);
+      var tkTotal = isNum(tk.total) ? tk.total : (isNum(tk.prompt) || isNum(tk.completion) ? num(tk.prompt) + num(tk.completion) : null);
+      var tkTitle = fmtInt(num(tk.prompt)) + " prompt / " + fmtInt(num(tk.completion)) + " completion";
+      if (num(tk.cacheRead) || num(tk.cacheWrite)) {
+        tkTitle += " / cache " + fmtInt(num(tk.cacheRead)) + " read, " + fmtInt(num(tk.cacheWrite)) + " write";
+      }
+      tr.appendChild(numCell(fmtInt(tkTotal), tkTotal === null ? "" : tkTitle));
+      tr.appendChild(numCell(fmtMs(r.durationMs)));
+      tr.appendChild(numCell(fmtMs(r.ttfbMs)));
+      tr.appendChild(numCell(fmtDec(r.tokensPerSecond, 1)));
+      tr.appendChild(el("td", "num", str(r.client) || DASH));
+      var usage = str(r.usage);
+      tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
+      tbody.appendChild(tr);
+    }
+  }
+
+  function renderFooter(d) {
+    setText("f-version", "local-llm-proxy" + (d.version ? " v" + str(d.version) : ""));
+    var box = byId("f-persist");
+    clear(box);
+    var p = obj(d.persistence);
+    if (p.enabled === false) {
+      box.textContent = "Persistence off (stats are lost on restart)";
+    } else if (p.enabled === true) {
+      var saved = parseTime(p.lastSaved);
+      box.appendChild(document.createTextNode("Saved to " + (str(p.file) || "stats file") +
+        (saved !== null ? " at " + fmtWhen(saved) : " (not yet)")));
+      if (p.lastError) { box.appendChild(el("span", "err", DOT + "save failed: " + str(p.lastError))); }
+    }
+  }
+
+  function render(d) {
+    renderCards(d);
+    renderChart();
+    renderBreakdown("t-model", "t-model-count", d.byModel, "No model usage yet.");
+    renderBreakdown("t-endpoint", "t-endpoint-count", d.byEndpoint, "No endpoint usage yet.");
+    renderBreakdown("t-client", "t-client-count", d.byClient, "No clients yet.");
+    renderRecent(d.recent);
+    renderFooter(d);
+  }
+
+  // ---- polling --------------------------------------------------------------
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (document.hidden) { document.documentElement.setAttribute("data-polling", "paused"); return; }
+    document.documentElement.setAttribute("data-polling", "on");
+    state.timer = setTimeout(poll, POLL_MS);
+  }
+
+  function poll() {
+    if (state.busy) { return Promise.resolve(); }
+    state.busy = true;
+    clearTimeout(state.timer);
+    var ctrl = typeof AbortController === "function" ? new AbortController() : null;
+    var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, FETCH_TIMEOUT_MS);
+    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    if (ctrl) { opts.signal = ctrl.signal; }
+    return fetch(STATS_URL, opts).then(function (res) {
+      if (!res.ok) { throw new Error("HTTP " + res.status); }
+      return res.json();
+    }).then(function (d) {
+      if (!d || typeof d !== "object" || Array.isArray(d)) { throw new Error("bad response"); }
+      state.data = d;
+      state.lastOk = Date.now();
+      state.lastAttemptFailed = false;
+      state.error = "";
+      state.polls += 1;
+      render(d);
+      document.documentElement.setAttribute("data-state", "live");
+      document.documentElement.setAttribute("data-polls", String(state.polls));
+    }, function (err) {
+      state.lastAttemptFailed = true;
+      state.error = err && err.name === "AbortError" ? "timeout" :
+        (err && /^HTTP /.test(err.message) ? err.message : "unreachable");
+      if (!state.data) { document.documentElement.setAttribute("data-state", "error"); }
+    }).then(function () {
+      clearTimeout(killer);
+      state.busy = false;
+      renderConn();
+      schedule();
+    });
+  }
+
+  document.addEventListener("visibilitychange", function () {
+    if (document.hidden) {
+      clearTimeout(state.timer);
+      state.timer = null;
+      document.documentElement.setAttribute("data-polling", "paused");
+      renderConn();
+    } else {
+      poll();
+    }
+  });
+
+  // ---- reset ----------------------------------------------------------------
+  function readToken() {
+    try { return window.sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
+  }
+  function storeToken(t) {
+    try {
+      if (t) { window.sessionStorage.setItem(TOKEN_KEY, t); } else { window.sessionStorage.removeItem(TOKEN_KEY); }
+    } catch (e) { /* storage disabled: the token is simply not remembered */ }
+  }
+  function showNotice(text, kind) {
+    var n = byId("notice");
+    n.className = "notice" + (kind ? " " + kind : "");
+    n.textContent = text;
+    n.hidden = !text;
+  }
+  function postReset(token) {
+    var headers = {};
+    if (token) { headers["Authorization"] = "Bearer " + token; }
+    return fetch(RESET_URL, { method: "POST", headers: headers, cache: "no-store", credentials: "same-origin" });
+  }
+  function errorText(res) {
+    return res.text().then(function (body) {
+      try {
+        var j = JSON.parse(body);
+        var msg = j && j.error && typeof j.error.message === "string" ? j.error.message : "";
+        if (msg) { return msg; }
+      } catch (e) { /* not JSON: fall back to the status */ }
+      return "HTTP " + res.status;
+    }, function () { return "HTTP " + res.status; });
+  }
+  function isAuthFailure(res) { return res.status === 401 || res.status === 403; }
+
+  function onReset() {
+    if (!window.confirm("Reset all token statistics on this proxy? This cannot be undone.")) { return; }
+    var btn = byId("reset-btn");
+    btn.disabled = true;
+    showNotice("Resetting" + ELLIPSIS, "");
+    var stored = readToken();
+    postReset(stored).then(function (res) {
+      if (!isAuthFailure(res)) { return res; }
+      // The proxy has an admin token configured: ask for it once and retry.
+      var entered = window.prompt(stored ? "The saved admin token was refused. Admin token:" :
+        "This proxy needs its admin token to reset statistics. Admin token:", "");
+      if (entered === null || !entered.trim()) { return null; }
+      entered = entered.trim();
+      return postReset(entered).then(function (res2) {
+        storeToken(res2.ok ? entered : (isAuthFailure(res2) ? "" : stored));
+        return res2;
+      });
+    }).then(function (res) {
+      if (res === null) { showNotice("Reset cancelled: no admin token given.", ""); return; }
+      if (res.ok) {
+        showNotice("Statistics were reset at " + fmtWhen(Date.now()) + ".", "ok");
+        return poll();
+      }
+      return errorText(res).then(function (msg) { showNotice("Reset failed: " + msg, "err"); });
+    }).catch(function () {
+      showNotice("Reset failed: the proxy could not be reached.", "err");
+    }).then(function () { btn.disabled = false; });
+  }
+
+  // ---- wiring ---------------------------------------------------------------
+  byId("reset-btn").addEventListener("click", onReset);
+  byId("range-hourly").addEventListener("click", function () { setRange("hourly"); });
+  byId("range-daily").addEventListener("click", function () { setRange("daily"); });
+  var chartBox = byId("chart");
+  chartBox.addEventListener("mouseover", function (ev) { var i = chartSlotFromEvent(ev); if (i >= 0) { selectSlot(i); } });
+  chartBox.addEventListener("click", function (ev) { selectSlot(chartSlotFromEvent(ev)); });
+  chartBox.addEventListener("mouseleave", function () { selectSlot(-1); });
+  var resizeTimer = null, lastWidth = 0;
+  window.addEventListener("resize", function () {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(function () {
+      var w = chartBox.clientWidth;
+      if (w !== lastWidth) { lastWidth = w; renderChart(); }
+    }, 120);
+  });
+  setInterval(renderConn, 1000);
+  renderConn();
+  poll();
+})();
+</script>
+</body>
+</html>
+"""
+
+SETUP_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>LLM Proxy &middot; Set up a device</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
+  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff; --accent-bg: #eaf1ff;
+  --code-bg: #f2f4f7;
+  --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
+  --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
+  color-scheme: light dark;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
+    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220; --accent-bg: #15233a;
+    --code-bg: #0f141a;
+    --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
+    --shadow: none;
+  }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--fg);
+  font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: 12.5px; }
+header.top { background: var(--card); border-bottom: 1px solid var(--border); }
+.top-inner { max-width: 920px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; }
+.brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
+.brand svg { flex: none; }
+.brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
+.brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
+.btn {
+  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
+  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
+  display: inline-flex; align-items: center; gap: 6px;
+}
+.btn:hover { background: var(--hover); text-decoration: none; }
+.btn.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-fg); }
+.btn.primary:hover { filter: brightness(1.07); background: var(--accent); }
+.btn.small { padding: 4px 10px; font-size: 12.5px; }
+.btn.copied { color: var(--ok); border-color: var(--ok); }
+main { max-width: 920px; margin: 0 auto; padding: 18px 20px 40px; }
+.banner { display: flex; gap: 12px; align-items: flex-start; border-radius: 10px; padding: 12px 14px; margin-bottom: 14px; border: 1px solid var(--border); background: var(--card); }
+.banner .icon { flex: none; width: 22px; height: 22px; border-radius: 50%; display: inline-flex; align-items: center; justify-content: center; font-weight: 700; font-size: 13px; background: var(--grid); color: var(--muted); }
+.banner h2 { font-size: 14.5px; margin: 0 0 2px; }
+.banner p { margin: 0; color: var(--muted); font-size: 13px; }
+.banner.ok { border-color: var(--ok); background: var(--ok-bg); }
+.banner.ok .icon { background: var(--ok); color: var(--card); }
+.banner.ok h2 { color: var(--ok); }
+.banner.warn { border-color: var(--warn); background: var(--warn-bg); }
+.banner.warn .icon { background: var(--warn); color: var(--card); }
+.banner.warn h2 { color: var(--warn); }
+.banner.err { border-color: var(--err); background: var(--err-bg); }
+.banner.err .icon { background: var(--err); color: var(--card); }
+.banner.err h2 { color: var(--err); }
+.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); }
+.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); }
+.panel-head h2 { font-size: 14.5px; margin: 0; font-weight: 650; margin-right: auto; }
+.step { display: inline-flex; width: 22px; height: 22px; border-radius: 50%; background: var(--accent-bg); color: var(--accent); font-size: 12px; font-weight: 700; align-items: center; justify-content: center; margin-right: 8px; vertical-align: 1px; }
+.panel-body { padding: 14px 16px; }
+.panel-body > p { margin: 0 0 10px; color: var(--muted); }
+.panel-body > p:last-child { margin-bottom: 0; }
+.field { margin-bottom: 12px; }
+.field .lbl { font-size: 12px; font-weight: 600; color: var(--muted); text-transform: uppercase; letter-spacing: 0.04em; margin-bottom: 4px; }
+.copyrow { display: flex; gap: 8px; align-items: stretch; }
+.copyrow .val { flex: 1; min-width: 0; padding: 7px 10px; border: 1px solid var(--border); border-radius: 7px; background: var(--code-bg); overflow-x: auto; white-space: nowrap; font-size: 14px; }
+.copyrow .val.big { font-size: 16px; font-weight: 600; }
+.checks { display: grid; grid-template-columns: max-content 1fr; gap: 8px 16px; align-items: baseline; margin: 0; }
+.checks dt { font-weight: 600; color: var(--muted); font-size: 13px; }
+.checks dd { margin: 0; min-width: 0; overflow-wrap: anywhere; }
+.pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12px; font-weight: 650; margin-right: 6px; background: var(--grid); color: var(--muted); }
+.pill.ok { background: var(--ok-bg); color: var(--ok); }
+.pill.err { background: var(--err-bg); color: var(--err); }
+.pill.warn { background: var(--warn-bg); color: var(--warn); }
+.detail { color: var(--muted); }
+.downloads { display: flex; gap: 10px; flex-wrap: wrap; margin-bottom: 12px; }
+.fp { font-size: 12.5px; color: var(--muted); overflow-wrap: anywhere; }
+.fp code { color: var(--fg); }
+details.os { border: 1px solid var(--border); border-radius: 9px; margin-bottom: 8px; background: var(--card); }
+details.os[open] { border-color: var(--faint); }
+details.os.mine { border-color: var(--accent); box-shadow: 0 0 0 1px var(--accent); }
+details.os summary { cursor: pointer; padding: 10px 14px; font-weight: 600; list-style: none; display: flex; align-items: center; gap: 8px; }
+details.os summary::-webkit-details-marker { display: none; }
+details.os summary::before { content: ""; width: 7px; height: 7px; border-right: 2px solid var(--muted); border-bottom: 2px solid var(--muted); transform: rotate(-45deg); transition: transform 0.15s; margin-right: 4px; flex: none; }
+details.os[open] summary::before { transform: rotate(45deg); }
+details.os summary .you { font-size: 11.5px; font-weight: 650; color: var(--accent); background: var(--accent-bg); border-radius: 999px; padding: 1px 8px; }
+details.os .body { padding: 0 16px 12px 36px; }
+details.os ol { margin: 0; padding-left: 18px; }
+details.os li { margin-bottom: 6px; }
+details.os .note { color: var(--muted); font-size: 13px; margin: 6px 0 0; }
+pre { margin: 6px 0; padding: 8px 10px; background: var(--code-bg); border: 1px solid var(--border); border-radius: 7px; overflow-x: auto; }
+pre code { font-size: 12.5px; }
+.path { font-weight: 600; }
+footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
+@media (max-width: 560px) {
+  .top-inner { padding: 8px 12px; }
+  .brand .sub { display: none; }
+  main { padding: 12px 12px 32px; }
+  .panel-head { padding: 10px 12px; }
+  .panel-body { padding: 12px; }
+  .checks { grid-template-columns: 1fr; gap: 2px; }
+  .checks dd { margin-bottom: 8px; }
+  details.os .body { padding: 0 12px 12px 18px; }
+  .copyrow .val.big { font-size: 14.5px; }
+}
+</style>
+</head>
+<body>
+<header class="top">
+  <div class="top-inner">
+    <div class="brand">
+      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
+      <h1>LLM Proxy</h1><span class="sub">Set up a device</span>
+    </div>
+    <a class="btn" href="/_proxy/dashboard">Dashboard</a>
+  </div>
+</header>
+<main>
+  <div id="trust" class="banner" role="status" aria-live="polite">
+    <span class="icon" id="trust-icon">?</span>
+    <div><h2 id="trust-title">Checking the connection&hellip;</h2><p id="trust-text">Asking the proxy for its status.</p></div>
+  </div>
+
+  <section class="panel" aria-labelledby="h-status">
+    <div class="panel-head"><h2 id="h-status">Live check</h2><button type="button" class="btn small" id="recheck">Check again</button></div>
+    <div class="panel-body">
+      <dl class="checks">
+        <dt>Proxy</dt><dd id="s-proxy"><span class="pill">checking</span></dd>
+        <dt>Backend</dt><dd id="s-backend"><span class="pill">checking</span></dd>
+        <dt>This page</dt><dd id="s-secure"><span class="pill">checking</span></dd>
+      </dl>
+    </div>
+  </section>
+
+  <section class="panel" aria-labelledby="h-endpoint">
+    <div class="panel-head"><h2 id="h-endpoint"><span class="step">1</span>Point your LLM client here</h2></div>
+    <div class="panel-body">
+      <div class="field">
+        <div class="lbl">OpenAI / Anthropic-compatible endpoint</div>
+        <div class="copyrow"><code class="val big" id="ep-v1"></code><button type="button" class="btn primary" data-copy="ep-v1">Copy</button></div>
+      </div>
+      <div class="field">
+        <div class="lbl">Ollama-native base URL</div>
+        <div class="copyrow"><code class="val" id="ep-base"></code><button type="button" class="btn" data-copy="ep-base">Copy</button></div>
+      </div>
+      <p>In Agile-V Studio: <span class="path">Settings &gt; LLM Configuration</span>, choose <span class="path">Custom Local LLM</span> and paste the endpoint ending in <code>/v1</code>. The proxy forwards every path unchanged to the backend.</p>
+      <div class="field">
+        <div class="lbl">Test from a terminal (after downloading the CA below)</div>
+        <div class="copyrow"><code class="val" id="ep-curl"></code><button type="button" class="btn" data-copy="ep-curl">Copy</button></div>
+      </div>
+    </div>
+  </section>
+
+  <section class="panel" aria-labelledby="h-ca">
+    <div class="panel-head"><h2 id="h-ca"><span class="step">2</span>Trust the proxy's certificate authority</h2></div>
+    <div class="panel-body">
+      <p>Browsers only let web apps call the proxy with <code>fetch()</code> when its certificate is trusted by the device; clicking through a warning is not enough. Install this CA once per device.</p>
+      <div class="downloads" id="downloads">
+        <a class="btn primary" id="dl-pem" href="/_proxy/ca.pem" download="llm-proxy-ca.pem">Download CA (.pem)</a>
+        <a class="btn" id="dl-crt" href="/_proxy/ca.crt">Download CA for phones (.crt)</a>
+      </div>
+      <p class="fp" id="fp" hidden>SHA-256 fingerprint: <code id="fp-value"></code></p>
+      <div id="platforms">
+        <details class="os" id="os-ios">
+          <summary>iPhone and iPad</summary>
+          <div class="body"><ol>
+            <li>Open this page in <b>Safari</b> and tap <b>Download CA for phones (.crt)</b>; allow the configuration profile download.</li>
+            <li>Open <span class="path">Settings &gt; General &gt; VPN &amp; Device Management</span> (older iOS: <span class="path">Profiles</span>), tap the downloaded profile and choose <b>Install</b>.</li>
+            <li>Open <span class="path">Settings &gt; General &gt; About &gt; Certificate Trust Settings</span> and switch on full trust for the proxy's CA. Without this toggle Safari still rejects the certificate.</li>
+            <li>Reload this page: it should open without a warning.</li>
+          </ol></div>
+        </details>
+        <details class="os" id="os-android">
+          <summary>Android</summary>
+          <div class="body"><ol>
+            <li>Tap <b>Download CA for phones (.crt)</b>.</li>
+            <li>Open <span class="path">Settings &gt; Security &amp; privacy &gt; More security settings &gt; Encryption &amp; credentials &gt; Install a certificate &gt; CA certificate</span>, confirm <b>Install anyway</b> and pick the downloaded file. Menu names differ between vendors: search Settings for &ldquo;CA certificate&rdquo;.</li>
+            <li>Restart Chrome and reload this page.</li>
+          </ol>
+          <p class="note">Chrome on Android trusts user-installed CAs; many apps do not. Firefox for Android needs <span class="path">Settings &gt; About Firefox</span> (tap the logo five times) and then <span class="path">Settings &gt; Secret Settings &gt; Use third party CA certificates</span>.</p></div>
+        </details>
+        <details class="os" id="os-macos">
+          <summary>macOS</summary>
+          <div class="body"><ol>
+            <li>Download the CA (.pem) and double-click it: Keychain Access adds it to your login keychain.</li>
+            <li>In Keychain Access, open the certificate, expand <b>Trust</b> and set <b>When using this certificate</b> to <b>Always Trust</b>. Or in Terminal:
+              <pre><code>sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ~/Downloads/llm-proxy-ca.pem</code></pre></li>
+            <li>Quit and reopen the browser. Safari, Chrome and Edge use the keychain.</li>
+          </ol></div>
+        </details>
+        <details class="os" id="os-windows">
+          <summary>Windows</summary>
+          <div class="body"><ol>
+            <li>Download the CA (.crt or .pem) and double-click it, then <b>Install Certificate</b>.</li>
+            <li>Choose <b>Current User</b>, then <b>Place all certificates in the following store</b> &gt; <b>Trusted Root Certification Authorities</b>, and confirm the security warning. Or, in an administrator prompt:
+              <pre><code>certutil -addstore Root %USERPROFILE%&#92;Downloads&#92;llm-proxy-ca.pem</code></pre></li>
+            <li>Restart the browser. Chrome and Edge use the Windows store.</li>
+          </ol></div>
+        </details>
+        <details class="os" id="os-linux">
+          <summary>Linux</summary>
+          <div class="body"><ol>
+            <li>System store (curl, Python, most tools). Debian and Ubuntu:
+              <pre><code>sudo cp llm-proxy-ca.pem /usr/local/share/ca-certificates/llm-proxy-ca.crt
+sudo update-ca-certificates</code></pre>
+              Fedora, RHEL and Arch: copy it to <code>/etc/pki/ca-trust/source/anchors/</code> (Arch: <code>/etc/ca-certificates/trust-source/anchors/</code>) and run <code>sudo update-ca-trust</code>.</li>
+            <li>Chrome and Chromium on Linux use their own NSS store: <span class="path">Settings &gt; Privacy and security &gt; Security &gt; Manage certificates &gt; Authorities &gt; Import</span>, tick &ldquo;Trust this certificate for identifying websites&rdquo;. Or (package <code>libnss3-tools</code>):
+              <pre><code>certutil -d sql:$HOME/.pki/nssdb -A -t "C,," -n llm-proxy -i llm-proxy-ca.pem</code></pre></li>
+            <li>Restart the browser.</li>
+          </ol></div>
+        </details>
+        <details class="os" id="os-firefox">
+          <summary>Firefox (all desktop systems)</summary>
+          <div class="body"><ol>
+            <li>Firefox keeps its own certificate store. Open <span class="path">Settings &gt; Privacy &amp; Security &gt; Certificates &gt; View Certificates &gt; Authorities &gt; Import</span>, choose the .pem file and tick <b>Trust this CA to identify websites</b>.</li>
+            <li>On Windows and macOS, Firefox 120 and newer also trusts CAs from the system store (<code>about:config</code>: <code>security.enterprise_roots.enabled</code> = <code>true</code>).</li>
+          </ol></div>
+        </details>
+      </div>
+    </div>
+  </section>
+
+  <footer class="foot">
+    <span id="f-version">local-llm-proxy</span>
+    <span><a href="/_proxy/dashboard">Usage dashboard</a> &middot; <a href="/_proxy/health">Health JSON</a> &middot; <a href="/_proxy/stats">Stats JSON</a></span>
+  </footer>
+</main>
+<script>
+(function () {
+  "use strict";
+
+  // Values from /_proxy/health (versions, backend URL, error text) are shown with
+  // textContent only: they are never parsed as HTML.
+  var HEALTH_URL = "/_proxy/health";
+  var CA_DER_URL = "/_proxy/ca.crt";
+  var DOT = " " + String.fromCharCode(183) + " ";
+  var ELLIPSIS = String.fromCharCode(8230);
+  var CHECK = String.fromCharCode(10003);
+
+  function byId(id) { return document.getElementById(id); }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+  function str(v) { return v === null || v === undefined ? "" : String(v); }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function fmtMs(v) {
+    if (!isNum(v)) { return ""; }
+    return v < 10 ? v.toLocaleString(undefined, { maximumFractionDigits: 1 }) + " ms" : Math.round(v).toLocaleString() + " ms";
+  }
+  function fmtDuration(seconds) {
+    if (!isNum(seconds) || seconds < 0) { return ""; }
+    var s = Math.floor(seconds);
+    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d > 0) { return d + "d " + h + "h"; }
+    if (h > 0) { return h + "h " + m + "m"; }
+    if (m > 0) { return m + "m " + (s % 60) + "s"; }
+    return s + "s";
+  }
+
+  // ---- endpoint (computed from where this page was loaded) ---------------------
+  var host = location.host;
+  var base = "https://" + host;
+  byId("ep-v1").textContent = base + "/v1";
+  byId("ep-base").textContent = base;
+  byId("ep-curl").textContent = "curl --cacert llm-proxy-ca.pem " + base + "/v1/models";
+
+  function fallbackCopy(text) {
+    var ta = document.createElement("textarea");
+    ta.value = text;
+    ta.setAttribute("readonly", "");
+    ta.style.position = "fixed";
+    ta.style.top = "-1000px";
+    document.body.appendChild(ta);
+    ta.select();
+    var ok = false;
+    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+    document.body.removeChild(ta);
+    return ok;
+  }
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      return navigator.clipboard.writeText(text).then(function () { return true; },
+        function () { return fallbackCopy(text); });
+    }
+    return Promise.resolve(fallbackCopy(text));
+  }
+  var copyButtons = document.querySelectorAll("button[data-copy]");
+  for (var i = 0; i < copyButtons.length; i++) {
+    copyButtons[i].addEventListener("click", function (ev) {
+      var btn = ev.currentTarget;
+      var src = byId(btn.getAttribute("data-copy"));
+      copyText(src.textContent).then(function (ok) {
+        btn.textContent = ok ? "Copied" : "Select and copy";
+        btn.classList.toggle("copied", !!ok);
+        if (!ok) {
+          var r = document.createRange();
+          r.selectNodeContents(src);
+          var sel = window.getSelection();
+          sel.removeAllRanges();
+          sel.addRange(r);
+        }
+        setTimeout(function () { btn.textContent = "Copy"; btn.classList.remove("copied"); }, 1600);
+      });
+    });
+  }
+
+  // ---- platform: open and highlight the visitor's steps first -------------------
+  function detectPlatforms() {
+    var ua = navigator.userAgent || "";
+    var touchMac = /Macintosh/.test(ua) && navigator.maxTouchPoints > 1;
+    var out = [];
+    if (/iPhone|iPad|iPod/.test(ua) || touchMac) { out.push("ios"); }
+    else if (/Android/.test(ua)) { out.push("android"); }
+    else if (/Macintosh|Mac OS X/.test(ua)) { out.push("macos"); }
+    else if (/Windows/.test(ua)) { out.push("windows"); }
+    else if (/Linux|X11/.test(ua) && !/CrOS/.test(ua)) { out.push("linux"); }
+    // Desktop Firefox has its own store; Firefox on iOS uses the system one.
+    if (/Firefox/.test(ua) && out[0] !== "ios" && out[0] !== "android") { out.push("firefox"); }
+    return out;
+  }
+  var mine = detectPlatforms();
+  var box = byId("platforms");
+  for (i = mine.length - 1; i >= 0; i--) {
+    var d = byId("os-" + mine[i]);
+    if (!d) { continue; }
+    d.open = true;
+    d.classList.add("mine");
+    var badge = el("span", "you", i === 0 ? "This device" : "This browser");
+    d.querySelector("summary").appendChild(badge);
+    box.insertBefore(d, box.firstChild);
+  }
+  document.documentElement.setAttribute("data-platform", mine.join(" "));
+  if (mine[0] === "ios" || mine[0] === "android") {
+    // Phones install the DER file as a profile/credential: make it the obvious button.
+    var dlCrt = byId("dl-crt"), dlPem = byId("dl-pem");
+    dlCrt.classList.add("primary");
+    dlPem.classList.remove("primary");
+    dlCrt.parentNode.insertBefore(dlCrt, dlPem);
+  }
+
+  // ---- live check ------------------------------------------------------------
+  function pill(kind, text) { return el("span", "pill " + kind, text); }
+  function setRow(id, kind, label, detail) {
+    var dd = byId(id);
+    clear(dd);
+    dd.appendChild(pill(kind, label));
+    if (detail) { dd.appendChild(el("span", "detail", detail)); }
+  }
+  function setBanner(kind, icon, title, text) {
+    byId("trust").className = "banner " + kind;
+    byId("trust-icon").textContent = icon;
+    byId("trust-title").textContent = title;
+    byId("trust-text").textContent = text;
+  }
+
+  function check() {
+    var secure = location.protocol === "https:" && window.isSecureContext === true;
+    setRow("s-proxy", "", "checking", "");
+    setRow("s-backend", "", "checking", "");
+    var ctrl = typeof AbortController === "function" ? new AbortController() : null;
+    var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, 8000);
+    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    if (ctrl) { opts.signal = ctrl.signal; }
+    return fetch(HEALTH_URL, opts).then(function (res) {
+      if (!res.ok) { throw new Error("HTTP " + res.status); }
+      return res.json();
+    }).then(function (h) {
+      h = obj(h);
+      var version = str(h.version);
+      var uptime = str(h.uptime) || fmtDuration(h.uptimeSeconds);
+      var parts = [];
+      if (version) { parts.push("version " + version); }
+      if (uptime) { parts.push("up " + uptime); }
+      setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
+      byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
+
+      var b = obj(h.backend);
+      var where = str(b.url);
+      if (b.reachable === true) {
+        setRow("s-backend", "ok", "reachable", [where, fmtMs(b.latencyMs)].filter(Boolean).join(DOT));
+      } else if (b.reachable === false) {
+        setRow("s-backend", "err", "not reachable",
+          [where, str(b.error)].filter(Boolean).join(DOT) + DOT + "is the LLM server running?");
+      } else {
+        setRow("s-backend", "", "unknown", where);
+      }
+
+      if (secure) {
+        setRow("s-secure", "ok", "secure", "HTTPS" + DOT + "certificate accepted by this browser");
+        setBanner("ok", CHECK, "This browser accepts the proxy's certificate",
+          "If no certificate warning appeared on the way here, this device already trusts the proxy: copy the endpoint below. " +
+          "If you had to click through a warning, install the CA (step 2) first; web apps cannot use the proxy until you do.");
+      } else {
+        setRow("s-secure", "warn", "not secure", "opened over " + location.protocol.replace(":", "").toUpperCase());
+        setBanner("warn", "!", "This page was not opened over HTTPS",
+          "Open it as " + base + "/_proxy/ to check whether this device trusts the proxy.");
+      }
+    }).catch(function (err) {
+      var why = err && err.name === "AbortError" ? "timed out" : (err && err.message ? err.message : "failed");
+      setRow("s-proxy", "err", "no answer", "the health check " + why);
+      setRow("s-backend", "", "unknown", "");
+      setRow("s-secure", secure ? "ok" : "warn", secure ? "secure" : "not secure", secure ? "HTTPS" : "");
+      setBanner("err", "!", "The proxy did not answer the live check",
+        "The page loaded, but " + HEALTH_URL + " " + why + ". Is the proxy still running?");
+    }).then(function () {
+      clearTimeout(killer);
+      document.documentElement.setAttribute("data-state", "checked");
+    });
+  }
+
+  // ---- CA fingerprint, so a user can compare it with the proxy's start-up output ----
+  function showFingerprint() {
+    if (!window.crypto || !window.crypto.subtle || !window.isSecureContext) { return; }
+    fetch(CA_DER_URL, { cache: "no-store", credentials: "same-origin" }).then(function (res) {
+      if (!res.ok) { throw new Error("HTTP " + res.status); }
+      return res.arrayBuffer();
+    }).then(function (buf) {
+      return window.crypto.subtle.digest("SHA-256", buf);
+    }).then(function (digest) {
+      var bytes = new Uint8Array(digest);
+      var hex = [];
+      for (var k = 0; k < bytes.length; k++) { hex.push((bytes[k] < 16 ? "0" : "") + bytes[k].toString(16).toUpperCase()); }
+      byId("fp-value").textContent = hex.join(":");
+      byId("fp").hidden = false;
+    }).catch(function () { /* optional detail: leave it hidden */ });
+  }
+
+  byId("recheck").addEventListener("click", function () {
+    setBanner("", "?", "Checking the connection" + ELLIPSIS, "Asking the proxy for its status.");
+    check();
+  });
+  check();
+  showFingerprint();
+})();
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":
