@@ -272,3 +272,150 @@ def wait_until(predicate, timeout=5.0, interval=0.01) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# --------------------------------------------------------------------------------------------------
+# A fake LLM backend speaking the real wire formats (OpenAI, Anthropic, Ollama), with usage.
+# --------------------------------------------------------------------------------------------------
+
+def _sse(event_type, payload) -> bytes:
+    head = b"event: %s\n" % event_type.encode() if event_type else b""
+    return head + b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class FakeLLM:
+    """Answers like the real APIs and adds up the tokens it reported, for exact comparisons.
+
+    Token counts are derived from the request (prompt = characters of the last message, capped)
+    so every request reports different numbers. `emitted` is what a correct proxy must count.
+    """
+
+    def __init__(self, model_override=None):
+        self.model_override = model_override
+        self.emitted = {"prompt": 0, "completion": 0, "cacheRead": 0, "cacheWrite": 0,
+                        "requests": 0}
+        self.lock = threading.Lock()
+
+    def _count(self, prompt, completion, cache_read=0, cache_write=0):
+        with self.lock:
+            self.emitted["prompt"] += prompt
+            self.emitted["completion"] += completion
+            self.emitted["cacheRead"] += cache_read
+            self.emitted["cacheWrite"] += cache_write
+            self.emitted["requests"] += 1
+
+    def __call__(self, handler, request):
+        body = json.loads(request.body or b"{}")
+        model = self.model_override or body.get("model", "test-model")
+        words = ["Hello", " from", " the", " fake", " model", "."]
+        path = request.path.split("?")[0]
+        prompt = 7 + len(json.dumps(body.get("messages", body.get("prompt", "")))) % 50
+        completion = len(words)
+        if path.endswith("/chat/completions"):
+            self._openai_chat(handler, body, model, words, prompt, completion)
+        elif path.endswith("/v1/messages"):
+            self._anthropic(handler, body, model, words, prompt, completion)
+        elif path.endswith("/api/chat"):
+            self._ollama_chat(handler, body, model, words, prompt, completion)
+        elif path.endswith("/v1/models") or path.endswith("/api/tags"):
+            handler.send_json(200, {"object": "list", "data": [{"id": model, "object": "model"}],
+                                    "models": [{"name": model}]})
+        else:
+            handler.send_json(404, {"error": {"message": "no route %s" % path}})
+
+    def _openai_chat(self, handler, body, model, words, prompt, completion):
+        created = 1764190000
+        cached = prompt // 3
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                               "accepted_prediction_tokens": 0,
+                                               "rejected_prediction_tokens": 0}}
+        if not body.get("stream"):
+            self._count(prompt, completion, cache_read=cached)
+            handler.send_json(200, {
+                "id": "chatcmpl-fake1", "object": "chat.completion", "created": created,
+                "model": model, "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words),
+                                                     "refusal": None, "annotations": []},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage, "service_tier": "default"},
+                headers=[("x-request-id", "req_fake_1"), ("openai-processing-ms", "12")])
+            return
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        handler.start_chunked(headers=[("x-request-id", "req_fake_2")])
+        base = {"id": "chatcmpl-fake2", "object": "chat.completion.chunk", "created": created,
+                "model": model, "system_fingerprint": "fp_fake"}
+
+        def chunk(choices, usage_value="absent"):
+            event = dict(base, choices=choices)
+            if include:
+                event["usage"] = None if usage_value == "absent" else usage_value
+            return _sse(None, event)
+
+        handler.send_chunk(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]))
+        for word in words:
+            handler.send_chunk(chunk([{"index": 0, "delta": {"content": word}, "logprobs": None,
+                                       "finish_reason": None}]))
+        handler.send_chunk(chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                   "finish_reason": "stop"}]))
+        if include:
+            self._count(prompt, completion, cache_read=cached)
+            handler.send_chunk(chunk([], usage))
+        else:
+            self._count(0, 0)
+        handler.send_chunk(b"data: [DONE]\n\n")
+        handler.end_chunked()
+
+    def _anthropic(self, handler, body, model, words, prompt, completion):
+        cache_read, cache_write = 100, 20
+        usage = {"input_tokens": prompt, "cache_creation_input_tokens": cache_write,
+                 "cache_read_input_tokens": cache_read, "output_tokens": completion,
+                 "service_tier": "standard"}
+        self._count(prompt + cache_read + cache_write, completion, cache_read, cache_write)
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": "".join(words)}],
+                   "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
+        if not body.get("stream"):
+            handler.send_json(200, message, headers=[("request-id", "req_fake_3")])
+            return
+        handler.start_chunked(headers=[("request-id", "req_fake_4")])
+        start = dict(message, content=[], stop_reason=None,
+                     usage=dict(usage, output_tokens=1))
+        handler.send_chunk(_sse("message_start", {"type": "message_start", "message": start}))
+        handler.send_chunk(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                        "content_block": {"type": "text", "text": ""}}))
+        handler.send_chunk(_sse("ping", {"type": "ping"}))
+        for word in words:
+            handler.send_chunk(_sse("content_block_delta", {
+                "type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": word}}))
+        handler.send_chunk(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        # Newer servers repeat the cumulative input/cache counts here: never add them twice.
+        handler.send_chunk(_sse("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"input_tokens": prompt, "cache_creation_input_tokens": cache_write,
+                      "cache_read_input_tokens": cache_read, "output_tokens": completion}}))
+        handler.send_chunk(_sse("message_stop", {"type": "message_stop"}))
+        handler.end_chunked()
+
+    def _ollama_chat(self, handler, body, model, words, prompt, completion):
+        self._count(prompt, completion)
+        final = {"model": model, "created_at": "2026-11-26T20:00:00.000Z",
+                 "message": {"role": "assistant", "content": ""}, "done": True,
+                 "done_reason": "stop", "total_duration": 123456789, "load_duration": 1234567,
+                 "prompt_eval_count": prompt, "prompt_eval_duration": 2345678,
+                 "eval_count": completion, "eval_duration": 98765432}
+        if body.get("stream", True) is False:
+            final["message"]["content"] = "".join(words)
+            handler.send_json(200, final)
+            return
+        handler.start_chunked(content_type="application/x-ndjson")
+        for word in words:
+            line = {"model": model, "created_at": "2026-11-26T20:00:00.000Z",
+                    "message": {"role": "assistant", "content": word}, "done": False}
+            handler.send_chunk(json.dumps(line).encode() + b"\n")
+        handler.send_chunk(json.dumps(final).encode() + b"\n")
+        handler.end_chunked()
