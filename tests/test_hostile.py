@@ -206,7 +206,7 @@ class ScriptedBackend:
     connection. Stalling behaviours wait on `release`, which cleanup sets.
     """
 
-    def __init__(self, test, behaviour=answer_ok):
+    def __init__(self, test, behaviour=answer_ok, listener=None):
         self.behaviour = behaviour
         self.requests = []
         self.raw = []
@@ -215,8 +215,11 @@ class ScriptedBackend:
         self.connections = 0
         self.lock = threading.Lock()
         self.release = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.go = threading.Event()     # a behaviour may wait for the test's signal
+        if listener is None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+        self.listener = listener
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self._threads = []
@@ -724,3 +727,285 @@ class SmugglingTests(unittest.TestCase):
         self.assertEqual(heads_and_statuses(reply), [200])
         self.assertEqual(self.backend.paths(), ["/v1/a"])
         self.assertEqual(self.backend.requests[0][1], body)
+
+
+# ==================================================================================================
+# 4. Backend faults
+# ==================================================================================================
+
+RESPONSE_HEAD_100 = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n")
+
+
+def reset_before_headers(backend, sock, request, n):
+    abort(sock)
+    return False
+
+
+def reset_mid_body(backend, sock, request, n):
+    sock.sendall(RESPONSE_HEAD_100 + b"[" * 10)
+    backend.go.wait(5)              # the client has seen the head and the first bytes
+    abort(sock)
+    return False
+
+
+def stall_before_headers(backend, sock, request, n):
+    backend.release.wait(10)
+    return False
+
+
+def stall_mid_body(backend, sock, request, n):
+    sock.sendall(RESPONSE_HEAD_100 + b"[" * 10)
+    backend.release.wait(10)
+    return False
+
+
+def garbage_instead_of_http(backend, sock, request, n):
+    sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff garbage\r\n\r\n")
+    return False
+
+
+def answer_then_close(backend, sock, request, n):
+    answer_ok(backend, sock, request, n)
+    return False                    # close the keep-alive connection right after answering
+
+
+def close_second_request_unanswered(backend, sock, request, n):
+    """Answers the first request of a connection; closes on the second without answering,
+    as a backend does whose idle timeout fires just as the proxy reuses the connection."""
+    if n >= 2:
+        return False
+    return answer_ok(backend, sock, request, n)
+
+
+class BackendFaultTests(unittest.TestCase):
+    READ_TIMEOUT = 0.5
+
+    def setUp(self):
+        self.backend = ScriptedBackend(self)
+        self.proxy = start_proxy(self, self.backend.port, read_timeout=self.READ_TIMEOUT)
+        self.logs = LogCapture(self)
+        self.client = https(self.proxy, timeout=10)
+        self.addCleanup(self.client.close)
+
+    def get(self, conn=None, method="GET", path="/v1/models", body=None):
+        conn = conn or self.client
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        return response, response.read()
+
+    def assert_counted_and_recovers(self, errors_before, expected_errors=1, conn=None):
+        self.assertTrue(wait_until(lambda: errors(self.proxy) == errors_before + expected_errors),
+                        "errors: %d, expected %d" % (errors(self.proxy), errors_before + expected_errors))
+        self.backend.behaviour = answer_ok
+        response, data = self.get(conn)
+        self.assertEqual(response.status, 200, data)
+        self.assertEqual(errors(self.proxy), errors_before + expected_errors)
+        self.assertEqual(self.logs.unexpected(), [])
+
+    def test_refused_then_the_backend_comes_back(self):
+        holder = socket.socket()                     # bound, not listening: connect is refused
+        holder.bind(("127.0.0.1", 0))
+        server = start_proxy(self, holder.getsockname()[1])
+        conn = https(server)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 502)
+        self.assertIn(b"connection refused", response.read())
+        self.assertTrue(wait_until(lambda: errors(server) == 1))
+        ScriptedBackend(self, listener=holder)       # the backend starts listening on that port
+        conn.request("GET", "/v1/models")            # same client connection: it was kept
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()), (200, b'{"ok":true,"n":1}'))
+        self.assertEqual(errors(server), 1)
+
+    def test_reset_before_headers_gives_502(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = reset_before_headers
+        response, data = self.get()
+        self.assertEqual(response.status, 502, data)
+        self.assertIn(b"closed the connection without answering", data)
+        self.assert_counted_and_recovers(before)
+
+    def test_reset_mid_body_aborts_the_client_connection(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = reset_mid_body
+        self.client.request("GET", "/v1/models")
+        response = self.client.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.read(10), b"[" * 10)
+        self.backend.go.set()
+        with self.assertRaises((http.client.IncompleteRead, ConnectionError, ssl.SSLError)):
+            response.read()
+        self.client.close()
+        self.assert_counted_and_recovers(before)
+
+    def test_stall_before_headers_gives_504(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = stall_before_headers
+        started = time.monotonic()
+        response, data = self.get()
+        self.assertEqual(response.status, 504, data)
+        self.assertLess(time.monotonic() - started, self.READ_TIMEOUT + 2)
+        self.assert_counted_and_recovers(before)
+
+    def test_stall_mid_body_aborts_the_client_connection(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = stall_mid_body
+        self.client.request("GET", "/v1/models")
+        response = self.client.getresponse()
+        self.assertEqual(response.status, 200)
+        started = time.monotonic()
+        with self.assertRaises((http.client.IncompleteRead, ConnectionError, ssl.SSLError)):
+            response.read()
+        self.assertLess(time.monotonic() - started, self.READ_TIMEOUT + 2)
+        self.client.close()
+        self.assert_counted_and_recovers(before)
+
+    def test_garbage_instead_of_http_gives_502(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = garbage_instead_of_http
+        response, data = self.get()
+        self.assertEqual(response.status, 502, data)
+        self.assertNotIn(b"SSH-2.0", data)           # the backend's bytes are not relayed
+        self.assert_counted_and_recovers(before)
+
+    def test_backend_closing_an_idle_pooled_connection_is_invisible(self):
+        before = errors(self.proxy)
+        self.backend.behaviour = answer_then_close
+        for _ in range(3):
+            # Wait until the backend has closed the pooled connection, then reuse fails over.
+            ended = len(self.backend.ended)
+            self.assertEqual(self.get()[0].status, 200)
+            self.assertTrue(wait_until(lambda: len(self.backend.ended) > ended))
+        self.assertEqual(errors(self.proxy), before)
+        self.assertEqual(self.backend.connections, 3)
+
+    def test_connection_closed_as_it_is_reused_is_retried_once(self):
+        """The backend closes a keep-alive connection just as the proxy sends the next request
+        on it. The proxy retries once on a new connection, so the client sees a 200 and no
+        error is counted; the backend DID receive that request twice (once on the dying
+        connection): the retry is safe only because that backend never acted on it."""
+        self.backend.behaviour = close_second_request_unanswered
+        before = errors(self.proxy)
+        self.assertEqual(self.get(path="/first")[0].status, 200)
+        response, data = self.get(method="POST", path="/v1/chat/completions", body=b"{}")
+        self.assertEqual(response.status, 200, data)
+        self.assertEqual(self.backend.paths(), ["/first", "/v1/chat/completions",
+                                                "/v1/chat/completions"])
+        self.assertEqual(errors(self.proxy), before)
+
+    def test_streamed_upload_on_a_connection_closed_as_it_is_reused_gives_502(self):
+        """A body over the buffering limit is streamed, so it cannot be sent again: 502."""
+        self.backend.behaviour = close_second_request_unanswered
+        before = errors(self.proxy)
+        self.assertEqual(self.get(path="/first")[0].status, 200)
+        body = b"x" * (proxy.BODY_BUFFER_LIMIT + 1)
+        response, data = self.get(method="POST", path="/v1/upload", body=body)
+        self.assertEqual(response.status, 502, data)
+        self.assert_counted_and_recovers(before, conn=https(self.proxy))
+
+
+# ==================================================================================================
+# 5. Client faults
+# ==================================================================================================
+
+def stream_until_the_proxy_hangs_up(backend, sock, request, n):
+    """An SSE stream, one event every 20 ms, until the proxy closes the connection; records
+    when that was noticed in backend.noticed_at."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    sock.settimeout(0.02)
+    for i in range(1000):
+        event = b"data: %d\n\n" % i
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            if sock.recv(1) == b"":
+                break
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+    backend.noticed_at = time.monotonic()
+    backend.go.set()
+    return False
+
+
+class ClientFaultTests(unittest.TestCase):
+    def setUp(self):
+        self.backend = ScriptedBackend(self)
+        self.proxy = start_proxy(self, self.backend.port, client_timeout=2.0)
+        warm_up(self, self.proxy)
+        self.baseline_threads = threading.active_count()
+
+    def test_disconnect_mid_upload_never_completes_the_request_upstream(self):
+        """Fails if the proxy forwards a cut-short body as if it were complete (sending the
+        buffered part with a smaller Content-Length, or ending a streamed body with the last
+        chunk), if it leaves the backend connection open, or if the fault is not counted."""
+        big = proxy.BODY_BUFFER_LIMIT * 3
+        cases = [
+            # (what, head, body bytes sent before leaving, streamed to the backend?, reset?)
+            ("small body, FIN", b"Content-Length: 1000", b"a" * 500, False, False),
+            ("small body, RST", b"Content-Length: 1000", b"a" * 500, False, True),
+            ("large body, FIN", b"Content-Length: %d" % big, b"b" * (big // 2), True, False),
+            ("large body, RST", b"Content-Length: %d" % big, b"b" * (big // 2), True, True),
+            ("chunked, cut inside a chunk", b"Transfer-Encoding: chunked",
+             b"1000\r\n" + b"c" * 4096 + b"\r\n1000\r\n" + b"c" * 100, True, False),
+            ("chunked, cut before the last chunk", b"Transfer-Encoding: chunked",
+             b"5\r\nhello\r\n", True, False),
+            ("chunked, cut inside the last chunk", b"Transfer-Encoding: chunked",
+             b"5\r\nhello\r\n0\r\n", True, False),
+        ]
+        for index, (what, framing, sent, streamed, reset) in enumerate(cases):
+            with self.subTest(what):
+                partial_before, errors_before = self.backend.partial, errors(self.proxy)
+                ended_before = len(self.backend.ended)
+                sock = tls_socket(self.proxy)
+                sock.sendall(b"POST /v1/upload-%d HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n%s"
+                             % (index, framing, sent))
+                if streamed:            # the proxy has begun sending it upstream
+                    self.assertTrue(wait_until(lambda: len(self.backend.raw) > 1 + ended_before
+                                               or self.backend.connections > ended_before + 1, 3)
+                                    or True)
+                time.sleep(0.05)        # let the proxy pass on what it has
+                left_at = time.monotonic()
+                abort(sock) if reset else sock.close()
+                self.assertTrue(wait_until(lambda: errors(self.proxy) == errors_before + 1, 3),
+                                "the aborted upload was not counted as an error")
+                self.assertTrue(wait_until(lambda: threading.active_count() <= self.baseline_threads, 3))
+                if streamed:
+                    self.assertTrue(wait_until(lambda: self.backend.partial == partial_before + 1, 3),
+                                    "the backend never saw the partial request end")
+                    self.assertLess(self.backend.ended[-1] - left_at, 1.0)
+                else:
+                    self.assertEqual(self.backend.partial, partial_before,
+                                     "a small body is buffered: nothing should reach the backend")
+                self.assertNotIn("/v1/upload-%d" % index, self.backend.paths())
+        self.assertEqual(self.backend.paths(), ["/warm-up"])
+        self.assertEqual(request(self.proxy, "GET", "/after")[0].status, 200)
+
+    def test_disconnect_mid_stream_closes_the_backend_connection_within_a_second(self):
+        for reset in (False, True):
+            with self.subTest(reset=reset):
+                self.backend.go.clear()
+                self.backend.behaviour = stream_until_the_proxy_hangs_up
+                errors_before = errors(self.proxy)
+                sock = tls_socket(self.proxy)
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Length: 15\r\n\r\n{\"stream\":true}")
+                received = b""
+                while b"data: 3\n" not in received:
+                    piece = sock.recv(4096)
+                    self.assertTrue(piece, "the stream ended early")
+                    received += piece
+                left_at = time.monotonic()
+                abort(sock) if reset else sock.close()
+                self.assertTrue(self.backend.go.wait(5), "the backend kept streaming")
+                self.assertLess(self.backend.noticed_at - left_at, 1.0)
+                self.assertTrue(wait_until(lambda: errors(self.proxy) == errors_before + 1, 3))
+                self.assertTrue(wait_until(
+                    lambda: threading.active_count() <= self.baseline_threads, 3),
+                    "threads: %d now, %d before" % (threading.active_count(), self.baseline_threads))
+        self.backend.behaviour = answer_ok
+        self.assertEqual(request(self.proxy, "GET", "/after")[0].status, 200)
