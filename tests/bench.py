@@ -1226,6 +1226,7 @@ def make_certificates(proxy_path: str, directory: str) -> dict:
     """Run proxy.ensure_certificates on a fresh directory in a fresh interpreter; returns the
     timings (module import excluded) and the paths. Times generate_rsa_key too if proxy.py has it."""
     os.makedirs(directory, exist_ok=True)
+    proxy_path = os.path.abspath(proxy_path)
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     done = subprocess.run([sys.executable, "-c", _CERT_SCRIPT, proxy_path, cert, key],
                           cwd=directory, capture_output=True, timeout=600,
@@ -1277,6 +1278,7 @@ def _wait_until_serving(target: Target, probe: bytes, timeout: float) -> Optiona
 def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port: int,
                 certs: dict, context: ssl.SSLContext) -> Target:
     """proxy.py in its own process, tracking and the stats file on (as in production)."""
+    proxy_path = os.path.abspath(proxy_path)
     for _attempt in range(5):
         port = free_port()
         config = {

@@ -83,6 +83,7 @@ class RecordedRequest:
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # headers and body go out in two writes
 
     def handle_one_request(self):
         # Read the whole request (Content-Length or chunked), record it, then let the test's
