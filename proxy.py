@@ -4479,11 +4479,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                   "origin_not_allowed")
             return
         exchange = Exchange(self, head, path, body_length)
-        self.server.stats.request_started()
+        self.server.request_started()
         try:
             exchange.run()
         finally:
-            self.server.stats.request_finished()
+            self.server.request_finished()
             exchange.finish()
 
 
@@ -4511,6 +4511,7 @@ class Exchange:
         self.request_info = None
         self.injected = False
         self.streamed = None
+        self.body_streamed = False
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -4547,6 +4548,7 @@ class Exchange:
                         body, self.injected = rewritten, True
             return body, None
         pieces = iter_chunked_body(rfile) if length < 0 else iter_fixed_body(rfile, length)
+        self.body_streamed = True
         if self.kind:
             return None, self._peek_request(pieces)
         return None, pieces
@@ -4768,8 +4770,8 @@ class Exchange:
         """Answer with a proxy-made error (502/504); keep the client connection when possible."""
         self.status, self.error = status, True
         log.warning("%s %s -> %d: %s", self.head.method, self.path, status, message)
-        self.handler.send_proxy_error(status, message, "proxy_error",
-                                      close=self.body_length is not None)
+        # A streamed body may be half read: then the connection is out of step and must close.
+        self.handler.send_proxy_error(status, message, "proxy_error", close=self.body_streamed)
 
     def finish(self) -> None:
         """Log one line and hand one record to the stats store."""
@@ -4895,24 +4897,31 @@ class ProxyServer(ThreadingHTTPServer):
             log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
             tls.close()
             return
-        with self._active_changed:
-            self._active += 1
         try:
             self.RequestHandlerClass(tls, client_address, self)
         finally:
-            with self._active_changed:
-                self._active -= 1
-                self._active_changed.notify_all()
             try:
                 tls.close()
             except OSError:
                 pass
 
+    def request_started(self) -> None:
+        """Count a forwarded request as in flight (shutdown waits for these, not idle clients)."""
+        with self._active_changed:
+            self._active += 1
+        self.stats.request_started()
+
+    def request_finished(self) -> None:
+        self.stats.request_finished()
+        with self._active_changed:
+            self._active -= 1
+            self._active_changed.notify_all()
+
     def handle_error(self, request, client_address):
         log.exception("unexpected error while serving %s", client_address[0])
 
     def wait_for_requests(self, timeout: float) -> bool:
-        """Wait until no connection is being served; True if all finished in time."""
+        """Wait until no forwarded request is in flight; True if all finished in time."""
         deadline = time.monotonic() + timeout
         with self._active_changed:
             while self._active:

@@ -272,8 +272,8 @@ class ScriptedBackend:
                     self.requests.append(request)
                 if not self.behaviour(self, sock, request, n):
                     break
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            print("BACKEND EXC", repr(exc))
         finally:
             with self.lock:
                 self.ended.append(time.monotonic())

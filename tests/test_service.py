@@ -457,12 +457,39 @@ class StartupErrorTests(ServiceTestCase):
         self.assertEqual(self.run_proxy(["--config", self.config_on(0), "--daemon"]).returncode, 0)
         self.assertEqual(self.run_proxy(["--config", config, "--stop"]).returncode, 0)
 
-    @unittest.expectedFailure   # patches/04-release-pidfile-on-startup-error.diff
+    @unittest.expectedFailure   # patches/02-daemon-startup-errors.diff
     def test_failed_daemon_start_leaves_no_pidfile_behind(self):
         port = self.busy_port()
         config = self.config_on(port)
         self.assertEqual(self.run_proxy(["--config", config, "--daemon"]).returncode, 1)
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(config), "llm-proxy.pid")))
+
+    @unittest.expectedFailure   # patches/02-daemon-startup-errors.diff
+    def test_a_pidfile_that_cannot_be_created_is_a_clear_error(self):
+        # e.g. `--pidfile /run/llm-proxy/llm-proxy.pid` before the directory exists, or as non-root.
+        config = self.config_on(0)
+        pidfile = os.path.join(self.tmp, "no-such-dir", "llm-proxy.pid")
+        result = self.run_proxy(["--config", config, "--daemon", "--pidfile", pidfile])
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertTrue(result.stderr.startswith("error: "), result.stderr)
+        self.assertIn(pidfile, result.stderr)
+        self.assert_no_traceback(result.stderr)
+        self.assertEqual(_pids_with_marker(self.marker), [])
+
+    @unittest.expectedFailure   # patches/02-daemon-startup-errors.diff
+    def test_a_log_file_that_cannot_be_written_is_a_clear_error(self):
+        config = self.config_on(0)
+        log_file = os.path.join(self.tmp, "no-such-dir", "llm-proxy.log")
+        for mode in ([], ["--daemon"]):
+            with self.subTest(mode=mode):
+                result = self.run_proxy(["--config", config, "--log-file", log_file] + mode)
+                self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+                # Not "see the log file": there is none. Name the path and the reason instead.
+                self.assertIn("error: cannot write log file %s" % log_file, result.stderr)
+                self.assert_no_traceback(result.stderr)
+                self.assertEqual(_pids_with_marker(self.marker), [])
+                self.assertFalse(os.path.exists(os.path.join(os.path.dirname(config),
+                                                             "llm-proxy.pid")))
 
     def test_check_accepts_a_good_config_without_serving_or_writing(self):
         port = self.busy_port()       # if --check tried to listen, it would fail with exit 1
@@ -679,6 +706,16 @@ class HealthAndLoggingTests(ServiceTestCase):
         self.assertIn("unhealthy", unhealthy.stdout)
         self.assert_no_traceback(unhealthy.stderr)
         self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0)
+
+    @unittest.expectedFailure   # patches/05-banner-bound-address.diff
+    def test_banner_shows_only_the_address_it_listens_on(self):
+        # Bound to 127.0.0.1, the proxy cannot be reached on the LAN addresses its certificate
+        # names; telling the user to point their apps there sends them to a closed port.
+        child, port, err = self.start_proxy(["--config", self.config])
+        self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0)
+        endpoints = re.findall(r"endpoint for your apps: https://(\S+):%d/v1" % port, _read(err))
+        self.assertEqual(endpoints, ["127.0.0.1"], _read(err))
+        self.assertIn("dashboard: https://127.0.0.1:%d/_proxy/dashboard" % port, _read(err))
 
     def test_under_systemd_log_lines_have_no_second_time_stamp(self):
         child, port, err = self.start_proxy(["--config", self.config],
