@@ -4483,8 +4483,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             exchange.run()
         finally:
-            self.server.request_finished()
-            exchange.finish()
+            try:
+                exchange.finish()
+            finally:
+                # Only now: shutdown saves the stats once nothing is in flight, so the record
+                # must be in the store before this request stops counting as in flight.
+                self.server.request_finished()
 
 
 class Exchange:

@@ -265,6 +265,16 @@ def read_http_response(sock, max_bytes=1 << 20) -> bytes:
     return data
 
 
+def settled_stats(server) -> dict:
+    """The stats snapshot once no forwarded request is in flight.
+
+    The proxy records a request just after the client has its last byte, so a client that asks
+    for stats at once could otherwise race the record of its own request.
+    """
+    wait_until(lambda: server.stats.snapshot()["inFlight"] == 0)
+    return server.stats.snapshot()
+
+
 def wait_until(predicate, timeout=5.0, interval=0.01) -> bool:
     """Poll `predicate` until it is true or `timeout` passes; returns its last value."""
     deadline = time.monotonic() + timeout

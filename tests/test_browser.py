@@ -11,7 +11,7 @@ import os
 import unittest
 
 import browser
-from support import FakeLLM, HERE, ca_file, https, start_proxy, start_upstream
+from support import FakeLLM, HERE, ca_file, https, settled_stats, start_proxy, start_upstream
 
 ARTIFACTS = os.path.join(HERE, "artifacts")
 HOSTILE_MODEL = "<img src=x onerror=alert(1)>"
@@ -59,6 +59,7 @@ class DashboardInChromiumTests(unittest.TestCase):
         # Hostile values: a model name from the backend and a path from a client.
         self.post("/v1/chat/completions", dict(chat, model=HOSTILE_MODEL))
         self.assertEqual(self.post(HOSTILE_PATH, chat), 404)
+        settled_stats(self.proxy)
 
     def test_dashboard_shows_the_real_totals_and_no_injected_markup(self):
         total = self.llm.emitted["prompt"] + self.llm.emitted["completion"]
@@ -93,7 +94,7 @@ class DashboardInChromiumTests(unittest.TestCase):
         self.assertIn(self.base + "/v1", setup.text)
         self.assertIn("reachable", setup.text)
         self.assertEqual(reset["errors"], [])
-        self.assertEqual(self.proxy.stats.snapshot()["requests"], 0)
+        self.assertEqual(settled_stats(self.proxy)["requests"], 0)
 
     def test_without_the_ca_chromium_refuses_the_page(self):
         error = browser.check_untrusted(self.base + "/_proxy/dashboard", self.tmpdir())

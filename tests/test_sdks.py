@@ -8,7 +8,7 @@ import socket
 import ssl
 import unittest
 
-from support import proxy, FakeLLM, start_upstream, start_proxy, ca_file, https
+from support import FakeLLM, start_upstream, start_proxy, ca_file, settled_stats
 
 try:
     import openai
@@ -59,7 +59,7 @@ class OpenAISdkTests(unittest.TestCase):
         self.assertEqual(text, "Hello from the fake model.")
         self.assertTrue(all(c.choices for c in chunks), "the injected usage chunk leaked")
         self.assertTrue(all(c.usage is None for c in chunks))
-        snapshot = self.proxy.stats.snapshot()
+        snapshot = settled_stats(self.proxy)
         self.assertEqual(snapshot["tokens"]["completion"], 6)
         self.assertEqual(snapshot["usageReports"]["injected"], 1)
 
@@ -103,7 +103,7 @@ class AnthropicSdkTests(unittest.TestCase):
         seen = self.upstream.requests[-1]
         self.assertIn("sk-ant-test-not-a-secret",
                       (seen.header("x-api-key") or "") + (seen.header("Authorization") or ""))
-        snapshot = self.proxy.stats.snapshot()
+        snapshot = settled_stats(self.proxy)
         self.assertEqual(snapshot["tokens"]["cacheRead"], 100)
         self.assertEqual(snapshot["tokens"]["prompt"], self.llm.emitted["prompt"])
 
@@ -115,7 +115,7 @@ class AnthropicSdkTests(unittest.TestCase):
             final = stream.get_final_message()
         self.assertEqual(text, "Hello from the fake model.")
         self.assertEqual(final.usage.output_tokens, 6)
-        snapshot = self.proxy.stats.snapshot()
+        snapshot = settled_stats(self.proxy)
         self.assertEqual(snapshot["tokens"]["completion"], 6)
         self.assertEqual(snapshot["tokens"]["cacheWrite"], 20)
         self.assertEqual(snapshot["usageReports"]["reported"], 1)

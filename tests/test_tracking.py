@@ -6,7 +6,7 @@ import os
 import threading
 import unittest
 
-from support import proxy, FakeLLM, start_upstream, start_proxy, https, echo_responder
+from support import proxy, FakeLLM, start_upstream, start_proxy, https, settled_stats
 
 
 def call(server, method, path, payload=None, headers=None):
@@ -21,6 +21,8 @@ def call(server, method, path, payload=None, headers=None):
 
 
 def stats(server):
+    """/_proxy/stats over HTTPS, once the requests before it have been recorded."""
+    settled_stats(server)
     response, data = call(server, "GET", "/_proxy/stats")
     return json.loads(data)
 
@@ -258,6 +260,7 @@ class PersistenceTests(unittest.TestCase):
         first = start_proxy(self, upstream.port)
         call(first, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5,
                                               "messages": [{"role": "user", "content": "hey"}]})
+        settled_stats(first)
         self.assertTrue(first.stats.save())
         second = start_proxy(self, upstream.port, stats_file=first.config.stats_file)
         second.stats.load()
