@@ -343,9 +343,11 @@ def _env_value(name: str, dotted: str, raw: str):
 def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True) -> Config:
     """Build the Config from defaults, an optional JSON file and environment overrides.
 
-    With no `path`, ./config.json is used when it exists, else the defaults. Relative paths in a
-    config file resolve against that file's directory (cron starts programs in $HOME); relative
-    paths from the defaults or the environment resolve against the current directory.
+    With no `path`, ./config.json is used when it exists, else the defaults. With a config file,
+    relative paths from the file and the default paths (certs/, stats.json) resolve against that
+    file's directory, like the pidfile and log of --daemon (cron starts programs in $HOME);
+    without one they resolve against the current directory. Paths from the environment
+    always resolve against the current directory.
     Raises ConfigError naming the file (or variable), the key and the value.
     """
     environ = os.environ if environ is None else environ
@@ -376,7 +378,8 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
 
     def resolve(dotted: str) -> str:
         value = os.path.expanduser(values[dotted])
-        relative_to = base_dir if origin_of[dotted] == path and path else os.getcwd()
+        from_environment = origin_of[dotted] not in (None, path)
+        relative_to = os.getcwd() if from_environment else base_dir
         return os.path.normpath(os.path.join(relative_to, value))
 
     return Config(
@@ -5026,6 +5029,10 @@ class PidFile:
             os.close(fd)
             return owner or -1
         self.fd = fd
+        # Our pid at once (a stale number would otherwise show until the daemon writes its own):
+        # the first start makes certificates for seconds, and meanwhile a second --daemon or a
+        # --stop must see who holds the lock.
+        self.write(os.getpid())
         return None
 
     def write(self, pid: int) -> None:
@@ -5262,12 +5269,17 @@ def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
              config.bind or "*", port, config.target_url)
     for line in cert_status.describe().splitlines():
         log.info("  %s", line)
-    addresses = [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
+    # Bound to one address, the proxy answers there only: the certificate's other names would
+    # send the user to a closed port.
+    bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else None
+    addresses = [bound] if bound else \
+        [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
     for host in addresses or ["localhost"]:
         host = "[%s]" % host if ":" in host else host
         log.info("  endpoint for your apps: https://%s:%d/v1", host, port)
-    log.info("  dashboard: https://localhost:%d/_proxy/dashboard  device set-up: "
-             "https://localhost:%d/_proxy/", port, port)
+    local = "[%s]" % bound if bound and ":" in bound else bound or "localhost"
+    log.info("  dashboard: https://%s:%d/_proxy/dashboard  device set-up: "
+             "https://%s:%d/_proxy/", local, port, local, port)
     if cert_status.ca_created:
         for line in trust_instructions(cert_status.ca_file).splitlines():
             log.info("  %s", line)
@@ -5301,10 +5313,38 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         pidfile = PidFile(pidfile_path)
-        owner = pidfile.acquire()
+        try:
+            owner = pidfile.acquire()
+        except OSError as exc:
+            print("error: cannot create pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
+                  file=sys.stderr)
+            return 1
         if owner is not None:
             print("already running (pid %d)" % owner)
             return 0
+    try:
+        return _start(args, config, pidfile)
+    finally:
+        # Reached after a start-up error or when serving ends (never in the parents that
+        # daemonize() ends with os._exit): a failed start leaves no pidfile behind.
+        if pidfile is not None:
+            pidfile.release()
+
+
+def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
+    """Open the log file, make sure of the certificates, listen, detach if asked, serve."""
+    log_file = None
+    if args.daemon or args.log_file:
+        log_file = os.path.abspath(args.log_file) if args.log_file else \
+            _default_beside_config(config, "llm-proxy.log")
+        try:
+            # Opened before detaching: a path we cannot write is reported here, on stderr,
+            # instead of killing the daemon after stderr went to /dev/null.
+            setup_logging("warning" if args.quiet else args.log_level, log_file)
+        except OSError as exc:
+            print("error: cannot write log file %s: %s" % (log_file, exc.strerror or exc),
+                  file=sys.stderr)
+            return 1
     try:
         cert_status = ensure_certificates(config.cert_file, config.key_file,
                                           extra_hosts=config.tls_hosts)
@@ -5323,23 +5363,14 @@ def main(argv=None) -> int:
     server.stats.load()
     ready = None
     if args.daemon:
-        log_file = os.path.abspath(args.log_file) if args.log_file else \
-            _default_beside_config(config, "llm-proxy.log")
         report = daemonize()
-        setup_logging("warning" if args.quiet else args.log_level, log_file)
         pidfile.write(os.getpid())
 
         def ready():
             os.write(report, ("started (pid %d), logging to %s" % (os.getpid(), log_file)).encode())
             os.close(report)
-    elif args.log_file:
-        setup_logging("warning" if args.quiet else args.log_level, os.path.abspath(args.log_file))
     print_banner(config, cert_status, server.server_address[1])
-    try:
-        return serve(server, ready)
-    finally:
-        if pidfile is not None:
-            pidfile.release()
+    return serve(server, ready)
 
 
 # ==================================================================================================
