@@ -26,6 +26,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -3959,9 +3960,23 @@ def _connection_tokens(values) -> List[str]:
     return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
 
 
+def _client_read(read, size: int) -> bytes:
+    """read(size) from the client; a reset or clientTimeout becomes ClientGone.
+
+    Without this an OSError while a body streams upstream looks like the backend's (a 504 "the
+    backend did not answer" for a client that stalled), and one while a small body is read
+    records the request as status 0 and no error. Python 3.9/3.13 report a client that leaves
+    mid-upload as ECONNRESET, 3.11 as end of stream.
+    """
+    try:
+        return read(size)
+    except OSError:
+        raise ClientGone() from None
+
+
 def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
     """One CRLF-terminated line without its CRLF. b"" at a clean end of stream before any byte."""
-    line = rfile.readline(limit + 1)
+    line = _client_read(rfile.readline, limit + 1)
     if line.endswith(b"\r\n"):
         return line[:-2]
     if not line:
@@ -4042,7 +4057,8 @@ def request_body_length(head: RequestHead) -> Optional[int]:
         if len(values) != 1:
             raise RequestError(400, "conflicting Content-Length values")
         value = values.pop()
-        if not value.isdigit() or len(value) > 18:
+        # isascii(): str.isdigit() is also true for "\u00b2" and other digits int() refuses.
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise RequestError(400, "invalid Content-Length")
         return int(value) or None
     return None
@@ -4052,7 +4068,7 @@ def iter_fixed_body(rfile, length: int, piece: int = READ_CHUNK):
     """Yield a Content-Length body in pieces. Raises ClientGone if it ends early."""
     remaining = length
     while remaining:
-        data = rfile.read1(min(piece, remaining))
+        data = _client_read(rfile.read1, min(piece, remaining))
         if not data:
             raise ClientGone()
         remaining -= len(data)
@@ -4073,7 +4089,7 @@ def iter_chunked_body(rfile, piece: int = READ_CHUNK):
         if size == 0:
             break
         yield from iter_fixed_body(rfile, size, piece)
-        if rfile.read(2) != b"\r\n":
+        if _client_read(rfile.read, 2) != b"\r\n":
             raise RequestError(400, "chunk data not followed by CRLF")
     trailer_bytes = 0
     while True:
@@ -4162,6 +4178,16 @@ class UpstreamPool:
         return conn
 
 
+_OBS_FOLD = re.compile(r"[\r\n]+[ \t]*")
+
+
+def _conflicting_content_length(response) -> bool:
+    """True when a response carries differing Content-Length values (RFC 9110 §8.6)."""
+    values = {v.strip() for item in response.msg.get_all("content-length") or ()
+              for v in item.split(",")}
+    return len(values) > 1
+
+
 def _socket_is_quiet(sock) -> bool:
     if sock is None:
         return False
@@ -4188,6 +4214,31 @@ def _describe_os_error(exc: OSError) -> str:
 # HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
 # ==================================================================================================
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
+    together must finish by then, else socket.timeout. Used for the request head only."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            return self._sock.recv_into(buffer)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no complete request head within clientTimeout")
+        self._sock.settimeout(min(remaining, self._timeout))
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """One client connection: reads requests, answers /_proxy/* and preflights, forwards the rest.
 
@@ -4206,10 +4257,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.settimeout(self.server.config.client_timeout)
+        # clientTimeout must bound the whole wait for a request head, not each recv(): a client
+        # trickling one byte per (clientTimeout - 1) s would otherwise hold a thread for hours.
+        self.rfile.close()
+        self.head_reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.head_reader, self.rbufsize)
 
     def handle_one_request(self):
         self.close_connection = True
         self.head = None
+        self.head_reader.deadline = time.monotonic() + self.server.config.client_timeout
         try:
             head = read_request_head(self.rfile)
         except RequestError as exc:
@@ -4217,6 +4274,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         except (ClientGone, OSError):
             return
+        finally:
+            self.head_reader.deadline = None
         if head is None:
             return
         self.head = head
@@ -4236,6 +4295,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def route(self, head: RequestHead) -> None:
         """Decide where one request goes: refused, internal, preflight, or forwarded."""
+        hosts = head.get_all("host")
+        if len(hosts) > 1 or (not hosts and head.version == "HTTP/1.1"):
+            # RFC 9112 §3.2: MUST answer 400. Two Hosts would also leave the admin endpoints'
+            # same-origin check and X-Forwarded-Host to pick one of two client-chosen values.
+            raise RequestError(400, "an HTTP/1.1 request needs exactly one Host header")
         if head.method == "CONNECT":
             raise RequestError(405, "CONNECT is not supported: this proxy forwards to one backend only")
         if not head.target.startswith("/"):
@@ -4277,6 +4341,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers.append(("Content-Type", content_type))
         headers.append(("Content-Length", str(len(body))))
         headers.extend(extra)
+        if not any(name.lower() == "x-content-type-options" for name, _ in extra):
+            # Stats, errors and metrics echo client-chosen paths and model names: a browser
+            # must never sniff them into HTML.
+            headers.append(("X-Content-Type-Options", "nosniff"))
         headers.extend(self.cors_response_headers(()))
         self.write_head(status, http.client.responses.get(status, "Unknown"), headers)
         if body and not (self.head is not None and self.head.method == "HEAD"):
@@ -4626,7 +4694,14 @@ class Exchange:
                 else:
                     conn.endheaders()
                     self.stream_request_body(conn, body_stream)
-                return conn, conn.getresponse()
+                response = conn.getresponse()
+                if not response.chunked and _conflicting_content_length(response):
+                    # RFC 9110 §8.6: the end of this response is unknowable; a proxy MUST
+                    # answer 502 and close the connection to the server.
+                    conn.close()
+                    raise UpstreamError(502, "The backend at %s sent conflicting Content-Length "
+                                             "headers" % pool.url)
+                return conn, response
             except (ClientGone, RequestError):
                 conn.close()
                 raise
@@ -4667,10 +4742,22 @@ class Exchange:
         raw = response.getheaders()
         dropped = set(HOP_BY_HOP_HEADERS)
         dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
-        if not body_kept:
+        reframed = self.has_body(response) and (
+            response.chunked or response.length is None or not body_kept)
+        if reframed or response.chunked:
+            # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a proxy MUST remove
+            # Content-Length before forwarding; a body we re-frame carries our framing only
+            # (http.client also gives length None for an unparsable Content-Length).
             dropped.add("content-length")
-        headers = [(k, v) for k, v in raw
-                   if k.lower() not in dropped and not k.lower().startswith("access-control-")]
+        headers = []
+        for k, v in raw:
+            lower = k.lower()
+            if lower in dropped or lower.startswith("access-control-"):
+                continue
+            if lower == "content-length":
+                dropped.add(lower)          # identical repeats (checked already): send one
+            # RFC 9112 §5.2: replace obs-fold (CRLF + whitespace) by SP before forwarding.
+            headers.append((k, _OBS_FOLD.sub(" ", v)))
         chunked = False
         if self.has_body(response):
             if response.chunked or response.length is None or not body_kept:
