@@ -74,6 +74,7 @@ CONFIG_DEFAULTS = {
         "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
         "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
+        "maxConnections": 512,       # open client connections (one thread each); more are refused
     },
     "target": {
         "host": "127.0.0.1",
@@ -141,6 +142,10 @@ CORS_SAFELISTED_RESPONSE_HEADERS = (
     "last-modified", "pragma",
 )
 
+# Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are re-sent
+# when a pooled connection dies before the reply.
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_CACHE_SECONDS = 3.0
 
@@ -190,6 +195,12 @@ def _check_history_size(value):
     return None
 
 
+def _check_connection_limit(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100000:
+        return "an integer from 1 to 100000"
+    return None
+
+
 def _check_bool(value):
     return None if isinstance(value, bool) else "true or false"
 
@@ -220,6 +231,7 @@ CONFIG_CHECKS = {
     "proxy.allowedOrigins": _check_origins,
     "proxy.adminToken": _check_string,
     "proxy.clientTimeout": _check_positive_number,
+    "proxy.maxConnections": _check_connection_limit,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
@@ -245,6 +257,7 @@ class Config:
     allowed_origins: Tuple[str, ...] = ("*",)
     admin_token: str = ""
     client_timeout: float = 30.0
+    max_connections: int = 512
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -389,6 +402,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         allowed_origins=_parse_origins(values["proxy.allowedOrigins"]),
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
+        max_connections=values["proxy.maxConnections"],
         target_host=values["target.host"].strip().strip("[]"),
         target_port=values["target.port"],
         connect_timeout=float(values["target.connectTimeout"]),
@@ -3426,6 +3440,7 @@ class StatsStore(object):
         if not self._persistence_enabled():
             return False
         path = self.path
+        _stats_remove_stale_temp_files(path)
         try:
             with open(path, "rb") as f:
                 data = f.read(_STATS_FILE_MAX_BYTES + 1)
@@ -3579,6 +3594,24 @@ class StatsStore(object):
             thread.join(timeout)
         self._autosave_stop = self._autosave_thread = None
         return self.save()
+
+
+def _stats_remove_stale_temp_files(path):
+    # type: (str) -> None
+    """Delete temp files a killed process left behind mid-save (one proxy per stats file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                log.info("removed %s, left by an interrupted save", name)
+            except OSError:
+                pass
 
 
 def _stats_atomic_write(path, data):
@@ -4198,6 +4231,20 @@ def _socket_is_quiet(sock) -> bool:
     return not readable
 
 
+def _peer_closed(sock) -> bool:
+    """True when a readable client socket holds no data but the end of the stream.
+
+    Peeks at the raw TCP bytes (socket.socket.recv bypasses the TLS layer, which refuses
+    MSG_PEEK), so nothing is consumed.
+    """
+    try:
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _describe_os_error(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return "host name not found"
@@ -4684,6 +4731,7 @@ class Exchange:
         pool = self.server.upstream
         for attempt in (1, 2):
             conn, reused = pool.acquire()
+            sent = False
             try:
                 conn.putrequest(self.head.method, self.head.target,
                                 skip_host=True, skip_accept_encoding=True)
@@ -4694,6 +4742,8 @@ class Exchange:
                 else:
                     conn.endheaders()
                     self.stream_request_body(conn, body_stream)
+                sent = True
+                self.wait_for_answer(conn)
                 response = conn.getresponse()
                 if not response.chunked and _conflicting_content_length(response):
                     # RFC 9110 §8.6: the end of this response is unknowable; a proxy MUST
@@ -4707,7 +4757,10 @@ class Exchange:
                 raise
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 conn.close()
-                if reused and attempt == 1 and body is not None:
+                # Safe to send again: the send itself failed, or the method is idempotent. A POST
+                # the backend may have read is never replayed: it could generate twice.
+                replayable = not sent or self.head.method in IDEMPOTENT_METHODS
+                if reused and attempt == 1 and body is not None and replayable:
                     log.debug("pooled backend connection was stale (%s); retrying once", exc)
                     continue
                 raise UpstreamError(502, "The backend at %s closed the connection without "
@@ -4725,6 +4778,30 @@ class Exchange:
                 raise UpstreamError(502, "Error talking to the backend at %s: %s"
                                     % (pool.url, _describe_os_error(exc))) from None
         raise AssertionError("unreachable")
+
+    def wait_for_answer(self, conn) -> None:
+        """Wait for the backend's first byte, and give up at once if the client leaves meanwhile.
+
+        A model may think for minutes before its first byte. A client that closes its
+        connection then (the user pressed stop) should free the backend right away: closing our
+        connection makes Ollama and llama.cpp cancel the generation.
+        """
+        backend, client = conn.sock, self.handler.connection
+        if not _socket_is_quiet(backend):
+            return                                  # the answer is already here
+        watched = [backend, client]
+        deadline = time.monotonic() + self.config.read_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return                              # getresponse() raises the timeout
+            readable, _, _ = select.select(watched, [], [], remaining)
+            if backend in readable or not readable:
+                return
+            if _peer_closed(client):
+                self.status, self.error = 499, True
+                raise ClientGone()
+            watched = [backend]                     # pipelined bytes: stop watching the client
 
     def stream_request_body(self, conn, pieces) -> None:
         """Forward a large or chunked body as it arrives, re-framed as chunked.
@@ -4955,6 +5032,9 @@ class ProxyServer(ThreadingHTTPServer):
         self._health_cache = (0.0, None)
         self._active = 0
         self._active_changed = threading.Condition()
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._last_refusal_log = -1e9
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -4974,8 +5054,29 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_port = self.server_address[1]
 
     def process_request(self, request, client_address):
+        # One thread per connection, up to proxy.maxConnections: past that a flood of
+        # connections is turned away here instead of exhausting memory.
+        with self._connections_lock:
+            refused = self._connections >= self.config.max_connections
+            if not refused:
+                self._connections += 1
+        if refused:
+            self.shutdown_request(request)
+            now = time.monotonic()
+            if now - self._last_refusal_log > 10:
+                self._last_refusal_log = now
+                log.warning("refusing connections: %d open (proxy.maxConnections)",
+                            self.config.max_connections)
+            return
         threading.Thread(target=self.process_request_thread, args=(request, client_address),
                          daemon=True).start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
 
     def finish_request(self, request, client_address):
         """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""

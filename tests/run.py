@@ -49,9 +49,11 @@ def main(argv):
     runner = unittest.TextTestRunner(verbosity=verbosity, resultclass=LogOnFailureResult)
     started = time.monotonic()
     result = runner.run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # Count tests, not reports: one test with several failing subtests is one failed test.
+    failed = len({getattr(test, "test_case", test).id()
+                  for test, _ in result.failures + result.errors}) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    passed = max(0, result.testsRun - failed - skipped)
     print("tests took %.1fs" % (time.monotonic() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
     return 0 if failed == 0 and result.testsRun > 0 else 1

@@ -234,8 +234,10 @@ def make_config(upstream_port=1, **overrides) -> proxy.Config:
 def start_proxy(test: unittest.TestCase, upstream_port=1, **overrides) -> "proxy.ProxyServer":
     """The real proxy over real TLS, serving in a thread until the test ends."""
     server = proxy.build_server(make_config(upstream_port, **overrides))
-    _serve_in_thread(test, server)
+    # Cleanups run last-in first-out: stop serving, let requests finish, then close the pool.
     test.addCleanup(server.upstream.close_all)
+    test.addCleanup(server.wait_for_requests, 5)
+    _serve_in_thread(test, server)
     return server
 
 

@@ -10,7 +10,7 @@ import time
 import unittest
 
 from support import (proxy, start_upstream, start_proxy, https, tls_socket, read_http_response,
-                     wait_until, echo_responder, client_context)
+                     wait_until, echo_responder, client_context, settled_stats)
 
 
 def request(server, method, target, body=None, headers=None, timeout=10.0):
@@ -238,6 +238,30 @@ class StreamingTests(unittest.TestCase):
         sock.close()
         self.assertTrue(closed.wait(5), "backend kept streaming after the client left")
 
+    def test_client_leaving_during_a_silent_prefill_frees_the_backend(self):
+        backend_saw_close = threading.Event()
+
+        def responder(handler, request):
+            # A model still processing the prompt: no byte yet. Watch for the proxy hanging up.
+            import select as select_module
+            for _ in range(100):
+                readable, _, _ = select_module.select([handler.connection], [], [], 0.05)
+                if readable and handler.connection.recv(1) == b"":
+                    backend_saw_close.set()
+                    return
+            handler.send_json(200, {"late": True})
+
+        upstream = start_upstream(self, responder)
+        server = start_proxy(self, upstream.port)
+        sock = tls_socket(server)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertTrue(wait_until(lambda: len(upstream.requests) == 1))
+        sock.close()
+        self.assertTrue(backend_saw_close.wait(3), "the backend kept working for a departed client")
+        snapshot = settled_stats(server)
+        self.assertEqual(snapshot["errors"], 1)
+        self.assertEqual(snapshot["recent"][0]["status"], 499)
+
     def test_unknown_length_response_to_http10_client_is_close_delimited(self):
         def responder(handler, request):
             handler.start_chunked(content_type="text/plain")
@@ -292,6 +316,25 @@ class UpstreamFaultTests(unittest.TestCase):
             self.assertEqual(response.status, 200)
             self.assertEqual(json.loads(data)["n"], expected)
             time.sleep(0.2)
+
+    def test_a_post_the_backend_may_have_read_is_never_sent_twice(self):
+        def responder(handler, request):
+            if len(handler.server.requests) == 1:
+                handler.send_json(200, {"first": True})
+            else:
+                # Read the request, then hang up without answering.
+                handler.close_connection = True
+        upstream = start_upstream(self, responder)
+        server = start_proxy(self, upstream.port)
+        conn = https(server)
+        conn.request("POST", "/v1/chat/completions", body=b"{}")
+        self.assertEqual(conn.getresponse().read(), b'{"first": true}')
+        conn.request("POST", "/v1/chat/completions", body=b"{}")
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(len(upstream.requests), 2, "the POST was replayed")
 
     def test_garbage_from_backend_gives_502(self):
         listener = socket.socket()
@@ -420,6 +463,21 @@ class TlsServerTests(unittest.TestCase):
         response, _ = request(server, "GET", "/api/tags", timeout=5)
         self.assertEqual(response.status, 200)
         self.assertLess(time.monotonic() - started, 4.0)
+
+    def test_connections_past_the_limit_are_turned_away_and_served_again_later(self):
+        upstream = start_upstream(self)
+        server = start_proxy(self, upstream.port, max_connections=3)
+        held = [tls_socket(server) for _ in range(3)]
+        self.addCleanup(lambda: [s.close() for s in held])
+        with self.assertRaises((ssl.SSLError, ConnectionError, OSError)):
+            extra = tls_socket(server, timeout=5)
+            extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not extra.recv(100):
+                raise ConnectionError("closed")
+        held.pop().close()
+        self.assertTrue(wait_until(lambda: server._connections < 3))
+        response, _ = request(server, "GET", "/api/tags")
+        self.assertEqual(response.status, 200)
 
     def test_tls_1_1_is_refused(self):
         upstream = start_upstream(self)
