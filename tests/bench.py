@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark proxy.py against nginx and a direct connection (issue 7), and soak-test it (issue 8).
 
-    python3 tests/bench.py              full run, every scenario, 3 interleaved rounds (a few minutes)
+    python3 tests/bench.py              full run: every scenario, 3 interleaved rounds, minutes
     python3 tests/bench.py --quick      smoke run of about 20 s: 1 round, smaller counts
     python3 tests/bench.py --json       the same figures, machine-readable on stdout
     python3 tests/bench.py --soak [S]   bounded soak of proxy.py alone (default 60 s)
     python3 tests/bench.py --proxy P    measure another copy of proxy.py (e.g. with a patch applied)
     python3 tests/bench.py --only a,d   some scenarios only (g, the idle figures, always runs)
+    more: --rounds N, --no-nginx, --nginx-workers N, --client-procs N (default 2),
+          --seed N (soak), --proxy-pid-file PATH (to attach a profiler such as py-spy)
 
 Not part of the test run (tests/run.py discovers test_*.py only). Standard library only; every
 socket is on 127.0.0.1; every child process is ended and the temporary directory removed on exit,
@@ -33,11 +35,14 @@ The scenarios (see each bench_* function for how it is measured):
   b  the same with a new connection (TCP + TLS handshake) per request: p50/p99
   c  requests/s with 32 concurrent keep-alive clients, plus CPU used by server, upstream, clients
   d  SSE: 20 streams x 200 events 5 ms apart: per-event latency (receive time minus the
-     upstream's send time; CLOCK_MONOTONIC is system-wide on Linux), added latency over direct,
-     time to first byte, complete streams
+     upstream's send time; CLOCK_MONOTONIC is system-wide on Linux), added latency (a target's
+     percentile minus direct's in the same round), time to first byte, complete streams
   e  one 256 MiB response: MB/s (10^6 bytes per second)
   f  200 simultaneous streams x 100 events 20 ms apart: failures, per-event p99, peak RSS
   g  idle RSS at start and end, certificate generation time
+
+Memory is counted with shared pages once (see footprint_mib): for proxy.py that is its VmRSS.
+Each target's CPU use is read from /proc during c, d and f, so a saturated server shows.
 
 Every scenario runs against direct, nginx and proxy.py in the same run, interleaved: each round
 rotates the order, so slow drift of the machine spreads over all three. Figures are medians over
@@ -75,7 +80,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_PROXY = os.path.join(ROOT, "proxy.py")
 MiB = 1024 * 1024
-TARGET_NAMES = ("direct", "nginx", "proxy")
 
 
 # ==================================================================================================
@@ -148,6 +152,27 @@ def rss_mib(pids: List[int]) -> float:
     return sum(proc_status_kib(pid, "VmRSS") for pid in pids) / 1024.0
 
 
+def footprint_mib(pids: List[int]) -> float:
+    """Memory of a group of processes with shared pages counted once, in MiB: the private pages
+    of each plus the shared pages of the largest (/proc/<pid>/smaps_rollup). For one process
+    this is its VmRSS; for nginx (master + worker share the binary and libssl) summing VmRSS
+    would count those pages twice."""
+    private, shared = 0, 0
+    for pid in pids:
+        fields = {}
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as handle:
+                for line in handle:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[1].isdigit():
+                        fields[parts[0].rstrip(":")] = int(parts[1])
+        except OSError:
+            continue
+        private += fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        shared = max(shared, fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0))
+    return (private + shared) / 1024.0
+
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -191,23 +216,24 @@ def free_port() -> int:
 
 
 class RssSampler(threading.Thread):
-    """Samples the summed VmRSS of some processes every `interval` seconds; keeps the peak."""
+    """Samples the memory of some processes every `interval` seconds and keeps the peaks: the
+    summed VmRSS (`peak`) and the footprint with shared pages counted once (`peak_footprint`)."""
 
-    def __init__(self, pids: List[int], interval: float = 0.01):
+    def __init__(self, pids: List[int], interval: float = 0.02):
         super().__init__(name="rss-sampler", daemon=True)
         self.pids = list(pids)
         self.interval = interval
         self.peak = rss_mib(self.pids)
-        self.last = self.peak
+        self.peak_footprint = footprint_mib(self.pids)
         self._stop_event = threading.Event()
 
     def run(self):
         while not self._stop_event.wait(self.interval):
-            self.last = rss_mib(self.pids)
-            self.peak = max(self.peak, self.last)
+            self.peak = max(self.peak, rss_mib(self.pids))
+            self.peak_footprint = max(self.peak_footprint, footprint_mib(self.pids))
 
     def stop(self) -> float:
-        """Stop sampling; returns the peak in MiB."""
+        """Stop sampling; returns the peak summed VmRSS in MiB."""
         self._stop_event.set()
         self.join(2)
         return self.peak
@@ -886,7 +912,7 @@ class FakeBackend:
       POST /api/chat, /api/generate   Ollama (NDJSON, streams unless "stream": false)
       GET  /v1/models, /api/tags  model lists
       GET  /bench/blob?bytes=N    N bytes with Content-Length, under transport flow control
-      GET  /_upstream/emitted, POST /_upstream/reset   the counters (asked directly, never via a proxy)
+      GET  /_upstream/emitted, POST /_upstream/reset: the counters (asked directly, not via a proxy)
     Streams take ?events=N&interval_ms=M from the query, else the body's token limit.
     """
 
@@ -1084,15 +1110,18 @@ class FakeBackend:
         pump()
 
 
-def serve_upstream() -> int:
+def serve_upstream(workdir: Optional[str] = None) -> int:
     """--serve-upstream: serve on 127.0.0.1:<ephemeral>, print the port, stop when stdin closes
-    (the benchmark holds the other end: if it dies, however it dies, the upstream follows)."""
+    (the benchmark holds the other end: if it dies, however it dies, the upstream follows).
+    If the benchmark died, remove its `workdir`: even a SIGKILLed run leaves nothing behind."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     backend = FakeBackend(loop)
     server = loop.run_until_complete(loop.create_server(
         lambda: UpstreamProtocol(backend), "127.0.0.1", 0, backlog=4096))
     print(server.sockets[0].getsockname()[1], flush=True)
+
+    parent = os.getppid()
 
     def on_stdin():
         if not os.read(0, 4096):
@@ -1107,6 +1136,11 @@ def serve_upstream() -> int:
         loop.run_forever()
     finally:
         server.close()
+    # Re-parented: the benchmark died without cleaning up (SIGTERM here came from
+    # PR_SET_PDEATHSIG or the lifeline closed), so its temporary directory is ours to remove.
+    if os.getppid() != parent and workdir and os.path.basename(workdir).startswith("llm-proxy-"):
+        time.sleep(2)          # proxy.py and nginx got SIGTERM too (PR_SET_PDEATHSIG): let them go
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
@@ -1193,8 +1227,9 @@ class Target:
 
 
 def start_upstream(children: Children) -> Tuple[subprocess.Popen, int]:
+    """The upstream in its own process; returns it and its port."""
     proc = children.spawn("upstream", [sys.executable, os.path.abspath(__file__),
-                                       "--serve-upstream"],
+                                       "--serve-upstream", "--workdir", children.workdir],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     ready, _, _ = select.select([proc.stdout], [], [], 15)
     line = proc.stdout.readline() if ready else b""
@@ -1224,7 +1259,8 @@ print(json.dumps(out))
 
 def make_certificates(proxy_path: str, directory: str) -> dict:
     """Run proxy.ensure_certificates on a fresh directory in a fresh interpreter; returns the
-    timings (module import excluded) and the paths. Times generate_rsa_key too if proxy.py has it."""
+    timings (module import excluded) and the paths. Times generate_rsa_key too, if proxy.py has
+    it."""
     os.makedirs(directory, exist_ok=True)
     proxy_path = os.path.abspath(proxy_path)
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
@@ -1476,19 +1512,24 @@ def bench_rps(target: Target, s: dict, upstream_pid: int, procs: int) -> dict:
         marks["upstream"] = cpu_seconds([upstream_pid])
 
     results = run_client_processes(
-        _rps_worker, [(target, n, SMALL_REQUEST, s["c_warmup"], s["c_seconds"]) for n in split if n],
+        _rps_worker,
+        [(target, n, SMALL_REQUEST, s["c_warmup"], s["c_seconds"]) for n in split if n],
         timeout=s["c_warmup"] + s["c_seconds"] + 60, on_go=on_go)
     wall = time.monotonic() - marks["t"]
     completed = sum(r["completed"] for r in results)
+    server_cpu = cpu_seconds(server_pids) - marks["server"]
     result = {
         "rps": completed / s["c_seconds"],
         "errors": sum(r["errors"] for r in results),
-        "server_cpu_pct": 100.0 * (cpu_seconds(server_pids) - marks["server"]) / wall,
+        "server_cpu_pct": 100.0 * server_cpu / wall,
+        # All requests answered in the window, warm-up included, share the CPU measured.
+        "server_cpu_us_per_request": 1e6 * server_cpu / max(1, completed * wall / s["c_seconds"]),
         "client_cpu_pct": 100.0 * sum(r["cpu"] for r in results) / max(r["wall"] for r in results),
         "client_procs": len(results),
     }
     if target.name != "direct":
-        result["upstream_cpu_pct"] = 100.0 * (cpu_seconds([upstream_pid]) - marks["upstream"]) / wall
+        upstream_cpu = cpu_seconds([upstream_pid]) - marks["upstream"]
+        result["upstream_cpu_pct"] = 100.0 * upstream_cpu / wall
     return result
 
 
@@ -1516,20 +1557,25 @@ def bench_streams(target: Target, streams: int, events: int, interval_ms: float,
             timeout=budget + 30, on_go=on_go)
     finally:
         peak = sampler.stop() if sampler and sampler.is_alive() else None
-    cpu_pct = 100.0 * (cpu_seconds(server_pids) - marks["cpu"]) / (time.monotonic() - marks["t"])
+    cpu_used = cpu_seconds(server_pids) - marks["cpu"]
+    cpu_pct = 100.0 * cpu_used / (time.monotonic() - marks["t"])
     latencies = [x for r in results for x in r["latencies"]]
     ttfb = [x for r in results for x in r["ttfb"]]
     failures = [x for r in results for x in r["failures"]]
     result = {
-        "event_p50_ms": ms(percentile(latencies, 50)), "event_p99_ms": ms(percentile(latencies, 99)),
+        "event_p50_ms": ms(percentile(latencies, 50)),
+        "event_p99_ms": ms(percentile(latencies, 99)),
         "ttfb_p50_ms": ms(percentile(ttfb, 50)), "ttfb_p99_ms": ms(percentile(ttfb, 99)),
         "complete": sum(r["complete"] for r in results), "streams": streams,
         "failures": len(failures), "events": len(latencies), "server_cpu_pct": cpu_pct,
+        # CPU seconds are counted in clock ticks (10 ms): a rough figure for short runs.
+        "server_cpu_us_per_event": 1e6 * cpu_used / len(latencies) if latencies else None,
     }
     if failures:
         result["failure_samples"] = sorted(set(failures))[:5]
     if peak is not None:
-        result["peak_rss_mib"] = peak
+        result["peak_rss_sum_mib"] = peak
+        result["peak_rss_mib"] = sampler.peak_footprint
     return result
 
 
@@ -1580,7 +1626,8 @@ def bench_throughput(target: Target, s: dict) -> dict:
 
 
 def idle_rss(target: Target) -> float:
-    return rss_mib(target.pids())
+    """Idle memory, shared pages counted once (see footprint_mib)."""
+    return footprint_mib(target.pids())
 
 
 # ==================================================================================================
@@ -1590,8 +1637,12 @@ def idle_rss(target: Target) -> float:
 SCENARIOS = "abcdef"
 
 
-def warm_up(target: Target) -> None:
-    """A few requests and one short stream, so pools, caches and code paths are warm."""
+def warm_up(target: Target, overlap: int = 32) -> None:
+    """A few requests and one short stream, so caches and code paths are warm; then `overlap`
+    streams at once, so nginx's and proxy.py's upstream pools (64 each) hold that many idle
+    connections. Without it, scenario d's time to first byte would include the cost of opening
+    upstream connections for nginx and proxy.py but not for direct, whose clients connect
+    before the clock starts."""
     conn = Connection(target)
     try:
         for _ in range(100):
@@ -1601,6 +1652,27 @@ def warm_up(target: Target) -> None:
         _check_ok(conn.exchange(get_request("/bench/blob?bytes=%d" % (4 * MiB))))
     finally:
         conn.close()
+    problems: List[str] = []
+    barrier = threading.Barrier(overlap)
+
+    def one_stream():
+        try:
+            stream = Connection(target)
+            try:
+                barrier.wait(30)
+                _check_ok(stream.exchange(stream_request(5, 20)))
+            finally:
+                stream.close()
+        except (OSError, BenchError, threading.BrokenBarrierError) as exc:
+            problems.append("%s: %s" % (type(exc).__name__, exc))
+
+    threads = [threading.Thread(target=one_stream, daemon=True) for _ in range(overlap)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if problems:
+        raise BenchError("warm-up of %s failed: %s" % (target.name, problems[0]))
 
 
 def upstream_alone(direct: Target, s: dict, upstream_pid: int, procs: int) -> dict:
@@ -1631,6 +1703,22 @@ def run_scenario(letter: str, target: Target, s: dict, upstream_pid: int, procs:
     raise ValueError(letter)
 
 
+def busy_fraction(seconds: float = 1.0) -> Optional[float]:
+    """Share of the machine's CPU time that was busy over `seconds` (/proc/stat), 0..1."""
+    def sample():
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)    # idle + iowait
+        return sum(fields), idle
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 def machine_info() -> dict:
     model = platform.processor() or ""
     try:
@@ -1652,6 +1740,12 @@ def run_benchmark(args, s: dict) -> dict:
     children = Children(workdir)
     doc: Dict[str, Any] = {"machine": machine_info(), "settings": dict(s), "proxy": args.proxy,
                            "scenarios": letters, "notes": []}
+    # Nothing of ours runs yet: whatever keeps the CPUs busy now will add noise to every figure.
+    doc["busy_before"] = busy_fraction()
+    if doc["busy_before"] is not None and doc["busy_before"] > 0.15:
+        doc["notes"].append("the machine was %.0f%% busy with other work before the run: absolute "
+                            "figures are noisy (the interleaved ratios less so)"
+                            % (100 * doc["busy_before"]))
     try:
         upstream_proc, upstream_port = start_upstream(children)
         direct = Target("direct", upstream_port, None, lambda: [upstream_proc.pid], upstream_proc)
@@ -1738,6 +1832,7 @@ ROWS = [
     ("c", "server_cpu_pct", "c   server CPU (% of a core)"),
     ("c", "upstream_cpu_pct", "c   upstream CPU (% of a core)"),
     ("c", "client_cpu_pct", "c   clients CPU (% of a core)"),
+    ("c", "server_cpu_us_per_request", "c   server CPU per request (us)"),
     ("d", "event_p50_ms", "d SSE per-event latency p50 (ms)"),
     ("d", "event_p99_ms", "d SSE per-event latency p99 (ms)"),
     ("d", "added_p50_ms", "d   added over direct p50 (ms)"),
@@ -1746,13 +1841,16 @@ ROWS = [
     ("d", "ttfb_p99_ms", "d time to first byte p99 (ms)"),
     ("d", "complete", "d complete streams"),
     ("d", "server_cpu_pct", "d   server CPU (% of a core)"),
+    ("d", "server_cpu_us_per_event", "d   server CPU per event (us)"),
     ("e", "mb_s", "e big response (MB/s)"),
     ("f", "failures", "f failed streams (of 200)"),
     ("f", "event_p50_ms", "f per-event latency p50 (ms)"),
     ("f", "event_p99_ms", "f per-event latency p99 (ms)"),
     ("f", "added_p99_ms", "f   added over direct p99 (ms)"),
     ("f", "server_cpu_pct", "f   server CPU (% of a core)"),
-    ("f", "peak_rss_mib", "f peak RSS (MiB)"),
+    ("f", "server_cpu_us_per_event", "f   server CPU per event (us)"),
+    ("f", "peak_rss_mib", "f peak RSS, shared once (MiB)"),
+    ("f", "peak_rss_sum_mib", "f   peak VmRSS summed (MiB)"),
 ]
 
 # (label, scenario, key, comparison of proxy/nginx, limit). The e target is ambiguous: read
@@ -1834,6 +1932,12 @@ def summarize(doc: dict) -> dict:
         if letter not in medians:
             continue
         measured = ratio(value(letter, "proxy", key), value(letter, "nginx", key))
+        if measured is None and key.startswith("added_"):
+            # nginx's figure minus direct's came out at or below zero (direct had the worse
+            # tail in this run: noise); judge on the plain per-event latency instead.
+            key = key.replace("added_", "event_")
+            measured = ratio(value(letter, "proxy", key), value(letter, "nginx", key))
+            label += " [judged on plain latency: added undefined]"
         met = None if measured is None else (measured <= limit if op == "<=" else measured >= limit)
         verdicts.append({"target": label, "proxy/nginx": measured, "limit": limit, "op": op,
                          "met": met})
@@ -1845,6 +1949,9 @@ def summarize(doc: dict) -> dict:
     doc["verdicts"] = verdicts
 
     notes = doc["notes"]
+    notes.append("memory counts shared pages once (private pages of each process + the shared "
+                 "pages of the largest, from smaps_rollup): equal to VmRSS for proxy.py, while "
+                 "nginx's master + worker VmRSS sum would count its binary and libssl twice")
     alone = doc.get("upstream_alone")
     if alone and "c" in medians:
         proxy_rps = value("c", "proxy", "rps")
@@ -1886,9 +1993,10 @@ def render_table(doc: dict) -> str:
     names = doc.get("targets_measured", [])
     s = doc["settings"]
     out = []
+    nginx = doc.get("nginx", {})
     out.append("machine: %s CPUs (nproc), %s; Python %s; %s; nginx %s (worker_processes %s)" % (
-        m["nproc"], m["cpu"], m["python"], m["openssl"],
-        doc.get("nginx", {}).get("version", "-"), doc.get("nginx", {}).get("worker_processes", "-")))
+        m["nproc"], m["cpu"], m["python"], m["openssl"], nginx.get("version", "-"),
+        nginx.get("worker_processes", "-")))
     out.append("proxy: %s; %d round(s), interleaved; medians over rounds" % (
         doc["proxy"], s["rounds"]))
     out.append("")
@@ -1933,7 +2041,8 @@ def render_table(doc: dict) -> str:
             if "error" in med:
                 details.append("%s/%s: %s" % (letter, name, med["error"].splitlines()[0][:200]))
             if med.get("failure_samples"):
-                details.append("%s/%s failures: %s" % (letter, name, "; ".join(med["failure_samples"])))
+                details.append("%s/%s failures: %s"
+                               % (letter, name, "; ".join(med["failure_samples"])))
             if med.get("tls") and letter == "b":
                 details.append("b/%s negotiated %s" % (name, med["tls"]))
     if doc.get("proxy_log"):
@@ -1976,7 +2085,8 @@ def _soak_action(conn: Connection, rng: random.Random, action: str) -> Optional[
                    "max_tokens": n, "stream": stream}
         if action == "openai_stream_usage":
             payload["stream_options"] = {"include_usage": True}
-        request = post_request("/v1/chat/completions?interval_ms=%d" % interval, _json_body(payload))
+        request = post_request("/v1/chat/completions?interval_ms=%d" % interval,
+                               _json_body(payload))
     elif action.startswith("anthropic"):
         payload = {"model": model, "max_tokens": n, "stream": action == "anthropic_stream",
                    "messages": [{"role": "user", "content": prompt}]}
@@ -1991,8 +2101,8 @@ def _soak_action(conn: Connection, rng: random.Random, action: str) -> Optional[
             payload["prompt"] = prompt
         if not action.endswith("_stream"):
             payload["stream"] = False
-        request = post_request("/api/%s?interval_ms=%d" % ("chat" if chat else "generate", interval),
-                               _json_body(payload))
+        path = "/api/%s?interval_ms=%d" % ("chat" if chat else "generate", interval)
+        request = post_request(path, _json_body(payload))
     reader = conn.exchange(request, body.extend)
     if reader.status != 200:
         return "%s: HTTP %d" % (action, reader.status)
@@ -2129,13 +2239,14 @@ def run_soak(args, seconds: float) -> dict:
         doc["elapsed_s"] = time.monotonic() - started
         doc["rss_peak_mib"] = sampler.stop()
         requests = sum(r["requests"] for r in results)
+        by_action: Dict[str, int] = {}
+        for r in results:
+            for action, count in r["by_action"].items():
+                by_action[action] = by_action.get(action, 0) + count
         doc["client"] = {
             "requests": requests, "errors": sum(r["errors"] for r in results),
             "error_samples": [x for r in results for x in r["samples"]][:10],
-            "by_action": {}}
-        for r in results:
-            for action, count in r["by_action"].items():
-                doc["client"]["by_action"][action] = doc["client"]["by_action"].get(action, 0) + count
+            "by_action": by_action}
         # The proxy records a request after its last byte went out: let the last ones land.
         deadline = time.monotonic() + 10
         stats = _get_json(proxy, "/_proxy/stats")
@@ -2206,7 +2317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", default=DEFAULT_PROXY, metavar="PATH",
                         help="the proxy.py to measure (default: the one beside tests/)")
     parser.add_argument("--only", metavar="LETTERS",
-                        help="run only these scenarios, e.g. a,d (idle RSS and certificates always)")
+                        help="only these scenarios, e.g. a,d (idle RSS and certificates always)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--nginx-workers", default="1", metavar="N",
@@ -2217,6 +2328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy-pid-file", metavar="PATH",
                         help="write proxy.py's pid here once it serves (to attach a profiler)")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser
 
 
@@ -2228,7 +2340,7 @@ def main(argv=None) -> int:
     """Run the benchmark or the soak; returns the exit code (soak: 1 if the check failed)."""
     args = build_parser().parse_args(argv)
     if args.serve_upstream:
-        return serve_upstream()
+        return serve_upstream(args.workdir)
     args.proxy = os.path.abspath(args.proxy)
     if not os.path.isfile(args.proxy):
         print("error: --proxy %s: no such file" % args.proxy, file=sys.stderr)

@@ -268,6 +268,19 @@ class PersistenceTests(unittest.TestCase):
         self.assertEqual(snapshot["requests"], 1)
         self.assertEqual(snapshot["tokens"]["prompt"], llm.emitted["prompt"])
 
+    def test_temp_files_of_an_interrupted_save_are_removed_at_start(self):
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="llm-proxy-stats-")
+        path = os.path.join(directory, "stats.json")
+        leftover = os.path.join(directory, ".stats.json.k9x2.tmp")
+        unrelated = os.path.join(directory, ".other.json.k9x2.tmp")
+        for name in (leftover, unrelated):
+            with open(name, "w") as handle:
+                handle.write('{"half": ')
+        proxy.StatsStore(path=path).load()
+        self.assertFalse(os.path.exists(leftover))
+        self.assertTrue(os.path.exists(unrelated))
+
     def test_tracking_disabled_parses_nothing_and_writes_nothing(self):
         llm = FakeLLM()
         upstream = start_upstream(self, llm)
