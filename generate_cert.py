@@ -13,13 +13,27 @@ certificate (same CA) before it expires or when this machine's addresses change.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import List, Optional
 
-# All the machinery lives in proxy.py (it must work when copied alone); this is its command line.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import proxy  # noqa: E402
+
+def _load_proxy_module():
+    """Load the proxy.py that sits beside this file: all the certificate machinery lives there
+    (proxy.py must work when copied alone), and this is only its command line. Loaded by path,
+    so an unrelated module named "proxy" elsewhere on sys.path can never be picked up instead."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
+    spec = importlib.util.spec_from_file_location("proxy", path)
+    if spec is None or not os.path.exists(path):
+        sys.exit("error: generate_cert.py needs proxy.py in the same folder (%s)" % path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["proxy"] = module      # dataclasses look their module up while the file loads
+    spec.loader.exec_module(module)
+    return module
+
+
+proxy = _load_proxy_module()
 
 
 def _days(text: str) -> int:

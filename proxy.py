@@ -4023,6 +4023,35 @@ def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
     raise ClientGone()
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
+    together must finish by then, else socket.timeout. Used for the request head only."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            return self._sock.recv_into(buffer)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no complete request head within clientTimeout")
+        if remaining > self._timeout - 1.0:
+            # The deadline is (nearly) the socket's own timeout: skip two syscalls per read
+            # on the hot path; the head may overrun its deadline by at most a second.
+            return self._sock.recv_into(buffer)
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
 def read_request_head(rfile) -> Optional[RequestHead]:
     """Read one request head. Returns None when the client closed the connection cleanly.
 
@@ -4260,31 +4289,6 @@ def _describe_os_error(exc: OSError) -> str:
 # ==================================================================================================
 # HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
 # ==================================================================================================
-
-class _DeadlineReader(io.RawIOBase):
-    """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
-    together must finish by then, else socket.timeout. Used for the request head only."""
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._timeout = sock.gettimeout()
-        self.deadline = None
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        if self.deadline is None:
-            return self._sock.recv_into(buffer)
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("no complete request head within clientTimeout")
-        self._sock.settimeout(min(remaining, self._timeout))
-        try:
-            return self._sock.recv_into(buffer)
-        finally:
-            self._sock.settimeout(self._timeout)
-
 
 class ProxyHandler(BaseHTTPRequestHandler):
     """One client connection: reads requests, answers /_proxy/* and preflights, forwards the rest.
