@@ -5824,29 +5824,16 @@ footer.foot .err { color: var(--err); }
     </div>
   </section>
 
-  <section class="panel" aria-labelledby="t-model-title">
-    <div class="panel-head"><h2 id="t-model-title">By model<span class="count" id="t-model-count"></span></h2></div>
-    <div class="table-wrap"><table class="breakdown">
-      <thead><tr><th>Model</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
-      <tbody id="t-model"></tbody>
-    </table></div>
-  </section>
-
-  <section class="panel" aria-labelledby="t-endpoint-title">
-    <div class="panel-head"><h2 id="t-endpoint-title">By endpoint<span class="count" id="t-endpoint-count"></span></h2></div>
-    <div class="table-wrap"><table class="breakdown">
-      <thead><tr><th>Endpoint</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
-      <tbody id="t-endpoint"></tbody>
-    </table></div>
-  </section>
-
-  <section class="panel" aria-labelledby="t-client-title">
-    <div class="panel-head"><h2 id="t-client-title">By client<span class="count" id="t-client-count"></span></h2></div>
-    <div class="table-wrap"><table class="breakdown">
-      <thead><tr><th>Client</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
-      <tbody id="t-client"></tbody>
-    </table></div>
-  </section>
+  <div id="breakdowns"></div>
+  <template id="breakdown-template">
+    <section class="panel">
+      <div class="panel-head"><h2><span class="title"></span><span class="count"></span></h2></div>
+      <div class="table-wrap"><table class="breakdown">
+        <thead><tr><th class="key"></th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Cache read / write</th><th class="n">Avg TTFB</th><th class="n">Tokens/s</th><th class="n">Errors</th></tr></thead>
+        <tbody></tbody>
+      </table></div>
+    </section>
+  </template>
 
   <section class="panel" aria-labelledby="t-recent-title">
     <div class="panel-head"><h2 id="t-recent-title">Recent requests<span class="count" id="t-recent-count"></span></h2></div>
@@ -5885,6 +5872,20 @@ footer.foot .err { color: var(--err); }
   };
 
   function byId(id) { return document.getElementById(id); }
+
+  // The three breakdown tables share one <template>; each copy gets its ids and headings here.
+  [["t-model", "By model", "Model"], ["t-endpoint", "By endpoint", "Endpoint"],
+   ["t-client", "By client", "Client"]].forEach(function (spec) {
+    var copy = byId("breakdown-template").content.cloneNode(true);
+    copy.querySelector("section").setAttribute("aria-labelledby", spec[0] + "-title");
+    copy.querySelector("h2").id = spec[0] + "-title";
+    copy.querySelector(".title").textContent = spec[1];
+    copy.querySelector(".count").id = spec[0] + "-count";
+    copy.querySelector("th.key").textContent = spec[2];
+    copy.querySelector("tbody").id = spec[0];
+    byId("breakdowns").appendChild(copy);
+  });
+
   function isNum(v) { return typeof v === "number" && isFinite(v); }
   function num(v) { return isNum(v) ? v : 0; }
   function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
