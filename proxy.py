@@ -4250,14 +4250,30 @@ def _conflicting_content_length(response) -> bool:
     return len(values) > 1
 
 
+def _readable(socks, timeout: float) -> list:
+    """The sockets among `socks` that are readable (or closed) within `timeout` seconds.
+
+    poll() where the platform has it: select() raises ValueError for a file descriptor past
+    FD_SETSIZE (1024), which a proxy with a few hundred connections and their backend
+    connections reaches.
+    """
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for sock in socks:
+            poller.register(sock, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(timeout * 1000.0)}   # POLLHUP/POLLERR count too
+        return [sock for sock in socks if sock.fileno() in ready]
+    readable, _, _ = select.select(socks, [], [], timeout)
+    return readable
+
+
 def _socket_is_quiet(sock) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        return not _readable([sock], 0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _peer_closed(sock) -> bool:
@@ -4791,15 +4807,15 @@ class Exchange:
         connection makes Ollama and llama.cpp cancel the generation.
         """
         backend, client = conn.sock, self.handler.connection
-        if not _socket_is_quiet(backend):
-            return                                  # the answer is already here
+        # No separate "already here?" check: this select() returns at once when it is, and the
+        # check cost one more syscall (and GIL hand-off) for nearly every request.
         watched = [backend, client]
         deadline = time.monotonic() + self.config.read_timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return                              # getresponse() raises the timeout
-            readable, _, _ = select.select(watched, [], [], remaining)
+            readable = _readable(watched, remaining)
             if backend in readable or not readable:
                 return
             if _peer_closed(client):
@@ -4889,6 +4905,12 @@ class Exchange:
             if self.ttfb is None:
                 self.ttfb = time.monotonic() - self.started
             if not data:
+                if response.length:
+                    # HTTPResponse.read1() reports a Content-Length body cut short by a clean
+                    # close as b"", not as IncompleteRead: the client must not wait for bytes
+                    # that will never come (and the request is an error, not a success).
+                    self.upstream_broke(conn, http.client.IncompleteRead(b"", response.length))
+                    return
                 complete = True
                 break
             if tap is not None:

@@ -336,6 +336,46 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assertEqual(response.status, 502)
         self.assertEqual(len(upstream.requests), 2, "the POST was replayed")
 
+    def test_backend_closing_inside_a_content_length_body_aborts_the_client(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+
+        def short_body():
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b"[" * 10)
+            conn.close()                      # a clean FIN, 90 bytes short
+        threading.Thread(target=short_body, daemon=True).start()
+        server = start_proxy(self, listener.getsockname()[1])
+        conn = https(server, timeout=5)
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+        conn.close()
+        self.assertEqual(settled_stats(server)["errors"], 1)
+
+    def test_connections_with_descriptors_past_fd_setsize_are_served(self):
+        upstream = start_upstream(self)
+        server = start_proxy(self, upstream.port)
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1300:
+            self.skipTest("the file-descriptor limit is below 1300 here")
+        if soft != resource.RLIM_INFINITY and soft < 1300:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        # select() cannot take a descriptor above 1024 (FD_SETSIZE); a busy proxy has them.
+        fillers = [open(os.devnull) for _ in range(1100)]
+        self.addCleanup(lambda: [f.close() for f in fillers])
+        response, data = request(server, "POST", "/v1/chat/completions", body=b"{}")
+        self.assertEqual(response.status, 200)
+        response, data = request(server, "POST", "/v1/chat/completions", body=b"{}")
+        self.assertEqual(response.status, 200)
+
     def test_garbage_from_backend_gives_502(self):
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
