@@ -3963,26 +3963,32 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\Z")
 class RequestHead:
     """A parsed request line and header list (names keep their case, order is kept)."""
 
-    __slots__ = ("method", "target", "version", "headers")
+    __slots__ = ("method", "target", "version", "headers", "_by_name")
 
     def __init__(self, method: str, target: str, version: str, headers: List[Tuple[str, str]]):
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
+        self._by_name: Optional[Dict[str, List[str]]] = None
+
+    def _index(self) -> Dict[str, List[str]]:
+        # A forwarded request asks for a dozen headers; lower-case each name once, not each time.
+        if self._by_name is None:
+            index: Dict[str, List[str]] = {}
+            for key, value in self.headers:
+                index.setdefault(key.lower(), []).append(value)
+            self._by_name = index
+        return self._by_name
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         """The last value of header `name` (case-insensitive), or `default`."""
-        name = name.lower()
-        for key, value in reversed(self.headers):
-            if key.lower() == name:
-                return value
-        return default
+        values = self._index().get(name.lower())
+        return values[-1] if values else default
 
     def get_all(self, name: str) -> List[str]:
         """Every value of header `name`, in order."""
-        name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return list(self._index().get(name.lower(), ()))
 
     def connection_tokens(self) -> List[str]:
         """Lower-case tokens of every Connection header."""
