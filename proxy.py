@@ -4397,12 +4397,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def write_head(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
         """Send a status line and headers in one write."""
+        self.wfile.write(self.format_head(status, reason, headers))
+
+    def format_head(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
+        """The status line and headers as bytes (with Connection: close when closing)."""
         lines = ["HTTP/1.1 %d %s\r\n" % (status, reason)]
         lines.extend("%s: %s\r\n" % pair for pair in headers)
         if self.close_connection:
             lines.append("Connection: close\r\n")
         lines.append("\r\n")
-        self.wfile.write("".join(lines).encode("latin-1"))
+        return "".join(lines).encode("latin-1")
 
     def send_local(self, status: int, body: bytes, content_type: str = "",
                    extra: List[Tuple[str, str]] = (), close: bool = False) -> None:
@@ -4889,11 +4893,19 @@ class Exchange:
         headers, chunked = self.response_headers(response, body_kept)
         write = self.handler.wfile.write
         reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
-        try:
-            self.handler.write_head(response.status, reason, headers)
-        except OSError:
-            conn.close()
-            raise ClientGone() from None
+        head = self.handler.format_head(response.status, reason, headers)
+        # A Content-Length body was complete when the backend sent its head, and its first piece
+        # comes in the same read or right after: the head waits for it and both leave in one
+        # write, one TLS record and one syscall less per answer. Streams and chunked bodies,
+        # whose next bytes may be minutes away, get their head at once.
+        if not (self.has_body(response) and response.length and not chunked
+                and not self.streamed):
+            try:
+                write(head)
+            except OSError:
+                conn.close()
+                raise ClientGone() from None
+            head = b""
         if not self.has_body(response):
             self.ttfb = time.monotonic() - self.started
             response.close()
@@ -4906,6 +4918,13 @@ class Exchange:
             try:
                 data = read1(READ_CHUNK)
             except (OSError, http.client.HTTPException, ValueError) as exc:
+                if head:                  # nothing reached the client yet: a proper error
+                    conn.close()
+                    self.fail(504 if isinstance(exc, socket.timeout) else 502,
+                              "The backend at %s broke off its response (%s)" % (
+                                  self.server.upstream.url, _describe_os_error(exc)
+                                  if isinstance(exc, OSError) else type(exc).__name__))
+                    return
                 self.upstream_broke(conn, exc)
                 return
             if self.ttfb is None:
@@ -4925,7 +4944,11 @@ class Exchange:
                     continue
             self.sent += len(data)
             try:
-                write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if head:
+                    write(head + data)    # not chunked: only Content-Length bodies hold the head
+                    head = b""
+                else:
+                    write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             except OSError:
                 self.client_broke(conn)
                 return
@@ -4933,6 +4956,8 @@ class Exchange:
         if tap is not None:
             tail, _ = tap.finish(complete)
         try:
+            if head:                      # the body ended before its first byte
+                write(head)
             if tail:
                 self.sent += len(tail)
                 write(b"%x\r\n%s\r\n" % (len(tail), tail) if chunked else tail)

@@ -219,18 +219,26 @@ class RssSampler(threading.Thread):
     """Samples the memory of some processes every `interval` seconds and keeps the peaks: the
     summed VmRSS (`peak`) and the footprint with shared pages counted once (`peak_footprint`)."""
 
-    def __init__(self, pids: List[int], interval: float = 0.02):
+    def __init__(self, pids: List[int], interval: float = 0.02, every: float = 0.0):
         super().__init__(name="rss-sampler", daemon=True)
         self.pids = list(pids)
         self.interval = interval
+        self.every = every                      # also keep (seconds, MiB) this often, if > 0
+        self.timeline: List[Tuple[float, float]] = []
         self.peak = rss_mib(self.pids)
         self.peak_footprint = footprint_mib(self.pids)
         self._stop_event = threading.Event()
 
     def run(self):
+        started = next_mark = time.monotonic()
         while not self._stop_event.wait(self.interval):
-            self.peak = max(self.peak, rss_mib(self.pids))
+            rss = rss_mib(self.pids)
+            self.peak = max(self.peak, rss)
             self.peak_footprint = max(self.peak_footprint, footprint_mib(self.pids))
+            now = time.monotonic()
+            if self.every and now >= next_mark:
+                self.timeline.append((round(now - started, 1), round(rss, 1)))
+                next_mark += self.every
 
     def stop(self) -> float:
         """Stop sampling; returns the peak summed VmRSS in MiB."""
@@ -2229,7 +2237,8 @@ def run_soak(args, seconds: float) -> dict:
         pid = proxy.proc.pid
         doc["rss_start_mib"] = rss_mib([pid])
         doc["threads_start"] = proc_status_kib(pid, "Threads")
-        sampler = RssSampler([pid], interval=0.25)
+        # A leak climbs steadily; allocator growth levels off: the timeline tells them apart.
+        sampler = RssSampler([pid], interval=0.25, every=max(1.0, seconds / 12))
         split = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         say("soak: %d clients in %d processes for %.0f s" % (clients, procs, seconds))
         started = time.monotonic()
@@ -2238,6 +2247,7 @@ def run_soak(args, seconds: float) -> dict:
             timeout=seconds + 180, on_go=sampler.start)
         doc["elapsed_s"] = time.monotonic() - started
         doc["rss_peak_mib"] = sampler.stop()
+        doc["rss_timeline"] = sampler.timeline
         requests = sum(r["requests"] for r in results)
         by_action: Dict[str, int] = {}
         for r in results:
@@ -2286,6 +2296,8 @@ def render_soak(doc: dict) -> str:
            "proxy RSS: start %.1f MiB, peak %.1f MiB, end %.1f MiB; threads %d -> %d" % (
                doc["rss_start_mib"], doc["rss_peak_mib"], doc["rss_end_mib"],
                doc["threads_start"], doc["threads_end"]),
+           "proxy RSS over time (s: MiB): " + ", ".join("%g: %.1f" % point
+                                                         for point in doc.get("rss_timeline", [])),
            "",
            "%-20s%12s%16s%14s   %s" % ("figure", "clients", "backend sent", "proxy stats", "")]
     for check in doc["checks"]:
