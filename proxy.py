@@ -2039,6 +2039,18 @@ def _usage_describe_error(err):
     return text[:200] if text else "error"
 
 
+def _usage_null_is_last_member(payload):
+    # type: (bytes) -> bool
+    """True for a one-object chunk ending in `,"usage":null}` with no other "usage" in it.
+
+    That is how OpenAI, vLLM, llama.cpp and Ollama lay out every chunk of an include_usage
+    stream. The closing brace ends the payload, so it closes the top-level object and the member
+    before it is the top-level `usage` (inside a string the payload would end with a quote).
+    """
+    return (payload[:1] == b"{" and payload.endswith(b',"usage":null}')
+            and payload.count(b'"usage"') == 1)
+
+
 class _UsageSseReader(object):
     """Incremental Server-Sent Events parser (WHATWG HTML "event stream interpretation").
 
@@ -2687,6 +2699,10 @@ class UsageTap(object):
             self._probes -= 1
         elif not self._worth_parsing(payload):
             return None
+        elif raw_lines is not None and _usage_null_is_last_member(payload):
+            # The hot path of a stream we asked for usage: a chunk that carries none needs no
+            # JSON parse, only the byte edit _strip_event makes.
+            return self._strip_event({"usage": None}, raw_lines)
         try:
             obj = json.loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
