@@ -22,6 +22,22 @@ def request(server, method, target, body=None, headers=None, timeout=10.0):
     return response, data
 
 
+def one_shot_backend(test, answer: bytes) -> int:
+    """A raw backend that reads one request, sends `answer` as is, and closes. Returns its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    test.addCleanup(listener.close)
+
+    def serve_once():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(answer)
+        conn.close()
+    threading.Thread(target=serve_once, daemon=True).start()
+    return listener.getsockname()[1]
+
+
 class HeaderTests(unittest.TestCase):
     def setUp(self):
         self.upstream = start_upstream(self)
@@ -337,19 +353,10 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assertEqual(len(upstream.requests), 2, "the POST was replayed")
 
     def test_backend_closing_inside_a_content_length_body_aborts_the_client(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        self.addCleanup(listener.close)
-
-        def short_body():
-            conn, _ = listener.accept()
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n" + b"[" * 10)
-            conn.close()                      # a clean FIN, 90 bytes short
-        threading.Thread(target=short_body, daemon=True).start()
-        server = start_proxy(self, listener.getsockname()[1])
+        # A clean FIN, 90 bytes short of the declared length.
+        port = one_shot_backend(self, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                      b"Content-Length: 100\r\n\r\n" + b"[" * 10)
+        server = start_proxy(self, port)
         conn = https(server, timeout=5)
         conn.request("GET", "/v1/models")
         response = conn.getresponse()
@@ -377,18 +384,7 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assertEqual(response.status, 200)
 
     def test_garbage_from_backend_gives_502(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        self.addCleanup(listener.close)
-
-        def garbage():
-            conn, _ = listener.accept()
-            conn.recv(65536)
-            conn.sendall(b"this is not http\r\n\r\n")
-            conn.close()
-        threading.Thread(target=garbage, daemon=True).start()
-        server = start_proxy(self, listener.getsockname()[1])
+        server = start_proxy(self, one_shot_backend(self, b"this is not http\r\n\r\n"))
         response, data = request(server, "GET", "/api/tags")
         self.assertEqual(response.status, 502)
         self.assertIn("invalid HTTP response", json.loads(data)["error"]["message"])
