@@ -17,7 +17,6 @@ passed, the command line, and last the embedded web pages.
 
 import argparse
 import base64
-import binascii
 import collections
 import datetime
 import difflib
@@ -40,7 +39,6 @@ import signal
 import socket
 import socketserver
 import ssl
-import stat
 import struct
 import sys
 import tempfile
@@ -277,10 +275,7 @@ class Config:
     @property
     def target_url(self) -> str:
         """The backend's base URL, as shown in logs and errors."""
-        host = self.target_host
-        if ":" in host and not host.startswith("["):
-            host = "[%s]" % host
-        return "http://%s:%d" % (host, self.target_port)
+        return "http://" + authority(self.target_host, self.target_port)
 
     @property
     def any_origin(self) -> bool:
@@ -290,6 +285,13 @@ class Config:
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser page from `origin` may read our responses."""
         return self.any_origin or origin.rstrip("/").lower() in self.allowed_origins
+
+
+def authority(host: str, port: int) -> str:
+    """host:port as written in URLs and Host headers (IPv6 literals in brackets)."""
+    if ":" in host and not host.startswith("["):
+        host = "[%s]" % host
+    return "%s:%d" % (host, port)
 
 
 def _parse_origins(value) -> Tuple[str, ...]:
@@ -2884,10 +2886,10 @@ class UsageTap(object):
             return
         if self._anthropic is None:
             self._anthropic = {}
-        for field in _USAGE_ANTHROPIC_FIELDS:
-            value = usage.get(field)
+        for key in _USAGE_ANTHROPIC_FIELDS:
+            value = usage.get(key)
             if value is not None:   # cumulative: replace, never add
-                self._anthropic[field] = value
+                self._anthropic[key] = value
 
     def _note_error(self, err):
         # type: (Any) -> None
@@ -3913,8 +3915,8 @@ def render_metrics(store):
     w.sample("llm_proxy_response_bytes_total", s["bytes"])
     w.family("llm_proxy_tokens_total", "counter",
              "Tokens by type, as reported by the backend (reasoning is part of completion).")
-    for field, label in _METRIC_TOKEN_TYPES:
-        w.sample("llm_proxy_tokens_total", s["tokens"][field], (("type", label),))
+    for key, label in _METRIC_TOKEN_TYPES:
+        w.sample("llm_proxy_tokens_total", s["tokens"][key], (("type", label),))
     w.family("llm_proxy_usage_reports_total", "counter",
              "Completion responses by where their usage came from (reported, injected, missing).")
     for source in STATS_USAGE_SOURCES:
@@ -3929,8 +3931,8 @@ def render_metrics(store):
         w.sample("llm_proxy_model_errors_total", e["errors"], (("model", model),))
     w.family("llm_proxy_model_tokens_total", "counter", "Tokens by model and type.")
     for model, e in by_model:
-        for field, label in _METRIC_TOKEN_TYPES:
-            w.sample("llm_proxy_model_tokens_total", e[field], (("model", model), ("type", label)))
+        for key, label in _METRIC_TOKEN_TYPES:
+            w.sample("llm_proxy_model_tokens_total", e[key], (("model", model), ("type", label)))
 
     by_endpoint = sorted(s["byEndpoint"].items())
     w.family("llm_proxy_endpoint_requests_total", "counter", "Requests by endpoint path.")
@@ -4217,7 +4219,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self._idle: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self.url = Config(target_host=host, target_port=port).target_url
+        self.url = "http://" + authority(host, port)
 
     def acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
         """A connected HTTPConnection and whether it was reused. Raises UpstreamError."""
@@ -5098,9 +5100,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.ssl_context = ssl_context
         self.upstream = UpstreamPool(config.target_host, config.target_port,
                                      config.connect_timeout, config.read_timeout)
-        host = config.target_host if ":" not in config.target_host else "[%s]" % config.target_host
-        self.upstream_host_header = host if config.target_port == 80 else \
-            "%s:%d" % (host, config.target_port)
+        host_port = authority(config.target_host, config.target_port)
+        self.upstream_host_header = host_port[:-3] if host_port.endswith(":80") else host_port
         self._health_lock = threading.Lock()
         self._health_cache = (0.0, None)
         self._active = 0

@@ -1046,7 +1046,6 @@ class ClientFaultTests(unittest.TestCase):
         for index, (what, framing, sent, streamed, reset) in enumerate(cases):
             with self.subTest(what):
                 partial_before, errors_before = self.backend.partial, errors(self.proxy)
-                ended_before = len(self.backend.ended)
                 sock = tls_socket(self.proxy)
                 sock.sendall(b"POST /v1/upload-%d HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n%s"
                              % (index, framing, sent))

@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from support import (proxy, start_upstream, start_proxy, https, tls_socket, read_http_response,
+from support import (start_upstream, start_proxy, https, tls_socket, read_http_response,
                      wait_until, echo_responder, client_context, settled_stats)
 
 

@@ -3,7 +3,6 @@
 Skipped when the SDKs are not installed (.ci/run installs them).
 """
 
-import json
 import socket
 import ssl
 import unittest
