@@ -15,6 +15,16 @@ HTTP layer that receives and forwards, usage extraction and the stats store that
 passed, the command line, and last the embedded web pages.
 """
 
+import sys
+
+# First of all, before anything newer than the running Python can fail with a traceback deep in
+# certificate creation (Raspberry Pi OS Buster ships 3.7, Ubuntu 20.04 ships 3.8). Everything
+# above and up to here must keep parsing on 3.7 for this line to be reached (tests check it).
+if sys.version_info < (3, 9):
+    sys.stderr.write("error: local-llm-proxy needs Python 3.9 or newer (this is %d.%d.%d)\n"
+                     % tuple(sys.version_info[:3]))
+    sys.exit(2)
+
 import argparse
 import base64
 import collections
@@ -40,7 +50,6 @@ import socket
 import socketserver
 import ssl
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -95,6 +104,10 @@ CONFIG_DEFAULTS = {
     },
 }
 
+# Sections whose keys guard who may use the proxy and with which certificate: an unknown
+# (probably misspelt) key in them is an error, not a warning.
+SECURITY_SECTIONS = ("proxy", "tls")
+
 # Environment variables take precedence over the config file (names from the original README).
 ENV_OVERRIDES = (
     ("PROXY_PORT", "proxy.port"),
@@ -145,6 +158,8 @@ CORS_SAFELISTED_RESPONSE_HEADERS = (
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+# How many (client address / origin) keys the "explain it once" log memory holds.
+SAY_ONCE_MEMORY = 4096
 HEALTH_CACHE_SECONDS = 3.0
 
 
@@ -218,9 +233,30 @@ def _check_string_list(value):
 
 
 def _check_origins(value):
-    if isinstance(value, str) or _check_string_list(value) is None:
+    if not (isinstance(value, str) or _check_string_list(value) is None):
+        return 'a string ("*" or a comma-separated list of origins) or a list of origins'
+    for origin in _parse_origins(value):
+        problem = _origin_problem(origin)
+        if problem:
+            return 'a list of origins like "https://studio.example.com" (scheme://host[:port]); ' \
+                   + problem
+    return None
+
+
+def _origin_problem(origin: str) -> Optional[str]:
+    """Why `origin` (as parsed by _parse_origins) can never match a browser's Origin header."""
+    if origin in ("*", "null"):
         return None
-    return 'a string ("*" or a comma-separated list of origins) or a list of origins'
+    scheme, sep, rest = origin.partition("://")
+    if not sep:
+        return '"%s" has no scheme: write "https://%s" (or http:// for a page served over ' \
+               'plain HTTP)' % (origin, origin)
+    if scheme not in ("http", "https") or not rest:
+        return '"%s" is not an http(s) origin' % origin
+    if "/" in rest or "?" in rest or "#" in rest:
+        return '"%s" has a path: an origin is only scheme://host[:port], so write "%s://%s"' % (
+            origin, scheme, re.split(r"[/?#]", rest, 1)[0])
+    return None
 
 
 CONFIG_CHECKS = {
@@ -264,6 +300,7 @@ class Config:
     cert_file: str = "certs/cert.pem"
     key_file: str = "certs/key.pem"
     tls_hosts: Tuple[str, ...] = ()
+    tls_managed: bool = True                # cert/key at the default paths: we may create them
     tracking_enabled: bool = True
     stats_file: str = "stats.json"
     persist_interval: float = 30.0
@@ -333,7 +370,15 @@ def _read_config_file(path: str) -> Tuple[dict, List[str]]:
             dotted = "%s.%s" % (section, key)
             if dotted not in CONFIG_CHECKS:
                 choices = ["%s.%s" % (section, k) for k in CONFIG_DEFAULTS[section]]
-                warnings.append(_unknown_key_warning(path, dotted, choices))
+                warning = _unknown_key_warning(path, dotted, choices)
+                if section in SECURITY_SECTIONS:
+                    # A misspelt allowedOrigins/adminToken/cert would silently leave its
+                    # default in force (allowedOrigins "*": every website may call the proxy).
+                    raise ConfigError(
+                        warning.replace(" ignored", "", 1) + "; the %s section holds security "
+                        "settings, so an unknown key there stops the start instead of leaving "
+                        "a default in force: fix the name or remove the key" % section)
+                warnings.append(warning)
                 continue
             flat[dotted] = value
     return flat, warnings
@@ -356,7 +401,66 @@ def _env_value(name: str, dotted: str, raw: str):
     return raw
 
 
-def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True) -> Config:
+def parse_target(value: str, default_port: int, what: str = "target.host") -> Tuple[str, int]:
+    """(host, port) of a backend written as a host, host:port or http://host[:port].
+
+    A value without a port keeps `default_port` (target.port). Raises ValueError with the fix
+    for https:// (the backend must be plain HTTP), other schemes, paths, and bad ports.
+    """
+    text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    scheme = scheme.lower()
+    if scheme == "https":
+        raise ValueError("%s %s: the backend must be plain HTTP (this proxy adds the TLS); "
+                         "use http:// and the backend's HTTP port" % (what, json.dumps(value)))
+    if scheme not in ("", "http"):
+        raise ValueError("%s %s: unsupported scheme %s://; write http://HOST:PORT"
+                         % (what, json.dumps(value), scheme))
+    hostport, _, tail = rest.partition("/")
+    if tail.strip("/") or "?" in hostport or "#" in hostport:
+        raise ValueError("%s %s: give only the host and port; the proxy forwards every path as "
+                         "the client sent it (so clients keep /v1 in their base URL)"
+                         % (what, json.dumps(value)))
+    if hostport.startswith("["):
+        host, _, after = hostport[1:].partition("]")
+        port_text = after[1:] if after.startswith(":") else None
+        if after and port_text is None:
+            raise ValueError("%s %s is not a host or http://HOST:PORT" % (what, json.dumps(value)))
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+    else:
+        host, port_text = hostport, None     # a name, an IPv4 address or a bare IPv6 address
+    if not host or any(c in host for c in " /@"):
+        raise ValueError("%s %s is not a host or http://HOST:PORT" % (what, json.dumps(value)))
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("%s %s: the port must be an integer from 1 to 65535"
+                         % (what, json.dumps(value)))
+    return host, int(port_text)
+
+
+def _is_own_address(host: str) -> bool:
+    """True when `host` names this machine (loopback, an interface address or our hostname)."""
+    name = host.lower().strip("[]")
+    if name in ("localhost", "0.0.0.0", "::", socket.gethostname().lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name.endswith(".localhost")
+    if address.is_loopback or address.is_unspecified:
+        return True
+    try:
+        return name in _linux_ipv4_addresses()
+    except OSError:
+        return False
+
+
+def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True,
+                overrides: Optional[Dict[str, Tuple[str, object]]] = None) -> Config:
     """Build the Config from defaults, an optional JSON file and environment overrides.
 
     With no `path`, ./config.json is used when it exists, else the defaults. With a config file,
@@ -364,6 +468,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
     file's directory, like the pidfile and log of --daemon (cron starts programs in $HOME);
     without one they resolve against the current directory. Paths from the environment
     always resolve against the current directory.
+    `overrides` ({dotted key: (where, value)}, e.g. from --port) win over file and environment.
     Raises ConfigError naming the file (or variable), the key and the value.
     """
     environ = os.environ if environ is None else environ
@@ -384,6 +489,9 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         if raw is not None and raw != "":
             values[dotted] = _env_value(name, dotted, raw)
             origin_of[dotted] = "environment variable " + name
+    for dotted, (where, value) in (overrides or {}).items():
+        values[dotted] = value
+        origin_of[dotted] = where
     for dotted, check in CONFIG_CHECKS.items():
         problem = check(values[dotted])
         if problem:
@@ -398,6 +506,43 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         relative_to = os.getcwd() if from_environment else base_dir
         return os.path.normpath(os.path.join(relative_to, value))
 
+    # target.host written as a URL or host:port (a silent 502 on every request would otherwise
+    # be the only sign): its port counts as set where the host was set, so the usual
+    # precedence (default < file < environment < command line) decides against target.port.
+    try:
+        target_host, url_port = parse_target(values["target.host"], 0)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (origin_of["target.host"] or "default", exc)) from None
+
+    def rank(where) -> int:
+        return 0 if where is None else 1 if where == path else \
+            2 if where.startswith("environment") else 3
+
+    target_port = values["target.port"]
+    if url_port and url_port != target_port:
+        host_rank, port_rank = rank(origin_of["target.host"]), rank(origin_of["target.port"])
+        if host_rank == port_rank:
+            raise ConfigError("%s: target.host %s names port %d but target.port is %d; keep "
+                              "only one of them" % (origin_of["target.host"],
+                                                   json.dumps(values["target.host"]), url_port,
+                                                   target_port))
+        if host_rank > port_rank:
+            target_port = url_port
+    target_host = target_host.strip("[]")
+    if values["proxy.port"] and target_port == values["proxy.port"] and (
+            _is_own_address(target_host) or target_host == values["proxy.bind"].strip("[]")):
+        raise ConfigError(
+            "target %s is this proxy itself (proxy.port %d): every request would loop back "
+            "into it; point target.host/target.port at the LLM backend (Ollama listens on "
+            "127.0.0.1:11434)" % (authority(target_host, target_port), values["proxy.port"]))
+    # Only the default certificate location is ours to create files in: a configured path
+    # that does not exist is a typo or a missing mount, never a place to generate a CA into.
+    default_values = _flatten(CONFIG_DEFAULTS)
+    tls_managed = all(
+        origin_of[key] is None or resolve(key) == os.path.normpath(
+            os.path.join(base_dir, default_values[key]))
+        for key in ("tls.cert", "tls.key"))
+
     return Config(
         port=values["proxy.port"],
         bind=values["proxy.bind"].strip(),
@@ -405,14 +550,15 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
-        target_host=values["target.host"].strip().strip("[]"),
-        target_port=values["target.port"],
+        target_host=target_host,
+        target_port=target_port,
         connect_timeout=float(values["target.connectTimeout"]),
         read_timeout=float(values["target.readTimeout"]),
         forward_origin=values["target.forwardOrigin"],
         cert_file=resolve("tls.cert"),
         key_file=resolve("tls.key"),
         tls_hosts=tuple(h.strip() for h in values["tls.hosts"]),
+        tls_managed=tls_managed,
         tracking_enabled=values["tracking.enabled"],
         stats_file=resolve("tracking.statsFile"),
         persist_interval=float(values["tracking.persistInterval"]),
@@ -4357,6 +4503,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.close_connection = True
         self.head = None
+        # Set once a forwarded request's Exchange owns the log line (finish() writes it), so a
+        # proxy-made error on that request is not logged a second time by send_local.
+        self.exchange_logs = False
         self.head_reader.deadline = time.monotonic() + self.server.config.client_timeout
         try:
             head = read_request_head(self.rfile)
@@ -4453,7 +4602,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         [("Cache-Control", "no-store")] + list(extra))
 
     def send_proxy_error(self, status: int, message: str, error_type: str = "proxy_error",
-                         close: bool = False) -> None:
+                         close: bool = False, extra: List[Tuple[str, str]] = ()) -> None:
         """The one error path for proxy-made errors: a JSON body both official SDKs parse.
 
         OpenAI's SDK reads error.message, Anthropic's reads type/error.type/error.message.
@@ -4462,15 +4611,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         try:
-            self.send_json(status, payload)
+            self.send_json(status, payload, extra)
         except OSError:
             self.close_connection = True
 
     def _log_local(self, status: int, size: int) -> None:
         head = self.head
-        if head is not None and log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB", self.client_ip, head.method,
-                     head.target.split("?", 1)[0], status, size)
+        if head is None or getattr(self, "exchange_logs", False):
+            return
+        path = head.target.split("?", 1)[0]
+        # The dashboard polls its JSON every few seconds per open tab (~720 lines an hour onto a
+        # Raspberry Pi's SD card): successful reads of the proxy's own endpoints are DEBUG.
+        level = logging.DEBUG if (status < 400 and head.method in ("GET", "HEAD")
+                                  and path.startswith("/_proxy/")) else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %s %d %dB", self.client_ip, head.method, path, status, size)
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.client_ip, format % args)
@@ -4530,9 +4685,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         origin = head.get("origin")
         if not self.server.config.origin_allowed(origin):
-            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
-                                  "origin_not_allowed")
-            return
+            # Answered like an allowed preflight on purpose: a failed preflight gives the web app
+            # only an opaque "Failed to fetch", while the actual request then gets a 403 that it
+            # can read (see forward()). Nothing from this origin is ever forwarded.
+            self.server.note_refused_origin(origin)
         headers = [
             ("Access-Control-Allow-Origin", origin),
             ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
@@ -4640,11 +4796,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The forwarding pipeline: refuse foreign origins, send upstream, stream the answer back."""
         origin = head.get("origin")
         if origin and not self.server.config.origin_allowed(origin):
-            # The browser would hide our answer anyway; refusing also spares the backend the work.
-            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
-                                  "origin_not_allowed")
+            # Refused here, never forwarded: the backend is spared the work. The refusal itself
+            # carries Access-Control-Allow-Origin so the web app can show the user this message
+            # instead of an opaque CORS error; it reveals nothing but the setting to change.
+            self.server.note_refused_origin(origin)
+            self.send_proxy_error(
+                403, "origin %s is not allowed by this proxy: add it to proxy.allowedOrigins in "
+                     "the config (or ALLOWED_ORIGINS)" % origin, "origin_not_allowed",
+                extra=[("Access-Control-Allow-Origin", origin), ("Vary", "Origin")])
             return
         exchange = Exchange(self, head, path, body_length)
+        self.exchange_logs = True
         self.server.request_started()
         try:
             exchange.run()
@@ -4682,6 +4844,7 @@ class Exchange:
         self.injected = False
         self.streamed = None
         self.body_streamed = False
+        self.failure = None              # why the proxy answered with an error itself
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -5015,7 +5178,7 @@ class Exchange:
     def fail(self, status: int, message: str) -> None:
         """Answer with a proxy-made error (502/504); keep the client connection when possible."""
         self.status, self.error = status, True
-        log.warning("%s %s -> %d: %s", self.head.method, self.path, status, message)
+        self.failure = message           # finish() logs it, on the request's one line
         # A streamed body may be half read: then the connection is out of step and must close.
         self.handler.send_proxy_error(status, message, "proxy_error", close=self.body_streamed)
 
@@ -5036,10 +5199,14 @@ class Exchange:
         if self.status >= 400:
             self.error = True
         tokens = usage.get("total", 0) if usage else 0
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
-                     self.status, self.sent, duration * 1000,
-                     " %d tokens" % tokens if tokens else "")
+        # One line per request; a proxy-made error (502/504) is that same line at WARNING, with
+        # the reason, instead of a second line.
+        level = logging.WARNING if self.failure else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %s %d %dB %dms%s%s", self.handler.client_ip, self.head.method,
+                    self.path, self.status, self.sent, duration * 1000,
+                    " %d tokens" % tokens if tokens else "",
+                    ": " + self.failure if self.failure else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -5109,6 +5276,9 @@ class ProxyServer(ThreadingHTTPServer):
         self._connections = 0
         self._connections_lock = threading.Lock()
         self._last_refusal_log = -1e9
+        # Per-client-address or per-origin "say it once" memory for explanatory log lines.
+        self._said = {}                  # (topic, key) -> monotonic time it was last logged
+        self._said_lock = threading.Lock()
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -5174,6 +5344,28 @@ class ProxyServer(ThreadingHTTPServer):
             except OSError:
                 pass
 
+    def say_once(self, topic: str, key: str, interval: Optional[float] = None) -> bool:
+        """True when a log line about (topic, key) is due: the first time, or again after
+        `interval` seconds (None: only once per run). The memory is bounded, so a flood of
+        distinct keys cannot grow it without limit (it then simply starts over)."""
+        now = time.monotonic()
+        with self._said_lock:
+            last = self._said.get((topic, key))
+            if last is not None and (interval is None or now - last < interval):
+                return False
+            if len(self._said) >= SAY_ONCE_MEMORY:
+                self._said.clear()
+            self._said[(topic, key)] = now
+            return True
+
+    def note_refused_origin(self, origin: str) -> None:
+        """Log, once per origin, that a web page's origin was refused and which setting allows it."""
+        origin = origin[:200]
+        if self.say_once("origin", origin.lower()):
+            log.warning("refused requests from origin %s: it is not in proxy.allowedOrigins "
+                        "(config file) or ALLOWED_ORIGINS; add it there to allow that web app "
+                        "(logged once per origin)", origin)
+
     def request_started(self) -> None:
         """Count a forwarded request as in flight (shutdown waits for these, not idle clients)."""
         with self._active_changed:
@@ -5205,15 +5397,25 @@ class ProxyServer(ThreadingHTTPServer):
         self.ssl_context = make_server_ssl_context(self.config.cert_file, self.config.key_file)
 
     def health(self) -> dict:
-        """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
+        """Proxy status and whether the backend accepts a TCP connection (cached a few seconds).
+
+        "status" is "ok", or "degraded" with a "reason" when the backend does not accept
+        connections. The HTTP status stays 200 either way: the proxy itself is alive, and a
+        liveness check (Docker's HEALTHCHECK, --healthcheck) must not restart it for a backend
+        that is down; monitoring that cares about the backend reads "status"."""
         with self._health_lock:
             checked, backend = self._health_cache
             if backend is None or time.monotonic() - checked > HEALTH_CACHE_SECONDS:
                 backend = self._probe_backend()
                 self._health_cache = (time.monotonic(), backend)
         snapshot_uptime = time.monotonic() - START_MONOTONIC
-        return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
-                "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+        result = {"status": "ok" if backend["reachable"] else "degraded", "version": VERSION,
+                  "uptime": format_uptime(snapshot_uptime),
+                  "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+        if not backend["reachable"]:
+            result["reason"] = "backend %s is not reachable: %s" % (backend["url"],
+                                                                   backend["error"])
+        return result
 
     def _probe_backend(self) -> dict:
         started = time.monotonic()
@@ -5522,6 +5724,8 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     finally:
         conn.close()
     print(body.decode("utf-8", "replace"))
+    # 0 for a proxy that answers, also when it reports "degraded" (backend down): restarting the
+    # proxy would not bring the backend back. The reason is in the JSON printed above.
     return 0 if response.status == 200 else 1
 
 
@@ -5564,10 +5768,6 @@ def main(argv=None) -> int:
         return check_setup(config)
     if args.healthcheck:
         return healthcheck(config)
-    for warning in config.warnings:
-        log.warning(warning)
-    if config.source is None:
-        log.info("no config file given and no ./config.json: running on built-in defaults")
     pidfile = None
     if args.daemon:
         if not hasattr(os, "fork"):
@@ -5582,8 +5782,14 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
         if owner is not None:
+            # cron repeats this every few minutes: one line, and no warnings already given
+            # by the start that is running.
             print("already running (pid %d)" % owner)
             return 0
+    for warning in config.warnings:
+        log.warning(warning)
+    if config.source is None:
+        log.info("no config file given and no ./config.json: running on built-in defaults")
     try:
         return _start(args, config, pidfile)
     finally:
