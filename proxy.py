@@ -1636,7 +1636,8 @@ class CertStatus(NamedTuple):
 
 def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str] = (),
                         days: int = SERVER_CERT_DEFAULT_DAYS,
-                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS) -> CertStatus:
+                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS,
+                        dry_run: bool = False) -> CertStatus:
     """Make sure a usable server certificate exists; return what was done.
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
@@ -1649,6 +1650,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
     * cert not issued by our CA: never touched, only reported (with warnings).
     * only one of cert/key present, key not matching cert, or half a CA: CertificateError, so
       that nothing the user made is overwritten silently.
+    With ``dry_run`` nothing is written: the status says what a start would do (--check).
     Raises CertificateError only (also for an invalid extra host or ``days``, and for files that
     cannot be written)."""
     if not 1 <= days <= SERVER_CERT_MAX_DAYS:
@@ -1660,7 +1662,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days)
+                                    wanted[0], wanted[1], days, renew_before_days, dry_run)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1668,7 +1670,8 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
-                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+                         wanted_ips: List[str], days: int, renew_before_days: int,
+                         dry_run: bool = False) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
@@ -1688,6 +1691,9 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                                                           ca_dir),)
 
     def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        if dry_run:
+            return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path,
+                              ca_created, (), (), None, None, tuple(reasons), ())
         info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
         log.info("TLS certificate %s: %s (%s)", action, cert_file, "; ".join(reasons))
         ca_not_after = read_certificate_info(ca_cert_path).not_after
@@ -1699,7 +1705,8 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
-            create_ca_files(ca_dir)
+            if not dry_run:
+                create_ca_files(ca_dir)
             ca_created = True
         elif not all(have_ca):
             raise CertificateError(
@@ -1761,7 +1768,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if reasons:
         warnings.append("certificate %s, but %s is missing so it cannot be renewed"
                         % ("; ".join(reasons), ca_key_path))
-    if key is not None and not os.path.exists(combined_path):
+    if key is not None and not os.path.exists(combined_path) and not dry_run:
         # combined.pem is derived from the other two; recreate it if someone removed it.
         with open(cert_file, "rb") as handle:
             cert_pem = handle.read()
@@ -1823,14 +1830,56 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        # load_cert_chain's own errors name no file ("certificate file missing: None") or
+        # only say "PEM lib": name the file and the fix first.
+        if not os.path.exists(path):
+            raise CertificateError("%s file missing: %s" % (what, path))
+        problem = _pem_problem(path, what)
+        if problem:
+            raise CertificateError(problem)
     try:
         context.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise CertificateError("certificate file missing: %s" % exc.filename) from None
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError("cannot load certificate %s with key %s: %s"
                                % (cert_file, key_file, exc)) from None
     return context
+
+
+def _pem_problem(path: str, what: str) -> Optional[str]:
+    """Why `path` cannot be the PEM file Python's ssl module needs (DER, empty...), or None."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+    except OSError as exc:
+        return "cannot read %s %s: %s" % (what, path, exc.strerror or exc)
+    if b"-----BEGIN " in data:
+        return None
+    if not data.strip():
+        return "%s file %s is empty" % (what, path)
+    if data[:1] == b"\x30":
+        tool = "x509" if what == "certificate" else "pkey"
+        return ("%s %s is in DER (binary) form, but PEM (text, -----BEGIN ...) is needed; "
+                "convert it: openssl %s -inform der -in %s -out %s.pem, and point the config "
+                "at the .pem file" % (what, path, tool, path, os.path.splitext(path)[0]))
+    return "%s %s is not a PEM file (no -----BEGIN line)" % (what, path)
+
+
+def check_configured_certificate(config) -> None:
+    """Refuse a configured (non-default) tls.cert/tls.key that does not exist.
+
+    Only the default location is ours to create a CA and certificate in; a configured path
+    that is missing is a typo or an unmounted volume, and generating into it would put a new
+    CA into the user's own certificate folder. Raises CertificateError naming the fix."""
+    if config.tls_managed:
+        return
+    missing = [path for path in (config.cert_file, config.key_file) if not os.path.exists(path)]
+    if missing:
+        raise CertificateError(
+            "%s not exist (set by tls.cert/tls.key or CERT_FILE/KEY_FILE); the proxy "
+            "creates certificates only in its default place, never at a configured path: fix "
+            "the path, or remove tls.cert and tls.key to use the proxy's own certificate"
+            % (" and ".join(missing) + (" do" if len(missing) > 1 else " does")))
 
 
 # ==================================================================================================
@@ -5323,8 +5372,24 @@ class ProxyServer(ThreadingHTTPServer):
                 self._connections -= 1
 
     def finish_request(self, request, client_address):
-        """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
+        """Handshake in this worker thread (bounded by clientTimeout), then serve the connection.
+
+        The first byte is peeked at first, as nginx does: a plain-HTTP request on this HTTPS
+        port gets a short 400 naming the https:// URL instead of a TLS error or a reset."""
+        deadline = time.monotonic() + self.config.client_timeout
         request.settimeout(self.config.client_timeout)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+            local = request.getsockname()
+        except OSError:
+            return
+        if not first:
+            return
+        if b"A" <= first <= b"Z":        # a TLS record starts with 0x16; an HTTP method with A-Z
+            answer_plain_http(self, request, client_address, local, deadline)
+            return
+        # The handshake gets what is left of clientTimeout, so peek + handshake stay bounded.
+        request.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
@@ -5334,6 +5399,13 @@ class ProxyServer(ThreadingHTTPServer):
             tls.do_handshake()
         except (OSError, ValueError) as exc:
             log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            if _is_untrusted_certificate_alert(exc):
+                ip = _plain_ip(client_address[0])
+                if self.say_once("untrusted", ip, EXPLAIN_AGAIN_SECONDS):
+                    log.info("%s does not trust this proxy's certificate (%s): open %s on that "
+                             "device to install the CA (logged once per %d min per address)",
+                             ip, getattr(exc, "reason", None) or "rejected",
+                             _url_of(local, "/_proxy/"), EXPLAIN_AGAIN_SECONDS // 60)
             tls.close()
             return
         try:
@@ -5433,6 +5505,84 @@ class ProxyServer(ThreadingHTTPServer):
 
 
 START_MONOTONIC = time.monotonic()
+
+# TLS alerts a client sends when it does not trust our certificate (RFC 8446 §6.2: unknown_ca
+# from OpenSSL/curl/Python, bad_certificate and certificate_unknown from browsers and others).
+UNTRUSTED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")
+# Explanations of a client's mistake are repeated at most this often per client address.
+EXPLAIN_AGAIN_SECONDS = 600
+PLAIN_HTTP_HEAD_LIMIT = 16384
+
+
+def _is_untrusted_certificate_alert(exc: BaseException) -> bool:
+    reason = (getattr(exc, "reason", None) or str(exc)).upper()
+    return isinstance(exc, ssl.SSLError) and any(a in reason for a in UNTRUSTED_CERT_ALERTS)
+
+
+def _plain_ip(host: str) -> str:
+    """An address as people write it (IPv4-mapped IPv6 shown as plain IPv4)."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def _url_of(local_address, path: str, host: Optional[str] = None) -> str:
+    """https:// URL of this proxy as a client reached it (the socket's local address)."""
+    if host is None:
+        ip = _plain_ip(local_address[0])
+        host = authority(ip, local_address[1])
+    return "https://%s%s" % (host, path)
+
+
+_PLAIN_HOST = re.compile(rb"(?im)^host:[ \t]*([A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|"
+                         rb"\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?)[ \t]*\r?$")
+
+
+def answer_plain_http(server, sock, client_address, local, deadline: float) -> None:
+    """Answer a plain-HTTP request sent to the HTTPS port with a 400 that names the https://
+    URL (as nginx does), and log it in words, rate-limited per client address.
+
+    The request head is read first (bounded in size and by clientTimeout) and the connection
+    is shut down gently, so the client gets the answer instead of a reset."""
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head and b"\n\n" not in head \
+                and len(head) < PLAIN_HTTP_HEAD_LIMIT:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(PLAIN_HTTP_HEAD_LIMIT - len(head))
+            if not data:
+                break
+            head += data
+    except OSError:
+        pass
+    match = _PLAIN_HOST.search(head)
+    host = match.group(1).decode("ascii") if match else None
+    if host is not None:
+        # The client wrote http://name[:port]/: the same name, this port, over https.
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        host = "%s:%d" % (name, local[1]) if local[1] != 443 else name
+    url = _url_of(local, "/", host)
+    ip = _plain_ip(client_address[0])
+    if server.say_once("plain-http", ip, EXPLAIN_AGAIN_SECONDS):
+        log.info("%s sent plain HTTP to this HTTPS port; told it to use %s (logged once per "
+                 "%d min per address)", ip, url, EXPLAIN_AGAIN_SECONDS // 60)
+    body = ("400 Bad Request: this port speaks HTTPS only. Use %s\n" % url).encode("ascii")
+    response = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nX-Content-Type-Options: nosniff\r\n"
+                b"Connection: close\r\n\r\n" % len(body)) + body
+    try:
+        sock.settimeout(max(0.01, min(2.0, deadline - time.monotonic())))
+        sock.sendall(response)
+        sock.shutdown(socket.SHUT_WR)
+        # Read what else the client sent (a body) before closing: closing with unread data
+        # makes the kernel send a reset, which can destroy our answer in flight.
+        drained, until = 0, time.monotonic() + 1.0
+        while drained < 1 << 20 and time.monotonic() < until:
+            sock.settimeout(max(0.01, until - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
 
 
 
@@ -5643,6 +5793,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.")
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: ./config.json if present, else built-in defaults)")
+    parser.add_argument("--port", type=int, metavar="N",
+                        help="HTTPS port to listen on (overrides proxy.port and PROXY_PORT)")
+    parser.add_argument("--target", metavar="URL",
+                        help="backend as http://HOST:PORT, HOST:PORT or HOST (overrides "
+                             "target.host/target.port and TARGET_HOST/TARGET_PORT)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="how much to log (default: info, one line per request)")
@@ -5690,16 +5845,38 @@ def check_setup(config: Config) -> int:
     for warning in config.warnings:
         print("warning: %s" % warning)
     print("backend: %s" % config.target_url)
-    have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
-    if not have_cert and not have_key:
-        print("certificate: %s will be created at first start" % config.cert_file)
-        return 0
     try:
-        make_server_ssl_context(config.cert_file, config.key_file)
+        probe = socket.create_connection((config.target_host, config.target_port),
+                                         timeout=min(3.0, config.connect_timeout))
+        probe.close()
+        print("backend: accepts connections")
+    except OSError as exc:
+        # Not an error: the backend may simply start later. But say it, and how to look.
+        print("warning: backend %s does not accept connections (%s); requests will get 502 "
+              "until it does. Test it from this machine: curl %s/" % (
+                  config.target_url, _describe_os_error(exc), config.target_url))
+    try:
+        check_configured_certificate(config)
+        have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
+        if have_cert or have_key:
+            make_server_ssl_context(config.cert_file, config.key_file)
+        # What the next start would do, without doing it: a certificate it re-issues is not ok.
+        status = ensure_certificates(config.cert_file, config.key_file,
+                                     extra_hosts=config.tls_hosts, dry_run=True)
     except CertificateError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
-    print("certificate: %s (ok)" % config.cert_file)
+    if status.action == "created":
+        print("certificate: %s will be created at first start%s" % (
+            config.cert_file, " (with a new local CA)" if status.ca_created else ""))
+    elif status.action == "renewed":
+        print("certificate: %s will be re-issued at the next start: %s" % (
+            config.cert_file, "; ".join(status.reasons)))
+    else:
+        print("certificate: %s (ok%s)" % (config.cert_file, ", not issued by this proxy's CA"
+                                         if status.action == "external" else ""))
+    for warning in status.warnings:
+        print("warning: certificate %s" % warning)
     return 0
 
 
@@ -5751,12 +5928,31 @@ def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
             log.info("  %s", line)
 
 
+def command_line_overrides(args) -> Dict[str, Tuple[str, object]]:
+    """The config keys set by --port and --target, for load_config(overrides=...).
+
+    Precedence: command line > environment > config file > defaults. --target without a port
+    keeps target.port. Raises ConfigError for a --target that is not an http:// backend."""
+    overrides = {}  # type: Dict[str, Tuple[str, object]]
+    if args.port is not None:
+        overrides["proxy.port"] = ("command line --port", args.port)
+    if args.target is not None:
+        try:
+            host, port = parse_target(args.target, 0, "--target")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        overrides["target.host"] = ("command line --target", host)
+        if port:
+            overrides["target.port"] = ("command line --target", port)
+    return overrides
+
+
 def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, overrides=command_line_overrides(args))
     except ConfigError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
@@ -5814,6 +6010,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
                   file=sys.stderr)
             return 1
     try:
+        check_configured_certificate(config)
         cert_status = ensure_certificates(config.cert_file, config.key_file,
                                           extra_hosts=config.tls_hosts)
         server = build_server(config)
