@@ -5813,8 +5813,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", metavar="PATH",
                         help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the config)")
     parser.add_argument("--healthcheck", action="store_true",
-                        help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
-                             "used by the Docker HEALTHCHECK")
+                        help="ask a running proxy's /_proxy/health: exit 0 while it answers, "
+                             "also when it reports the backend down (\"degraded\"), 1 when it "
+                             "does not answer; used by the Docker HEALTHCHECK")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
 
