@@ -510,5 +510,32 @@ class PortAndTargetFlagTests(TempDir, unittest.TestCase):
         self.assertIn("backend: accepts connections", result.stdout)
 
 
+
+# ==================================================================================================
+# 14. The test runner, for humans
+# ==================================================================================================
+
+class TestRunnerTests(unittest.TestCase):
+    def test_progress_skip_reasons_and_the_last_line(self):
+        env = {k: v for k, v in os.environ.items() if k != "LLM_PROXY_SOAK"}
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "run.py"), "test_config",
+             "test_hostile.GarbageTests"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+        out = result.stdout
+        self.assertEqual(result.returncode, 0, out)
+        self.assertRegex(out, r"\[(\d+)/\1\]")                 # progress, ending at done/total
+        self.assertIn("skipped, and why:", out)
+        self.assertIn("test_ten_thousand_garbage_connections_leak_nothing: soak test: set "
+                      "LLM_PROXY_SOAK=1", out)
+        self.assertRegex(out.splitlines()[-1], r"^\d+ passed, 0 failed, 1 skipped$")
+
+    def test_ci_runs_the_soak_tests(self):
+        with open(os.path.join(ROOT, ".ci", "run")) as handle:
+            ci = handle.read()
+        self.assertIn("export LLM_PROXY_SOAK=1", ci)
+        self.assertLess(ci.index("export LLM_PROXY_SOAK=1"), ci.index("python3 tests/run.py"))
+
+
 if __name__ == "__main__":
     unittest.main()
