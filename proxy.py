@@ -6205,8 +6205,9 @@ th { font-size: 11.5px; text-transform: uppercase; letter-spacing: 0.04em; color
 th.n, td.n { text-align: right; }
 tbody tr:hover td { background: var(--hover); }
 tbody tr:last-child td { border-bottom: 0; }
-td.name { min-width: 180px; max-width: 360px; white-space: normal; overflow-wrap: anywhere; }
-td.name .txt { font-weight: 550; }
+td.name { min-width: 180px; max-width: 360px; white-space: normal; }
+/* A model name is never broken mid-word: one line, an ellipsis, the full name in its title. */
+td.name .txt { font-weight: 550; display: block; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 td.muted, .muted { color: var(--faint); }
 .share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
 .share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
@@ -6232,12 +6233,24 @@ footer.foot .err { color: var(--err); }
   .card { padding: 12px; }
   .card .value { font-size: 23px; }
   .cards { gap: 10px; }
+  /* Room for the usage card's explanation; uptime beside it would leave a hole. */
+  .card.usage, .card.uptime { grid-column: 1 / -1; }
   .panel-head { padding: 10px 12px; }
   .panel-body { padding: 10px 12px 12px; }
-  th, td { padding: 7px 10px; }
-  /* Keep the row's name visible while the numbers scroll sideways. */
-  td.name, table.breakdown th:first-child { position: sticky; left: 0; z-index: 1; background: var(--card); min-width: 150px; max-width: 190px; box-shadow: 1px 0 0 var(--border); }
-  tbody tr:hover td.name { background: var(--hover); }
+  /* Phones: every table row becomes a small card of "label  value" lines (labels from the
+     column headings, see labelCells), so Total, Status and Tokens are never off to the side. */
+  .table-wrap { overflow-x: visible; }
+  .table-wrap table, .table-wrap tbody, .table-wrap tr, .table-wrap td { display: block; width: 100%; }
+  .table-wrap thead { display: none; }
+  .table-wrap tr { padding: 8px 12px; border-bottom: 1px solid var(--border); }
+  .table-wrap tbody tr:last-child { border-bottom: 0; }
+  .table-wrap td { padding: 2px 0; border: 0; text-align: right; white-space: normal; overflow-wrap: break-word; max-width: none; min-width: 0; }
+  .table-wrap td::before { content: attr(data-label); float: left; margin-right: 12px; color: var(--muted); font-size: 12px; text-align: left; }
+  .table-wrap td.name { text-align: left; padding-bottom: 4px; }
+  .table-wrap td.name::before, .table-wrap td.empty::before { content: none; }
+  .table-wrap td.empty { text-align: center; padding: 18px 0; }
+  .table-wrap td.opt { display: none; }
+  tbody tr:hover td { background: transparent; }
 }
 </style>
 </head>
@@ -6262,7 +6275,7 @@ footer.foot .err { color: var(--err); }
   <section class="cards" aria-label="Totals">
     <div class="card wide">
       <div class="label">Total tokens</div>
-      <div class="total-row"><div class="value" id="c-total">&ndash;</div><div class="exact" id="c-total-exact"></div></div>
+      <div class="total-row"><div class="value" id="c-total">&ndash;</div></div>
       <div class="parts">
         <div class="part"><div class="k"><span class="sw prompt"></span>Prompt</div><div class="v" id="c-prompt">&ndash;</div></div>
         <div class="part"><div class="k"><span class="sw completion"></span>Completion</div><div class="v" id="c-completion">&ndash;</div></div>
@@ -6274,12 +6287,13 @@ footer.foot .err { color: var(--err); }
     <div class="card"><div class="label">Completions</div><div class="value" id="c-completions">&ndash;</div><div class="hint" id="c-completions-hint">&nbsp;</div></div>
     <div class="card"><div class="label">Errors</div><div class="value" id="c-errors">&ndash;</div><div class="hint" id="c-errors-hint">&nbsp;</div></div>
     <div class="card"><div class="label">In flight</div><div class="value" id="c-inflight">&ndash;</div><div class="hint">requests in progress</div></div>
-    <div class="card"><div class="label">Uptime</div><div class="value" id="c-uptime">&ndash;</div><div class="hint" id="c-uptime-hint">&nbsp;</div></div>
-    <div class="card" title="Reported: the backend's response carried usage. Injected: the proxy asked the backend to include usage (e.g. stream_options.include_usage). Missing: no usage could be found.">
+    <div class="card uptime"><div class="label">Uptime</div><div class="value" id="c-uptime">&ndash;</div><div class="hint" id="c-uptime-hint">&nbsp;</div></div>
+    <div class="card usage">
       <div class="label">Usage reporting</div>
-      <div class="kv"><span class="k">Reported</span><span class="v" id="c-u-reported">&ndash;</span></div>
-      <div class="kv"><span class="k">Injected</span><span class="v" id="c-u-injected">&ndash;</span></div>
-      <div class="kv"><span class="k">Missing</span><span class="v" id="c-u-missing">&ndash;</span></div>
+      <div class="hint">Where the token counts of completions came from:</div>
+      <div class="kv"><span class="k">Sent by the backend</span><span class="v" id="c-u-reported">&ndash;</span></div>
+      <div class="kv"><span class="k">Asked for by the proxy</span><span class="v" id="c-u-injected">&ndash;</span></div>
+      <div class="kv"><span class="k">Missing (not counted)</span><span class="v" id="c-u-missing">&ndash;</span></div>
     </div>
   </section>
 
@@ -6312,7 +6326,7 @@ footer.foot .err { color: var(--err); }
   <section class="panel" aria-labelledby="t-recent-title">
     <div class="panel-head"><h2 id="t-recent-title">Recent requests<span class="count" id="t-recent-count"></span></h2></div>
     <div class="table-wrap"><table>
-      <thead><tr><th>Time</th><th>Model</th><th>Request</th><th class="n">Status</th><th class="n">Tokens</th><th class="n">Duration</th><th class="n">TTFB</th><th class="n">Tokens/s</th><th>Client</th><th>Usage</th></tr></thead>
+      <thead><tr><th>Time</th><th>Model</th><th>Request</th><th class="n">Status</th><th class="n">Tokens</th><th class="n">Duration</th><th class="n opt">TTFB</th><th class="n opt">Tokens/s</th><th class="opt">Client</th><th>Usage</th></tr></thead>
       <tbody id="t-recent"></tbody>
     </table></div>
   </section>
@@ -6464,8 +6478,8 @@ footer.foot .err { color: var(--err); }
   function renderCards(d) {
     var t = obj(d.tokens);
     var total = isNum(t.total) ? t.total : num(t.prompt) + num(t.completion);
-    setText("c-total", fmtCompact(total)).setAttribute("title", fmtInt(total) + " tokens");
-    setText("c-total-exact", fmtInt(total) + " tokens");
+    // One figure, exact (the compact form is in the title): the same number twice read as two.
+    setText("c-total", fmtInt(total)).setAttribute("title", fmtCompact(total) + " tokens");
     setText("c-prompt", fmtInt(num(t.prompt)));
     setText("c-completion", fmtInt(num(t.completion)));
     setText("c-cache-read", fmtInt(num(t.cacheRead)));
@@ -6714,6 +6728,18 @@ footer.foot .err { color: var(--err); }
     return td;
   }
 
+  // Phones show each row as "label  value" lines: every cell carries its column heading.
+  function labelCells(tbody) {
+    var heads = tbody.parentNode.querySelectorAll("thead th");
+    for (var i = 0; i < tbody.rows.length; i++) {
+      var cells = tbody.rows[i].cells;
+      for (var j = 0; j < cells.length && j < heads.length; j++) {
+        cells[j].setAttribute("data-label", heads[j].textContent);
+        if (heads[j].className.indexOf("opt") >= 0) { cells[j].className += " opt"; }
+      }
+    }
+  }
+
   function emptyRow(tbody, cols, text) {
     var tr = el("tr");
     var td = el("td", "empty", text);
@@ -6746,6 +6772,7 @@ footer.foot .err { color: var(--err); }
       var shown = label === "" || label === "null" ? "(unknown)" : label;
       var placeholder = shown === "(unknown)" || shown === "(other)";
       var txt = el("span", "txt" + (placeholder ? " muted" : ""), shown);
+      txt.setAttribute("title", shown);
       name.appendChild(txt);
       var share = pct(num(r.total), grand);
       if (share !== null) {
@@ -6775,6 +6802,7 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(errs);
       tbody.appendChild(tr);
     }
+    labelCells(tbody);
   }
 
   function renderRecent(list) {
@@ -6832,6 +6860,7 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
       tbody.appendChild(tr);
     }
+    labelCells(tbody);
   }
 
   function renderFooter(d) {
@@ -6843,8 +6872,9 @@ footer.foot .err { color: var(--err); }
       box.textContent = "Persistence off (stats are lost on restart)";
     } else if (p.enabled === true) {
       var saved = parseTime(p.lastSaved);
-      box.appendChild(document.createTextNode("Saved to " + (str(p.file) || "stats file") +
-        (saved !== null ? " at " + fmtWhen(saved) : " (not yet)")));
+      // Never the server's file path: it means nothing on the phone reading this.
+      box.appendChild(document.createTextNode(saved !== null ? "Stats saved at " + fmtWhen(saved)
+        : "Stats not saved yet"));
       if (p.lastError) { box.appendChild(el("span", "err", DOT + "save failed: " + str(p.lastError))); }
     }
   }
@@ -7156,7 +7186,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
         <div class="lbl">Ollama-native base URL</div>
         <div class="copyrow"><code class="val" id="ep-base"></code><button type="button" class="btn" data-copy="ep-base">Copy</button></div>
       </div>
-      <p>In Agile-V Studio: <span class="path">Settings &gt; LLM Configuration</span>, choose <span class="path">Custom Local LLM</span> and paste the endpoint ending in <code>/v1</code>. The proxy forwards every path unchanged to the backend.</p>
+      <p>In your app's LLM settings, pick its custom or self-hosted provider (often called &ldquo;OpenAI-compatible&rdquo;) and paste the endpoint ending in <code>/v1</code> as its base URL. The proxy forwards every path unchanged to the backend.</p>
       <div class="field">
         <div class="lbl">Test from a terminal (after downloading the CA below)</div>
         <div class="copyrow"><code class="val" id="ep-curl"></code><button type="button" class="btn" data-copy="ep-curl">Copy</button></div>
