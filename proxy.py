@@ -7419,7 +7419,9 @@ sudo update-ca-certificates</code></pre>
       var parts = [];
       if (version) { parts.push("version " + version); }
       if (uptime) { parts.push("up " + uptime); }
-      setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
+      // "degraded" means the backend is down, which the Backend row shows: the proxy runs.
+      var running = h.status === "ok" || h.status === "degraded" || !h.status;
+      setRow("s-proxy", running ? "ok" : "warn", running ? "running" : str(h.status), parts.join(DOT));
       byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
 
       var b = obj(h.backend);

@@ -512,6 +512,101 @@ class PortAndTargetFlagTests(TempDir, unittest.TestCase):
 
 
 # ==================================================================================================
+# 13. The dashboard on a 390 px phone, in headless Chromium
+# ==================================================================================================
+
+def _browser_missing():
+    import browser
+    if browser.find_chromium() is None:
+        return "Chromium is not installed (apt-get install chromium)"
+    if not shutil.which("certutil"):
+        return "certutil is not installed (apt-get install libnss3-tools)"
+    return None
+
+
+LONG_MODEL = "hf.co/bartowski/Qwen2.5-Coder-32B-Instruct-GGUF:Q4_K_M"
+
+# What a person on a phone would notice, measured in the page.
+PHONE_PROBE = """(function () {
+  function visible(e) { return e.offsetParent !== null; }
+  var wraps = Array.prototype.slice.call(document.querySelectorAll('.table-wrap'));
+  var names = Array.prototype.slice.call(document.querySelectorAll('td.name .txt'));
+  var total = document.getElementById('c-total');
+  var cards = document.querySelector('.cards');
+  return {
+    scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+    wideTables: wraps.filter(function (w) { return w.scrollWidth > w.clientWidth + 1; }).length,
+    hiddenColumns: Array.prototype.slice.call(document.querySelectorAll('#t-recent td, #t-model td'))
+      .filter(function (td) {
+        var l = td.getAttribute('data-label');
+        return (l === 'Total' || l === 'Status' || l === 'Tokens') && (!visible(td)
+          || td.getBoundingClientRect().right > window.innerWidth);
+      }).length,
+    nameLines: names.map(function (n) {
+      return Math.round(n.getBoundingClientRect().height / parseFloat(getComputedStyle(n).lineHeight || 20)); }),
+    nameTitles: names.map(function (n) { return n.getAttribute('title'); }),
+    footer: document.querySelector('footer').innerText,
+    cardsText: cards.innerText,
+    totalText: total.textContent
+  };
+})()"""
+
+
+@unittest.skipIf(_browser_missing(), _browser_missing())
+class PhoneDashboardTests(TempDir, unittest.TestCase):
+    def test_dashboard_and_setup_page_at_390_px(self):
+        import browser
+        from support import FakeLLM, settled_stats
+        artifacts = os.path.join(ROOT, "tests", "artifacts")
+        os.makedirs(artifacts, exist_ok=True)
+        llm = FakeLLM()
+        upstream = start_upstream(self, llm)
+        server = start_proxy(self, upstream.port)
+        base = "https://localhost:%d" % server.server_address[1]
+        chat = {"messages": [{"role": "user", "content": "hello there"}]}
+        for path, model in (("/v1/chat/completions", "qwen3:8b"),
+                            ("/v1/messages", "claude-haiku-4-5-20251001"),
+                            ("/v1/chat/completions", LONG_MODEL)):
+            conn = https(server)
+            conn.request("POST", path, body=json.dumps(dict(chat, model=model, max_tokens=9)),
+                         headers={"Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        total = settled_stats(server)["tokens"]["total"]
+        home = browser.make_trust_home(ca_file(), self.tmp())
+        phone = dict(width=390, height=844, mobile=True, user_agent=browser.IPHONE_UA)
+        with browser.Browser(home) as chromium:
+            result, tab = browser.load_page(
+                chromium, base + "/_proxy/dashboard", browser.DASHBOARD_READY, keep_tab=True,
+                screenshot=os.path.join(artifacts, "dashboard-390.png"), full_page=True, **phone)
+            try:
+                probe = tab.evaluate(PHONE_PROBE)
+            finally:
+                tab.close()
+            setup, _ = browser.load_page(chromium, base + "/_proxy/", browser.SETUP_READY,
+                                         screenshot=os.path.join(artifacts, "setup-390.png"),
+                                         full_page=True, **phone)
+        self.assertEqual(result.problems(), [])
+        self.assertEqual(setup.problems(), [])
+        # No sideways scroll, neither of the page nor inside a table.
+        self.assertLessEqual(probe["scrollWidth"], probe["innerWidth"], probe)
+        self.assertEqual(probe["wideTables"], 0, probe)
+        self.assertEqual(probe["hiddenColumns"], 0, probe)
+        # Names on one line each (never broken mid-word), the full name in the title.
+        self.assertTrue(probe["nameLines"] and max(probe["nameLines"]) == 1, probe)
+        self.assertIn(LONG_MODEL, probe["nameTitles"])
+        self.assertIn(LONG_MODEL, result.text)
+        # One total figure; usage reporting explained in visible text; no server path.
+        self.assertEqual(probe["totalText"], "{:,}".format(total))
+        self.assertEqual(probe["cardsText"].count("{:,}".format(total)), 1, probe["cardsText"])
+        self.assertIn("Where the token counts of completions came from", probe["cardsText"])
+        self.assertIn("Sent by the backend", probe["cardsText"])
+        self.assertNotIn(os.path.dirname(server.config.stats_file), probe["footer"])
+        self.assertNotIn("/", probe["footer"].replace("Stats JSON", ""), probe["footer"])
+        # The set-up page names no third-party product.
+        self.assertNotIn("Agile-V", setup.text)
+
+# ==================================================================================================
 # 14. The test runner, for humans
 # ==================================================================================================
 
