@@ -5207,9 +5207,10 @@ class Exchange:
 
         A clean chunked end would look like success to the client, so we close without it.
         """
-        log.warning("backend %s broke off the response to %s %s: %s", self.server.upstream.url,
-                    self.head.method, self.path, _describe_os_error(exc)
-                    if isinstance(exc, OSError) else type(exc).__name__)
+        # Said on the request's one log line (finish()), not on a second one.
+        self.failure = "backend %s broke off the response: %s" % (
+            self.server.upstream.url,
+            _describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__)
         conn.close()
         self.error = True
         self.handler.close_connection = True

@@ -9,6 +9,7 @@ socket, curl, the CLI in a subprocess) and checks what the user is told.
 
 import contextlib
 import dataclasses
+import http.client as http_client
 import io
 import json
 import logging
@@ -428,6 +429,36 @@ class LogNoiseTests(TempDir, unittest.TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn(" 502 ", lines[0])
         self.assertIn("connection refused", lines[0])
+
+    def test_a_response_cut_off_by_the_backend_is_one_warning_line(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+
+        def backend():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        thread = threading.Thread(target=backend, daemon=True)
+        thread.start()
+        server = start_proxy(self, listener.getsockname()[1])
+        logs = Logged(self)
+        conn = https(server)
+        conn.request("GET", "/cut")
+        response = conn.getresponse()
+        with self.assertRaises((http_client.IncompleteRead, OSError)):
+            response.read()
+        conn.close()
+        thread.join(10)
+        self.assertTrue(wait_until(lambda: server.stats.snapshot()["requests"] == 1))
+        lines = logs.lines("/cut")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("broke off the response", lines[0])
+        self.assertEqual(len(logs.lines("broke off")), 1)
+        self.assertEqual([r.levelno for r in logs.records if "/cut" in r.getMessage()],
+                         [logging.WARNING])
 
     def test_dashboard_polls_are_not_logged_at_info(self):
         server = start_proxy(self, dead_port())
