@@ -453,9 +453,11 @@ def _is_own_address(host: str) -> bool:
         return name.endswith(".localhost")
     if address.is_loopback or address.is_unspecified:
         return True
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         return name in _linux_ipv4_addresses()
-    except OSError:
+    except (OSError, ImportError):
         return False
 
 
