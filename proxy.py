@@ -4421,6 +4421,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # health check under a short deadline.
         self.slot = slot
         self.admin_route = False
+        self.linger = False          # half-close and drain before closing (see _lingering_close)
         super().__init__(request, client_address, server)
 
     @property
@@ -4468,6 +4469,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.route(head)
         except RequestError as exc:
             self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+            # The client may still be sending its body (a 408, 413 or a bad chunk): close
+            # gently, or the reset of an abrupt close can destroy this answer on its way.
+            self.linger = True
         except (ClientGone, OSError):
             self.close_connection = True
 
@@ -5179,6 +5183,37 @@ class Exchange:
         })
 
 
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+def _lingering_close(sock) -> None:
+    """Half-close, then read and drop what the client still sends, briefly, before the close.
+
+    Closing a socket with unread input sends a TCP reset, and a reset can make the client's
+    stack discard our last answer before it is read (RFC 9112 §9.6; Apache and nginx linger
+    the same way). Bounded by LINGER_SECONDS and LINGER_MAX_BYTES; TLS records are dropped
+    unread, below the TLS layer.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable([sock], remaining):
+                return
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                return
+            drained += len(data)
+    except (OSError, ValueError):
+        return
+
+
 def _abort_connection(sock) -> None:
     """Close a client connection with a TCP reset, so no client mistakes it for a clean end."""
     try:
@@ -5438,7 +5473,9 @@ class ProxyServer(ThreadingHTTPServer):
             tls.close()
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self, slot)
+            handler = self.RequestHandlerClass(tls, client_address, self, slot)
+            if handler.linger:
+                _lingering_close(tls)
         finally:
             try:
                 tls.close()
@@ -6258,7 +6295,7 @@ footer.foot .err { color: var(--err); }
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
-    range: "hourly", selected: -1, series: null, polls: 0
+    range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
 
   function byId(id) { return document.getElementById(id); }
@@ -6784,15 +6821,38 @@ footer.foot .err { color: var(--err); }
     state.timer = setTimeout(poll, POLL_MS);
   }
 
+  // With proxy.adminToken set, reading the stats needs the token too: it is asked for once,
+  // kept in sessionStorage (this tab only, gone when it closes) and sent as a header, never
+  // put in a URL.
+  function fetchStats(opts, asked) {
+    var token = readToken();
+    opts.headers = { "Accept": "application/json" };
+    if (token) { opts.headers["Authorization"] = "Bearer " + token; }
+    return fetch(STATS_URL, opts).then(function (res) {
+      if (res.status !== 401) { return res; }
+      if (asked || state.tokenDeclined) { storeToken(""); return res; }
+      var entered = window.prompt(token ? "The saved admin token was refused. Admin token:" :
+        "This proxy needs its admin token to show statistics. Admin token:", "");
+      if (entered === null || !entered.trim()) {
+        state.tokenDeclined = true;
+        showNotice("Statistics need the proxy's admin token (proxy.adminToken). Reload the page to enter it.", "err");
+        return res;
+      }
+      storeToken(entered.trim());
+      delete opts.signal;         // the prompt may have outlasted the time-out of the first try
+      return fetchStats(opts, true);
+    });
+  }
+
   function poll() {
     if (state.busy) { return Promise.resolve(); }
     state.busy = true;
     clearTimeout(state.timer);
     var ctrl = typeof AbortController === "function" ? new AbortController() : null;
     var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, FETCH_TIMEOUT_MS);
-    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    var opts = { cache: "no-store", credentials: "same-origin" };
     if (ctrl) { opts.signal = ctrl.signal; }
-    return fetch(STATS_URL, opts).then(function (res) {
+    return fetchStats(opts, false).then(function (res) {
       if (!res.ok) { throw new Error("HTTP " + res.status); }
       return res.json();
     }).then(function (d) {
@@ -6814,7 +6874,7 @@ footer.foot .err { color: var(--err); }
       clearTimeout(killer);
       state.busy = false;
       renderConn();
-      schedule();
+      if (!state.tokenDeclined) { schedule(); }
     });
   }
 
