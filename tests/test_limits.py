@@ -270,7 +270,9 @@ import proxy, logging
 proxy.setup_logging("info")
 config = proxy.Config(port=0, bind="127.0.0.1", target_host="127.0.0.1", target_port=1,
                       cert_file=%(cert)r, key_file=%(key)r, tracking_enabled=False,
-                      client_timeout=30.0, max_connections=1000, max_connections_per_client=1000)
+                      client_timeout=30.0, max_connections=1000,
+                      **({"max_connections_per_client": 1000}
+                         if "max_connections_per_client" in proxy.Config.__dataclass_fields__ else {}))
 server = proxy.build_server(config)
 used = len(os.listdir("/proc/self/fd"))
 resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -325,7 +327,7 @@ class DescriptorTests(unittest.TestCase):
     def test_the_soft_limit_is_raised_at_start(self):
         import resource
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        needed = 2 * 512 + proxy.FD_RESERVE
+        needed = 2 * 512 + getattr(proxy, "FD_RESERVE", 100)
         if hard != resource.RLIM_INFINITY and hard < needed:
             self.skipTest("the hard limit (%d) is below what 512 connections need" % hard)
         child, err = self.start_real_proxy((256, hard))
@@ -335,7 +337,7 @@ class DescriptorTests(unittest.TestCase):
 
     def test_max_connections_is_lowered_to_fit_a_hard_limit(self):
         child, err = self.start_real_proxy((256, 256))
-        expected = (256 - proxy.FD_RESERVE) // 2
+        expected = (256 - getattr(proxy, "FD_RESERVE", 100)) // 2
         self.assertIn("proxy.maxConnections lowered from 512 to %d" % expected, _text(err))
 
     def test_accept_backs_off_after_emfile_and_says_so_once(self):
@@ -353,12 +355,12 @@ class DescriptorTests(unittest.TestCase):
         self.addCleanup(lambda: [s.close() for s in socks])
         for _ in range(40):             # 20 descriptors to spare: half of these wait in the backlog
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        self.assertTrue(wait_until(lambda: "cannot accept connections" in _text(err), 10),
-                        _text(err))
+        # The proxy says so when it runs out; main says nothing, so this wait is not asserted.
+        wait_until(lambda: "cannot accept connections" in _text(err), 5)
         before = cpu_seconds(child.pid)
         time.sleep(1.5)                 # measuring CPU use over a span of time
         used = cpu_seconds(child.pid) - before
-        self.assertLess(used, 0.3, "the accept loop spins: %.2f s of CPU in 1.5 s" % used)
+        self.assertLess(used, 0.15, "the accept loop spins: %.2f s of CPU in 1.5 s" % used)
         self.assertEqual(_text(err).count("cannot accept connections"), 1, _text(err))
         self.assertIn("EMFILE", _text(err))
 
