@@ -4482,7 +4482,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         kept short: RESERVE_CLIENT_TIMEOUT for handshake and head, one request, then close.
         """
         self.close_connection = True
-        if head.target.split("?", 1)[0].rstrip("/") == "/_proxy/health":
+        # No body either: a trickled one would hold the reserve slot for minutes.
+        if (head.target.split("?", 1)[0].rstrip("/") == "/_proxy/health"
+                and request_body_length(head) is None):
             return True
         self.send_json(503, {"type": "error", "error": {
             "type": "overloaded", "message": "the proxy is serving proxy.maxConnections "
