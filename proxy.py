@@ -5285,10 +5285,9 @@ class ClientSlot:
 class ClientSlots:
     """Counts open client connections, in total and per client address.
 
-    take(address) -> ClientSlot or None (turn the connection away). Every long-lived thing a
-    client holds open — a connection, and a tunnel that outlives its request — takes a slot
-    and releases it when it ends, so it counts against proxy.maxConnections and
-    proxy.maxConnectionsPerClient. The server's own instance is ProxyServer.slots.
+    take(address) -> ClientSlot or None (turn the connection away); release the slot when the
+    connection ends. The server's instance is ProxyServer.slots, used through
+    ProxyServer.claim_slot().
 
     Policy: `total - reserve` general slots, of which one address may hold `per_client` (so
     one host cannot take every slot; loopback counts like any address). When the general slots
@@ -5359,8 +5358,8 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context,
-    slots (ClientSlots: the connection count per client address).
+    reload_tls(), health(), wait_for_requests(), claim_slot(). Attributes: config, stats,
+    upstream, ssl_context, slots (ClientSlots: the connection count per client address).
     """
 
     daemon_threads = True
@@ -5423,11 +5422,23 @@ class ProxyServer(ThreadingHTTPServer):
         self._accept_delay = 0.0
         return accepted
 
+    def claim_slot(self, client_address) -> Optional[ClientSlot]:
+        """A connection slot for `client_address` ((host, port, ...) as accept() gives it), or
+        None when that address (or the server) is at its limit. Release it when done.
+
+        Each accepted connection holds one (ProxyHandler.slot) until it closes; a connection
+        upgraded to a tunnel keeps it, so tunnels count against proxy.maxConnections and
+        proxy.maxConnectionsPerClient as they are (never upgrade one on a reserve slot:
+        ProxyHandler.on_reserve). Claim another only for something a client holds open
+        without a connection of its own.
+        """
+        return self.slots.take(client_ip(client_address[0]))
+
     def process_request(self, request, client_address):
         # One thread per connection, up to proxy.maxConnections and proxy.maxConnectionsPerClient:
         # past that a flood of connections is turned away here instead of exhausting memory.
         address = client_ip(client_address[0])
-        slot = self.slots.take(address)
+        slot = self.claim_slot(client_address)
         if slot is None:
             self.shutdown_request(request)
             now = time.monotonic()
