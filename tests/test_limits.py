@@ -219,6 +219,40 @@ class BodyDeadlineTests(unittest.TestCase):
         self.assertEqual(snapshot["recent"][0]["status"], 408)
         self.assertEqual(self.upstream.requests, [])
 
+    def test_a_trickled_chunked_body_is_cut_off_too(self):
+        """One 1-byte chunk every 0.7 s with clientTimeout 1: each read is in time, the average
+        rate is not. Fails on main (no answer within 8 s)."""
+        server = start_proxy(self, self.upstream.port, client_timeout=1.0)
+        sock = tls_socket(server, timeout=8)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/upload HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        stop = threading.Event()
+
+        def trickle():
+            for _ in range(20):
+                try:
+                    sock.send(b"1\r\nx\r\n")
+                except (OSError, ValueError):
+                    return
+                if stop.wait(0.7):
+                    return
+        threading.Thread(target=trickle, daemon=True).start()
+        self.addCleanup(stop.set)
+        reply = b""
+        try:
+            while b"\r\n\r\n" not in reply:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                reply += piece
+        except (socket.timeout, ssl.SSLError, ConnectionError):
+            pass
+        stop.set()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:100])
+        self.assertEqual(settled_stats(server)["recent"][0]["status"], 408)
+        self.assertEqual(self.upstream.requests, [])
+
     def test_a_stalled_large_upload_is_cut_off_too_and_the_backend_never_sees_it_complete(self):
         server = start_proxy(self, self.upstream.port, client_timeout=1.0)
         sock = tls_socket(server, timeout=10)
@@ -571,6 +605,19 @@ class DashboardTokenInChromiumTests(unittest.TestCase):
                 self.assertTrue(tab.wait_for(
                     "+document.documentElement.getAttribute('data-polls') > %d" % polls, 10))
                 self.assertEqual(len([d for d in tab.dialogs if d[0] == "prompt"]), 1, tab.dialogs)
+            finally:
+                tab.close()
+            # A new tab has its own sessionStorage: declining the prompt shows why, once.
+            tab = chromium.new_tab()
+            try:
+                tab.dialog_answers = [(False, "")]
+                self.assertIsNone(tab.navigate(base + "/_proxy/dashboard"))
+                self.assertTrue(tab.wait_for(
+                    "/admin token/.test(document.getElementById('notice').textContent)", 10),
+                    tab.dialogs)
+                self.assertEqual(len(tab.dialogs), 1, tab.dialogs)
+                self.assertNotEqual(tab.evaluate("document.documentElement.getAttribute('data-state')"),
+                                    "live")
             finally:
                 tab.close()
         self.assertEqual(server.stats.snapshot()["requests"], 0)
