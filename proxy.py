@@ -4490,6 +4490,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "type": "overloaded", "message": "the proxy is serving proxy.maxConnections "
                                              "connections; try again shortly"}},
                        [("Retry-After", "5")])
+        self.linger = True            # a body may follow the head: let the 503 arrive
         return False
 
     def _client_keeps_alive(self, head: RequestHead) -> bool:
