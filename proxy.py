@@ -464,6 +464,7 @@ _OID_SUBJECT_ALT_NAME = "2.5.29.17"
 _OID_BASIC_CONSTRAINTS = "2.5.29.19"
 _OID_AUTHORITY_KEY_ID = "2.5.29.35"
 _OID_EXT_KEY_USAGE = "2.5.29.37"
+_OID_NAME_CONSTRAINTS = "2.5.29.30"
 _OID_KP_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 
 # keyUsage bit numbers, RFC 5280 section 4.2.1.3.
@@ -475,6 +476,17 @@ _KU_CRL_SIGN = 6
 _CA_ORGANIZATION = "llm-proxy local CA"
 _SERVER_ORGANIZATION = "llm-proxy"
 _CN_MAX_LEN = 64  # ub-common-name, RFC 5280 Appendix A.1
+
+# What a new CA may sign for (nameConstraints, RFC 5280 4.2.1.10): the names and addresses a
+# proxy on a home network is reached by, so the CA every device trusts cannot vouch for a bank
+# even if ca-key.pem leaks. create_ca() adds this machine's names and the tls.hosts given at
+# creation (a public address only that way). A DNS base also covers every name below it.
+CA_PERMITTED_DNS = ("localhost", "local", "lan", "home.arpa", "internal")
+CA_PERMITTED_NETWORKS = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
+    "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
+    "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+)
 
 
 # --------------------------------------------------------------------------- DER encoding
@@ -1089,6 +1101,31 @@ class CertificateInfo(NamedTuple):
     tbs_der: bytes
     signature_algorithm: str    # dotted OID
     signature: bytes
+    # nameConstraints permitted subtrees, per name type; None = that type is unconstrained.
+    permitted_dns: Optional[Tuple[str, ...]] = None        # DNS bases, e.g. "lan"
+    permitted_networks: Optional[Tuple[str, ...]] = None   # e.g. "10.0.0.0/8", "::1/128"
+
+    def permits(self, host: str) -> bool:
+        """True if this (CA) certificate's name constraints allow a leaf to name ``host`` (a DNS
+        name or IP literal). A DNS base permits itself and every name below it (RFC 5280
+        4.2.1.10; a leading dot: only names below it, as OpenSSL reads it)."""
+        value = _split_host(host)
+        if isinstance(value, str):
+            if self.permitted_dns is None:
+                return True
+            for base in self.permitted_dns:
+                base = base.lower().rstrip(".")
+                if base.startswith("."):
+                    if value.endswith(base):
+                        return True
+                elif not base or value == base or value.endswith("." + base):
+                    return True
+            return False
+        if self.permitted_networks is None:
+            return True
+        return any(value in network for network in map(ipaddress.ip_network,
+                                                       self.permitted_networks)
+                   if network.version == value.version)
 
     def covers(self, dns_names: Iterable[str], ip_addresses: Iterable[str]) -> bool:
         """True if every given DNS name and IP address is in this certificate's subjectAltName
@@ -1138,6 +1175,7 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
     is_ca = False
     server_auth = True
     ski = aki = None
+    permitted_dns = permitted_networks = None  # type: Optional[List[str]]
     for node in fields[6:]:
         if node.tag != 0xA3:  # [3] EXPLICIT extensions; [1]/[2] unique IDs are ignored
             continue
@@ -1163,6 +1201,8 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
                 for item in _der_children(_der_parse_one(value, 0x30).content):
                     if item.tag == 0x80:  # keyIdentifier [0] IMPLICIT
                         aki = item.content
+            elif oid == _OID_NAME_CONSTRAINTS:
+                permitted_dns, permitted_networks = _parse_name_constraints(value)
 
     if sig_value.tag != 0x03 or not sig_value.content or sig_value.content[0] != 0:
         raise ValueError("bad signature BIT STRING")
@@ -1174,7 +1214,36 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
         server_auth=server_auth, subject_key_id=ski, authority_key_id=aki,
         public_key=public_key, subject_der=subject.raw, issuer_der=issuer.raw,
         tbs_der=tbs.raw, signature_algorithm=_der_to_oid(_der_children(sig_alg.content)[0]),
-        signature=sig_value.content[1:])
+        signature=sig_value.content[1:],
+        permitted_dns=None if permitted_dns is None else tuple(permitted_dns),
+        permitted_networks=None if permitted_networks is None else tuple(permitted_networks))
+
+
+def _parse_name_constraints(value: bytes) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """(permitted DNS bases, permitted networks) of a nameConstraints value; None for a name
+    type with no permitted subtree. Excluded subtrees are not read: create_ca() writes none, and
+    permits() is only asked about our own CA."""
+    dns = networks = None  # type: Optional[List[str]]
+    for part in _der_children(_der_parse_one(value, 0x30).content):
+        if part.tag != 0xA0:  # permittedSubtrees [0]; excludedSubtrees [1] skipped
+            continue
+        for subtree in _der_children(part.content):
+            base = _der_children(subtree.content)[0]
+            if base.tag == 0x82:
+                dns = (dns or []) + [base.content.decode("ascii", "replace")]
+            elif base.tag == 0x87 and len(base.content) in (8, 32):
+                half = len(base.content) // 2
+                network = ipaddress.ip_network((ipaddress.ip_address(base.content[:half]),
+                                                _mask_prefix(base.content[half:])), strict=False)
+                networks = (networks or []) + [str(network)]
+    return dns, networks
+
+
+def _mask_prefix(mask: bytes) -> int:
+    bits = bin(int.from_bytes(mask, "big"))[2:].zfill(len(mask) * 8)
+    if "01" in bits:
+        raise ValueError("non-contiguous address mask in nameConstraints")
+    return bits.count("1")
 
 
 def read_certificate_info(path: str) -> CertificateInfo:
@@ -1288,13 +1357,62 @@ def _ca_common_name(hostname: Optional[str] = None) -> str:
     return prefix + hostname[:_CN_MAX_LEN - len(prefix) - 1] + ")"
 
 
+def ca_name_constraints(extra_hosts: Iterable[str] = (),
+                        machine_hosts: Optional[Iterable[str]] = None
+                        ) -> Tuple[List[str], List[str]]:
+    """The permitted subtrees for a new CA: (DNS bases, networks).
+
+    CA_PERMITTED_DNS and CA_PERMITTED_NETWORKS, plus this machine's DNS names (discover_hosts()
+    unless ``machine_hosts`` is given) and every name and address in ``extra_hosts`` (tls.hosts,
+    --host) that these do not cover yet: an address as a single-address network. The machine's
+    discovered public addresses are deliberately NOT added: they change with the ISP, and a CA
+    good for a public address can vouch for whoever holds it next. Raises ValueError for an
+    invalid host."""
+    dns = list(CA_PERMITTED_DNS)
+    networks = [ipaddress.ip_network(text) for text in CA_PERMITTED_NETWORKS]
+    machine = discover_hosts() if machine_hosts is None else list(machine_hosts)
+    machine_dns, _public_ips = normalize_hosts(machine)
+    extra_dns, extra_ips = normalize_hosts(extra_hosts)
+    for name in machine_dns + extra_dns:
+        name = name[2:] if name.startswith("*.") else name
+        if not any(name == base or name.endswith("." + base) for base in dns):
+            dns.append(name)
+    for text in extra_ips:
+        address = ipaddress.ip_address(text)
+        if not any(address in network for network in networks
+                   if network.version == address.version):
+            networks.append(ipaddress.ip_network(address))
+    return dns, [str(network) for network in networks]
+
+
+def _name_constraints_der(dns: Sequence[str], networks: Sequence[str]) -> bytes:
+    # NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees OPTIONAL, ... }, in
+    # the IMPLICIT module: [0] replaces the SEQUENCE OF tag. Each GeneralSubtree is a SEQUENCE of
+    # its base GeneralName (minimum 0 is the DEFAULT, so omitted): dNSName [2] IA5String, or
+    # iPAddress [7] with address and mask octets (8 bytes for IPv4, 32 for IPv6).
+    subtrees = [_der_sequence(_der_tlv(0x82, name.encode("ascii"))) for name in dns]
+    for text in networks:
+        network = ipaddress.ip_network(text)
+        subtrees.append(_der_sequence(_der_tlv(
+            0x87, network.network_address.packed + network.netmask.packed)))
+    return _der_sequence(_der_context(0, b"".join(subtrees)))
+
+
 def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
-              key: Optional[RSAPrivateKey] = None) -> Tuple[bytes, RSAPrivateKey]:
+              key: Optional[RSAPrivateKey] = None, extra_hosts: Iterable[str] = (),
+              constrained: bool = True) -> Tuple[bytes, RSAPrivateKey]:
     """Create a self-signed CA certificate; return (certificate DER, private key).
 
     CN defaults to "llm-proxy local CA (<hostname>)" (iOS hides roots without a CN);
     basicConstraints CA:TRUE pathLen 0 and keyUsage keyCertSign/cRLSign/digitalSignature, both
-    critical; SKI and AKI; ``days`` of validity (default ~10 years)."""
+    critical; SKI and AKI; ``days`` of validity (default ~10 years). Unless ``constrained`` is
+    False (only tests make the old, unconstrained kind), a critical nameConstraints extension
+    limits the CA to ca_name_constraints(extra_hosts).
+
+    Critical, as RFC 5280 4.2.1.10 requires: a client that does not understand the extension
+    must then refuse the CA instead of trusting it for every name. Everything current enforces
+    it, also on a root: OpenSSL (so curl, Python, Node), NSS/Firefox, Chrome's own verifier
+    (trust anchors since Chrome 112), Windows CryptoAPI, Apple since about 2015, Android, Go."""
     key = key or generate_rsa_key()
     now = _utc_now()
     name = _x509_name(common_name or _ca_common_name(), _CA_ORGANIZATION,
@@ -1309,6 +1427,9 @@ def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
         _x509_extension(_OID_AUTHORITY_KEY_ID, False,
                         _der_sequence(_der_context(0, key_id, constructed=False))),
     ]
+    if constrained:
+        extensions.append(_x509_extension(_OID_NAME_CONSTRAINTS, True, _name_constraints_der(
+            *ca_name_constraints(extra_hosts))))
     der = _x509_certificate(_random_serial(), name, name, now - CERT_BACKDATE,
                             now + datetime.timedelta(days=days), (key.n, key.e), extensions, key)
     return der, key
@@ -1333,6 +1454,9 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
     ca = parse_certificate_der(ca_cert_der)
     if not key_matches_certificate(ca_key, ca):
         raise CertificateError("the CA private key does not match the CA certificate")
+    outside = [host for host in dns_names + ips if not ca.permits(host)]
+    if outside:  # every verifier would refuse the certificate: say so now, sign nothing
+        raise ValueError("the CA's name constraints do not permit %s" % ", ".join(outside))
     now = _utc_now()
     if ca.not_after <= now:
         raise CertificateError("the CA certificate expired on %s; create a new CA "
@@ -1404,10 +1528,11 @@ def ca_paths(directory: str) -> Tuple[str, str]:
     return os.path.join(directory, CA_CERT_FILENAME), os.path.join(directory, CA_KEY_FILENAME)
 
 
-def create_ca_files(directory: str) -> CertificateInfo:
+def create_ca_files(directory: str, extra_hosts: Iterable[str] = ()) -> CertificateInfo:
     """Generate a new CA and write ``ca.pem`` and ``ca-key.pem`` (0600) into ``directory``,
-    replacing existing files (callers decide whether that is allowed). Returns the CA's info."""
-    cert_der, key = create_ca()
+    replacing existing files (callers decide whether that is allowed). ``extra_hosts`` widen its
+    name constraints (see ca_name_constraints()). Returns the CA's info."""
+    cert_der, key = create_ca(extra_hosts=extra_hosts)
     ca_cert, ca_key = ca_paths(directory)
     _write_file_atomic(ca_key, private_key_to_pem(key), private=True)
     _write_file_atomic(ca_cert, _pem_encode(cert_der, "CERTIFICATE"), private=False)
@@ -1446,6 +1571,20 @@ def issue_server_files(cert_file: str, key_file: str, hosts: Iterable[str],
     return parse_certificate_der(cert_der)
 
 
+def split_permitted(ca: CertificateInfo, hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Split ``hosts`` into (those the CA's name constraints permit, those they do not), keeping
+    the order. Every host is permitted by an unconstrained (older) CA."""
+    kept, dropped = [], []  # type: List[str], List[str]
+    for host in hosts:
+        (kept if ca.permits(host) else dropped).append(host)
+    return kept, dropped
+
+
+def _outside_ca_warning(dropped: Sequence[str]) -> str:
+    return ("left out of the certificate, outside what the local CA may sign for: %s (a public "
+            "name or address needs to be in tls.hosts when the CA is created)" % ", ".join(dropped))
+
+
 def _combined_path(cert_file: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(cert_file)), COMBINED_FILENAME)
 
@@ -1469,6 +1608,7 @@ class CertStatus(NamedTuple):
     serial: Optional[int]
     reasons: Tuple[str, ...]         # why it was (re-)issued
     warnings: Tuple[str, ...]        # problems worth logging (expiring external cert, ...)
+    ca_constrained: bool = False     # our CA carries name constraints (local names only)
 
     def describe(self) -> str:
         """A few human-readable lines for the start-up banner."""
@@ -1483,6 +1623,9 @@ class CertStatus(NamedTuple):
         if self.ca_file:
             lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
                                           if self.ca_created else ""))
+        if self.ca_constrained:
+            lines.append("  CA signs only local names and private addresses; a public address "
+                         "only if it was in tls.hosts when the CA was created")
         for warning in self.warnings:
             lines.append("  warning: " + warning)
         return "\n".join(lines)
@@ -1509,12 +1652,14 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("server certificate validity must be 1..%d days, not %s"
                                % (SERVER_CERT_MAX_DAYS, days))
     try:
-        wanted = normalize_hosts(list(discover_hosts()) + list(extra_hosts))
+        extra = list(extra_hosts)
+        wanted = normalize_hosts(list(discover_hosts()) + extra)
+        normalize_hosts(extra)
     except ValueError as exc:
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days)
+                                    wanted[0], wanted[1], days, renew_before_days, extra)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1522,7 +1667,8 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
-                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+                         wanted_ips: List[str], days: int, renew_before_days: int,
+                         extra_hosts: Sequence[str] = ()) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
@@ -1542,18 +1688,22 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                                                           ca_dir),)
 
     def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        ca_info = read_certificate_info(ca_cert_path)
+        hosts, dropped = split_permitted(ca_info, hosts)
         info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
         log.info("TLS certificate %s: %s (%s)", action, cert_file, "; ".join(reasons))
-        ca_not_after = read_certificate_info(ca_cert_path).not_after
+        warnings = ca_warnings(ca_info.not_after)
+        if dropped:
+            warnings += (_outside_ca_warning(dropped),)
         return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path, ca_created,
                           info.dns_names, info.ip_addresses, info.not_after, info.serial,
-                          tuple(reasons), ca_warnings(ca_not_after))
+                          tuple(reasons), warnings, ca_info.permitted_dns is not None)
 
     if not have_cert:
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
-            create_ca_files(ca_dir)
+            create_ca_files(ca_dir, extra_hosts)
             ca_created = True
         elif not all(have_ca):
             raise CertificateError(
@@ -1597,6 +1747,11 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if remaining < datetime.timedelta(days=renew_before_days):
         reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
                        else "expired %s" % cert.not_after.date())
+    dropped = []  # type: List[str]
+    if ca is not None:  # names this CA may not sign for are left out, not wanted each start
+        wanted_dns, dropped = split_permitted(ca, wanted_dns)
+        wanted_ips, dropped_ips = split_permitted(ca, wanted_ips)
+        dropped += dropped_ips
     missing = [name for name in wanted_dns if not cert.covers([name], [])]
     missing += [ip for ip in wanted_ips if not cert.covers([], [ip])]
     if missing:
@@ -1612,6 +1767,8 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         return issue("renewed", reasons, hosts, False)
 
     warnings = list(ca_warnings(ca.not_after))
+    if dropped:
+        warnings.append(_outside_ca_warning(dropped))
     if reasons:
         warnings.append("certificate %s, but %s is missing so it cannot be renewed"
                         % ("; ".join(reasons), ca_key_path))
@@ -1623,7 +1780,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     return CertStatus("kept", cert_file, key_file,
                       combined_path if os.path.exists(combined_path) else None, ca_cert_path,
                       False, cert.dns_names, cert.ip_addresses, cert.not_after, cert.serial, (),
-                      tuple(warnings))
+                      tuple(warnings), ca.permitted_dns is not None)
 
 
 # --------------------------------------------------------------------------- trust instructions

@@ -1,0 +1,311 @@
+"""Trust material and the files the proxy writes (issue 11, items 5-7).
+
+* A new CA is name-constrained (critical nameConstraints): real clients (OpenSSL/curl, Python in
+  strict mode, the openai SDK, Chromium with the CA in NSS) accept the proxy's certificate, and
+  refuse a certificate for a public name or address signed by the very same CA key.
+* An older, unconstrained CA keeps working and is never replaced.
+* Certificates are not loaded (at start, on reload, for /_proxy/ca.pem) from a directory other
+  users can write, or from files owned by another user; the certificate directory is made 0700
+  even under umask 000.
+* The pidfile and log file do not follow planted symlinks; atomic writes do not chmod or rename
+  through a planted temp-file symlink.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from unittest import mock
+
+import browser
+import support
+from support import FakeLLM, ROOT, start_upstream
+
+import proxy
+
+try:
+    import openai
+except ImportError:  # pragma: no cover - depends on the machine
+    openai = None
+
+OPENSSL = shutil.which("openssl")
+CURL = shutil.which("curl")
+PUBLIC_NAME = "example.com"
+PUBLIC_IP = "8.8.8.8"
+
+
+def _tmpdir(test, prefix="trust-"):
+    path = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def _write_leaf(directory, ca_dir, hosts, bypass_constraints=False):
+    """Issue a leaf for ``hosts`` with the CA in ``ca_dir`` into ``directory``/cert.pem, key.pem.
+
+    bypass_constraints signs what our own issuer refuses to sign: a stolen CA key would."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    patch = mock.patch.object(proxy.CertificateInfo, "permits", lambda self, host: True) \
+        if bypass_constraints else contextlib.nullcontext()
+    with patch:
+        proxy.issue_server_files(os.path.join(directory, "cert.pem"),
+                                 os.path.join(directory, "key.pem"), hosts, ca_dir=ca_dir)
+    return os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+
+
+class _Fixture:
+    """One constrained CA (made by ensure_certificates, as at first start) shared by this module,
+    plus a stock of RSA keys so that leaves are cheap."""
+    dir = None
+    status = None
+
+    @classmethod
+    def get(cls):
+        if cls.dir is None:
+            cls.dir = tempfile.mkdtemp(prefix="trust-ca-")
+            cls.status = proxy.ensure_certificates(
+                os.path.join(cls.dir, "cert.pem"), os.path.join(cls.dir, "key.pem"),
+                extra_hosts=["proxy.example.test", "203.0.113.7"])
+        return cls
+
+    @classmethod
+    def ca(cls):
+        return os.path.join(cls.get().dir, "ca.pem")
+
+
+def tearDownModule():
+    if _Fixture.dir:
+        shutil.rmtree(_Fixture.dir, ignore_errors=True)
+
+
+def _serve(test, cert_file, key_file, upstream_port=1):
+    """The real proxy serving ``cert_file`` on 127.0.0.1 (port 0)."""
+    return support.start_proxy(test, upstream_port, cert_file=cert_file, key_file=key_file)
+
+
+def _python_handshake(port, ca_file, server_hostname):
+    """A strict Python client (VERIFY_X509_STRICT, as Python 3.13 defaults to) against port."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=server_hostname) as tls:
+            tls.sendall(b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return support.read_http_response(tls)
+
+
+# ==================================================================================================
+# Item 7: a name-constrained CA
+# ==================================================================================================
+
+class NameConstrainedCaTests(unittest.TestCase):
+    def setUp(self):
+        self.fixture = _Fixture.get()
+        self.ca = proxy.read_certificate_info(_Fixture.ca())
+
+    def test_new_ca_carries_critical_permitted_subtrees(self):
+        self.assertTrue(self.fixture.status.ca_created)
+        self.assertTrue(self.fixture.status.ca_constrained)
+        for base in ("localhost", "local", "lan", "home.arpa", "internal", "proxy.example.test"):
+            self.assertIn(base, self.ca.permitted_dns)
+        for network in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                        "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10",
+                        "203.0.113.7/32"):
+            self.assertIn(network, self.ca.permitted_networks)
+        self.assertNotIn(PUBLIC_IP + "/32", self.ca.permitted_networks)
+        # The extension's DER, byte for byte where it matters: critical BOOLEAN TRUE, then
+        # NameConstraints SEQUENCE { [0] { SEQUENCE { [2] "localhost" } ... } }.
+        ext = bytes.fromhex("0603551d1e") + bytes.fromhex("0101ff")
+        self.assertIn(ext, self.ca.der)
+        self.assertIn(b"\x30\x0b\x82\x09localhost", self.ca.der)
+        self.assertIn(b"\x30\x0a\x87\x08" + bytes([10, 0, 0, 0, 255, 0, 0, 0]), self.ca.der)
+        self.assertIn("CA signs only local names", self.fixture.status.describe())
+
+    @unittest.skipIf(OPENSSL is None, "openssl is not installed")
+    def test_openssl_reads_the_constraints_as_critical(self):
+        text = subprocess.run([OPENSSL, "x509", "-noout", "-text", "-in", _Fixture.ca()],
+                              capture_output=True, text=True, check=True).stdout
+        self.assertIn("X509v3 Name Constraints: critical", text)
+        for needle in ("DNS:localhost", "DNS:local\n", "DNS:home.arpa", "IP:10.0.0.0/255.0.0.0",
+                       "IP:100.64.0.0/255.192.0.0", "IP:FC00:0:0:0:0:0:0:0/FE00:0:0:0:0:0:0:0",
+                       "IP:203.0.113.7/255.255.255.255"):
+            self.assertIn(needle, text)
+
+    def test_leaf_names_only_what_the_ca_permits(self):
+        leaf = proxy.read_certificate_info(os.path.join(self.fixture.dir, "cert.pem"))
+        for host in leaf.dns_names + leaf.ip_addresses:
+            self.assertTrue(self.ca.permits(host), host)
+        self.assertIn("proxy.example.test", leaf.dns_names)
+        self.assertIn("203.0.113.7", leaf.ip_addresses)  # public, but in tls.hosts at creation
+        ca_key = proxy.read_private_key(os.path.join(self.fixture.dir, "ca-key.pem"))
+        for host in (PUBLIC_NAME, PUBLIC_IP, "2001:4860::8888"):
+            with self.assertRaisesRegex(ValueError, "name constraints do not permit"):
+                proxy.issue_server_certificate(self.ca.der, ca_key, ["localhost", host])
+
+    def test_permits(self):
+        for host in ("localhost", "a.localhost", "nas.local", "x.y.lan", "home.arpa",
+                     "printer.home.arpa", "svc.internal", "proxy.example.test",
+                     "a.proxy.example.test", "*.nas.lan", "127.0.0.2", "10.200.1.1", "172.31.255.255",
+                     "192.168.178.20", "169.254.1.1", "100.127.0.1", "::1", "fd12::1", "fe80::1",
+                     "203.0.113.7"):
+            self.assertTrue(self.ca.permits(host), host)
+        for host in ("example.com", "local.example.com", "xlan", "notlocal", "lan.evil.com",
+                     "example.test", "8.8.8.8", "172.32.0.1", "100.128.0.1", "203.0.113.8",
+                     "2001:db8::1", "::2", "::ffff:10.0.0.1"):
+            self.assertFalse(self.ca.permits(host), host)
+
+    @unittest.skipIf(OPENSSL is None, "openssl is not installed")
+    def test_openssl_strict_accepts_the_leaf_and_rejects_public_ones(self):
+        good = os.path.join(self.fixture.dir, "cert.pem")
+        ip_only, _ = _write_leaf(os.path.join(_tmpdir(self), "ip"), self.fixture.dir,
+                                 ["10.9.8.7"])  # CN "llm-proxy server" is not a host name
+        for leaf in (good, ip_only):
+            result = subprocess.run([OPENSSL, "verify", "-x509_strict", "-CAfile", _Fixture.ca(),
+                                     leaf], capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        for hosts in ([PUBLIC_NAME], ["localhost", PUBLIC_IP], ["localhost", "2001:4860::8888"]):
+            bad, _ = _write_leaf(os.path.join(_tmpdir(self), "bad"), self.fixture.dir, hosts,
+                                 bypass_constraints=True)
+            result = subprocess.run([OPENSSL, "verify", "-x509_strict", "-CAfile", _Fixture.ca(),
+                                     bad], capture_output=True, text=True)
+            self.assertNotEqual(result.returncode, 0, hosts)
+            self.assertIn("permitted subtree violation", result.stdout + result.stderr)
+
+    def test_python_strict_accepts_the_proxy_and_rejects_a_public_leaf(self):
+        server = _serve(self, os.path.join(self.fixture.dir, "cert.pem"),
+                        os.path.join(self.fixture.dir, "key.pem"))
+        port = server.server_address[1]
+        for name in ("localhost", "127.0.0.1", "proxy.example.test"):
+            self.assertIn(b" 200 ", _python_handshake(port, _Fixture.ca(), name)[:20])
+
+        # Same CA key, a leaf that also names a public name / address: refused by the chain
+        # check itself, even though the name asked for (127.0.0.1) is in the certificate.
+        for hosts, asked in (([PUBLIC_NAME, "127.0.0.1"], PUBLIC_NAME),
+                             (["127.0.0.1", PUBLIC_IP], "127.0.0.1")):
+            cert, key = _write_leaf(os.path.join(_tmpdir(self), "bad"), self.fixture.dir, hosts,
+                                    bypass_constraints=True)
+            bad = _serve(self, cert, key)
+            with self.assertRaises(ssl.SSLCertVerificationError) as caught:
+                _python_handshake(bad.server_address[1], _Fixture.ca(), asked)
+            self.assertIn("permitted subtree violation", str(caught.exception))
+
+    @unittest.skipIf(CURL is None, "curl is not installed")
+    def test_curl_accepts_the_proxy_and_rejects_a_public_leaf(self):
+        server = _serve(self, os.path.join(self.fixture.dir, "cert.pem"),
+                        os.path.join(self.fixture.dir, "key.pem"))
+        url = "https://localhost:%d/_proxy/health" % server.server_address[1]
+        result = subprocess.run([CURL, "-sS", "--max-time", "10", "--cacert", _Fixture.ca(), url],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["status"], "ok")
+
+        cert, key = _write_leaf(os.path.join(_tmpdir(self), "bad"), self.fixture.dir,
+                                ["localhost", PUBLIC_NAME], bypass_constraints=True)
+        bad = _serve(self, cert, key)
+        result = subprocess.run([CURL, "-sS", "--max-time", "10", "--cacert", _Fixture.ca(),
+                                 "https://localhost:%d/_proxy/health" % bad.server_address[1]],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 60, result.stdout + result.stderr)
+        self.assertIn("permitted subtree violation", result.stderr)
+
+    @unittest.skipIf(openai is None, "the openai SDK is not installed")
+    def test_openai_sdk_accepts_the_proxy(self):
+        llm = FakeLLM()
+        upstream = start_upstream(self, llm)
+        server = support.start_proxy(self, upstream.port,
+                                     cert_file=os.path.join(self.fixture.dir, "cert.pem"),
+                                     key_file=os.path.join(self.fixture.dir, "key.pem"))
+        context = ssl.create_default_context(cafile=_Fixture.ca())
+        context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
+        client = openai.OpenAI(base_url="https://localhost:%d/v1" % server.server_address[1],
+                               api_key="sk-test-not-a-secret", max_retries=0,
+                               http_client=openai.DefaultHttpxClient(verify=context, timeout=10))
+        completion = client.chat.completions.create(
+            model="qwen3:8b", messages=[{"role": "user", "content": "Say hello"}])
+        self.assertEqual(completion.choices[0].message.content, "Hello from the fake model.")
+
+    @unittest.skipIf(browser.find_chromium() is None or shutil.which("certutil") is None,
+                     "Chromium or certutil is not installed")
+    def test_chromium_accepts_the_proxy_and_rejects_a_public_leaf(self):
+        server = _serve(self, os.path.join(self.fixture.dir, "cert.pem"),
+                        os.path.join(self.fixture.dir, "key.pem"))
+        cert, key = _write_leaf(os.path.join(_tmpdir(self), "bad"), self.fixture.dir,
+                                ["127.0.0.1", PUBLIC_NAME], bypass_constraints=True)
+        bad = _serve(self, cert, key)
+        # The control: made the same way, but naming only permitted hosts.
+        cert, key = _write_leaf(os.path.join(_tmpdir(self), "control"), self.fixture.dir,
+                                ["127.0.0.1", "nas.lan"], bypass_constraints=True)
+        control = _serve(self, cert, key)
+        home = browser.make_trust_home(_Fixture.ca(), _tmpdir(self))
+        errors = {}
+        with browser.Browser(home) as chromium:
+            result, _ = browser.load_page(
+                chromium, "https://localhost:%d/_proxy/health" % server.server_address[1],
+                "document.readyState === 'complete'", settle=0)
+            for name, target in (("control", control), ("bad", bad)):
+                tab = chromium.new_tab()
+                try:
+                    errors[name] = tab.navigate("https://127.0.0.1:%d/_proxy/health"
+                                                % target.server_address[1])
+                finally:
+                    tab.close()
+        self.assertIsNone(result.load_error)
+        self.assertIn('"status": "ok"', result.text.replace('":"', '": "'))
+        self.assertIsNone(errors["control"])
+        # Chromium's own verifier reports a constraint violation in a root as ERR_CERT_INVALID.
+        self.assertIn(errors["bad"], ("net::ERR_CERT_INVALID",
+                                      "net::ERR_CERT_NAME_CONSTRAINT_VIOLATION"))
+
+
+class CaLifecycleTests(unittest.TestCase):
+    def test_an_old_unconstrained_ca_keeps_working_and_is_never_replaced(self):
+        directory = _tmpdir(self)
+        cert_der, key = proxy.create_ca(constrained=False)
+        ca_path = os.path.join(directory, "ca.pem")
+        with open(ca_path, "wb") as handle:
+            handle.write(proxy._pem_encode(cert_der, "CERTIFICATE"))
+        with open(os.path.join(directory, "ca-key.pem"), "wb") as handle:
+            handle.write(proxy.private_key_to_pem(key))
+        before = open(ca_path, "rb").read()
+        status = proxy.ensure_certificates(os.path.join(directory, "cert.pem"),
+                                           os.path.join(directory, "key.pem"),
+                                           extra_hosts=["proxy.example.com", PUBLIC_IP])
+        self.assertFalse(status.ca_created)
+        self.assertFalse(status.ca_constrained)
+        self.assertNotIn("CA signs only", status.describe())
+        self.assertIn("proxy.example.com", status.dns_names)  # as before: no constraints
+        self.assertIn(PUBLIC_IP, status.ip_addresses)
+        self.assertEqual(open(ca_path, "rb").read(), before)
+        again = proxy.ensure_certificates(os.path.join(directory, "cert.pem"),
+                                          os.path.join(directory, "key.pem"),
+                                          extra_hosts=["proxy.example.com", PUBLIC_IP])
+        self.assertEqual(again.action, "kept")
+        self.assertEqual(open(ca_path, "rb").read(), before)
+
+    def test_a_public_host_added_after_creation_is_left_out_with_a_warning(self):
+        directory = _tmpdir(self)
+        shutil.copy(_Fixture.ca(), directory)
+        shutil.copy(os.path.join(_Fixture.get().dir, "ca-key.pem"), directory)
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        first = proxy.ensure_certificates(cert, key, extra_hosts=["later.example.com", "nas.lan"])
+        self.assertEqual(first.action, "created")
+        self.assertIn("nas.lan", first.dns_names)
+        self.assertNotIn("later.example.com", first.dns_names)
+        self.assertTrue(any("later.example.com" in w and "tls.hosts" in w
+                            for w in first.warnings), first.warnings)
+        # Not wanted again at every start: the certificate is kept, the warning repeated.
+        second = proxy.ensure_certificates(cert, key, extra_hosts=["later.example.com", "nas.lan"])
+        self.assertEqual(second.action, "kept")
+        self.assertEqual(second.serial, first.serial)
+        self.assertTrue(any("later.example.com" in w for w in second.warnings))
+
+
+if __name__ == "__main__":
+    unittest.main()
