@@ -39,6 +39,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -1489,13 +1490,96 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
 
 # --------------------------------------------------------------------------- files
 
+def _user_label(uid: int) -> str:
+    try:
+        import pwd
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except (ImportError, KeyError):
+        return "uid %d" % uid
+
+
+def _private_group(gid: int) -> bool:
+    """True for our own user-private group (Debian/Ubuntu/Fedora give each user a group of the
+    same name, and login umask 002 makes group-writable folders): writable by that group means
+    writable by us only. Same rule as Debian's OpenSSH StrictModes patch."""
+    try:
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == os.getegid() and group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _unsafe_because(path: str, info: os.stat_result, kind: str) -> Optional[str]:
+    """Why another local user could change ``path`` (a file or directory), with the command that
+    fixes it; None when only we (or root) can."""
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return ("%s %s belongs to %s, not to %s that runs the proxy, so that user can replace "
+                "it; fix: chown %s %s" % (kind, path, _user_label(info.st_uid), _user_label(me),
+                                         me, path))
+    if info.st_mode & stat.S_IWOTH:
+        who = "every local user"
+    elif info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid):
+        who = "its group (gid %d)" % info.st_gid
+    else:
+        return None
+    return "%s %s is writable by %s (mode %04o); fix: chmod go-w %s" % (
+        kind, path, who, stat.S_IMODE(info.st_mode), path)
+
+
+def check_trusted_file(path: str, what: str = "certificate") -> None:
+    """Refuse trust material another local user could have put there: raise CertificateError
+    when the file, or the folder it is in (also the real folder behind a symlink), belongs to
+    another user than ours or root, or is writable by group or others. Such a user could swap
+    in their own CA (then handed to every device set up via /_proxy/ca.crt) or key. A missing
+    file passes (its reader reports that). A no-op where there is no POSIX ownership."""
+    if os.name != "posix":
+        return
+    checks = [(os.path.abspath(path), "file")]
+    for folder in (os.path.dirname(os.path.abspath(path)),
+                   os.path.dirname(os.path.realpath(path))):
+        if (folder, "folder") not in checks:
+            checks.append((folder, "folder"))
+    for target, kind in checks:
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CertificateError("cannot check %s: %s" % (target, exc.strerror or exc)) from None
+        reason = _unsafe_because(target, info, kind)
+        if reason:
+            raise CertificateError("refusing to use the %s %s: %s" % (what, path, reason))
+
+
+def _make_private_dirs(directory: str) -> None:
+    """Create ``directory`` and any missing parents with mode 0700, whatever the umask (an
+    umask of 000 would otherwise leave certs/ writable by every local user)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: check_trusted_file() judges it
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+
+
 def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
     readers see the old or the new file, never half of one. mkstemp() creates the temp file with
     mode 0600, so a private key is never readable by others, not even for a moment; public files
     are widened to 0644 before they take their name."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    _make_private_dirs(directory)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -1503,8 +1587,13 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if not private:
-            os.chmod(tmp, 0o644)
+            # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
+            # for the temp file; and such a swap is found before it is renamed into place.
+            if not private and hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o644)
+            _check_still_ours(tmp, handle.fileno())
+        if not private and not hasattr(os, "fchmod"):
+            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1521,6 +1610,17 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
                 os.close(dir_fd)
         except OSError:
             pass
+
+
+def _check_still_ours(tmp: str, fd: int) -> None:
+    """Raise OSError unless ``tmp`` still names the file open as ``fd``: in a folder others can
+    write, the temp file could be swapped for a symlink between mkstemp() and os.replace()."""
+    if os.name != "posix":
+        return
+    have, want = os.lstat(tmp), os.fstat(fd)
+    if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+        raise OSError(errno.EEXIST, "temporary file was replaced by another file while being "
+                      "written (is the folder writable by others?)", tmp)
 
 
 def ca_paths(directory: str) -> Tuple[str, str]:
@@ -1548,6 +1648,8 @@ def load_ca(directory: str) -> Tuple[CertificateInfo, RSAPrivateKey]:
     if missing:
         raise CertificateError("missing CA file%s: %s" % (
             "s" if len(missing) > 1 else "", ", ".join(missing)))
+    check_trusted_file(ca_cert, "CA certificate")
+    check_trusted_file(ca_key, "CA key")
     info = read_certificate_info(ca_cert)
     key = read_private_key(ca_key)
     if not key_matches_certificate(key, info):
@@ -1672,6 +1774,10 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
+    # Nothing here is read, trusted or written next to files another local user can swap.
+    for path, what in ((cert_file, "certificate"), (key_file, "key"),
+                       (ca_cert_path, "CA certificate"), (ca_key_path, "CA key")):
+        check_trusted_file(path, what)
 
     have_cert, have_key = os.path.exists(cert_file), os.path.exists(key_file)
     if have_cert != have_key:
@@ -1834,6 +1940,8 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    check_trusted_file(cert_file, "certificate")  # at start, on SIGHUP and for the file watcher
+    check_trusted_file(key_file, "key")
     try:
         context.load_cert_chain(cert_file, key_file)
     except FileNotFoundError as exc:
@@ -3803,10 +3911,17 @@ def _stats_atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
-        except OSError:
-            pass
+            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
+            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
+            # is caught before os.replace() would put it in place of stats.json.
+            try:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), 0o644)
+                else:
+                    os.chmod(tmp, 0o644)
+            except OSError:
+                pass
+            _check_still_ours(tmp, f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -4778,6 +4893,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Serve the CA certificate (never its key) for devices to install."""
         ca_file = os.path.join(os.path.dirname(self.server.config.cert_file), "ca.pem")
         try:
+            # Devices install what this hands out: never a CA another local user could plant.
+            check_trusted_file(ca_file, "CA certificate")
+        except CertificateError as exc:
+            log.error("not serving the CA: %s", exc)
+            self.send_proxy_error(503, "the CA file failed a safety check; see the proxy's log",
+                                  "unavailable")
+            return
+        try:
             with open(ca_file, "rb") as handle:
                 pem = handle.read()
         except OSError:
@@ -5424,6 +5547,39 @@ def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContex
 # Service: pidfile, daemon mode, signals, the serve loop
 # ==================================================================================================
 
+def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open() for the files the proxy writes beside its config (pidfile, log file), which a
+    local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a regular file
+    with no other hard link, and never writable by others even under umask 000. Returns the
+    descriptor; raises OSError whose strerror says what is wrong and how to fix it."""
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, mode)  # O_NONBLOCK: a planted FIFO must not hang us
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link, which is not followed; remove it "
+                          "(rm %s) or choose another path" % path, path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise OSError(exc.errno, "it is not a regular file; remove it or choose another "
+                          "path", path) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file; remove it or choose another "
+                          "path", path)
+        if info.st_nlink != 1:
+            raise OSError(errno.EMLINK, "it has %d hard links (another name for the same file); "
+                          "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
+        os.set_blocking(fd, True)
+        if info.st_mode & 0o022 and info.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o022)  # left by an umask of 000
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class PidFile:
     """A pidfile guarded by an exclusive flock: the lock, not the number, says who is alive.
 
@@ -5437,7 +5593,7 @@ class PidFile:
     def acquire(self) -> Optional[int]:
         """Take the lock. Returns None on success, or the pid of the instance holding it."""
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5473,10 +5629,15 @@ class PidFile:
 def stop_daemon(pidfile_path: str, timeout: float = 15.0) -> int:
     """--stop: SIGTERM the instance holding the pidfile and wait until it has exited."""
     probe = PidFile(pidfile_path)
-    if not os.path.exists(pidfile_path):
+    if not os.path.lexists(pidfile_path):
         print("not running (no pidfile %s)" % pidfile_path)
         return 0
-    owner = probe.acquire()
+    try:
+        owner = probe.acquire()
+    except OSError as exc:
+        print("error: cannot use pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
     if owner is None:
         probe.release()
         print("not running (removed stale pidfile %s)" % pidfile_path)
@@ -5619,11 +5780,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LogFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file (also after each rotation) is opened by
+    open_regular_file(): a symlink planted at the log's path is refused, not written through."""
+
+    def _open(self):
+        fd = open_regular_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=getattr(self, "errors", None))
+
+
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     """One handler on the "llm-proxy" logger: stderr, or a size-rotated file."""
     if log_file:
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024,
-                                                       backupCount=3, encoding="utf-8")
+        handler = _LogFileHandler(log_file, maxBytes=5 * 1024 * 1024, backupCount=3,
+                                  encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     # systemd's journal stamps every line itself; don't print the time twice.

@@ -12,6 +12,7 @@
 """
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -305,6 +306,293 @@ class CaLifecycleTests(unittest.TestCase):
         self.assertEqual(second.action, "kept")
         self.assertEqual(second.serial, first.serial)
         self.assertTrue(any("later.example.com" in w for w in second.warnings))
+
+
+# ==================================================================================================
+# Item 5: trust material another local user could have written
+# ==================================================================================================
+
+PROXY_PY = os.path.join(ROOT, "proxy.py")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _run_cli(args, cwd, umask=None, timeout=120):
+    """Run proxy.py as a program (umask applied by a shell: no preexec_fn in a threaded test)."""
+    argv = [sys.executable, PROXY_PY] + list(args)
+    if umask is not None:
+        argv = ["/bin/sh", "-c", 'umask %s; exec "$@"' % umask, "sh"] + argv
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _served_serial(port):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    return proxy.parse_certificate_der(der).serial
+
+
+@unittest.skipUnless(os.name == "posix" and hasattr(os, "fork"), "POSIX permissions and --daemon")
+class UmaskTests(unittest.TestCase):
+    def test_umask_000_leaves_nothing_writable_by_others(self):
+        home = _tmpdir(self)
+        config = os.path.join(home, "config.json")
+        with open(config, "w") as handle:
+            json.dump({"proxy": {"port": 0, "bind": "127.0.0.1"}}, handle)
+        started = _run_cli(["--config", config, "--daemon"], home, umask="000")
+        self.addCleanup(_run_cli, ["--config", config, "--stop"], home)
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        self.assertEqual(_mode(os.path.join(home, "certs")), 0o700)
+        for name, mode in (("certs/ca-key.pem", 0o600), ("certs/key.pem", 0o600),
+                           ("certs/combined.pem", 0o600), ("certs/ca.pem", 0o644),
+                           ("certs/cert.pem", 0o644), ("llm-proxy.pid", 0o644),
+                           ("llm-proxy.log", 0o644)):
+            self.assertEqual(_mode(os.path.join(home, name)), mode, name)
+        stopped = _run_cli(["--config", config, "--stop"], home)
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+
+    def test_certificate_folders_are_made_0700_under_umask_000(self):
+        # Also the parents the proxy has to create (tls.cert = deep/inside/certs/cert.pem).
+        home = _tmpdir(self)
+        code = ("import sys; sys.path.insert(0, %r); import proxy; proxy._write_file_atomic("
+                "'deep/inside/certs/ca.pem', b'x', private=False)" % ROOT)
+        result = subprocess.run(["/bin/sh", "-c", 'umask 000; exec "$@"', "sh", sys.executable,
+                                 "-c", code], cwd=home, capture_output=True, text=True,
+                                timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for folder in ("deep", "deep/inside", "deep/inside/certs"):
+            self.assertEqual(_mode(os.path.join(home, folder)), 0o700, folder)
+        self.assertEqual(_mode(os.path.join(home, "deep/inside/certs/ca.pem")), 0o644)
+
+
+@unittest.skipUnless(os.name == "posix", "POSIX ownership and modes")
+class PlantedTrustMaterialTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = _tmpdir(self, "trust-certs-")
+        for name in ("ca.pem", "ca-key.pem", "cert.pem", "key.pem", "combined.pem"):
+            shutil.copy2(os.path.join(_Fixture.get().dir, name), self.dir)
+        self.cert = os.path.join(self.dir, "cert.pem")
+        self.key = os.path.join(self.dir, "key.pem")
+
+    def plant_attacker_files(self):
+        """What a local user does with a writable folder: their own CA and certificate."""
+        attacker = _tmpdir(self, "attacker-")
+        proxy.create_ca_files(attacker)
+        _write_leaf(attacker, attacker, ["localhost", "127.0.0.1"])
+        for name in ("ca.pem", "cert.pem", "key.pem"):
+            os.replace(os.path.join(attacker, name), os.path.join(self.dir, name) + ".new")
+        # Key first, certificate last, each by rename, as an attacker would to look atomic.
+        for name in ("key.pem", "ca.pem", "cert.pem"):
+            os.replace(os.path.join(self.dir, name) + ".new", os.path.join(self.dir, name))
+
+    def test_world_writable_folder_is_refused_with_the_fix(self):
+        os.chmod(self.dir, 0o777)
+        for call in (lambda: proxy.ensure_certificates(self.cert, self.key),
+                     lambda: proxy.make_server_ssl_context(self.cert, self.key),
+                     lambda: proxy.load_ca(self.dir)):
+            with self.assertRaises(proxy.CertificateError) as caught:
+                call()
+            message = str(caught.exception)
+            self.assertIn("writable by every local user", message)
+            self.assertIn("chmod go-w " + self.dir, message)
+
+    def test_group_writable_folder_is_refused_unless_the_group_is_ours_alone(self):
+        os.chmod(self.dir, 0o770)
+        if IS_ROOT:
+            os.chown(self.dir, 0, 65534)  # a shared group ("nogroup")
+            with self.assertRaisesRegex(proxy.CertificateError, "writable by its group"):
+                proxy.make_server_ssl_context(self.cert, self.key)
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if grp.getgrgid(os.getegid()).gr_name == me:  # a user-private group, as root's is
+            os.chown(self.dir, os.geteuid(), os.getegid())
+            proxy.make_server_ssl_context(self.cert, self.key)  # accepted
+
+    @unittest.skipUnless(IS_ROOT, "changing a file's owner needs root")
+    def test_files_owned_by_another_user_are_refused(self):
+        for name in ("key.pem", "cert.pem"):
+            path = os.path.join(self.dir, name)
+            os.chown(path, 65534, -1)
+            with self.assertRaises(proxy.CertificateError) as caught:
+                proxy.make_server_ssl_context(self.cert, self.key)
+            self.assertIn("chown 0 " + path, str(caught.exception))
+            os.chown(path, 0, -1)
+        os.chown(self.dir, 65534, -1)
+        with self.assertRaisesRegex(proxy.CertificateError, "folder .* belongs to"):
+            proxy.ensure_certificates(self.cert, self.key)
+        os.chown(self.dir, 0, -1)
+        proxy.make_server_ssl_context(self.cert, self.key)  # root reading its own files: fine
+
+    def test_file_watcher_does_not_load_planted_certificates(self):
+        server = _serve(self, self.cert, self.key)
+        port = server.server_address[1]
+        original = _served_serial(port)
+        watcher = proxy.Maintenance(server, interval=0.05)
+        watcher.start()
+        self.addCleanup(watcher.join, 5)
+        self.addCleanup(watcher.stopped.set)
+        os.chmod(self.dir, 0o777)  # e.g. made under umask 000 by an older version
+        self.plant_attacker_files()
+        self.assertTrue(support.wait_until(
+            lambda: "kept the previous certificate" in support.LOG_BUFFER.getvalue(), 10),
+            "the watcher never looked at the planted files")
+        self.assertIn("chmod go-w", support.LOG_BUFFER.getvalue())
+        self.assertEqual(_served_serial(port), original)
+        # After the fix the owner asked for (chmod), a certificate they put there loads.
+        os.chmod(self.dir, 0o700)
+        proxy.reload_certificate(server, "test")
+        self.assertNotEqual(_served_serial(port), original)
+
+    def test_ca_download_refuses_a_planted_ca(self):
+        server = _serve(self, self.cert, self.key)
+        with open(os.path.join(self.dir, "ca.pem"), "rb") as handle:
+            ours = handle.read()
+        context = ssl.create_default_context(cafile=_Fixture.ca())
+
+        def connect():
+            return http.client.HTTPSConnection("localhost", server.server_address[1],
+                                               context=context, timeout=10)
+        conn = connect()
+        conn.request("GET", "/_proxy/ca.pem")
+        answer = conn.getresponse()
+        self.assertEqual((answer.status, answer.read()), (200, ours))
+        conn.close()
+        os.chmod(self.dir, 0o777)
+        self.plant_attacker_files()
+        for path in ("/_proxy/ca.pem", "/_proxy/ca.crt"):
+            conn = connect()  # the TLS context loaded at start is still ours
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            body = answer.read()
+            conn.close()
+            self.assertEqual(answer.status, 503, body)
+            self.assertNotIn(b"BEGIN CERTIFICATE", body)
+        self.assertIn("not serving the CA", support.LOG_BUFFER.getvalue())
+
+    def test_check_reports_a_planted_folder(self):
+        home = _tmpdir(self)
+        config = os.path.join(home, "config.json")
+        with open(config, "w") as handle:
+            json.dump({"tls": {"cert": self.cert, "key": self.key}}, handle)
+        os.chmod(self.dir, 0o777)
+        result = _run_cli(["--config", config, "--check"], home)
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("chmod go-w " + self.dir, result.stderr)
+
+
+# ==================================================================================================
+# Item 6: no symlinks followed for files the proxy writes
+# ==================================================================================================
+
+@unittest.skipUnless(os.name == "posix" and hasattr(os, "fork"), "POSIX symlinks and --daemon")
+class PlantedSymlinkTests(unittest.TestCase):
+    def setUp(self):
+        self.home = _tmpdir(self)
+        self.config = os.path.join(self.home, "config.json")
+        with open(self.config, "w") as handle:
+            json.dump({"proxy": {"port": 0, "bind": "127.0.0.1"}}, handle)
+        self.victim = os.path.join(self.home, "victim")
+        with open(self.victim, "w") as handle:
+            handle.write("precious\n")
+        os.chmod(self.victim, 0o600)
+
+    def start(self, *extra):
+        result = _run_cli(["--config", self.config, "--daemon"] + list(extra), self.home)
+        if result.returncode == 0:  # it started after all: stop it again
+            self.addCleanup(_run_cli, ["--config", self.config, "--stop"] + [
+                arg for arg in extra if arg != "--log-file"], self.home)
+        return result
+
+    def assert_victim_untouched(self):
+        with open(self.victim) as handle:
+            self.assertEqual(handle.read(), "precious\n")
+        self.assertEqual(_mode(self.victim), 0o600)
+
+    def test_pidfile_symlink_is_refused(self):
+        os.symlink(self.victim, os.path.join(self.home, "llm-proxy.pid"))
+        result = self.start()
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("llm-proxy.pid: it is a symbolic link, which is not followed",
+                      result.stderr)
+        self.assert_victim_untouched()
+        stopped = _run_cli(["--config", self.config, "--stop"], self.home)
+        self.assertEqual(stopped.returncode, 1)
+        self.assertIn("symbolic link", stopped.stderr)
+        self.assertNotIn("Traceback", stopped.stderr)
+        self.assert_victim_untouched()
+
+    def test_log_file_symlink_is_refused(self):
+        log_file = os.path.join(self.home, "proxy.log")
+        os.symlink(self.victim, log_file)
+        result = self.start("--log-file", log_file)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("cannot write log file %s: it is a symbolic link" % log_file,
+                      result.stderr)
+        self.assert_victim_untouched()
+        self.assertFalse(os.path.exists(os.path.join(self.home, "llm-proxy.pid")))
+
+    def test_fifo_and_hard_link_are_refused(self):
+        pidfile = os.path.join(self.home, "llm-proxy.pid")
+        os.mkfifo(pidfile)
+        result = self.start()
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("not a regular file", result.stderr)
+        os.unlink(pidfile)
+        os.link(self.victim, pidfile)
+        result = self.start()
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("hard links", result.stderr)
+        self.assert_victim_untouched()
+        os.unlink(pidfile)
+        log_file = os.path.join(self.home, "fifo.log")
+        os.mkfifo(log_file)
+        result = self.start("--log-file", log_file)  # would block on open() without a reader
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("not a regular file", result.stderr)
+
+
+@unittest.skipUnless(os.name == "posix", "POSIX symlinks")
+class AtomicWriteSymlinkTests(unittest.TestCase):
+    """A temp file swapped for a symlink between mkstemp() and os.replace() (a race a local
+    user can win in a folder they can write) is neither chmod-ed through nor renamed into place."""
+
+    def planting_mkstemp(self, victim):
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, **kwargs):
+            fd, tmp = real(*args, **kwargs)
+            os.unlink(tmp)
+            os.symlink(victim, tmp)
+            return fd, tmp
+        return mock.patch.object(proxy.tempfile, "mkstemp", mkstemp)
+
+    def check(self, write, target):
+        victim = os.path.join(_tmpdir(self), "victim")
+        with open(victim, "w") as handle:
+            handle.write("precious")
+        os.chmod(victim, 0o600)
+        with self.planting_mkstemp(victim):
+            with self.assertRaises(OSError):
+                write()
+        self.assertEqual(_mode(victim), 0o600)
+        with open(victim) as handle:
+            self.assertEqual(handle.read(), "precious")
+        self.assertFalse(os.path.islink(target), "the planted symlink took the file's name")
+
+    def test_stats_json(self):
+        target = os.path.join(_tmpdir(self), "stats.json")
+        self.check(lambda: proxy._stats_atomic_write(target, b"{}"), target)
+
+    def test_certificate_files(self):
+        target = os.path.join(_tmpdir(self), "cert.pem")
+        self.check(lambda: proxy._write_file_atomic(target, b"pem", private=False), target)
 
 
 if __name__ == "__main__":
