@@ -505,9 +505,8 @@ class PlantedSymlinkTests(unittest.TestCase):
 
     def start(self, *extra):
         result = _run_cli(["--config", self.config, "--daemon"] + list(extra), self.home)
-        if result.returncode == 0:  # it started after all: stop it again
-            self.addCleanup(_run_cli, ["--config", self.config, "--stop"] + [
-                arg for arg in extra if arg != "--log-file"], self.home)
+        if result.returncode == 0:  # it started after all (as before the fix): stop it again
+            self.addCleanup(_run_cli, ["--config", self.config, "--stop"], self.home)
         return result
 
     def assert_victim_untouched(self):
