@@ -1740,7 +1740,11 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
     * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
-      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem.
+      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem. A
+      new CA is name-constrained (create_ca()); hosts outside its constraints are left out of
+      the certificate and named in the warnings.
+    * any of these files, or their folder, writable by or belonging to another local user:
+      CertificateError (check_trusted_file()).
     * cert issued by our CA (its signature verifies with ca.pem and ca-key.pem is present):
       re-issue it when it expires within ``renew_before_days`` or its SANs miss a current name or
       address. The new certificate keeps the old names too, so names once added with
@@ -5552,9 +5556,10 @@ def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
     local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a regular file
     with no other hard link, and never writable by others even under umask 000. Returns the
     descriptor; raises OSError whose strerror says what is wrong and how to fix it."""
-    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a planted FIFO must not hang open()
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | nonblock
     try:
-        fd = os.open(path, flags, mode)  # O_NONBLOCK: a planted FIFO must not hang us
+        fd = os.open(path, flags, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(exc.errno, "it is a symbolic link, which is not followed; remove it "
@@ -5571,8 +5576,9 @@ def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
         if info.st_nlink != 1:
             raise OSError(errno.EMLINK, "it has %d hard links (another name for the same file); "
                           "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
-        os.set_blocking(fd, True)
-        if info.st_mode & 0o022 and info.st_uid == os.geteuid():
+        if nonblock:
+            os.set_blocking(fd, True)
+        if os.name == "posix" and info.st_mode & 0o022 and info.st_uid == os.geteuid():
             os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o022)  # left by an umask of 000
     except BaseException:
         os.close(fd)

@@ -307,6 +307,25 @@ class CaLifecycleTests(unittest.TestCase):
         self.assertEqual(second.serial, first.serial)
         self.assertTrue(any("later.example.com" in w for w in second.warnings))
 
+    @unittest.skipIf(OPENSSL is None, "openssl is not installed")
+    def test_generate_cert_hosts_widen_a_new_ca(self):
+        out = os.path.join(_tmpdir(self), "certs")
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_cert.py"), "--out",
+                                 out, "--host", "203.0.113.9", "--host", "proxy.example.org"],
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ca = proxy.read_certificate_info(os.path.join(out, "ca.pem"))
+        leaf = proxy.read_certificate_info(os.path.join(out, "cert.pem"))
+        self.assertIn("proxy.example.org", ca.permitted_dns)
+        self.assertIn("203.0.113.9/32", ca.permitted_networks)
+        self.assertIn("proxy.example.org", leaf.dns_names)
+        self.assertIn("203.0.113.9", leaf.ip_addresses)
+        self.assertEqual(_mode(out), 0o700)
+        verify = subprocess.run([OPENSSL, "verify", "-x509_strict", "-CAfile",
+                                 os.path.join(out, "ca.pem"), os.path.join(out, "cert.pem")],
+                                capture_output=True, text=True)
+        self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
+
 
 # ==================================================================================================
 # Item 5: trust material another local user could have written
