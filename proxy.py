@@ -1110,7 +1110,10 @@ class CertificateInfo(NamedTuple):
         """True if this (CA) certificate's name constraints allow a leaf to name ``host`` (a DNS
         name or IP literal). A DNS base permits itself and every name below it (RFC 5280
         4.2.1.10; a leading dot: only names below it, as OpenSSL reads it)."""
-        value = _split_host(host)
+        try:
+            value = _split_host(host)
+        except ValueError:
+            return False  # nothing a verifier would accept either
         if isinstance(value, str):
             if self.permitted_dns is None:
                 return True
@@ -1858,6 +1861,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
                        else "expired %s" % cert.not_after.date())
     dropped = []  # type: List[str]
+    all_wanted = wanted_dns + wanted_ips
     if ca is not None:  # names this CA may not sign for are left out, not wanted each start
         wanted_dns, dropped = split_permitted(ca, wanted_dns)
         wanted_ips, dropped_ips = split_permitted(ca, wanted_ips)
@@ -1873,7 +1877,8 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                           tuple("user-supplied certificate " + r for r in reasons))
 
     if reasons and os.path.exists(ca_key_path):
-        hosts = wanted_dns + wanted_ips + list(cert.dns_names) + list(cert.ip_addresses)
+        # issue() leaves out, and warns about, what the CA may not sign for.
+        hosts = all_wanted + list(cert.dns_names) + list(cert.ip_addresses)
         return issue("renewed", reasons, hosts, False)
 
     warnings = list(ca_warnings(ca.not_after))

@@ -306,6 +306,18 @@ class CaLifecycleTests(unittest.TestCase):
         self.assertEqual(second.action, "kept")
         self.assertEqual(second.serial, first.serial)
         self.assertTrue(any("later.example.com" in w for w in second.warnings))
+        # A renewal for a new local name says it too.
+        third = proxy.ensure_certificates(cert, key, extra_hosts=["later.example.com", "nas2.lan"])
+        self.assertEqual(third.action, "renewed")
+        self.assertIn("nas2.lan", third.dns_names)
+        self.assertIn("nas.lan", third.dns_names)
+        self.assertTrue(any("later.example.com" in w for w in third.warnings), third.warnings)
+        self.assertFalse(self.ca_permits_anything_public(third))
+
+    @staticmethod
+    def ca_permits_anything_public(status):
+        ca = proxy.read_certificate_info(status.ca_file)
+        return any(ca.permits(host) for host in ("example.com", "8.8.8.8", "2001:4860::8888"))
 
     @unittest.skipIf(OPENSSL is None, "openssl is not installed")
     def test_generate_cert_hosts_widen_a_new_ca(self):
