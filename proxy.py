@@ -1493,12 +1493,12 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
 
 # --------------------------------------------------------------------------- files
 
-def _user_label(uid: int) -> str:
+def _user_name(uid: int) -> str:
     try:
         import pwd
-        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+        return pwd.getpwuid(uid).pw_name
     except (ImportError, KeyError):
-        return "uid %d" % uid
+        return str(uid)
 
 
 def _private_group(gid: int) -> bool:
@@ -1520,9 +1520,10 @@ def _unsafe_because(path: str, info: os.stat_result, kind: str) -> Optional[str]
     fixes it; None when only we (or root) can."""
     me = os.geteuid()
     if info.st_uid not in (me, 0):
-        return ("%s %s belongs to %s, not to %s that runs the proxy, so that user can replace "
-                "it; fix: chown %s %s" % (kind, path, _user_label(info.st_uid), _user_label(me),
-                                         me, path))
+        return ("%s %s belongs to user %s, not to %s that runs the proxy, so that user can "
+                "replace it; fix: chown %s %s (or run the proxy as %s)" % (
+                    kind, path, _user_name(info.st_uid), _user_name(me), _user_name(me), path,
+                    _user_name(info.st_uid)))
     if info.st_mode & stat.S_IWOTH:
         who = "every local user"
     elif info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid):
@@ -1763,7 +1764,6 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
     try:
         extra = list(extra_hosts)
         wanted = normalize_hosts(list(discover_hosts()) + extra)
-        normalize_hosts(extra)
     except ValueError as exc:
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
