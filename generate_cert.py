@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     written = []
     if ca_created:
         written += [(ca_cert, "local CA certificate: install this one as trusted"),
-                    (ca_key, "CA private key: keep it private, it can sign for any name")]
+                    (ca_key, "CA private key: keep it private, it signs what your devices trust")]
     written += [(cert_file, "server certificate, valid until %s UTC"
                  % info.not_after.strftime("%Y-%m-%d %H:%M")),
                 (key_file, "server private key"),
