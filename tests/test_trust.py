@@ -518,6 +518,49 @@ class PlantedTrustMaterialTests(unittest.TestCase):
         self.assertIn("chmod go-w " + self.dir, result.stderr)
 
 
+SETPRIV = shutil.which("setpriv")
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@unittest.skipUnless(IS_ROOT and SETPRIV and os.path.exists(SYSTEM_PYTHON),
+                     "needs root, setpriv and /usr/bin/python3 to run as another user")
+class ServiceUserTests(unittest.TestCase):
+    """The proxy as an unprivileged service user (nobody), as under systemd or in Docker."""
+
+    def test_a_service_user_trusts_its_own_and_roots_files_only(self):
+        base = _tmpdir(self)
+        os.chmod(base, 0o755)
+        certs = os.path.join(base, "certs")
+        os.mkdir(certs, 0o700)
+        for name in ("ca.pem", "cert.pem", "key.pem"):
+            shutil.copy(os.path.join(_Fixture.get().dir, name), certs)
+            os.chown(os.path.join(certs, name), 65534, 65534)
+        os.chown(certs, 65534, 65534)
+        program = os.path.join(base, "proxy.py")
+        shutil.copy(PROXY_PY, program)
+        config = os.path.join(base, "config.json")
+        with open(config, "w") as handle:
+            json.dump({"tls": {"cert": "certs/cert.pem", "key": "certs/key.pem"}}, handle)
+        cert = os.path.join(certs, "cert.pem")
+
+        def check():
+            return subprocess.run([SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   SYSTEM_PYTHON, program, "--config", config, "--check"],
+                                  cwd=base, capture_output=True, text=True, timeout=60)
+        result = check()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        os.chown(cert, 1234, -1)  # another (unprivileged) user's file
+        result = check()
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("belongs to user 1234, not to nobody", result.stderr)
+        self.assertIn("chown nobody " + cert, result.stderr)
+        os.chown(cert, 0, -1)  # root's file, readable: root is trusted anyway
+        self.assertEqual(check().returncode, 0)
+        os.chmod(certs, 0o770)  # group "nogroup" is shared, not nobody's private group
+        result = check()
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("writable by its group (gid 65534)", result.stderr)
+
 # ==================================================================================================
 # Item 6: no symlinks followed for files the proxy writes
 # ==================================================================================================
