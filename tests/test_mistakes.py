@@ -85,6 +85,15 @@ def run_cli(args, cwd, env=None, timeout=60, python=sys.executable):
                           universal_newlines=True, timeout=timeout)
 
 
+def browser_missing():
+    import browser
+    if browser.find_chromium() is None:
+        return "Chromium is not installed (apt-get install chromium)"
+    if not shutil.which("certutil"):
+        return "certutil is not installed (apt-get install libnss3-tools)"
+    return None
+
+
 class TempDir:
     def tmp(self):
         path = tempfile.mkdtemp(prefix="llm-proxy-mistakes-")
@@ -204,6 +213,44 @@ class RefusedOriginTests(unittest.TestCase):
         self.assertEqual(len(said), 1, said)
         self.assertIn("proxy.allowedOrigins", said[0])
         self.assertIn("ALLOWED_ORIGINS", said[0])
+
+
+def _page_responder(handler, request):
+    """A tiny HTML page, served (through a proxy) as the web app of another origin."""
+    body = b"<!DOCTYPE html><title>app</title><p>app"
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@unittest.skipIf(browser_missing(), browser_missing())
+class RefusedOriginInChromiumTests(TempDir, unittest.TestCase):
+    def test_the_web_app_reads_the_refusal_instead_of_a_cors_error(self):
+        """A real browser: a page from an origin not in allowedOrigins calls the proxy with
+        Authorization (so with a preflight, as the SDKs do). fetch() resolves with the 403 and
+        its message; nothing reaches the backend."""
+        import browser
+        app = start_proxy(self, start_upstream(self, _page_responder).port)
+        upstream = start_upstream(self)
+        guarded = start_proxy(self, upstream.port, allowed_origins=("https://studio.example",))
+        home = browser.make_trust_home(ca_file(), self.tmp())
+        script = """fetch("https://localhost:%d/v1/chat/completions", {method: "POST",
+            headers: {"Authorization": "Bearer x", "Content-Type": "application/json"},
+            body: "{}"}).then(function (r) { return r.json().then(function (j) {
+              return {status: r.status, message: j.error.message}; }); },
+            function (e) { return {failed: String(e)}; })""" % guarded.server_address[1]
+        with browser.Browser(home) as chromium:
+            _, tab = browser.load_page(chromium, "https://localhost:%d/app" % app.server_address[1],
+                                       "document.title === 'app'", keep_tab=True)
+            try:
+                answer = tab.evaluate(script, await_promise=True)
+            finally:
+                tab.close()
+        self.assertEqual(answer.get("status"), 403, answer)
+        self.assertIn("proxy.allowedOrigins", answer["message"])
+        self.assertEqual(upstream.requests, [])
 
 
 # ==================================================================================================
@@ -546,15 +593,6 @@ class PortAndTargetFlagTests(TempDir, unittest.TestCase):
 # 13. The dashboard on a 390 px phone, in headless Chromium
 # ==================================================================================================
 
-def _browser_missing():
-    import browser
-    if browser.find_chromium() is None:
-        return "Chromium is not installed (apt-get install chromium)"
-    if not shutil.which("certutil"):
-        return "certutil is not installed (apt-get install libnss3-tools)"
-    return None
-
-
 LONG_MODEL = "hf.co/bartowski/Qwen2.5-Coder-32B-Instruct-GGUF:Q4_K_M"
 
 # What a person on a phone would notice, measured in the page.
@@ -583,7 +621,7 @@ PHONE_PROBE = """(function () {
 })()"""
 
 
-@unittest.skipIf(_browser_missing(), _browser_missing())
+@unittest.skipIf(browser_missing(), browser_missing())
 class PhoneDashboardTests(TempDir, unittest.TestCase):
     def test_dashboard_and_setup_page_at_390_px(self):
         import browser
