@@ -80,6 +80,7 @@ CONFIG_DEFAULTS = {
         "connectTimeout": 10,        # seconds to open a TCP connection to the backend
         "readTimeout": 600,          # seconds the backend may stay silent (a slow model's prefill)
         "forwardOrigin": False,      # the proxy owns CORS; Ollama answers 403 to unknown origins
+        "apiKey": "",                # sent to the backend as "Authorization: Bearer"; "" = none
     },
     "tls": {
         "cert": "./certs/cert.pem",
@@ -93,6 +94,9 @@ CONFIG_DEFAULTS = {
         "historySize": 100,
         "injectStreamUsage": True,   # ask OpenAI-style streams for usage, hide the extra chunk
     },
+    "access": {
+        "keys": {},                  # name -> key or {"key", "dailyTokens", "requestsPerMinute"}; {} = open
+    },
 }
 
 # Environment variables take precedence over the config file (names from the original README).
@@ -103,7 +107,16 @@ ENV_OVERRIDES = (
     ("CERT_FILE", "tls.cert"),
     ("KEY_FILE", "tls.key"),
     ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
+    ("TARGET_API_KEY", "target.apiKey"),
 )
+
+# One access key from the environment (Docker users without a config file). It is added to
+# access.keys under this name, replacing a file entry of the same name.
+ACCESS_KEY_ENV = "PROXY_API_KEY"
+ACCESS_KEY_ENV_NAME = "default"
+
+# Settings whose values are secrets: an error about them names the key, never quotes the value.
+SECRET_SETTINGS = ("proxy.adminToken", "target.apiKey", "access.keys")
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
 # (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
@@ -223,6 +236,18 @@ def _check_origins(value):
     return 'a string ("*" or a comma-separated list of origins) or a list of origins'
 
 
+def _check_header_token(value):
+    # Sent in a header as is: a newline would let the value write headers of its own.
+    if isinstance(value, str) and (value == "" or _ACCESS_KEY_CHARS.match(value)):
+        return None
+    return "a string of visible ASCII characters without spaces"
+
+
+def _check_access_keys(value):
+    # Only the shape here; parse_access_keys() checks each entry and never quotes a key.
+    return None if isinstance(value, dict) else 'an object like {"name": "key"}'
+
+
 CONFIG_CHECKS = {
     "proxy.port": _check_listen_port,
     "proxy.bind": _check_string,
@@ -235,6 +260,7 @@ CONFIG_CHECKS = {
     "target.connectTimeout": _check_positive_number,
     "target.readTimeout": _check_positive_number,
     "target.forwardOrigin": _check_bool,
+    "target.apiKey": _check_header_token,
     "tls.cert": _check_nonempty_string,
     "tls.key": _check_nonempty_string,
     "tls.hosts": _check_string_list,
@@ -243,7 +269,96 @@ CONFIG_CHECKS = {
     "tracking.persistInterval": _check_positive_number,
     "tracking.historySize": _check_history_size,
     "tracking.injectStreamUsage": _check_bool,
+    "access.keys": _check_access_keys,
 }
+
+# Access keys: long enough that guessing is hopeless, visible ASCII so they fit a header as is.
+# Names show up in stats, logs, metrics labels and the dashboard: a short plain alphabet.
+ACCESS_KEY_MIN_LENGTH = 16
+ACCESS_KEY_MAX_LENGTH = 256
+ACCESS_LIMIT_MAX = 10 ** 12
+ACCESS_RATE_MAX = 100000
+_ACCESS_KEY_CHARS = re.compile(r"[\x21-\x7e]+\Z")
+_ACCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+_ACCESS_ENTRY_FIELDS = ("key", "dailyTokens", "requestsPerMinute")
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """One client key: its name (shown everywhere), the secret (shown nowhere) and its budgets."""
+
+    name: str
+    key: str = field(repr=False)                  # never in a repr, a log line or stats
+    daily_tokens: Optional[int] = None            # tokens per local calendar day; None = no limit
+    requests_per_minute: Optional[int] = None     # requests started per 60 s; None = no limit
+
+
+def check_access_key_name(name) -> Optional[str]:
+    """Why `name` cannot name an access key, or None when it can."""
+    if not isinstance(name, str) or not _ACCESS_NAME.match(name):
+        return ("must be 1-64 characters: letters, digits and . _ @ + - "
+                "(starting with a letter or digit)")
+    return None
+
+
+def _parse_access_limit(entry: dict, field_name: str, upper: int, label: str) -> Optional[int]:
+    value = entry.get(field_name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError("%s must be an integer from 1 to %d (or left out for no limit), got %s"
+                         % (label, upper, json.dumps(value)))
+    return value
+
+
+def parse_access_keys(table, where: str) -> Tuple[AccessKey, ...]:
+    """Validate an access.keys table into AccessKey objects, in the table's order.
+
+    `where` names the source (file or variable) in errors; an error names the entry
+    (access.keys.NAME) and what is wrong, and never quotes a key. Raises ConfigError.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError('%s: access.keys must be an object like {"laptop": "<key>"}' % where)
+    keys: List[AccessKey] = []
+    owner_of: Dict[str, str] = {}
+    for name, entry in table.items():
+        label = "access.keys.%s" % name if isinstance(name, str) and len(name) <= 80 else \
+            "an access.keys name"
+        problem = check_access_key_name(name)
+        if problem:
+            raise ConfigError("%s: %s: the name %s" % (where, label, problem))
+        if isinstance(entry, str):
+            entry = {"key": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError('%s: %s must be a key string or an object like {"key": "<key>", '
+                              '"dailyTokens": 100000}' % (where, label))
+        unknown = [f for f in entry if f not in _ACCESS_ENTRY_FIELDS]
+        if unknown:
+            raise ConfigError("%s: %s: unknown field '%s' (fields: %s)"
+                              % (where, label, str(unknown[0])[:40], ", ".join(_ACCESS_ENTRY_FIELDS)))
+        secret = entry.get("key")
+        if not isinstance(secret, str):
+            raise ConfigError("%s: %s.key must be a string" % (where, label))
+        if not ACCESS_KEY_MIN_LENGTH <= len(secret) <= ACCESS_KEY_MAX_LENGTH \
+                or not _ACCESS_KEY_CHARS.match(secret):
+            raise ConfigError("%s: %s.key must be %d to %d visible ASCII characters without "
+                              "spaces, got %d characters%s (python3 proxy.py --add-key makes one)"
+                              % (where, label, ACCESS_KEY_MIN_LENGTH, ACCESS_KEY_MAX_LENGTH,
+                                 len(secret), "" if _ACCESS_KEY_CHARS.match(secret or " ")
+                                 else " including spaces or control characters"))
+        if secret in owner_of:
+            raise ConfigError("%s: %s.key is the same as access.keys.%s.key: each client needs "
+                              "its own key" % (where, label, owner_of[secret]))
+        owner_of[secret] = name
+        try:
+            daily = _parse_access_limit(entry, "dailyTokens", ACCESS_LIMIT_MAX,
+                                        label + ".dailyTokens")
+            rate = _parse_access_limit(entry, "requestsPerMinute", ACCESS_RATE_MAX,
+                                       label + ".requestsPerMinute")
+        except ValueError as exc:
+            raise ConfigError("%s: %s" % (where, exc)) from None
+        keys.append(AccessKey(name, secret, daily, rate))
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -269,6 +384,8 @@ class Config:
     persist_interval: float = 30.0
     history_size: int = 100
     inject_stream_usage: bool = True
+    target_api_key: str = field(default="", repr=False)
+    access_keys: Tuple[AccessKey, ...] = field(default=(), repr=False)
     source: Optional[str] = None            # the config file used, or None for defaults
     warnings: Tuple[str, ...] = field(default=(), compare=False)
 
@@ -388,8 +505,16 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         problem = check(values[dotted])
         if problem:
             where = origin_of[dotted] or "default"
-            raise ConfigError("%s: %s must be %s, got %s"
-                              % (where, dotted, problem, json.dumps(values[dotted])))
+            shown = "a hidden value" if dotted in SECRET_SETTINGS else json.dumps(values[dotted])
+            raise ConfigError("%s: %s must be %s, got %s" % (where, dotted, problem, shown))
+    access_keys = parse_access_keys(values["access.keys"], origin_of["access.keys"] or "default")
+    env_key = environ.get(ACCESS_KEY_ENV)
+    if env_key:
+        others = {k.name: {"key": k.key} for k in access_keys if k.name != ACCESS_KEY_ENV_NAME}
+        parse_access_keys(dict(others, **{ACCESS_KEY_ENV_NAME: env_key}),
+                          "environment variable " + ACCESS_KEY_ENV)        # format, uniqueness
+        access_keys = tuple(k for k in access_keys if k.name != ACCESS_KEY_ENV_NAME) + \
+            (AccessKey(ACCESS_KEY_ENV_NAME, env_key),)
     base_dir = os.path.dirname(path) if path else os.getcwd()
 
     def resolve(dotted: str) -> str:
@@ -418,6 +543,8 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         persist_interval=float(values["tracking.persistInterval"]),
         history_size=values["tracking.historySize"],
         inject_stream_usage=values["tracking.injectStreamUsage"],
+        target_api_key=values["target.apiKey"],
+        access_keys=access_keys,
         source=path,
         warnings=tuple(warnings),
     )
@@ -2966,6 +3093,10 @@ _STATS_BREAKDOWN_SUM_FIELDS = ("requests", "errors", "prompt", "completion", "to
 _STATS_BREAKDOWN_FLOAT_FIELDS = ("ttfbSumMs", "genSeconds")
 _STATS_BUCKET_FIELDS = ("requests", "errors", "prompt", "completion", "total")
 _STATS_RECENT_TOKEN_FIELDS = ("prompt", "completion", "total", "cacheRead", "cacheWrite")
+# byKey entries: a breakdown entry plus refusals (401/429, never forwarded) and the last use.
+# Refusals without a valid key are counted under this name (key names cannot contain spaces).
+STATS_NO_KEY = "(no valid key)"
+_STATS_DAY_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
 def format_tokens(n):
@@ -3071,6 +3202,27 @@ def _stats_histogram_observe(hist, value):
     hist["count"] += 1
 
 
+def _stats_new_key_entry():
+    # type: () -> Dict[str, Any]
+    entry = _stats_new_breakdown()
+    entry.update(refused=0, lastUsed=None)
+    return entry
+
+
+def _stats_local_day(ts):
+    # type: (float) -> str
+    """The calendar day of epoch `ts` in the proxy's local time ("2026-11-27"): budgets renew
+    at local midnight, when people expect a "daily" allowance to start over."""
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
+def _stats_seconds_to_midnight(ts):
+    # type: (float) -> float
+    """Seconds from epoch `ts` to the next local midnight (mktime normalises day 32 and DST)."""
+    t = time.localtime(ts)
+    return max(0.0, time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1)) - ts)
+
+
 def _stats_breakdown_view(entry):
     # type: (Dict[str, Any]) -> Dict[str, Any]
     """The public form of one breakdown entry (averages instead of sums)."""
@@ -3141,6 +3293,9 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
+        # Tokens per access key on its current local day: the daily budgets. Kept apart from
+        # the stats so a stats reset does not hand out a fresh budget.
+        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
         self._zero(self._started_at)
 
     # -- state ---------------------------------------------------------
@@ -3158,6 +3313,8 @@ class StatsStore(object):
         self._by_model = {}     # type: Dict[str, Dict[str, Any]]
         self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
         self._by_client = {}    # type: Dict[str, Dict[str, Any]]
+        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
+        self._refused = 0
         self._recent = collections.deque(maxlen=self.history_size)  # oldest first
         self._hourly = {}  # type: Dict[int, Dict[str, int]]
         self._daily = {}   # type: Dict[int, Dict[str, int]]
@@ -3176,6 +3333,46 @@ class StatsStore(object):
             if entry is None:
                 entry = table[key] = _stats_new_breakdown()
         return entry
+
+    def _key_entry(self, name):
+        # type: (str) -> Dict[str, Any]
+        """The byKey entry for name (caller holds the lock). Names come from the config, and
+        are bounded like the other tables all the same."""
+        entry = self._by_key.get(name)
+        if entry is None:
+            if len(self._by_key) >= self.max_keys - 1:
+                name = STATS_OTHER_KEY
+                entry = self._by_key.get(name)
+            if entry is None:
+                entry = self._by_key[name] = _stats_new_key_entry()
+        return entry
+
+    def _key_day(self, name, now):
+        # type: (str, float) -> Dict[str, Any]
+        """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
+        today = _stats_local_day(now)
+        day = self._key_days.get(name)
+        if day is None or day["day"] != today:
+            day = self._key_days[name] = {"day": today, "tokens": 0}
+        return day
+
+    def key_tokens_today(self, name):
+        # type: (str) -> Tuple[int, float]
+        """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
+        now = self._clock()
+        with self._lock:
+            day = self._key_days.get(name)
+            used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
+        return used, _stats_seconds_to_midnight(now)
+
+    def record_refusal(self, name):
+        # type: (Optional[str]) -> None
+        """Count a request refused before forwarding: no valid key (name None), or a budget
+        of key `name` used up. Never counted as a request: the backend never saw it."""
+        with self._lock:
+            self._change_gen += 1
+            self._refused += 1
+            self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
         # type: (Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
@@ -3283,6 +3480,8 @@ class StatsStore(object):
         ttfb_ms = _stats_ms(rec.get("ttfbMs"))
         duration_ms = _stats_ms(rec.get("durationMs"))
         nbytes = _stats_count(rec.get("bytes"))
+        key_name = rec.get("key")
+        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
         gen_s = None  # type: Optional[float]
         if u["completion"] > 0:
             gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
@@ -3317,6 +3516,11 @@ class StatsStore(object):
                        self._breakdown_entry(self._by_client, client)]
             if model_key is not None:
                 targets.append(self._breakdown_entry(self._by_model, model_key))
+            if key_name is not None:
+                key_entry = self._key_entry(key_name)
+                key_entry["lastUsed"] = now
+                targets.append(key_entry)
+                self._key_day(key_name, now)["tokens"] += u["total"]
             for b in targets:
                 b["requests"] += 1
                 b["errors"] += is_error
@@ -3348,12 +3552,29 @@ class StatsStore(object):
 
     # -- reading -------------------------------------------------------
 
-    def snapshot(self):
-        # type: () -> Dict[str, Any]
+    def snapshot(self, keys=()):
+        # type: (Iterable[AccessKey]) -> Dict[str, Any]
         """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
-        (keeps every field of the original proxy.js response)."""
+        (keeps every field of the original proxy.js response).  `keys`: the
+        access keys in force; each gets a byKey row with its budgets, used or not."""
         now = self._clock()
+        today = _stats_local_day(now)
         with self._lock:
+            by_key = {}  # type: Dict[str, Dict[str, Any]]
+            for name, entry in self._by_key.items():
+                view = _stats_breakdown_view(entry)
+                view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
+                by_key[name] = view
+            for key in keys:
+                if key.name not in by_key:
+                    view = _stats_breakdown_view(_stats_new_key_entry())
+                    view.update(refused=0, lastUsed=None)
+                    by_key[key.name] = view
+                by_key[key.name].update(dailyTokens=key.daily_tokens,
+                                        requestsPerMinute=key.requests_per_minute)
+            for name, view in by_key.items():
+                day = self._key_days.get(name)
+                view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
             tokens = dict(self._tokens)  # type: Dict[str, Any]
@@ -3374,6 +3595,8 @@ class StatsStore(object):
                 "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
                 "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
                 "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "byKey": by_key,
+                "refused": self._refused,
                 "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
                 "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
                 "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
@@ -3405,6 +3628,10 @@ class StatsStore(object):
                 "byModel": copy_map(self._by_model),
                 "byEndpoint": copy_map(self._by_endpoint),
                 "byClient": copy_map(self._by_client),
+                "byKey": copy_map(self._by_key),
+                "refused": self._refused,
+                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
+                             if d["day"] == _stats_local_day(now)},
                     "bytes": self._bytes,
                 "duration": _stats_copy_histogram(self._duration_hist),
                 "ttfb": _stats_copy_histogram(self._ttfb_hist),
@@ -3438,6 +3665,11 @@ class StatsStore(object):
             "byModel": copy_map(self._by_model),
             "byEndpoint": copy_map(self._by_endpoint),
             "byClient": copy_map(self._by_client),
+            "byKey": copy_map(self._by_key),
+            "refused": self._refused,
+            # Only today's counters: yesterday's budget use no longer limits anything.
+            "keyDays": {k: dict(d) for k, d in self._key_days.items()
+                        if d["day"] == _stats_local_day(self._clock())},
             "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
             "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
             "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
@@ -3500,6 +3732,9 @@ class StatsStore(object):
             self._by_model = self._fold_table(state["byModel"])
             self._by_endpoint = self._fold_table(state["byEndpoint"])
             self._by_client = self._fold_table(state["byClient"])
+            self._by_key = state["byKey"]
+            self._refused = state["refused"]
+            self._key_days = state["keyDays"]
             self._recent = collections.deque(state["recent"], maxlen=self.history_size)
             self._hourly = state["hourly"]
             self._daily = state["daily"]
@@ -3765,6 +4000,29 @@ def _stats_parse_file(doc, history_size):
                           for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
             table[_stats_clean_key(key)] = clean
         st[name] = table
+    # byKey, refused and keyDays came with access keys; files written before have none.
+    by_key = {}
+    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
+        where = "byKey[%r]" % key[:40]
+        if not isinstance(entry, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        clean = {f: _statsfile_int(entry, f, where)
+                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
+        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
+        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
+        clean["lastUsed"] = float(last) if last is not None else None
+        by_key[_stats_clean_key(key)] = clean
+    st["byKey"] = by_key
+    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
+    key_days = {}
+    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
+        where = "keyDays[%r]" % key[:40]
+        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
+                or not _STATS_DAY_FORMAT.match(day["day"]):
+            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
+        key_days[_stats_clean_key(key)] = {"day": day["day"],
+                                           "tokens": _statsfile_int(day, "tokens", where)}
+    st["keyDays"] = key_days
     recent = []
     saved_recent = _statsfile_list(doc, "recent", "file")
     for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
@@ -3945,6 +4203,30 @@ def render_metrics(store):
     w.family("llm_proxy_client_requests_total", "counter", "Requests by client IP address.")
     for client, e in sorted(s["byClient"].items()):
         w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
+
+    # Access keys: labelled by name only (the keys themselves are never in the store).
+    w.family("llm_proxy_refused_total", "counter",
+             "Requests refused before forwarding: no valid access key (401) or a budget used up (429).")
+    w.sample("llm_proxy_refused_total", s["refused"])
+    by_key = sorted(s["byKey"].items())
+    w.family("llm_proxy_key_requests_total", "counter", "Forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_requests_total", e["requests"], (("key", name),))
+    w.family("llm_proxy_key_errors_total", "counter", "Failed forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_errors_total", e["errors"], (("key", name),))
+    w.family("llm_proxy_key_refused_total", "counter",
+             "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY)
+    for name, e in by_key:
+        w.sample("llm_proxy_key_refused_total", e["refused"], (("key", name),))
+    w.family("llm_proxy_key_tokens_total", "counter", "Tokens by access key and type.")
+    for name, e in by_key:
+        for key, label in _METRIC_TOKEN_TYPES:
+            w.sample("llm_proxy_key_tokens_total", e[key], (("key", name), ("type", label)))
+    w.family("llm_proxy_key_tokens_today", "gauge",
+             "Tokens used today (proxy's local time) by access key: what dailyTokens limits.")
+    for name, tokens in sorted(s["keyToday"].items()):
+        w.sample("llm_proxy_key_tokens_today", tokens, (("key", name),))
 
     w.family("llm_proxy_request_duration_seconds", "histogram",
              "Time from request start to the end of the response.")
@@ -4327,6 +4609,139 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 # ==================================================================================================
+# Access keys: who may have requests forwarded, and within which budget
+# ==================================================================================================
+
+# Request headers that carry a client's key; never forwarded while keys are checked or a
+# target.apiKey replaces them.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+RATE_WINDOW_SECONDS = 60.0
+
+
+class KeyRing:
+    """The access keys in force and the backend's key: immutable, so SIGHUP swaps the whole
+    object in one assignment and a request in progress keeps the table it started with.
+
+    Keys are compared as SHA-256 digests with hmac.compare_digest against every known key, so
+    the time taken says nothing about how much of a guess was right, nor which key matched.
+    """
+
+    def __init__(self, keys: Sequence[AccessKey] = (), backend_key: str = ""):
+        self.keys = tuple(keys)
+        self.backend_key = backend_key
+        self._digests = tuple((hashlib.sha256(k.key.encode("latin-1")).digest(), k)
+                              for k in self.keys)
+
+    @property
+    def required(self) -> bool:
+        """True when requests must carry one of the keys (access.keys is not empty)."""
+        return bool(self.keys)
+
+    @property
+    def replaces_credentials(self) -> bool:
+        """True when the client's Authorization / x-api-key must not reach the backend."""
+        return bool(self.keys) or bool(self.backend_key)
+
+    def identify(self, credential: str) -> Optional[AccessKey]:
+        """The AccessKey whose secret is `credential`, or None. Constant time per key."""
+        digest = hashlib.sha256(credential.encode("latin-1", "replace")).digest()
+        found = None
+        for known, key in self._digests:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = key
+        return found
+
+
+def request_credentials(head: "RequestHead") -> List[str]:
+    """The keys a request presents: "Authorization: Bearer <key>" (any case of the scheme;
+    OpenAI SDKs and most apps) and "x-api-key: <key>" (Anthropic SDKs), in that order.
+
+    The one place that knows where clients put keys: a tunnel that carries it elsewhere (e.g.
+    a WebSocket's "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>") adds it here.
+    """
+    found = []
+    for value in head.get_all("authorization"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            found.append(token.strip())
+    found.extend(v.strip() for v in head.get_all("x-api-key") if v.strip())
+    return found
+
+
+def authenticate(keyring: KeyRing, head: "RequestHead") -> Optional[AccessKey]:
+    """The credential check: the AccessKey a request proves it holds, or None.
+
+    Looks at a few credentials at most, so a request with a hundred key headers is not a
+    hundred guesses.
+    """
+    for credential in request_credentials(head)[:4]:
+        key = keyring.identify(credential)
+        if key is not None:
+            return key
+    return None
+
+
+class RateLimiter:
+    """requestsPerMinute: at most N requests of a key start in any 60 seconds (a sliding log
+    of start times per key name, so it survives a SIGHUP; it is not persisted)."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._starts: Dict[str, collections.deque] = {}
+
+    def admit(self, name: str, limit: int) -> float:
+        """0.0 and the request counts, or the seconds until a slot frees up (nothing counted)."""
+        now = self._clock()
+        with self._lock:
+            starts = self._starts.setdefault(name, collections.deque())
+            while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+                starts.popleft()
+            if len(starts) >= limit:
+                return max(0.001, starts[0] + RATE_WINDOW_SECONDS - now)
+            starts.append(now)
+            return 0.0
+
+
+class Refusal(NamedTuple):
+    """Why a request is not forwarded: status, message, error type and extra headers."""
+
+    status: int
+    message: str
+    error_type: str
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+def access_refusal(key: Optional[AccessKey], stats, limiter: RateLimiter) -> Optional[Refusal]:
+    """None when a request with `key` may be forwarded now (a rate slot is then taken), else
+    the 401 (no valid key) or 429 (a budget is used up) to answer with.
+
+    The daily budget is checked before a request starts: one already running when it runs out
+    finishes, so a key can overshoot by the requests it had in flight at that moment.
+    """
+    if key is None:
+        return Refusal(401, "this proxy needs an access key: send 'Authorization: Bearer <key>' "
+                            "or 'x-api-key: <key>' (a missing or unknown key)",
+                       "authentication_error", (("WWW-Authenticate", 'Bearer realm="llm-proxy"'),))
+    if key.daily_tokens:
+        used, seconds_left = stats.key_tokens_today(key.name)
+        if used >= key.daily_tokens:
+            # Hours away: tell the SDKs not to retry (they honour x-should-retry).
+            return Refusal(429, "access key '%s' has used its daily budget of %d tokens (%d "
+                                "today); it renews at midnight, proxy time"
+                           % (key.name, key.daily_tokens, used), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(seconds_left))))),
+                            ("x-should-retry", "false")))
+    if key.requests_per_minute:
+        wait = limiter.admit(key.name, key.requests_per_minute)
+        if wait:
+            return Refusal(429, "access key '%s' is limited to %d requests per minute"
+                           % (key.name, key.requests_per_minute), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(wait))))),))
+    return None
+
+
+# ==================================================================================================
 # HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
 # ==================================================================================================
 
@@ -4427,8 +4842,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return "".join(lines).encode("latin-1")
 
     def send_local(self, status: int, body: bytes, content_type: str = "",
-                   extra: List[Tuple[str, str]] = (), close: bool = False) -> None:
-        """Answer a request ourselves with a complete body."""
+                   extra: List[Tuple[str, str]] = (), close: bool = False,
+                   expose: Sequence[str] = ()) -> None:
+        """Answer a request ourselves with a complete body (`expose`: header names a page
+        from another origin may read, e.g. Retry-After)."""
         if close:
             self.close_connection = True
         headers = []
@@ -4440,7 +4857,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Stats, errors and metrics echo client-chosen paths and model names: a browser
             # must never sniff them into HTML.
             headers.append(("X-Content-Type-Options", "nosniff"))
-        headers.extend(self.cors_response_headers(()))
+        headers.extend(self.cors_response_headers(expose))
         self.write_head(status, http.client.responses.get(status, "Unknown"), headers)
         if body and not (self.head is not None and self.head.method == "HEAD"):
             self.wfile.write(body)
@@ -4450,10 +4867,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Answer with a JSON document (never cached: stats change every request)."""
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         self.send_local(status, body, "application/json",
-                        [("Cache-Control", "no-store")] + list(extra))
+                        [("Cache-Control", "no-store")] + list(extra),
+                        expose=[name for name, _ in extra])
 
     def send_proxy_error(self, status: int, message: str, error_type: str = "proxy_error",
-                         close: bool = False) -> None:
+                         close: bool = False, extra: Sequence[Tuple[str, str]] = ()) -> None:
         """The one error path for proxy-made errors: a JSON body both official SDKs parse.
 
         OpenAI's SDK reads error.message, Anthropic's reads type/error.type/error.message.
@@ -4462,7 +4880,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         try:
-            self.send_json(status, payload)
+            self.send_json(status, payload, list(extra))
         except OSError:
             self.close_connection = True
 
@@ -4567,7 +4985,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         getattr(self, handler_name)()
 
     def serve_stats(self) -> None:
-        self.send_json(200, self.server.stats.snapshot())
+        self.send_json(200, self.server.stats.snapshot(keys=self.server.keys.keys))
 
     def serve_reset(self) -> None:
         refusal = self.admin_refusal()
@@ -4644,7 +5062,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
                                   "origin_not_allowed")
             return
-        exchange = Exchange(self, head, path, body_length)
+        keyring = self.server.keys      # read once: a SIGHUP swap cannot mix two tables
+        key = None
+        if keyring.required:
+            key = authenticate(keyring, head)
+            refusal = access_refusal(key, self.server.stats, self.server.rate_limiter)
+            if refusal is not None:
+                self.server.stats.record_refusal(key.name if key is not None else None)
+                self.refuse(head, body_length, refusal)
+                return
+        exchange = Exchange(self, head, path, body_length, key, keyring)
         self.server.request_started()
         try:
             exchange.run()
@@ -4657,12 +5084,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.server.request_finished()
 
 
+    def refuse(self, head: RequestHead, body_length: Optional[int], refusal: Refusal) -> None:
+        """Answer a request that is not forwarded (no key, budget used up), never reading more
+        of its body than an internal route would: a big or expected body closes the connection."""
+        expects = (head.get("expect") or "").lower() == "100-continue"
+        close = body_length is not None and (expects or not 0 < body_length <= INTERNAL_BODY_LIMIT)
+        if body_length is not None and not close:
+            self.discard_body(head, body_length)
+        self.send_proxy_error(refusal.status, refusal.message, refusal.error_type, close=close,
+                              extra=refusal.headers)
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
     def __init__(self, handler: ProxyHandler, head: RequestHead, path: str,
-                 body_length: Optional[int]):
+                 body_length: Optional[int], key: Optional[AccessKey] = None,
+                 keyring: Optional[KeyRing] = None):
         self.handler = handler
+        self.key_name = key.name if key is not None else None
+        self.keyring = keyring if keyring is not None else handler.server.keys
         self.server = handler.server
         self.config = handler.server.config
         self.head = head
@@ -4746,6 +5187,8 @@ class Exchange:
             dropped.add("origin")
         if self.injected:
             dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
+        if self.keyring.replaces_credentials:
+            dropped.update(CREDENTIAL_HEADERS)  # the client's key stays here
         headers = [("Host", self.server.upstream_host_header)]
         forwarded_for = []
         for name, value in head.headers:
@@ -4761,6 +5204,8 @@ class Exchange:
             headers.append(("X-Forwarded-Host", head.get("host")))
         if self.injected:
             headers.append(("Accept-Encoding", "identity"))
+        if self.keyring.backend_key:
+            headers.append(("Authorization", "Bearer " + self.keyring.backend_key))
         if body is not None:
             if body or self.body_length is not None or self.head.method in ("POST", "PUT", "PATCH"):
                 headers.append(("Content-Length", str(len(body))))
@@ -5037,9 +5482,10 @@ class Exchange:
             self.error = True
         tokens = usage.get("total", 0) if usage else 0
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
-                     self.status, self.sent, duration * 1000,
-                     " %d tokens" % tokens if tokens else "")
+            log.info("%s %s %s %d %dB %dms%s%s", self.handler.client_ip, self.head.method,
+                     self.path, self.status, self.sent, duration * 1000,
+                     " %d tokens" % tokens if tokens else "",
+                     " key=%s" % self.key_name if self.key_name else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -5047,6 +5493,7 @@ class Exchange:
             "model": model, "usage": usage, "usageSource": source, "error": self.error,
             "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
             "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
+            "key": self.key_name,
         })
 
 
@@ -5086,7 +5533,8 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context.
+    reload_tls(), reload_keys(), health(), wait_for_requests(). Attributes: config, stats,
+    upstream, ssl_context, keys (the KeyRing in force), rate_limiter.
     """
 
     daemon_threads = True
@@ -5098,6 +5546,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.stats = stats
         self.ssl_context = ssl_context
+        self.keys = KeyRing(config.access_keys, config.target_api_key)   # swapped by reload_keys()
+        self.rate_limiter = RateLimiter()
         self.upstream = UpstreamPool(config.target_host, config.target_port,
                                      config.connect_timeout, config.read_timeout)
         host_port = authority(config.target_host, config.target_port)
@@ -5203,6 +5653,16 @@ class ProxyServer(ThreadingHTTPServer):
     def reload_tls(self) -> None:
         """Load the certificate and key again; new connections use them (SIGHUP)."""
         self.ssl_context = make_server_ssl_context(self.config.cert_file, self.config.key_file)
+
+    def reload_keys(self) -> KeyRing:
+        """Read the config file again and swap in its access keys and target.apiKey (SIGHUP).
+
+        Only these are reloaded; other settings need a restart. Raises ConfigError and keeps
+        the keys in force when the file is invalid. Open connections are not touched.
+        """
+        fresh = load_config(self.config.source, search_cwd=self.config.source is None)
+        self.keys = KeyRing(fresh.access_keys, fresh.target_api_key)
+        return self.keys
 
     def health(self) -> dict:
         """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
@@ -5400,6 +5860,22 @@ def reload_certificate(server: "ProxyServer", why: str) -> None:
         log.error("kept the previous certificate: %s", exc)
 
 
+def reload_access_keys(server: "ProxyServer", why: str) -> None:
+    """Swap in the access keys of the config file; keep the ones in force if it is invalid."""
+    try:
+        keyring = server.reload_keys()
+        log.info("reloaded access keys (%s): %s", why,
+                 ", ".join(k.name for k in keyring.keys) or "none, the proxy is open")
+    except ConfigError as exc:
+        log.error("kept the previous access keys: %s", exc)
+
+
+def reload_on_sighup(server: "ProxyServer") -> None:
+    """SIGHUP: the certificate and the access keys, for new requests; no connection drops."""
+    reload_certificate(server, "SIGHUP")
+    reload_access_keys(server, "SIGHUP")
+
+
 def serve(server: "ProxyServer", ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests and save the stats. Returns 0."""
     def request_stop(signum, frame):
@@ -5410,7 +5886,7 @@ def serve(server: "ProxyServer", ready=None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=reload_certificate, args=(server, "SIGHUP"), daemon=True).start())
+            target=reload_on_sighup, args=(server,), daemon=True).start())
     maintenance = Maintenance(server)
     maintenance.start()
     if server.config.tracking_enabled:
