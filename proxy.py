@@ -5934,8 +5934,186 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--healthcheck", action="store_true",
                         help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
                              "used by the Docker HEALTHCHECK")
+    keys = parser.add_argument_group("access keys (see README, Access keys)")
+    keys.add_argument("--add-key", metavar="NAME",
+                      help="make a random access key NAME, add it to the config file (created "
+                           "if missing) and print it once with client snippets")
+    keys.add_argument("--daily-tokens", metavar="N", type=int,
+                      help="with --add-key: tokens the key may use per day (local time)")
+    keys.add_argument("--requests-per-minute", metavar="N", type=int,
+                      help="with --add-key: requests the key may start per minute")
+    keys.add_argument("--list-keys", action="store_true",
+                      help="list the access keys (names, budgets, today's use; never the keys)")
+    keys.add_argument("--remove-key", metavar="NAME", help="remove access key NAME from the config file")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
+
+
+def _key_config_path(args) -> str:
+    """The config file --add-key/--remove-key edit: --config, else ./config.json."""
+    return os.path.abspath(args.config or "config.json")
+
+
+def _read_config_document(path: str) -> dict:
+    """The config file as a JSON object (key order kept), after checking it is a valid config:
+    a file we could not start with is never edited. {} when the file does not exist."""
+    if not os.path.exists(path):
+        return {}
+    load_config(path, environ={})           # every error the proxy would report at start
+    with open(path, "r", encoding="utf-8-sig") as handle:
+        return json.load(handle)
+
+
+def _write_config_document(path: str, document: dict) -> None:
+    """Replace the config file atomically with mode 0600 (it holds keys), keeping its owner."""
+    try:
+        owner = os.stat(path)
+    except OSError:
+        owner = None
+    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    _write_file_atomic(path, data, private=True)
+    if owner is not None and hasattr(os, "chown") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root editing a service's file: the service must still be able to read it.
+        try:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+
+def _key_table(document: dict, path: str) -> dict:
+    access = document.setdefault("access", {})
+    if not isinstance(access, dict):
+        raise ConfigError("%s: access must be a JSON object" % path)
+    return access.setdefault("keys", {})
+
+
+def _example_host(config: Config) -> str:
+    """An address of this machine for the printed snippets: the bound one, else a LAN one."""
+    if config.bind and config.bind not in ("0.0.0.0", "::"):
+        host = config.bind.strip("[]")
+    else:
+        lan = [a for a in _linux_ipv4_addresses() if not a.startswith("127.")]
+        host = lan[0] if lan else "localhost"
+    return "[%s]" % host if ":" in host else host
+
+
+def add_key(args) -> int:
+    """--add-key NAME: make a key, add it to the config file, print it once. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.add_key
+    problem = check_access_key_name(name)
+    if problem:
+        print("error: --add-key: the name %s" % problem, file=sys.stderr)
+        return 2
+    for flag, value, upper in (("--daily-tokens", args.daily_tokens, ACCESS_LIMIT_MAX),
+                               ("--requests-per-minute", args.requests_per_minute, ACCESS_RATE_MAX)):
+        if value is not None and not 1 <= value <= upper:
+            print("error: %s must be from 1 to %d" % (flag, upper), file=sys.stderr)
+            return 2
+    try:
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if not isinstance(table, dict):
+            raise ConfigError("%s: access.keys must be a JSON object" % path)
+        if name in table:
+            print("error: %s already has an access key named '%s' (--remove-key %s first to "
+                  "replace it)" % (path, name, name), file=sys.stderr)
+            return 2
+        secret = "sk-llmproxy-" + secrets.token_urlsafe(32)     # 256 random bits
+        entry: Any = secret
+        if args.daily_tokens is not None or args.requests_per_minute is not None:
+            entry = {"key": secret}
+            if args.daily_tokens is not None:
+                entry["dailyTokens"] = args.daily_tokens
+            if args.requests_per_minute is not None:
+                entry["requestsPerMinute"] = args.requests_per_minute
+        table[name] = entry
+        parse_access_keys(table, path)
+        _write_config_document(path, document)
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    limits = []
+    if args.daily_tokens is not None:
+        limits.append("%s tokens a day" % format(args.daily_tokens, ","))
+    if args.requests_per_minute is not None:
+        limits.append("%d requests a minute" % args.requests_per_minute)
+    base = "https://%s:%d" % (_example_host(config), config.port or 8443)
+    print("Added access key '%s' to %s%s." % (name, path,
+                                              " (" + ", ".join(limits) + ")" if limits else ""))
+    print("The key (it is in the config file too; --list-keys shows names only):\n")
+    print("    %s\n" % secret)
+    print("OpenAI SDK (Python; JavaScript takes the same baseURL and apiKey):")
+    print("    from openai import OpenAI")
+    print('    client = OpenAI(base_url="%s/v1", api_key="%s")\n' % (base, secret))
+    print("Anthropic SDK (Python; the SDK adds /v1 itself):")
+    print("    from anthropic import Anthropic")
+    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (base, secret))
+    print("curl:")
+    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
+          % (secret, base))
+    print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
+          "kill -HUP $(cat %s)" % _default_beside_config(config, "llm-proxy.pid"))
+    return 0
+
+
+def remove_key(args) -> int:
+    """--remove-key NAME: delete the key from the config file. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.remove_key
+    try:
+        if not os.path.exists(path):
+            raise ConfigError("config file %s does not exist" % path)
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if name not in table:
+            known = ", ".join(str(n) for n in table) or "none"
+            raise ConfigError("%s has no access key named '%s' (keys: %s)" % (path, name, known))
+        del table[name]
+        _write_config_document(path, document)
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    print("Removed access key '%s' from %s. A running proxy refuses it after SIGHUP." % (name, path))
+    return 0
+
+
+def list_keys(config: Config) -> int:
+    """--list-keys: names, budgets and today's use (from stats.json); never a key. Returns 0."""
+    if not config.access_keys:
+        print("No access keys: the proxy is open to anyone who can reach it "
+              "(python3 proxy.py --add-key NAME makes one).")
+        return 0
+    by_key, days = {}, {}
+    try:
+        with open(config.stats_file, "rb") as handle:
+            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+        by_key, days = state["byKey"], state["keyDays"]
+    except (OSError, ValueError):
+        pass                                 # no stats yet (or unreadable): show the budgets
+    today = _stats_local_day(time.time())
+    rows = [("NAME", "TODAY", "DAILY BUDGET", "PER MINUTE", "REQUESTS", "REFUSED", "LAST USED")]
+    for key in config.access_keys:
+        entry = by_key.get(key.name) or {}
+        day = days.get(key.name) or {}
+        used = day.get("tokens", 0) if day.get("day") == today else 0
+        last = entry.get("lastUsed")
+        rows.append((key.name, format(used, ","),
+                     format(key.daily_tokens, ",") if key.daily_tokens else "-",
+                     str(key.requests_per_minute or "-"), format(entry.get("requests", 0), ","),
+                     format(entry.get("refused", 0), ","),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "never"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
@@ -6027,6 +6205,10 @@ def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level)
+    if args.add_key is not None:
+        return add_key(args)
+    if args.remove_key is not None:
+        return remove_key(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -6038,6 +6220,8 @@ def main(argv=None) -> int:
         return stop_daemon(pidfile_path)
     if args.check:
         return check_setup(config)
+    if args.list_keys:
+        return list_keys(config)
     if args.healthcheck:
         return healthcheck(config)
     for warning in config.warnings:
@@ -6282,6 +6466,7 @@ td.name .txt { font-weight: 550; }
 td.muted, .muted { color: var(--faint); }
 .share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
 .share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
+.share.over i { background: var(--err); opacity: 1; }
 td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 .method { font-weight: 650; font-size: 11.5px; color: var(--muted); margin-right: 6px; letter-spacing: 0.02em; }
 .badge { display: inline-block; min-width: 38px; text-align: center; padding: 1px 7px; border-radius: 999px; font-size: 12px; font-weight: 650; background: var(--grid); color: var(--fg); font-variant-numeric: tabular-nums; }
@@ -6368,6 +6553,14 @@ footer.foot .err { color: var(--err); }
       <div class="readout" id="readout">&nbsp;</div>
       <div id="chart"></div>
     </div>
+  </section>
+
+  <section class="panel" id="keys-panel" aria-labelledby="t-key-title" hidden>
+    <div class="panel-head"><h2 id="t-key-title">By access key<span class="count" id="t-key-count"></span></h2></div>
+    <div class="table-wrap"><table>
+      <thead><tr><th>Key</th><th class="n">Today</th><th class="n">Daily budget</th><th class="n">Per minute</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Refused</th><th class="n">Errors</th><th>Last used</th></tr></thead>
+      <tbody id="t-key"></tbody>
+    </table></div>
   </section>
 
   <div id="breakdowns"></div>
@@ -6849,6 +7042,49 @@ footer.foot .err { color: var(--err); }
     }
   }
 
+  // Access keys: names only (the stats never hold a key), today's tokens against the budget.
+  function renderKeys(map) {
+    var m = obj(map);
+    var names = Object.keys(m).sort();
+    byId("keys-panel").hidden = names.length === 0;
+    setText("t-key-count", names.length ? String(names.length) : "");
+    var tbody = byId("t-key");
+    clear(tbody);
+    for (var i = 0; i < names.length; i++) {
+      var r = obj(m[names[i]]);
+      var tr = el("tr");
+      var name = el("td", "name");
+      name.appendChild(el("span", "txt" + (names[i].charAt(0) === "(" ? " muted" : ""), names[i]));
+      var budget = isNum(r.dailyTokens) ? r.dailyTokens : null;
+      var share = budget ? pct(num(r.today), budget) : null;
+      if (share !== null) {
+        var bar = el("div", "share" + (share >= 100 ? " over" : ""));
+        var fill = el("i");
+        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+        bar.appendChild(fill);
+        bar.setAttribute("title", fmtDec(share, 1) + "% of today's budget");
+        name.appendChild(bar);
+      }
+      tr.appendChild(name);
+      tr.appendChild(numCell(fmtInt(num(r.today)), share !== null ? fmtDec(share, 1) + "% of the daily budget" : ""));
+      tr.appendChild(numCell(budget ? fmtInt(budget) : DASH));
+      tr.appendChild(numCell(isNum(r.requestsPerMinute) ? fmtInt(r.requestsPerMinute) : DASH));
+      tr.appendChild(numCell(fmtInt(num(r.requests))));
+      tr.appendChild(numCell(fmtInt(num(r.prompt))));
+      tr.appendChild(numCell(fmtInt(num(r.completion))));
+      tr.appendChild(numCell(fmtInt(num(r.total)), fmtCompact(num(r.total))));
+      var refused = el("td", "n", fmtInt(num(r.refused)));
+      if (num(r.refused) > 0) { refused.textContent = ""; refused.appendChild(el("span", "badge err", fmtInt(num(r.refused)))); }
+      tr.appendChild(refused);
+      tr.appendChild(numCell(fmtInt(num(r.errors))));
+      var last = parseTime(r.lastUsed);
+      var tdLast = el("td", "num" + (last === null ? " muted" : ""), last === null ? "never" : fmtWhen(last));
+      if (last !== null) { tdLast.setAttribute("title", fmtFull(last)); }
+      tr.appendChild(tdLast);
+      tbody.appendChild(tr);
+    }
+  }
+
   function renderRecent(list) {
     var tbody = byId("t-recent");
     var rows = [];
@@ -6927,6 +7163,7 @@ footer.foot .err { color: var(--err); }
     renderBreakdown("t-model", "t-model-count", d.byModel, "No model usage yet.");
     renderBreakdown("t-endpoint", "t-endpoint-count", d.byEndpoint, "No endpoint usage yet.");
     renderBreakdown("t-client", "t-client-count", d.byClient, "No clients yet.");
+    renderKeys(d.byKey);
     renderRecent(d.recent);
     renderFooter(d);
   }
