@@ -143,6 +143,9 @@ BODY_PEEK_LIMIT = 64 * 1024
 READ_CHUNK = 256 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
+# A request refused for its access key has its body read and dropped up to this size, so the
+# client can read the refusal (a base64 image upload fits); a bigger one closes the connection.
+REFUSED_BODY_DRAIN_LIMIT = 32 * 1024 * 1024
 
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 # Browsers cap it (Chrome at 2 h); a long value saves a preflight before every chat request.
@@ -5085,14 +5088,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
     def refuse(self, head: RequestHead, body_length: Optional[int], refusal: Refusal) -> None:
-        """Answer a request that is not forwarded (no key, budget used up), never reading more
-        of its body than an internal route would: a big or expected body closes the connection."""
+        """Answer a request that is not forwarded (no key, budget used up).
+
+        The answer goes out first, then the body is read and dropped (as nginx discards it):
+        http.client and httpx send the whole body before reading, and closing on them would
+        turn our clear 401/429 into a connection reset. Past REFUSED_BODY_DRAIN_LIMIT, or for
+        a body the client waits to send (Expect: 100-continue), the connection closes instead.
+        """
         expects = (head.get("expect") or "").lower() == "100-continue"
-        close = body_length is not None and (expects or not 0 < body_length <= INTERNAL_BODY_LIMIT)
-        if body_length is not None and not close:
-            self.discard_body(head, body_length)
+        close = body_length is not None and (
+            expects or not 0 < body_length <= REFUSED_BODY_DRAIN_LIMIT)
         self.send_proxy_error(refusal.status, refusal.message, refusal.error_type, close=close,
                               extra=refusal.headers)
+        if body_length is None or expects:
+            return
+        pieces = iter_chunked_body(self.rfile) if body_length < 0 else \
+            iter_fixed_body(self.rfile, body_length)
+        seen = 0
+        try:
+            for data in pieces:
+                seen += len(data)
+                if seen > REFUSED_BODY_DRAIN_LIMIT:
+                    break
+        except (RequestError, ClientGone, OSError):
+            self.close_connection = True
 
 
 class Exchange:

@@ -20,7 +20,8 @@ from unittest import mock
 
 import browser
 from support import (LOG_BUFFER, ROOT, FakeLLM, ca_file, certs_dir, https, make_config, proxy,
-                     settled_stats, start_proxy, start_upstream, wait_until, _serve_in_thread)
+                     settled_stats, start_proxy, start_upstream, wait_until, _serve_in_thread,
+                     read_http_response, tls_socket)
 
 try:
     import openai
@@ -290,19 +291,29 @@ class KeyCheckTests(unittest.TestCase):
             conn.close()
             self.assertEqual(response.status, 200, path)
 
-    def test_refused_small_body_keeps_the_connection_a_big_one_closes_it(self):
+    def test_a_refused_body_is_drained_so_the_client_reads_the_answer(self):
+        # http.client sends the whole body before reading: a proxy that answered and closed
+        # would hand it a reset instead of the 401.
         conn = https(self.proxy)
-        status, headers, _ = post(self.proxy, "/v1/chat/completions", CHAT, conn=conn)
-        self.assertEqual(status, 401)
-        self.assertNotIn("connection", headers)
+        for size in (10, 2 << 20):
+            big = {"messages": [{"role": "user", "content": "x" * size}]}
+            status, headers, body = post(self.proxy, "/v1/chat/completions", big, conn=conn)
+            self.assertEqual(status, 401)
+            self.assertNotIn("connection", headers)
         status, _, _ = post(self.proxy, "/v1/chat/completions", CHAT,
                             {"Authorization": "Bearer " + ALICE}, conn=conn)
-        self.assertEqual(status, 200)
-        big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
-        status, headers, _ = post(self.proxy, "/v1/chat/completions", big, conn=https(self.proxy))
-        self.assertEqual(status, 401)
-        self.assertEqual(headers.get("connection"), "close")
+        self.assertEqual(status, 200)                       # the same connection goes on
         self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_a_client_waiting_for_100_continue_gets_the_refusal_at_once(self):
+        sock = tls_socket(self.proxy)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n")
+        answer = read_http_response(sock)
+        sock.close()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer[:80])
+        self.assertIn(b"Connection: close", answer)
+        self.assertNotIn(b"100 Continue", answer)
 
     @unittest.skipIf(shutil.which("curl") is None, "curl is not installed")
     def test_curl_without_a_key_gets_a_json_401(self):
@@ -774,6 +785,18 @@ class BrowserAccessTests(unittest.TestCase):
             refused = tab.evaluate(FETCH % (url, "{}"), True)
             over = tab.evaluate(FETCH % (url, json.dumps({"x-api-key": ALICE})), True)
             tab.close()
+            settled_stats(guarded)
+            artifacts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
+            dashboard, _ = browser.load_page(
+                chromium, "https://localhost:%d/_proxy/dashboard" % guarded.server_address[1],
+                browser.DASHBOARD_READY, screenshot=os.path.join(artifacts, "dashboard-keys.png"),
+                full_page=True)
+        self.assertEqual(dashboard.problems(), [])
+        self.assertIn("By access key", dashboard.text)
+        today = guarded.stats.key_tokens_today("alice")[0]
+        self.assertRegex(dashboard.text, r"alice\s+%s\s+1\s" % "{:,}".format(today))
+        self.assertIn(proxy.STATS_NO_KEY, dashboard.text)
+        self.assertNotIn(ALICE, dashboard.text)
         self.assertEqual(ok.get("status"), 200, ok)
         self.assertEqual(ok["body"]["choices"][0]["message"]["content"], "Hello from the fake model.")
         self.assertEqual(refused.get("status"), 401, refused)
