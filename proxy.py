@@ -518,6 +518,14 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
                           "environment variable " + ACCESS_KEY_ENV)        # format, uniqueness
         access_keys = tuple(k for k in access_keys if k.name != ACCESS_KEY_ENV_NAME) + \
             (AccessKey(ACCESS_KEY_ENV_NAME, env_key),)
+    if not values["tracking.enabled"]:
+        budgeted = [k.name for k in access_keys if k.daily_tokens]
+        if budgeted:
+            # Without tracking no token is counted: the budget would silently never apply.
+            raise ConfigError("%s: access.keys.%s.dailyTokens needs tracking.enabled: true (the "
+                              "proxy counts tokens only while tracking)"
+                              % (origin_of["tracking.enabled"] or origin_of["access.keys"]
+                                 or "default", budgeted[0]))
     base_dir = os.path.dirname(path) if path else os.getcwd()
 
     def resolve(dotted: str) -> str:
@@ -6160,7 +6168,11 @@ def check_setup(config: Config) -> int:
     print("config: %s" % (config.source or "built-in defaults (no config file)"))
     for warning in config.warnings:
         print("warning: %s" % warning)
-    print("backend: %s" % config.target_url)
+    print("backend: %s%s" % (config.target_url,
+                              " (with target.apiKey)" if config.target_api_key else ""))
+    print("access: %s" % ("%d key(s): %s" % (len(config.access_keys),
+                                              ", ".join(k.name for k in config.access_keys))
+                          if config.access_keys else "open (no access.keys)"))
     have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
     if not have_cert and not have_key:
         print("certificate: %s will be created at first start" % config.cert_file)
@@ -6202,6 +6214,8 @@ def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
     """Tell the user where to point their app, and which CA their devices must trust."""
     log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
              config.bind or "*", port, config.target_url)
+    if config.access_keys:
+        log.info("  access keys required: %s", ", ".join(k.name for k in config.access_keys))
     for line in cert_status.describe().splitlines():
         log.info("  %s", line)
     # Bound to one address, the proxy answers there only: the certificate's other names would

@@ -158,6 +158,13 @@ class AccessConfigTests(unittest.TestCase):
         self.assertIn("target.apiKey", str(caught.exception))
         self.assertNotIn("Evil", str(caught.exception))
 
+    def test_a_daily_budget_without_tracking_is_refused(self):
+        with self.assertRaises(proxy.ConfigError) as caught:
+            self.load({"tracking": {"enabled": False},
+                       "access": {"keys": {"laptop": {"key": ALICE, "dailyTokens": 100}}}})
+        self.assertIn("access.keys.laptop.dailyTokens needs tracking.enabled", str(caught.exception))
+        self.load({"tracking": {"enabled": False}, "access": {"keys": {"laptop": ALICE}}})
+
     def test_environment_key_joins_the_table_as_default(self):
         config = self.load({"access": {"keys": {"laptop": ALICE}}}, {"PROXY_API_KEY": BOB})
         self.assertEqual([k.name for k in config.access_keys], ["laptop", "default"])
