@@ -5700,7 +5700,8 @@ class ProxyServer(ThreadingHTTPServer):
                 self._health_cache = (time.monotonic(), backend)
         snapshot_uptime = time.monotonic() - START_MONOTONIC
         return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
-                "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+                "uptimeSeconds": int(snapshot_uptime), "backend": backend,
+                "accessKeys": self.keys.required}
 
     def _probe_backend(self) -> dict:
         started = time.monotonic()
@@ -7733,6 +7734,10 @@ sudo update-ca-certificates</code></pre>
       if (uptime) { parts.push("up " + uptime); }
       setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
       byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
+      if (h.accessKeys === true) {
+        // The proxy wants an access key: the snippet must send one (--add-key makes it).
+        byId("ep-curl").textContent = 'curl --cacert llm-proxy-ca.pem -H "Authorization: Bearer <your access key>" ' + base + "/v1/models";
+      }
 
       var b = obj(h.backend);
       var where = str(b.url);

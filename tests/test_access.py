@@ -793,11 +793,16 @@ class BrowserAccessTests(unittest.TestCase):
             over = tab.evaluate(FETCH % (url, json.dumps({"x-api-key": ALICE})), True)
             tab.close()
             settled_stats(guarded)
+            setup, _ = browser.load_page(
+                chromium, "https://localhost:%d/_proxy/" % guarded.server_address[1],
+                browser.SETUP_READY)
             artifacts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
             dashboard, _ = browser.load_page(
                 chromium, "https://localhost:%d/_proxy/dashboard" % guarded.server_address[1],
                 browser.DASHBOARD_READY, screenshot=os.path.join(artifacts, "dashboard-keys.png"),
                 full_page=True)
+        self.assertEqual(setup.problems(), [])
+        self.assertIn('-H "Authorization: Bearer <your access key>"', setup.text)
         self.assertEqual(dashboard.problems(), [])
         self.assertIn("By access key", dashboard.text)
         today = guarded.stats.key_tokens_today("alice")[0]
