@@ -3512,6 +3512,8 @@ class StatsStore(object):
             "usage": source if source in STATS_USAGE_SOURCES else None,
             "error": is_error,
         }
+        if key_name is not None:
+            entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
             self._change_gen += 1
@@ -4063,6 +4065,8 @@ def _stats_parse_file(doc, history_size):
             "usage": usage,
             "error": e["error"],
         })
+        if _statsfile_optional(e, "key", where, (str,)) is not None:
+            recent[-1]["key"] = _stats_clean_key(e["key"])
     st["recent"] = recent
     for name in ("hourly", "daily"):
         table = {}
@@ -7169,7 +7173,9 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(numCell(fmtMs(r.durationMs)));
       tr.appendChild(numCell(fmtMs(r.ttfbMs)));
       tr.appendChild(numCell(fmtDec(r.tokensPerSecond, 1)));
-      tr.appendChild(el("td", "num", str(r.client) || DASH));
+      var who = el("td", "num", str(r.client) || DASH);
+      if (str(r.key)) { who.appendChild(el("span", "muted", DOT + str(r.key))); }
+      tr.appendChild(who);
       var usage = str(r.usage);
       tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
       tbody.appendChild(tr);

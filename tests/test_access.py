@@ -431,6 +431,7 @@ class SdkAccessTests(unittest.TestCase):
         self.assertEqual(a["errors"] + b["errors"], 0)
         self.assertIsNotNone(a["lastUsed"])
         self.assertEqual(stats["tokens"]["total"], a["total"] + b["total"])
+        self.assertEqual([r["key"] for r in stats["recent"]], ["bob"] * 2 + ["alice"] * 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +493,7 @@ class BudgetTests(unittest.TestCase):
         self.assertEqual(again.stats.key_tokens_today("alice")[0],
                          server.stats.key_tokens_today("alice")[0])
         self.assertEqual(again.stats.snapshot()["byKey"]["alice"]["refused"], 2)
+        self.assertEqual(again.stats.snapshot()["recent"][0]["key"], "alice")
         with open(self.stats_file) as handle:
             saved = handle.read()
         self.assertIn('"alice"', saved)
@@ -808,6 +810,7 @@ class BrowserAccessTests(unittest.TestCase):
         today = guarded.stats.key_tokens_today("alice")[0]
         self.assertRegex(dashboard.text, r"alice\s+%s\s+1\s" % "{:,}".format(today))
         self.assertIn(proxy.STATS_NO_KEY, dashboard.text)
+        self.assertIn("127.0.0.1 \u00b7 alice", dashboard.text)          # recent requests
         self.assertNotIn(ALICE, dashboard.text)
         self.assertEqual(ok.get("status"), 200, ok)
         self.assertEqual(ok["body"]["choices"][0]["message"]["content"], "Hello from the fake model.")
