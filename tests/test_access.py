@@ -487,13 +487,16 @@ class BudgetTests(unittest.TestCase):
         settled_stats(server)
         server.stats.reset()                              # stats start over, the budget does not
         self.assertEqual(self.alice(server)[0], 429)
+        self.assertEqual(post(server, "/v1/chat/completions", CHAT,
+                              {"x-api-key": BOB})[0], 200)
+        settled_stats(server)
         self.assertTrue(server.stats.save())
         again = self.start(daily_tokens=10)
         self.assertEqual(self.alice(again)[0], 429)
         self.assertEqual(again.stats.key_tokens_today("alice")[0],
                          server.stats.key_tokens_today("alice")[0])
         self.assertEqual(again.stats.snapshot()["byKey"]["alice"]["refused"], 2)
-        self.assertEqual(again.stats.snapshot()["recent"][0]["key"], "alice")
+        self.assertEqual(again.stats.snapshot()["recent"][0]["key"], "bob")
         with open(self.stats_file) as handle:
             saved = handle.read()
         self.assertIn('"alice"', saved)
