@@ -6245,6 +6245,10 @@ def main(argv=None) -> int:
     setup_logging("warning" if args.quiet else args.log_level)
     if args.add_key is not None:
         return add_key(args)
+    if args.daily_tokens is not None or args.requests_per_minute is not None:
+        print("error: --daily-tokens and --requests-per-minute go with --add-key NAME",
+              file=sys.stderr)
+        return 2
     if args.remove_key is not None:
         return remove_key(args)
     try:

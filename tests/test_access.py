@@ -624,6 +624,9 @@ class KeyCommandLineTests(unittest.TestCase):
                 with open(self.path, "rb") as handle:
                     self.assertEqual(handle.read(), content)
                 self.assertEqual(sorted(os.listdir(self.dir)), ["config.json"])
+        alone = run_cli("--config", self.path, "--daily-tokens", "5")
+        self.assertEqual(alone.returncode, 2)
+        self.assertIn("go with --add-key", alone.stderr)
         bad_name = run_cli("--config", os.path.join(self.dir, "new.json"), "--add-key", "my laptop")
         self.assertEqual(bad_name.returncode, 2)
         self.assertIn("--add-key", bad_name.stderr)
