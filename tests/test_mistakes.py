@@ -316,6 +316,9 @@ class ConfigMistakeTests(TempDir, unittest.TestCase):
         self.assertIn("did you mean 'proxy.allowedOrigins'", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
         self.refused({"tls": {"crt": "x.pem"}}, "tls.crt", "did you mean 'tls.cert'")
+        # A misspelt access.keys would leave the proxy open to everyone.
+        self.refused({"access": {"key": {"laptop": "k" * 32}}}, "access.key",
+                     "did you mean 'access.keys'")
         # Elsewhere an unknown key stays a warning.
         self.assertEqual(len(self.load({"tracking": {"enable": False}}).warnings), 1)
 
