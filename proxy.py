@@ -6663,10 +6663,11 @@ def answer_plain_http(server, sock, client_address, local, deadline: float) -> N
         pass
     match = _PLAIN_HOST.search(head)
     host = match.group(1).decode("ascii") if match else None
-    if host is not None:
-        # The client wrote http://name[:port]/: the same name, this port, over https.
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        host = "%s:%d" % (name, local[1]) if local[1] != 443 else name
+    if host is not None and (host.endswith("]") or ":" not in host):
+        # No port: the client wrote http://name/ and something forwarded port 80 here. With a
+        # port, http://name:port/ reached this very port: https://name:port/ is the answer, also
+        # behind a port mapping (Docker 9443:8443) that our own socket knows nothing about.
+        host = "%s:%d" % (host, local[1]) if local[1] != 443 else host
     url = _url_of(local, "/", host)
     ip = _plain_ip(client_address[0])
     if server.say_once("plain-http", ip, EXPLAIN_AGAIN_SECONDS):

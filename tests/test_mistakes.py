@@ -136,6 +136,12 @@ class WrongProtocolAndUntrustedTests(unittest.TestCase):
               b"\r\n\r\n" % (self.port, 1 << 20) + b"x" * (1 << 20)
         reply = raw_exchange(self.port, big)
         self.assertIn(b"https://127.0.0.1:%d/" % self.port, reply)
+        # Behind a port mapping (Docker 9443:8443) the client's own host:port is the answer;
+        # without a port, this port.
+        reply = raw_exchange(self.port, b"GET / HTTP/1.1\r\nHost: proxy.lan:9443\r\n\r\n")
+        self.assertIn(b"Use https://proxy.lan:9443/\n", reply)
+        reply = raw_exchange(self.port, b"GET / HTTP/1.1\r\nHost: proxy.lan\r\n\r\n")
+        self.assertIn(b"Use https://proxy.lan:%d/\n" % self.port, reply)
         # Logged in words at INFO, once per client address (not twice for two requests).
         said = self.logs.lines("sent plain HTTP", logging.INFO)
         self.assertEqual(len(said), 1, said)
@@ -176,6 +182,21 @@ class WrongProtocolAndUntrustedTests(unittest.TestCase):
         conn.request("GET", "/ok")
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
+
+
+@unittest.skipIf(browser_missing(), browser_missing())
+class UntrustedChromiumTests(TempDir, unittest.TestCase):
+    def test_chromium_without_the_ca_is_explained_in_the_log(self):
+        import browser
+        server = start_proxy(self, start_upstream(self).port)
+        logs = Logged(self)
+        error = browser.check_untrusted("https://localhost:%d/_proxy/" % server.server_address[1],
+                                        self.tmp())
+        self.assertIn("CERT", (error or "").upper())
+        self.assertTrue(wait_until(lambda: logs.lines("does not trust", logging.INFO)))
+        said = logs.lines("does not trust", logging.INFO)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("https://127.0.0.1:%d/_proxy/" % server.server_address[1], said[0])
 
 
 # ==================================================================================================
