@@ -103,6 +103,8 @@ ENV_OVERRIDES = (
     ("CERT_FILE", "tls.cert"),
     ("KEY_FILE", "tls.key"),
     ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
+    # A comma list; in Docker the container cannot see the host's names and addresses.
+    ("TLS_HOSTS", "tls.hosts"),
 )
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
@@ -217,6 +219,18 @@ def _check_string_list(value):
     return "a list of strings"
 
 
+def _check_host_list(value):
+    # Checked here, not only when a certificate is issued: a typo must stop the start before a
+    # CA is made, and name the key.
+    if _check_string_list(value) is not None:
+        return "a list of host names or IP addresses"
+    try:
+        normalize_hosts(value)
+    except ValueError as exc:
+        return "a list of host names or IP addresses (%s)" % exc
+    return None
+
+
 def _check_origins(value):
     if isinstance(value, str) or _check_string_list(value) is None:
         return None
@@ -237,7 +251,7 @@ CONFIG_CHECKS = {
     "target.forwardOrigin": _check_bool,
     "tls.cert": _check_nonempty_string,
     "tls.key": _check_nonempty_string,
-    "tls.hosts": _check_string_list,
+    "tls.hosts": _check_host_list,
     "tracking.enabled": _check_bool,
     "tracking.statsFile": _check_nonempty_string,
     "tracking.persistInterval": _check_positive_number,
@@ -347,6 +361,8 @@ def _unknown_key_warning(path: str, key: str, choices: List[str]) -> str:
 
 def _env_value(name: str, dotted: str, raw: str):
     """Convert an environment override to the type its config key takes."""
+    if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list):
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], int):
         try:
             return int(raw.strip())
@@ -451,6 +467,9 @@ CERT_RENEW_BEFORE_DAYS = 30
 # notBefore is set this far in the past: a phone whose clock is a few minutes behind the proxy
 # host would otherwise reject a certificate issued "in the future".
 CERT_BACKDATE = datetime.timedelta(hours=1)
+# Shown while the CA and the first certificate are made: two RSA-2048 keys in pure Python took
+# 1.7-3.1 s on a 2-core VM (longer on a Raspberry Pi).
+CA_PROGRESS_MESSAGE = "creating a local certificate authority (one time, ~2 s)..."
 
 # Object identifiers (dotted strings; encoded by _der_oid).
 _OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
@@ -1490,8 +1509,12 @@ class CertStatus(NamedTuple):
 
 def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str] = (),
                         days: int = SERVER_CERT_DEFAULT_DAYS,
-                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS) -> CertStatus:
+                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS,
+                        progress=None) -> CertStatus:
     """Make sure a usable server certificate exists; return what was done.
+
+    ``progress(text)``, when given, is called before the slow step (a new CA: seconds of RSA key
+    generation in pure Python), so a user at a terminal sees why the start pauses.
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
     * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
@@ -1514,7 +1537,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days)
+                                    wanted[0], wanted[1], days, renew_before_days, progress)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1522,7 +1545,8 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
-                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+                         wanted_ips: List[str], days: int, renew_before_days: int,
+                         progress=None) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
@@ -1553,6 +1577,8 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
+            if progress is not None:
+                progress(CA_PROGRESS_MESSAGE)
             create_ca_files(ca_dir)
             ca_created = True
         elif not all(have_ca):
@@ -5348,7 +5374,13 @@ def daemonize() -> int:
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
-        message = os.read(read_end, 256).decode("utf-8", "replace")
+        pieces = []
+        while True:                 # until the daemon closes its end (or dies)
+            piece = os.read(read_end, 65536)
+            if not piece:
+                break
+            pieces.append(piece)
+        message = b"".join(pieces).decode("utf-8", "replace")
         print(message or "error: the daemon exited during start-up (see the log file)")
         os._exit(0 if message.startswith("started") else 1)
     os.close(read_end)
@@ -5434,13 +5466,123 @@ def serve(server: "ProxyServer", ready=None) -> int:
 # Command line
 # ==================================================================================================
 
+# --------------------------------------------------------------------------- what clients paste
+
+class ClientFamily(NamedTuple):
+    """One kind of client and the base URL it needs. The banner, the set-up page, --help and
+    README (checked by a test) all read CLIENT_FAMILIES, so the URLs are stated once."""
+    key: str            # id on the set-up page
+    label: str          # who uses it
+    suffix: str         # appended to https://<proxy>:<port>
+    why: str            # why this URL and not another
+    python: str         # copy-paste snippet: {base} is the base URL, {ca} the CA file
+    javascript: str     # the same for Node.js
+
+
+CLIENT_FAMILIES = (
+    ClientFamily(
+        "openai", "OpenAI SDKs and OpenAI-compatible apps", "/v1",
+        "the SDK appends /chat/completions, /models, ... to it",
+        'import ssl, openai\n'
+        '\n'
+        '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
+        'client = openai.OpenAI(\n'
+        '    base_url="{base}", api_key="unused",\n'
+        '    http_client=openai.DefaultHttpxClient(\n'
+        '        verify=ssl.create_default_context(cafile="{ca}")))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import OpenAI from "openai";\n'
+        '\n'
+        'const client = new OpenAI({ baseURL: "{base}", apiKey: "unused" });\n'),
+    ClientFamily(
+        "anthropic", "Anthropic SDKs", "",
+        "the SDK appends /v1/messages itself",
+        'import ssl, anthropic\n'
+        '\n'
+        '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
+        'client = anthropic.Anthropic(\n'
+        '    base_url="{base}", api_key="unused",\n'
+        '    http_client=anthropic.DefaultHttpxClient(\n'
+        '        verify=ssl.create_default_context(cafile="{ca}")))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import Anthropic from "@anthropic-ai/sdk";\n'
+        '\n'
+        'const client = new Anthropic({ baseURL: "{base}", apiKey: "unused" });\n'),
+    ClientFamily(
+        "ollama", "Ollama clients (native /api)", "",
+        "the client appends /api/chat, /api/tags, ... itself",
+        'import ssl, ollama\n'
+        '\n'
+        'client = ollama.Client(\n'
+        '    host="{base}",\n'
+        '    verify=ssl.create_default_context(cafile="{ca}"))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import { Ollama } from "ollama";\n'
+        '\n'
+        'const client = new Ollama({ host: "{base}" });\n'),
+)
+
+# The file name the set-up page saves the CA under; snippets meant for another machine use it.
+CA_DOWNLOAD_NAME = "llm-proxy-ca.pem"
+
+# The proxy's own endpoints, for --help (a test checks this covers INTERNAL_ROUTES).
+PROXY_ENDPOINTS = (
+    ("/_proxy/", "set-up page for a new device: base URLs, CA download, trust steps"),
+    ("/_proxy/dashboard", "usage dashboard"),
+    ("/_proxy/stats", "usage as JSON"),
+    ("/_proxy/reset", "POST: zero the usage figures"),
+    ("/_proxy/metrics", "Prometheus metrics"),
+    ("/_proxy/health", "proxy and backend status as JSON"),
+    ("/_proxy/ca.pem", "the local CA certificate (/_proxy/ca.crt: DER, for phones)"),
+)
+
+
+def client_snippet(family: ClientFamily, language: str, origin: str,
+                   ca_file: str = CA_DOWNLOAD_NAME) -> str:
+    """The family's Python or JavaScript snippet for a proxy at `origin` (https://host:port)."""
+    template = family.python if language == "python" else family.javascript
+    return template.replace("{base}", origin + family.suffix).replace("{ca}", ca_file)
+
+
+def _help_epilog() -> str:
+    width = max(len(name) for name, _ in ENV_OVERRIDES)
+    lines = ["environment variables (override the config file):"]
+    lines += ["  %-*s  %s%s" % (width, name, dotted, " (comma-separated)"
+                                if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list) else "")
+              for name, dotted in ENV_OVERRIDES]
+    lines += ["", "base URLs to give clients:"]
+    width = max(len(f.label) for f in CLIENT_FAMILIES)
+    lines += ["  %-*s  https://<this-machine>:8443%s" % (width, f.label, f.suffix)
+              for f in CLIENT_FAMILIES]
+    lines += ["", "endpoints of the proxy itself (every other path goes to the backend):"]
+    width = max(len(path) for path, _ in PROXY_ENDPOINTS)
+    lines += ["  %-*s  %s" % (width, path, what) for path, what in PROXY_ENDPOINTS]
+    lines += [
+        "",
+        "examples:",
+        "  python3 proxy.py",
+        "      HTTPS on port 8443 for http://127.0.0.1:11434 (Ollama); certificates are made",
+        "      at first start in ./certs",
+        "  TARGET_HOST=192.168.1.42 TARGET_PORT=8080 python3 proxy.py",
+        "      another backend",
+        "  python3 /opt/llm-proxy/proxy.py --dir /opt/llm-proxy --daemon",
+        "      cron: start in the background unless running; state files in /opt/llm-proxy",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of proxy.py."""
     parser = argparse.ArgumentParser(
         prog="proxy.py",
-        description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.")
+        description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.",
+        epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: ./config.json if present, else built-in defaults)")
+    parser.add_argument("--dir", metavar="DIR",
+                        help="folder for config.json (optional), certs/, stats.json and, with "
+                             "--daemon, llm-proxy.pid and llm-proxy.log (default: the current "
+                             "folder); for cron, which starts in $HOME")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="how much to log (default: info, one line per request)")
@@ -5452,9 +5594,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--daemon", action="store_true",
                         help="detach and run in the background (POSIX); safe to repeat from cron")
     parser.add_argument("--stop", action="store_true",
-                        help="stop the daemon named by --pidfile and wait for it to exit")
+                        help="stop the daemon started with the same --dir, --config or "
+                             "--pidfile, and wait for it to exit")
     parser.add_argument("--pidfile", metavar="PATH",
-                        help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the config)")
+                        help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the "
+                             "config, else in --dir or the current folder)")
     parser.add_argument("--healthcheck", action="store_true",
                         help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
                              "used by the Docker HEALTHCHECK")
@@ -5476,10 +5620,6 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     log.handlers[:] = [handler]
     log.setLevel(getattr(logging, level.upper()))
     log.propagate = False
-
-
-def _default_beside_config(config: Config, name: str) -> str:
-    return os.path.join(os.path.dirname(config.source) if config.source else os.getcwd(), name)
 
 
 def check_setup(config: Config) -> int:
@@ -5525,41 +5665,125 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
+def public_host(config: Config, cert_status: "CertStatus") -> str:
+    """The address other devices should use for this proxy, as written in a URL.
+
+    The bound address when the proxy listens on one; else the first tls.hosts entry (in Docker
+    the container's own addresses are useless to other devices: TLS_HOSTS names the host's);
+    else the first LAN address of this machine (IPv4 first); "localhost" when there is none.
+    """
+    bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
+    candidates = [bound] if bound else list(config.tls_hosts)
+    if not candidates:
+        current = discover_hosts()
+        lan = [host for host in current if _is_lan_address(host)]
+        lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
+        candidates = lan or [ip for ip in cert_status.ip_addresses if _is_lan_address(ip)]
+    host = candidates[0] if candidates else "localhost"
+    return "[%s]" % host if ":" in host else host
+
+
+def _is_lan_address(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
+    """The start-up banner: what to paste into each kind of client and where a new device
+    gets the CA. Plain text meant for a person (no log prefix); no I/O here."""
+    origin = "https://%s:%d" % (public_host(config, cert_status), port)
+    width = max(len(family.label) for family in CLIENT_FAMILIES)
+    lines = ["llm-proxy %s: %s -> %s" % (VERSION, origin, config.target_url), "",
+             "Base URL to paste into your client:"]
+    lines += ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
+              for family in CLIENT_FAMILIES]
+    lines += ["",
+              "Each new device: open %s/_proxy/ on it (CA download, trust steps, code)." % origin]
+    if cert_status.ca_file:
+        lines.append("CA certificate: %s/_proxy/ca.pem%s" % (
+            origin, "  (NEW: trust it on every device)" if cert_status.ca_created else ""))
+        lines.append("  on this machine: %s" % cert_status.ca_file)
+    lines.append("Dashboard: %s/_proxy/dashboard" % origin)
+    return "\n".join(lines)
+
+
 def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
-    """Tell the user where to point their app, and which CA their devices must trust."""
+    """Log one line for the record, then print the banner as plain text on stdout."""
     log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
              config.bind or "*", port, config.target_url)
-    for line in cert_status.describe().splitlines():
-        log.info("  %s", line)
-    # Bound to one address, the proxy answers there only: the certificate's other names would
-    # send the user to a closed port.
-    bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else None
-    addresses = [bound] if bound else \
-        [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
-    for host in addresses or ["localhost"]:
-        host = "[%s]" % host if ":" in host else host
-        log.info("  endpoint for your apps: https://%s:%d/v1", host, port)
-    local = "[%s]" % bound if bound and ":" in bound else bound or "localhost"
-    log.info("  dashboard: https://%s:%d/_proxy/dashboard  device set-up: "
-             "https://%s:%d/_proxy/", local, port, local, port)
-    if cert_status.ca_created:
-        for line in trust_instructions(cert_status.ca_file).splitlines():
-            log.info("  %s", line)
+    print("\n" + banner_text(config, cert_status, port) + "\n", flush=True)
+
+
+def _state_dir(args) -> str:
+    """The folder that stands in for the current one: --dir, else the current folder."""
+    return os.path.abspath(args.dir) if args.dir else os.getcwd()
+
+
+def _default_pidfile(args) -> str:
+    """Where --daemon and --stop put and look for the pidfile when --pidfile is not given:
+    beside the config file (--config, or config.json in the state folder), else in it."""
+    if args.config:
+        return os.path.join(os.path.dirname(os.path.abspath(args.config)), "llm-proxy.pid")
+    return os.path.join(_state_dir(args), "llm-proxy.pid")
+
+
+def _daemon_log_file(args) -> str:
+    if args.log_file:
+        return os.path.abspath(args.log_file)
+    return os.path.join(os.path.dirname(_default_pidfile(args)), "llm-proxy.log")
+
+
+def _stop_candidates(args) -> List[str]:
+    """Pidfiles --stop tries. With --pidfile, --config or --dir: exactly that one. Without:
+    the current folder's, then the one beside proxy.py (the one-file install in /opt/llm-proxy
+    started by cron with --dir there), so --stop run from $HOME still finds the daemon."""
+    if args.pidfile:
+        return [os.path.abspath(args.pidfile)]
+    first = _default_pidfile(args)
+    if args.config or args.dir or os.path.isfile("config.json"):
+        return [first]
+    beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm-proxy.pid")
+    return [first] if beside_script == first else [first, beside_script]
+
+
+def _report_start_error(message: str, log_file: Optional[str] = None) -> None:
+    """Print a start-up error on stderr. A --daemon start also appends it to its log file:
+    under cron stderr goes to a mail agent that a Raspberry Pi does not have."""
+    print("error: %s" % message, file=sys.stderr)
+    if log_file:
+        try:
+            with open(log_file, "a", encoding="utf-8") as handle:
+                handle.write("%s ERROR %s\n" % (
+                    datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S,000"), message))
+        except OSError:
+            pass        # the error is on stderr; an unwritable log is its own start-up error
 
 
 def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level)
+    error_log = _daemon_log_file(args) if args.daemon else None
+    if args.dir:
+        if not os.path.isdir(args.dir):
+            _report_start_error("--dir %s: no such folder" % args.dir)
+            return 2
+        # Paths given on the command line keep meaning what they meant where we were started.
+        for name in ("config", "pidfile", "log_file"):
+            if getattr(args, name):
+                setattr(args, name, os.path.abspath(getattr(args, name)))
+        error_log = _daemon_log_file(args) if args.daemon else None
+        os.chdir(args.dir)
+    if args.stop:
+        return _stop(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
+        _report_start_error(str(exc), error_log)
         return 2
-    pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else \
-        _default_beside_config(config, "llm-proxy.pid")
-    if args.stop:
-        return stop_daemon(pidfile_path)
+    pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else _default_pidfile(args)
     if args.check:
         return check_setup(config)
     if args.healthcheck:
@@ -5578,8 +5802,8 @@ def main(argv=None) -> int:
         try:
             owner = pidfile.acquire()
         except OSError as exc:
-            print("error: cannot create pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
-                  file=sys.stderr)
+            _report_start_error("cannot create pidfile %s: %s" % (
+                pidfile_path, exc.strerror or exc), error_log)
             return 1
         if owner is not None:
             print("already running (pid %d)" % owner)
@@ -5593,12 +5817,23 @@ def main(argv=None) -> int:
             pidfile.release()
 
 
+def _stop(args) -> int:
+    """--stop: find the pidfile the start used; say where we looked when there is none."""
+    candidates = _stop_candidates(args)
+    found = [path for path in candidates if os.path.exists(path)]
+    if found or len(candidates) == 1:
+        return stop_daemon(found[0] if found else candidates[0])
+    print("not running? no pidfile at %s; give --stop the --dir, --config or --pidfile "
+          "the start used" % " or ".join(candidates), file=sys.stderr)
+    return 1
+
+
 def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
-    """Open the log file, make sure of the certificates, listen, detach if asked, serve."""
+    """Open the log file, listen, make sure of the certificates, detach if asked, serve."""
     log_file = None
+    error_log = _daemon_log_file(args) if args.daemon else None
     if args.daemon or args.log_file:
-        log_file = os.path.abspath(args.log_file) if args.log_file else \
-            _default_beside_config(config, "llm-proxy.log")
+        log_file = _daemon_log_file(args)
         try:
             # Opened before detaching: a path we cannot write is reported here, on stderr,
             # instead of killing the daemon after stderr went to /dev/null.
@@ -5608,30 +5843,53 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
                   file=sys.stderr)
             return 1
     try:
-        cert_status = ensure_certificates(config.cert_file, config.key_file,
-                                          extra_hosts=config.tls_hosts)
-        server = build_server(config)
-    except ProxyError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+        # Listen first, with a context that has no certificate yet (nothing is served before
+        # serve()): a port in use must not leave a freshly made CA behind that nobody uses.
+        server = build_server(config, ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            print("error: port %d is already in use by another program (set proxy.port or "
-                  "PROXY_PORT)" % config.port, file=sys.stderr)
+            _report_start_error("port %d is already in use by another program (set proxy.port "
+                                "or PROXY_PORT)" % config.port, error_log)
         else:
-            print("error: cannot listen on port %d: %s" % (config.port, exc.strerror or exc),
-                  file=sys.stderr)
+            _report_start_error("cannot listen on port %d: %s" % (
+                config.port, exc.strerror or exc), error_log)
         return 1
+    quiet = args.quiet or args.log_level in ("warning", "error")
+    try:
+        cert_status = ensure_certificates(
+            config.cert_file, config.key_file, extra_hosts=config.tls_hosts,
+            progress=None if quiet else lambda text: print(text, file=sys.stderr, flush=True))
+        server.reload_tls()
+    except ProxyError as exc:
+        server.server_close()
+        _report_start_error(str(exc), error_log)
+        return 2
+    if cert_status.action in ("kept", "external"):     # the others were logged as they happened
+        log.info(cert_status.describe().splitlines()[0])
+    for warning in cert_status.warnings:
+        log.warning(warning)
     server.stats.load()
     ready = None
     if args.daemon:
         report = daemonize()
         pidfile.write(os.getpid())
+        banner = banner_text(config, cert_status, server.server_address[1])
 
         def ready():
-            os.write(report, ("started (pid %d), logging to %s" % (os.getpid(), log_file)).encode())
+            # The banner goes to whoever started us (the first --daemon is usually run by hand:
+            # it says where the CA is and which URL to open) and into the log file.
+            message = "started (pid %d), logging to %s\n\n%s\n" % (os.getpid(), log_file, banner)
+            os.write(report, message.encode("utf-8"))
             os.close(report)
-    print_banner(config, cert_status, server.server_address[1])
+        log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
+                 config.bind or "*", server.server_address[1], config.target_url)
+        for line in banner.splitlines():
+            log.info("  %s", line)
+    elif not args.quiet:
+        print_banner(config, cert_status, server.server_address[1])
+    else:
+        log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
+                 config.bind or "*", server.server_address[1], config.target_url)
     return serve(server, ready)
 
 
@@ -6699,6 +6957,9 @@ details.os li { margin-bottom: 6px; }
 details.os .note { color: var(--muted); font-size: 13px; margin: 6px 0 0; }
 pre { margin: 6px 0; padding: 8px 10px; background: var(--code-bg); border: 1px solid var(--border); border-radius: 7px; overflow-x: auto; }
 pre code { font-size: 12.5px; }
+.field .why { color: var(--muted); font-size: 12.5px; margin: 3px 0 0; }
+details.code { margin-top: 4px; font-size: 13px; }
+details.code summary { cursor: pointer; color: var(--accent); }
 .path { font-weight: 600; }
 footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 @media (max-width: 560px) {
@@ -6744,14 +7005,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
   <section class="panel" aria-labelledby="h-endpoint">
     <div class="panel-head"><h2 id="h-endpoint"><span class="step">1</span>Point your LLM client here</h2></div>
     <div class="panel-body">
-      <div class="field">
-        <div class="lbl">OpenAI / Anthropic-compatible endpoint</div>
-        <div class="copyrow"><code class="val big" id="ep-v1"></code><button type="button" class="btn primary" data-copy="ep-v1">Copy</button></div>
-      </div>
-      <div class="field">
-        <div class="lbl">Ollama-native base URL</div>
-        <div class="copyrow"><code class="val" id="ep-base"></code><button type="button" class="btn" data-copy="ep-base">Copy</button></div>
-      </div>
+<!--CLIENT_FAMILIES-->
       <p>In Agile-V Studio: <span class="path">Settings &gt; LLM Configuration</span>, choose <span class="path">Custom Local LLM</span> and paste the endpoint ending in <code>/v1</code>. The proxy forwards every path unchanged to the backend.</p>
       <div class="field">
         <div class="lbl">Test from a terminal (after downloading the CA below)</div>
@@ -6874,8 +7128,11 @@ sudo update-ca-certificates</code></pre>
   // ---- endpoint (computed from where this page was loaded) ---------------------
   var host = location.host;
   var base = "https://" + host;
-  byId("ep-v1").textContent = base + "/v1";
-  byId("ep-base").textContent = base;
+  // Base URLs and code snippets come from CLIENT_FAMILIES in proxy.py, with {origin} for us.
+  var templated = document.querySelectorAll("[data-template]");
+  for (var t = 0; t < templated.length; t++) {
+    templated[t].textContent = templated[t].getAttribute("data-template").split("{origin}").join(base);
+  }
   byId("ep-curl").textContent = "curl --cacert llm-proxy-ca.pem " + base + "/v1/models";
 
   function fallbackCopy(text) {
@@ -7050,6 +7307,42 @@ sudo update-ca-certificates</code></pre>
 </body>
 </html>
 """
+
+
+
+def _setup_page_clients() -> str:
+    """The set-up page's base URL fields and snippets, one per CLIENT_FAMILIES row. The page's
+    script puts its own origin where {origin} stands (the host the device reached us by)."""
+    out = []
+    for number, family in enumerate(CLIENT_FAMILIES):
+        big, primary = (" big", " primary") if number == 0 else ("", "")
+        field_id = "ep-" + family.key
+        out.append(
+            '      <div class="field">\n'
+            '        <div class="lbl">%s</div>\n'
+            '        <div class="copyrow"><code class="val%s" id="%s" data-template="%s">%s</code>'
+            '<button type="button" class="btn%s" data-copy="%s">Copy</button></div>\n'
+            '        <p class="why">%s</p>\n'
+            '        <details class="code"><summary>Python and JavaScript</summary>\n'
+            % (_html_escape(family.label), big, field_id,
+               _html_escape("{origin}" + family.suffix),
+               _html_escape("https://<this-proxy>" + family.suffix), primary, field_id,
+               _html_escape("Use this base URL: " + family.why + ".")))
+        for language in ("python", "javascript"):
+            snippet = client_snippet(family, language, "{origin}")
+            out.append('          <pre><code id="%s-%s" data-template="%s">%s</code></pre>\n' % (
+                language, family.key, _html_escape(snippet),
+                _html_escape(snippet.replace("{origin}", "https://<this-proxy>"))))
+        out.append('        </details>\n      </div>\n')
+    return "".join(out).rstrip("\n")
+
+
+def _html_escape(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
+SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1)
 
 
 if __name__ == "__main__":
