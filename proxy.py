@@ -5381,7 +5381,9 @@ def daemonize() -> int:
                 break
             pieces.append(piece)
         message = b"".join(pieces).decode("utf-8", "replace")
-        print(message or "error: the daemon exited during start-up (see the log file)")
+        # flush: os._exit() skips it, and stdout to a pipe or file (cron) is block-buffered.
+        print(message or "error: the daemon exited during start-up (see the log file)",
+              flush=True)
         os._exit(0 if message.startswith("started") else 1)
     os.close(read_end)
     os.setsid()
@@ -5788,10 +5790,6 @@ def main(argv=None) -> int:
         return check_setup(config)
     if args.healthcheck:
         return healthcheck(config)
-    for warning in config.warnings:
-        log.warning(warning)
-    if config.source is None:
-        log.info("no config file given and no ./config.json: running on built-in defaults")
     pidfile = None
     if args.daemon:
         if not hasattr(os, "fork"):
@@ -5808,6 +5806,11 @@ def main(argv=None) -> int:
         if owner is not None:
             print("already running (pid %d)" % owner)
             return 0
+    # Only for a real start: a cron no-op every five minutes says "already running", nothing else.
+    for warning in config.warnings:
+        log.warning(warning)
+    if config.source is None:
+        log.info("no config file given and no ./config.json: running on built-in defaults")
     try:
         return _start(args, config, pidfile)
     finally:
