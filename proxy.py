@@ -5773,7 +5773,7 @@ def main(argv=None) -> int:
             _report_start_error("--dir %s: no such folder" % args.dir)
             return 2
         # Paths given on the command line keep meaning what they meant where we were started.
-        for name in ("config", "pidfile", "log_file"):
+        for name in ("dir", "config", "pidfile", "log_file"):
             if getattr(args, name):
                 setattr(args, name, os.path.abspath(getattr(args, name)))
         error_log = _daemon_log_file(args) if args.daemon else None
@@ -5810,7 +5810,8 @@ def main(argv=None) -> int:
     for warning in config.warnings:
         log.warning(warning)
     if config.source is None:
-        log.info("no config file given and no ./config.json: running on built-in defaults")
+        log.info("no config file given and no %s: running on built-in defaults",
+                 os.path.abspath("config.json"))
     try:
         return _start(args, config, pidfile)
     finally:

@@ -634,6 +634,25 @@ class CronRecipeTests(ProcessTestCase):
         result = self.run_line(readme_cron_line(), env=self.cron_env(PROXY_PORT=""))
         self.assert_failed_start(result, 1, "port %d is already in use" % port)
 
+    def test_a_relative_dir_means_the_same_folder_for_start_and_stop(self):
+        work = os.path.join(self.tmp, "work")
+        os.makedirs(os.path.join(work, "state"))
+        shutil.copy(PROXY_PY, work)
+        env = self.cron_env()
+        start = subprocess.run(["python3", "proxy.py", "--dir", "state", "--daemon"], cwd=work,
+                               env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
+        self.assertEqual(start.returncode, 0, start.stdout + start.stderr)
+        state = os.path.join(work, "state")
+        self.assertIn("logging to %s" % os.path.join(state, "llm-proxy.log"), start.stdout)
+        self.assertTrue(os.path.exists(os.path.join(state, "certs", "ca.pem")))
+        self.assertIn("no config file given and no %s" % os.path.join(state, "config.json"),
+                      start.stderr)
+        stop = subprocess.run(["python3", "proxy.py", "--dir", "state", "--stop"], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
+        self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
+        self.assertIn("stopped", stop.stdout)
+        self.assertEqual(sorted(os.listdir(work)), ["proxy.py", "state"])
+
     def test_a_missing_dir_is_a_clear_error(self):
         result = self.run_line("python3 /opt/llm-proxy/proxy.py --dir /opt/llm-proxy/nope --daemon")
         self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
