@@ -5757,8 +5757,9 @@ def _report_start_error(message: str, log_file: Optional[str] = None) -> None:
     if log_file:
         try:
             with open(log_file, "a", encoding="utf-8") as handle:
-                handle.write("%s ERROR %s\n" % (
-                    datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S,000"), message))
+                now = datetime.datetime.now()       # the log's own format: asctime, level
+                handle.write("%s,%03d ERROR %s\n" % (now.strftime("%Y-%m-%d %H:%M:%S"),
+                                                     now.microsecond // 1000, message))
         except OSError:
             pass        # the error is on stderr; an unwritable log is its own start-up error
 
@@ -5888,7 +5889,8 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
         log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
                  config.bind or "*", server.server_address[1], config.target_url)
         for line in banner.splitlines():
-            log.info("  %s", line)
+            if line:
+                log.info("  %s", line)
     elif not args.quiet:
         print_banner(config, cert_status, server.server_address[1])
     else:
