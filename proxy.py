@@ -5675,7 +5675,8 @@ def public_host(config: Config, cert_status: "CertStatus") -> str:
     else the first LAN address of this machine (IPv4 first); "localhost" when there is none.
     """
     bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
-    candidates = [bound] if bound else list(config.tls_hosts)
+    # A wildcard name is no address to open ("*.lan" covers hosts, it is not one).
+    candidates = [bound] if bound else [h.strip("[]") for h in config.tls_hosts if "*" not in h]
     if not candidates:
         current = discover_hosts()
         lan = [host for host in current if _is_lan_address(host)]
@@ -5807,12 +5808,6 @@ def main(argv=None) -> int:
         if owner is not None:
             print("already running (pid %d)" % owner)
             return 0
-    # Only for a real start: a cron no-op every five minutes says "already running", nothing else.
-    for warning in config.warnings:
-        log.warning(warning)
-    if config.source is None:
-        log.info("no config file given and no %s: running on built-in defaults",
-                 os.path.abspath("config.json"))
     try:
         return _start(args, config, pidfile)
     finally:
@@ -5847,6 +5842,13 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
             print("error: cannot write log file %s: %s" % (log_file, exc.strerror or exc),
                   file=sys.stderr)
             return 1
+    # Only for a real start (a cron no-op every five minutes says "already running", nothing
+    # else), and after the log file is open, so a daemon's log has them too.
+    for warning in config.warnings:
+        log.warning(warning)
+    if config.source is None:
+        log.info("no config file given and no %s: running on built-in defaults",
+                 os.path.abspath("config.json"))
     try:
         # Listen first, with a context that has no certificate yet (nothing is served before
         # serve()): a port in use must not leave a freshly made CA behind that nobody uses.

@@ -392,6 +392,14 @@ class BannerTests(unittest.TestCase):
         self.assertIn("on this machine: /srv/certs/ca.pem", text)
         self.assertNotIn("localhost", text)
 
+    def test_readme_shows_the_real_banner(self):
+        shown = [body for lang, body in readme_blocks() if lang == "text"
+                 and body.startswith("llm-proxy ")]
+        self.assertEqual(len(shown), 1)
+        status = _status(ca_created=True)._replace(ca_file="/home/pi/llm-proxy/certs/ca.pem")
+        text = self.banner(proxy.Config(), status, discovered=("localhost", "192.168.1.20"))
+        self.assertEqual(shown[0], text + "\n")
+
     def test_plain_and_short(self):
         text = self.banner(proxy.Config(), _status(), discovered=("localhost", "192.168.1.20"))
         lines = text.splitlines()
@@ -406,6 +414,11 @@ class BannerTests(unittest.TestCase):
         text = self.banner(config, _status(), discovered=("localhost", "172.17.0.2"))
         self.assertIn("https://192.168.1.20:8443/_proxy/", text)
         self.assertNotIn("172.17.0.2", text)
+
+    def test_a_wildcard_or_bracketed_tls_host_still_gives_a_usable_url(self):
+        text = self.banner(proxy.Config(tls_hosts=("*.home.lan", "[fd00::20]")), _status())
+        self.assertIn("https://[fd00::20]:8443/_proxy/", text)
+        self.assertNotIn("*", text)
 
     def test_bound_address_wins(self):
         text = self.banner(proxy.Config(bind="10.0.0.5", tls_hosts=("x.lan",)), _status(),
@@ -646,7 +659,7 @@ class CronRecipeTests(ProcessTestCase):
         self.assertIn("logging to %s" % os.path.join(state, "llm-proxy.log"), start.stdout)
         self.assertTrue(os.path.exists(os.path.join(state, "certs", "ca.pem")))
         self.assertIn("no config file given and no %s" % os.path.join(state, "config.json"),
-                      start.stderr)
+                      _read(os.path.join(state, "llm-proxy.log")))
         stop = subprocess.run(["python3", "proxy.py", "--dir", "state", "--stop"], cwd=work,
                               env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
         self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
