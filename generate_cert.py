@@ -151,11 +151,11 @@ def _ensure(args: argparse.Namespace, cert_file: str, key_file: str) -> int:
             "with a new CA and certificate (devices must then trust the new CA)"
             % (cert_file, args.out))
     files = [(status.ca_file, "local CA certificate: install this one as trusted"),
-             (proxy.ca_paths(args.out)[1], "CA private key: keep it private, it can sign for "
-                                          "any name"),
-             (cert_file, "server certificate (%s), valid until %s UTC" % (
+             (proxy.ca_paths(os.path.dirname(status.ca_file))[1],
+              "CA private key: keep it private, it can sign for any name"),
+             (status.cert_file, "server certificate (%s), valid until %s UTC" % (
                  status.action, status.not_after.strftime("%Y-%m-%d %H:%M"))),
-             (key_file, "server private key"),
+             (status.key_file, "server private key"),
              (status.combined_file, "certificate + key in one file (for servers that want one)")]
     width = max(len(path) for path, _ in files)
     print("Files:")
@@ -163,6 +163,9 @@ def _ensure(args: argparse.Namespace, cert_file: str, key_file: str) -> int:
         print("  %-*s  %s" % (width, path, what))
     if status.reasons:
         print("Why: %s" % "; ".join(status.reasons))
+    if status.action == "kept" and args.days != proxy.SERVER_CERT_DEFAULT_DAYS:
+        print("Note: the certificate is still good, so --days changed nothing; add --renew to "
+              "issue one for %d days now." % args.days)
     print("Names: %s" % ", ".join(status.dns_names + status.ip_addresses))
     print()
     if not status.ca_created:

@@ -565,7 +565,8 @@ class CronRecipeTests(ProcessTestCase):
     def test_the_readme_cron_line_starts_once_then_is_a_no_op_and_stops(self):
         line = readme_cron_line()
         self.assertIn("/opt/llm-proxy/proxy.py", line)
-        before_root = set(os.listdir("/"))
+        ours = {"certs", "stats.json", "llm-proxy.pid", "llm-proxy.log"}
+        before_root = ours & set(os.listdir("/"))
         first = self.run_line(line)
         self.assertEqual(first.returncode, 0, first.stdout + first.stderr)
         self.assertIn(proxy.CA_PROGRESS_MESSAGE, first.stderr)
@@ -585,9 +586,9 @@ class CronRecipeTests(ProcessTestCase):
         self.assertEqual(_pids_with_marker(self.marker), pids)
         with open(ca, "rb") as handle:
             self.assertEqual(handle.read(), ca_bytes)
-        self.assertEqual(set(os.listdir("/")), before_root, "files landed in /")
-        for name in ("certs", "stats.json", "llm-proxy.pid", "llm-proxy.log"):
-            self.assertIn(name, os.listdir(self.install) + ["stats.json"])
+        self.assertEqual(ours & set(os.listdir("/")), before_root, "files landed in /")
+        for name in ("certs", "llm-proxy.pid", "llm-proxy.log"):     # stats.json: at exit
+            self.assertIn(name, os.listdir(self.install))
 
         # --stop from anywhere, without --dir: found beside proxy.py.
         elsewhere = os.path.join(self.tmp, "elsewhere")
@@ -670,6 +671,46 @@ class CronRecipeTests(ProcessTestCase):
         result = self.run_line("python3 /opt/llm-proxy/proxy.py --dir /opt/llm-proxy/nope --daemon")
         self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
         self.assertIn("no such folder", result.stderr)
+
+
+# ==================================================================================================
+# 3. generate_cert.py does what the README says, also after the first start
+# ==================================================================================================
+
+class GenerateCertAfterFirstStartTests(ProcessTestCase):
+
+    def run_cli(self, *args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "generate_cert.py")] +
+                              list(args), cwd=self.tmp, capture_output=True, text=True,
+                              timeout=START_TIMEOUT)
+
+    def test_a_certificate_we_did_not_issue_is_left_alone(self):
+        out = os.path.join(self.tmp, "certs")
+        os.makedirs(out)
+        for name in ("cert.pem", "key.pem"):          # a server certificate without its CA
+            shutil.copy(os.path.join(certs_dir(), name), out)
+        before = {name: _read(os.path.join(out, name)) for name in os.listdir(out)}
+        for args in ((), ("--host", "proxy.lan")):
+            with self.subTest(args=args):
+                result = self.run_cli("--out", out, *args)
+                self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+                self.assertIn("was not issued by the CA in", result.stderr)
+                self.assertIn("--force", result.stderr)
+                self.assertEqual({n: _read(os.path.join(out, n)) for n in os.listdir(out)},
+                                 before)
+
+    def test_host_after_the_first_start_adds_the_name_with_the_same_ca(self):
+        out = os.path.join(self.tmp, "certs")
+        shutil.copytree(certs_dir(), out)             # as the proxy's first start left them
+        ca_before = _read(os.path.join(out, "ca.pem"))
+        result = self.run_cli("--out", out, "--host", "proxy.lan")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("server certificate (renewed)", result.stdout)
+        self.assertIn("proxy.lan", proxy.read_certificate_info(
+            os.path.join(out, "cert.pem")).dns_names)
+        self.assertEqual(_read(os.path.join(out, "ca.pem")), ca_before)
+        again = self.run_cli("--out", out, "--host", "proxy.lan")
+        self.assertIn("server certificate (kept)", again.stdout)
 
 
 # ==================================================================================================
