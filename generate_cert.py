@@ -108,15 +108,18 @@ def _run(args: argparse.Namespace) -> int:
     elif not args.force:
         return _ensure(args, cert_file, key_file)
     else:
-        proxy.create_ca_files(out)
+        proxy.create_ca_files(out, args.host)  # --host names widen the CA's constraints
         ca_created = True
 
+    # A CA made since name constraints exist signs only local names and addresses (and the
+    # --host values it was created with): leave the rest out, and say so.
+    hosts, outside = proxy.split_permitted(proxy.read_certificate_info(ca_cert), hosts)
     info = proxy.issue_server_files(cert_file, key_file, hosts, args.days, out)
 
     written = []
     if ca_created:
         written += [(ca_cert, "local CA certificate: install this one as trusted"),
-                    (ca_key, "CA private key: keep it private, it can sign for any name")]
+                    (ca_key, "CA private key: keep it private, it signs what your devices trust")]
     written += [(cert_file, "server certificate, valid until %s UTC"
                  % info.not_after.strftime("%Y-%m-%d %H:%M")),
                 (key_file, "server private key"),
@@ -126,6 +129,9 @@ def _run(args: argparse.Namespace) -> int:
     for path, what in written:
         print("  %-*s  %s" % (width, path, what))
     print("Names: %s" % ", ".join(info.dns_names + info.ip_addresses))
+    if outside:
+        print("Left out (the CA may not sign for them; a public name or address must be given "
+              "with --host when the CA is created): %s" % ", ".join(outside))
     print()
     if ca_created:
         print(proxy.trust_instructions(ca_cert))
@@ -152,7 +158,7 @@ def _ensure(args: argparse.Namespace, cert_file: str, key_file: str) -> int:
             % (cert_file, args.out))
     files = [(status.ca_file, "local CA certificate: install this one as trusted"),
              (proxy.ca_paths(os.path.dirname(status.ca_file))[1],
-              "CA private key: keep it private, it can sign for any name"),
+              "CA private key: keep it private, it signs what your devices trust"),
              (status.cert_file, "server certificate (%s), valid until %s UTC" % (
                  status.action, status.not_after.strftime("%Y-%m-%d %H:%M"))),
              (status.key_file, "server private key"),
@@ -167,6 +173,8 @@ def _ensure(args: argparse.Namespace, cert_file: str, key_file: str) -> int:
         print("Note: the certificate is still good, so --days changed nothing; add --renew to "
               "issue one for %d days now." % args.days)
     print("Names: %s" % ", ".join(status.dns_names + status.ip_addresses))
+    for warning in status.warnings:
+        print("Warning: %s" % warning)
     print()
     if not status.ca_created:
         print("The CA (%s) is unchanged: devices that already trust it need nothing new."

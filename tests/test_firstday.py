@@ -503,19 +503,20 @@ class TlsHostsTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, work, True)
         certs = os.path.join(work, "certs")
         shutil.copytree(certs_dir(), certs)
-        config = proxy.load_config(environ={"TLS_HOSTS": "proxy.test,192.0.2.44"},
+        # Names the CA may sign for (local names, private addresses: see test_trust.py).
+        config = proxy.load_config(environ={"TLS_HOSTS": "proxy.lan,192.168.77.44"},
                                    search_cwd=False)
         status = proxy.ensure_certificates(os.path.join(certs, "cert.pem"),
                                            os.path.join(certs, "key.pem"),
                                            extra_hosts=config.tls_hosts)
         self.assertEqual(status.action, "renewed")
-        self.assertIn("proxy.test", status.dns_names)
-        self.assertIn("192.0.2.44", status.ip_addresses)
+        self.assertIn("proxy.lan", status.dns_names)
+        self.assertIn("192.168.77.44", status.ip_addresses)
         upstream = start_upstream(self)
         server = start_proxy(self, upstream.port, cert_file=os.path.join(certs, "cert.pem"),
                              key_file=os.path.join(certs, "key.pem"))
         context = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
-        for name, ok in (("proxy.test", True), ("other.test", False)):
+        for name, ok in (("proxy.lan", True), ("other.lan", False)):
             with socket.create_connection(("127.0.0.1", server.server_address[1]), 10) as raw:
                 if ok:
                     context.wrap_socket(raw, server_hostname=name).close()
@@ -610,7 +611,8 @@ class CronRecipeTests(ProcessTestCase):
         self.assertEqual(len(stop_line), 1)
         stop = self.run_line(stop_line[0])
         self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
-        self.assertEqual(_pids_with_marker(self.marker), [])
+        # --stop returns when the daemon let go of the pidfile; its interpreter exits just after.
+        self.assertTrue(wait_until(lambda: _pids_with_marker(self.marker) == [], timeout=5))
 
         # Nothing running: --stop without --dir says where it looked, and fails.
         stop = self.run_line("python3 /opt/llm-proxy/proxy.py --stop", cwd=elsewhere)
