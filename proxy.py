@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -71,9 +72,10 @@ CONFIG_DEFAULTS = {
         "port": 8443,
         "bind": "",                  # "" = every interface, IPv4 and IPv6 where available
         "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
-        "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
+        "adminToken": "",            # when set, reset, stats and metrics need "Authorization: Bearer <token>"
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
+        "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
     },
     "target": {
         "host": "127.0.0.1",
@@ -81,6 +83,7 @@ CONFIG_DEFAULTS = {
         "connectTimeout": 10,        # seconds to open a TCP connection to the backend
         "readTimeout": 600,          # seconds the backend may stay silent (a slow model's prefill)
         "forwardOrigin": False,      # the proxy owns CORS; Ollama answers 403 to unknown origins
+        "apiKey": "",                # sent to the backend as "Authorization: Bearer"; "" = none
     },
     "tls": {
         "cert": "./certs/cert.pem",
@@ -94,6 +97,9 @@ CONFIG_DEFAULTS = {
         "historySize": 100,
         "injectStreamUsage": True,   # ask OpenAI-style streams for usage, hide the extra chunk
     },
+    "access": {
+        "keys": {},                  # name -> key or {"key", "dailyTokens", "requestsPerMinute"}; {} = open
+    },
 }
 
 # Environment variables take precedence over the config file (names from the original README).
@@ -104,9 +110,18 @@ ENV_OVERRIDES = (
     ("CERT_FILE", "tls.cert"),
     ("KEY_FILE", "tls.key"),
     ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
+    ("TARGET_API_KEY", "target.apiKey"),
     # A comma list; in Docker the container cannot see the host's names and addresses.
     ("TLS_HOSTS", "tls.hosts"),
 )
+
+# One access key from the environment (Docker users without a config file). It is added to
+# access.keys under this name, replacing a file entry of the same name.
+ACCESS_KEY_ENV = "PROXY_API_KEY"
+ACCESS_KEY_ENV_NAME = "default"
+
+# Settings whose values are secrets: an error about them names the key, never quotes the value.
+SECRET_SETTINGS = ("proxy.adminToken", "target.apiKey", "access.keys")
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
 # (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
@@ -133,6 +148,9 @@ BODY_PEEK_LIMIT = 64 * 1024
 READ_CHUNK = 256 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
+# A request refused for its access key has its body read and dropped up to this size, so the
+# client can read the refusal (a base64 image upload fits); a bigger one closes the connection.
+REFUSED_BODY_DRAIN_LIMIT = 32 * 1024 * 1024
 
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 # Browsers cap it (Chrome at 2 h); a long value saves a preflight before every chat request.
@@ -149,6 +167,19 @@ IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_CACHE_SECONDS = 3.0
+
+# A request body must arrive at this average rate once clientTimeout has passed: each byte
+# received buys 1/BODY_MIN_RATE s more (Apache's mod_reqtimeout "body=20,MinRate=500" idea).
+# clientTimeout alone bounds each read, so a client trickling a byte per read held a slot forever.
+BODY_MIN_RATE = 500
+# Connection slots kept back for /_proxy/health when all others are taken (at most 1/16 of
+# proxy.maxConnections). A reserve slot serves one health check under a short deadline.
+CONNECTION_RESERVE = 8
+RESERVE_CLIENT_TIMEOUT = 5.0
+# Each client connection may hold two descriptors (its socket and a backend socket); this many
+# more cover the listener, idle pooled backend connections (64), the log, stats and certificate
+# files. proxy.maxConnections is lowered to fit the open-file limit (RLIMIT_NOFILE).
+FD_RESERVE = 100
 
 
 # ==================================================================================================
@@ -202,6 +233,12 @@ def _check_connection_limit(value):
     return None
 
 
+def _check_connection_share(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
+        return "an integer from 0 (half of proxy.maxConnections) to 100000"
+    return None
+
+
 def _check_bool(value):
     return None if isinstance(value, bool) else "true or false"
 
@@ -238,6 +275,18 @@ def _check_origins(value):
     return 'a string ("*" or a comma-separated list of origins) or a list of origins'
 
 
+def _check_header_token(value):
+    # Sent in a header as is: a newline would let the value write headers of its own.
+    if isinstance(value, str) and (value == "" or _ACCESS_KEY_CHARS.match(value)):
+        return None
+    return "a string of visible ASCII characters without spaces"
+
+
+def _check_access_keys(value):
+    # Only the shape here; parse_access_keys() checks each entry and never quotes a key.
+    return None if isinstance(value, dict) else 'an object like {"name": "key"}'
+
+
 CONFIG_CHECKS = {
     "proxy.port": _check_listen_port,
     "proxy.bind": _check_string,
@@ -245,11 +294,13 @@ CONFIG_CHECKS = {
     "proxy.adminToken": _check_string,
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
+    "proxy.maxConnectionsPerClient": _check_connection_share,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
     "target.readTimeout": _check_positive_number,
     "target.forwardOrigin": _check_bool,
+    "target.apiKey": _check_header_token,
     "tls.cert": _check_nonempty_string,
     "tls.key": _check_nonempty_string,
     "tls.hosts": _check_host_list,
@@ -258,7 +309,96 @@ CONFIG_CHECKS = {
     "tracking.persistInterval": _check_positive_number,
     "tracking.historySize": _check_history_size,
     "tracking.injectStreamUsage": _check_bool,
+    "access.keys": _check_access_keys,
 }
+
+# Access keys: long enough that guessing is hopeless, visible ASCII so they fit a header as is.
+# Names show up in stats, logs, metrics labels and the dashboard: a short plain alphabet.
+ACCESS_KEY_MIN_LENGTH = 16
+ACCESS_KEY_MAX_LENGTH = 256
+ACCESS_LIMIT_MAX = 10 ** 12
+ACCESS_RATE_MAX = 100000
+_ACCESS_KEY_CHARS = re.compile(r"[\x21-\x7e]+\Z")
+_ACCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+_ACCESS_ENTRY_FIELDS = ("key", "dailyTokens", "requestsPerMinute")
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """One client key: its name (shown everywhere), the secret (shown nowhere) and its budgets."""
+
+    name: str
+    key: str = field(repr=False)                  # never in a repr, a log line or stats
+    daily_tokens: Optional[int] = None            # tokens per local calendar day; None = no limit
+    requests_per_minute: Optional[int] = None     # requests started per 60 s; None = no limit
+
+
+def check_access_key_name(name) -> Optional[str]:
+    """Why `name` cannot name an access key, or None when it can."""
+    if not isinstance(name, str) or not _ACCESS_NAME.match(name):
+        return ("must be 1-64 characters: letters, digits and . _ @ + - "
+                "(starting with a letter or digit)")
+    return None
+
+
+def _parse_access_limit(entry: dict, field_name: str, upper: int, label: str) -> Optional[int]:
+    value = entry.get(field_name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError("%s must be an integer from 1 to %d (or left out for no limit), got %s"
+                         % (label, upper, json.dumps(value)))
+    return value
+
+
+def parse_access_keys(table, where: str) -> Tuple[AccessKey, ...]:
+    """Validate an access.keys table into AccessKey objects, in the table's order.
+
+    `where` names the source (file or variable) in errors; an error names the entry
+    (access.keys.NAME) and what is wrong, and never quotes a key. Raises ConfigError.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError('%s: access.keys must be an object like {"laptop": "<key>"}' % where)
+    keys: List[AccessKey] = []
+    owner_of: Dict[str, str] = {}
+    for name, entry in table.items():
+        label = "access.keys.%s" % name if isinstance(name, str) and len(name) <= 80 else \
+            "an access.keys name"
+        problem = check_access_key_name(name)
+        if problem:
+            raise ConfigError("%s: %s: the name %s" % (where, label, problem))
+        if isinstance(entry, str):
+            entry = {"key": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError('%s: %s must be a key string or an object like {"key": "<key>", '
+                              '"dailyTokens": 100000}' % (where, label))
+        unknown = [f for f in entry if f not in _ACCESS_ENTRY_FIELDS]
+        if unknown:
+            raise ConfigError("%s: %s: unknown field '%s' (fields: %s)"
+                              % (where, label, str(unknown[0])[:40], ", ".join(_ACCESS_ENTRY_FIELDS)))
+        secret = entry.get("key")
+        if not isinstance(secret, str):
+            raise ConfigError("%s: %s.key must be a string" % (where, label))
+        if not ACCESS_KEY_MIN_LENGTH <= len(secret) <= ACCESS_KEY_MAX_LENGTH \
+                or not _ACCESS_KEY_CHARS.match(secret):
+            raise ConfigError("%s: %s.key must be %d to %d visible ASCII characters without "
+                              "spaces, got %d characters%s (python3 proxy.py --add-key makes one)"
+                              % (where, label, ACCESS_KEY_MIN_LENGTH, ACCESS_KEY_MAX_LENGTH,
+                                 len(secret), "" if _ACCESS_KEY_CHARS.match(secret or " ")
+                                 else " including spaces or control characters"))
+        if secret in owner_of:
+            raise ConfigError("%s: %s.key is the same as access.keys.%s.key: each client needs "
+                              "its own key" % (where, label, owner_of[secret]))
+        owner_of[secret] = name
+        try:
+            daily = _parse_access_limit(entry, "dailyTokens", ACCESS_LIMIT_MAX,
+                                        label + ".dailyTokens")
+            rate = _parse_access_limit(entry, "requestsPerMinute", ACCESS_RATE_MAX,
+                                       label + ".requestsPerMinute")
+        except ValueError as exc:
+            raise ConfigError("%s: %s" % (where, exc)) from None
+        keys.append(AccessKey(name, secret, daily, rate))
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -271,6 +411,7 @@ class Config:
     admin_token: str = ""
     client_timeout: float = 30.0
     max_connections: int = 512
+    max_connections_per_client: int = 0      # 0 = half of max_connections
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -284,6 +425,8 @@ class Config:
     persist_interval: float = 30.0
     history_size: int = 100
     inject_stream_usage: bool = True
+    target_api_key: str = field(default="", repr=False)
+    access_keys: Tuple[AccessKey, ...] = field(default=(), repr=False)
     source: Optional[str] = None            # the config file used, or None for defaults
     warnings: Tuple[str, ...] = field(default=(), compare=False)
 
@@ -405,8 +548,24 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         problem = check(values[dotted])
         if problem:
             where = origin_of[dotted] or "default"
-            raise ConfigError("%s: %s must be %s, got %s"
-                              % (where, dotted, problem, json.dumps(values[dotted])))
+            shown = "a hidden value" if dotted in SECRET_SETTINGS else json.dumps(values[dotted])
+            raise ConfigError("%s: %s must be %s, got %s" % (where, dotted, problem, shown))
+    access_keys = parse_access_keys(values["access.keys"], origin_of["access.keys"] or "default")
+    env_key = environ.get(ACCESS_KEY_ENV)
+    if env_key:
+        others = {k.name: {"key": k.key} for k in access_keys if k.name != ACCESS_KEY_ENV_NAME}
+        parse_access_keys(dict(others, **{ACCESS_KEY_ENV_NAME: env_key}),
+                          "environment variable " + ACCESS_KEY_ENV)        # format, uniqueness
+        access_keys = tuple(k for k in access_keys if k.name != ACCESS_KEY_ENV_NAME) + \
+            (AccessKey(ACCESS_KEY_ENV_NAME, env_key),)
+    if not values["tracking.enabled"]:
+        budgeted = [k.name for k in access_keys if k.daily_tokens]
+        if budgeted:
+            # Without tracking no token is counted: the budget would silently never apply.
+            raise ConfigError("%s: access.keys.%s.dailyTokens needs tracking.enabled: true (the "
+                              "proxy counts tokens only while tracking)"
+                              % (origin_of["tracking.enabled"] or origin_of["access.keys"]
+                                 or "default", budgeted[0]))
     base_dir = os.path.dirname(path) if path else os.getcwd()
 
     def resolve(dotted: str) -> str:
@@ -422,6 +581,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
+        max_connections_per_client=values["proxy.maxConnectionsPerClient"],
         target_host=values["target.host"].strip().strip("[]"),
         target_port=values["target.port"],
         connect_timeout=float(values["target.connectTimeout"]),
@@ -435,6 +595,8 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         persist_interval=float(values["tracking.persistInterval"]),
         history_size=values["tracking.historySize"],
         inject_stream_usage=values["tracking.injectStreamUsage"],
+        target_api_key=values["target.apiKey"],
+        access_keys=access_keys,
         source=path,
         warnings=tuple(warnings),
     )
@@ -3266,6 +3428,10 @@ _STATS_BREAKDOWN_SUM_FIELDS = ("requests", "errors", "prompt", "completion", "to
 _STATS_BREAKDOWN_FLOAT_FIELDS = ("ttfbSumMs", "genSeconds")
 _STATS_BUCKET_FIELDS = ("requests", "errors", "prompt", "completion", "total")
 _STATS_RECENT_TOKEN_FIELDS = ("prompt", "completion", "total", "cacheRead", "cacheWrite")
+# byKey entries: a breakdown entry plus refusals (401/429, never forwarded) and the last use.
+# Refusals without a valid key are counted under this name (key names cannot contain spaces).
+STATS_NO_KEY = "(no valid key)"
+_STATS_DAY_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
 def format_tokens(n):
@@ -3371,6 +3537,27 @@ def _stats_histogram_observe(hist, value):
     hist["count"] += 1
 
 
+def _stats_new_key_entry():
+    # type: () -> Dict[str, Any]
+    entry = _stats_new_breakdown()
+    entry.update(refused=0, lastUsed=None)
+    return entry
+
+
+def _stats_local_day(ts):
+    # type: (float) -> str
+    """The calendar day of epoch `ts` in the proxy's local time ("2026-11-27"): budgets renew
+    at local midnight, when people expect a "daily" allowance to start over."""
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
+def _stats_seconds_to_midnight(ts):
+    # type: (float) -> float
+    """Seconds from epoch `ts` to the next local midnight (mktime normalises day 32 and DST)."""
+    t = time.localtime(ts)
+    return max(0.0, time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1)) - ts)
+
+
 def _stats_breakdown_view(entry):
     # type: (Dict[str, Any]) -> Dict[str, Any]
     """The public form of one breakdown entry (averages instead of sums)."""
@@ -3441,6 +3628,9 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
+        # Tokens per access key on its current local day: the daily budgets. Kept apart from
+        # the stats so a stats reset does not hand out a fresh budget.
+        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
         self._zero(self._started_at)
 
     # -- state ---------------------------------------------------------
@@ -3458,6 +3648,8 @@ class StatsStore(object):
         self._by_model = {}     # type: Dict[str, Dict[str, Any]]
         self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
         self._by_client = {}    # type: Dict[str, Dict[str, Any]]
+        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
+        self._refused = 0
         self._recent = collections.deque(maxlen=self.history_size)  # oldest first
         self._hourly = {}  # type: Dict[int, Dict[str, int]]
         self._daily = {}   # type: Dict[int, Dict[str, int]]
@@ -3476,6 +3668,46 @@ class StatsStore(object):
             if entry is None:
                 entry = table[key] = _stats_new_breakdown()
         return entry
+
+    def _key_entry(self, name):
+        # type: (str) -> Dict[str, Any]
+        """The byKey entry for name (caller holds the lock). Names come from the config, and
+        are bounded like the other tables all the same."""
+        entry = self._by_key.get(name)
+        if entry is None:
+            if len(self._by_key) >= self.max_keys - 1:
+                name = STATS_OTHER_KEY
+                entry = self._by_key.get(name)
+            if entry is None:
+                entry = self._by_key[name] = _stats_new_key_entry()
+        return entry
+
+    def _key_day(self, name, now):
+        # type: (str, float) -> Dict[str, Any]
+        """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
+        today = _stats_local_day(now)
+        day = self._key_days.get(name)
+        if day is None or day["day"] != today:
+            day = self._key_days[name] = {"day": today, "tokens": 0}
+        return day
+
+    def key_tokens_today(self, name):
+        # type: (str) -> Tuple[int, float]
+        """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
+        now = self._clock()
+        with self._lock:
+            day = self._key_days.get(name)
+            used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
+        return used, _stats_seconds_to_midnight(now)
+
+    def record_refusal(self, name):
+        # type: (Optional[str]) -> None
+        """Count a request refused before forwarding: no valid key (name None), or a budget
+        of key `name` used up. Never counted as a request: the backend never saw it."""
+        with self._lock:
+            self._change_gen += 1
+            self._refused += 1
+            self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
         # type: (Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
@@ -3583,6 +3815,8 @@ class StatsStore(object):
         ttfb_ms = _stats_ms(rec.get("ttfbMs"))
         duration_ms = _stats_ms(rec.get("durationMs"))
         nbytes = _stats_count(rec.get("bytes"))
+        key_name = rec.get("key")
+        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
         gen_s = None  # type: Optional[float]
         if u["completion"] > 0:
             gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
@@ -3602,6 +3836,8 @@ class StatsStore(object):
             "usage": source if source in STATS_USAGE_SOURCES else None,
             "error": is_error,
         }
+        if key_name is not None:
+            entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
             self._change_gen += 1
@@ -3617,6 +3853,11 @@ class StatsStore(object):
                        self._breakdown_entry(self._by_client, client)]
             if model_key is not None:
                 targets.append(self._breakdown_entry(self._by_model, model_key))
+            if key_name is not None:
+                key_entry = self._key_entry(key_name)
+                key_entry["lastUsed"] = now
+                targets.append(key_entry)
+                self._key_day(key_name, now)["tokens"] += u["total"]
             for b in targets:
                 b["requests"] += 1
                 b["errors"] += is_error
@@ -3648,12 +3889,29 @@ class StatsStore(object):
 
     # -- reading -------------------------------------------------------
 
-    def snapshot(self):
-        # type: () -> Dict[str, Any]
+    def snapshot(self, keys=()):
+        # type: (Iterable[AccessKey]) -> Dict[str, Any]
         """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
-        (keeps every field of the original proxy.js response)."""
+        (keeps every field of the original proxy.js response).  `keys`: the
+        access keys in force; each gets a byKey row with its budgets, used or not."""
         now = self._clock()
+        today = _stats_local_day(now)
         with self._lock:
+            by_key = {}  # type: Dict[str, Dict[str, Any]]
+            for name, entry in self._by_key.items():
+                view = _stats_breakdown_view(entry)
+                view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
+                by_key[name] = view
+            for key in keys:
+                if key.name not in by_key:
+                    view = _stats_breakdown_view(_stats_new_key_entry())
+                    view.update(refused=0, lastUsed=None)
+                    by_key[key.name] = view
+                by_key[key.name].update(dailyTokens=key.daily_tokens,
+                                        requestsPerMinute=key.requests_per_minute)
+            for name, view in by_key.items():
+                day = self._key_days.get(name)
+                view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
             tokens = dict(self._tokens)  # type: Dict[str, Any]
@@ -3674,12 +3932,15 @@ class StatsStore(object):
                 "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
                 "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
                 "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "byKey": by_key,
+                "refused": self._refused,
                 "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
                 "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
                 "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
                 "persistence": {
                     "enabled": self._persistence_enabled(),
-                    "file": self.path,
+                    # The name only: stats readers need not learn the server's directories.
+                    "file": os.path.basename(self.path) if self.path else None,
                     "lastSaved": iso_utc(self._last_saved),
                     "lastError": self._last_error or self._save_blocked,
                 },
@@ -3705,6 +3966,10 @@ class StatsStore(object):
                 "byModel": copy_map(self._by_model),
                 "byEndpoint": copy_map(self._by_endpoint),
                 "byClient": copy_map(self._by_client),
+                "byKey": copy_map(self._by_key),
+                "refused": self._refused,
+                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
+                             if d["day"] == _stats_local_day(now)},
                     "bytes": self._bytes,
                 "duration": _stats_copy_histogram(self._duration_hist),
                 "ttfb": _stats_copy_histogram(self._ttfb_hist),
@@ -3738,6 +4003,11 @@ class StatsStore(object):
             "byModel": copy_map(self._by_model),
             "byEndpoint": copy_map(self._by_endpoint),
             "byClient": copy_map(self._by_client),
+            "byKey": copy_map(self._by_key),
+            "refused": self._refused,
+            # Only today's counters: yesterday's budget use no longer limits anything.
+            "keyDays": {k: dict(d) for k, d in self._key_days.items()
+                        if d["day"] == _stats_local_day(self._clock())},
             "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
             "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
             "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
@@ -3772,7 +4042,7 @@ class StatsStore(object):
             msg = "stats file %s is a directory; not saving stats" % path
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                self._save_blocked = "the stats file is a directory; not saving stats"
             return False
         except OSError as exc:
             self._set_aside(path, "cannot be read (%s)" % exc)
@@ -3800,6 +4070,9 @@ class StatsStore(object):
             self._by_model = self._fold_table(state["byModel"])
             self._by_endpoint = self._fold_table(state["byEndpoint"])
             self._by_client = self._fold_table(state["byClient"])
+            self._by_key = state["byKey"]
+            self._refused = state["refused"]
+            self._key_days = state["keyDays"]
             self._recent = collections.deque(state["recent"], maxlen=self.history_size)
             self._hourly = state["hourly"]
             self._daily = state["daily"]
@@ -3828,7 +4101,9 @@ class StatsStore(object):
                    "not saving stats so it is not overwritten" % (path, reason, target, exc))
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                # snapshot() shows this to stats readers: no server paths in it.
+                self._save_blocked = ("the stats file is unreadable and could not be moved "
+                                      "aside; not saving stats so it is not overwritten")
             return
         log.warning("stats file %s %s; moved it to %s and starting with empty stats",
                     path, reason, target)
@@ -3839,9 +4114,10 @@ class StatsStore(object):
 
         Returns True if this call wrote the file; False if nothing changed,
         persistence is off, or the write failed.  A failure is logged as a
-        warning once per distinct error (not every interval), kept in
-        snapshot()["persistence"]["lastError"], and never raised: the store
-        stays dirty so the next save retries.
+        warning once until a save succeeds again (not every interval: the
+        message of each failure may differ, e.g. by its temp file name), kept
+        in snapshot()["persistence"]["lastError"] without paths, and never
+        raised: the store stays dirty so the next save retries.
         """
         if not self._persistence_enabled():
             return False
@@ -3861,9 +4137,11 @@ class StatsStore(object):
                 _stats_atomic_write(self.path, data)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                    ("%s" % exc if not isinstance(exc, OSError) else type(exc).__name__)
                 with self._lock:
-                    self._last_error = err
-                if err != self._logged_error:  # once per distinct error
+                    self._last_error = "cannot save stats: %s" % reason
+                if self._logged_error is None:  # once until it recovers
                     self._logged_error = err
                     log.warning("%s (will retry)", err)
                 return False
@@ -4072,6 +4350,29 @@ def _stats_parse_file(doc, history_size):
                           for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
             table[_stats_clean_key(key)] = clean
         st[name] = table
+    # byKey, refused and keyDays came with access keys; files written before have none.
+    by_key = {}
+    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
+        where = "byKey[%r]" % key[:40]
+        if not isinstance(entry, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        clean = {f: _statsfile_int(entry, f, where)
+                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
+        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
+        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
+        clean["lastUsed"] = float(last) if last is not None else None
+        by_key[_stats_clean_key(key)] = clean
+    st["byKey"] = by_key
+    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
+    key_days = {}
+    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
+        where = "keyDays[%r]" % key[:40]
+        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
+                or not _STATS_DAY_FORMAT.match(day["day"]):
+            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
+        key_days[_stats_clean_key(key)] = {"day": day["day"],
+                                           "tokens": _statsfile_int(day, "tokens", where)}
+    st["keyDays"] = key_days
     recent = []
     saved_recent = _statsfile_list(doc, "recent", "file")
     for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
@@ -4101,6 +4402,8 @@ def _stats_parse_file(doc, history_size):
             "usage": usage,
             "error": e["error"],
         })
+        if _statsfile_optional(e, "key", where, (str,)) is not None:
+            recent[-1]["key"] = _stats_clean_key(e["key"])
     st["recent"] = recent
     for name in ("hourly", "daily"):
         table = {}
@@ -4253,6 +4556,30 @@ def render_metrics(store):
     for client, e in sorted(s["byClient"].items()):
         w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
 
+    # Access keys: labelled by name only (the keys themselves are never in the store).
+    w.family("llm_proxy_refused_total", "counter",
+             "Requests refused before forwarding: no valid access key (401) or a budget used up (429).")
+    w.sample("llm_proxy_refused_total", s["refused"])
+    by_key = sorted(s["byKey"].items())
+    w.family("llm_proxy_key_requests_total", "counter", "Forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_requests_total", e["requests"], (("key", name),))
+    w.family("llm_proxy_key_errors_total", "counter", "Failed forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_errors_total", e["errors"], (("key", name),))
+    w.family("llm_proxy_key_refused_total", "counter",
+             "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY)
+    for name, e in by_key:
+        w.sample("llm_proxy_key_refused_total", e["refused"], (("key", name),))
+    w.family("llm_proxy_key_tokens_total", "counter", "Tokens by access key and type.")
+    for name, e in by_key:
+        for key, label in _METRIC_TOKEN_TYPES:
+            w.sample("llm_proxy_key_tokens_total", e[key], (("key", name), ("type", label)))
+    w.family("llm_proxy_key_tokens_today", "gauge",
+             "Tokens used today (proxy's local time) by access key: what dailyTokens limits.")
+    for name, tokens in sorted(s["keyToday"].items()):
+        w.sample("llm_proxy_key_tokens_today", tokens, (("key", name),))
+
     w.family("llm_proxy_request_duration_seconds", "histogram",
              "Time from request start to the end of the response.")
     w.histogram("llm_proxy_request_duration_seconds", s["duration"])
@@ -4277,6 +4604,10 @@ class RequestError(Exception):
 
 class ClientGone(Exception):
     """The client closed the connection or stopped sending in the middle of a request."""
+
+
+class UploadTimeout(socket.timeout):
+    """The request body stalled past clientTimeout or fell below BODY_MIN_RATE."""
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -4334,6 +4665,9 @@ def _client_read(read, size: int) -> bytes:
     """
     try:
         return read(size)
+    except UploadTimeout as exc:
+        # The client is still there, only too slow: it gets an answer (RFC 9110 §15.5.9).
+        raise RequestError(408, str(exc)) from None
     except OSError:
         raise ClientGone() from None
 
@@ -4356,22 +4690,56 @@ def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
 
 class _DeadlineReader(io.RawIOBase):
     """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
-    together must finish by then, else socket.timeout. Used for the request head only."""
+    together must finish by then, else socket.timeout. The request head gets a fixed deadline;
+    after start_body() the body gets one that each byte received moves later."""
 
     def __init__(self, sock):
         self._sock = sock
         self._timeout = sock.gettimeout()
         self.deadline = None
+        self._min_rate = None
+        self._grace = 0.0
 
     def readable(self):
         return True
 
+    def start_head(self, seconds: float) -> None:
+        """The whole request head must arrive within `seconds`."""
+        self._min_rate = None
+        self.deadline = time.monotonic() + seconds
+
+    def start_body(self, grace: float, min_rate: float) -> None:
+        """From the first body read on, the body may take `grace` seconds plus 1/min_rate s
+        per byte received; reads past that raise UploadTimeout."""
+        self._min_rate = min_rate
+        self._grace = grace
+        self.deadline = None
+
     def readinto(self, buffer):
+        if self._min_rate is not None:
+            return self._read_body(buffer)
         if self.deadline is None:
             return self._sock.recv_into(buffer)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("no complete request head within clientTimeout")
+        return self._recv_within(buffer, remaining)
+
+    def _read_body(self, buffer):
+        if self.deadline is None:       # the clock starts when we first wait for body bytes
+            self.deadline = time.monotonic() + self._grace
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UploadTimeout("the request body arrived slower than %d bytes/s" % self._min_rate)
+        try:
+            received = self._recv_within(buffer, remaining)
+        except socket.timeout:
+            raise UploadTimeout("the request body stalled (proxy.clientTimeout or %d bytes/s)"
+                                % self._min_rate) from None
+        self.deadline += received / self._min_rate
+        return received
+
+    def _recv_within(self, buffer, remaining: float):
         if remaining > self._timeout - 1.0:
             # The deadline is (nearly) the socket's own timeout: skip two syscalls per read
             # on the hot path; the head may overrun its deadline by at most a second.
@@ -4634,6 +5002,139 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 # ==================================================================================================
+# Access keys: who may have requests forwarded, and within which budget
+# ==================================================================================================
+
+# Request headers that carry a client's key; never forwarded while keys are checked or a
+# target.apiKey replaces them.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+RATE_WINDOW_SECONDS = 60.0
+
+
+class KeyRing:
+    """The access keys in force and the backend's key: immutable, so SIGHUP swaps the whole
+    object in one assignment and a request in progress keeps the table it started with.
+
+    Keys are compared as SHA-256 digests with hmac.compare_digest against every known key, so
+    the time taken says nothing about how much of a guess was right, nor which key matched.
+    """
+
+    def __init__(self, keys: Sequence[AccessKey] = (), backend_key: str = ""):
+        self.keys = tuple(keys)
+        self.backend_key = backend_key
+        self._digests = tuple((hashlib.sha256(k.key.encode("latin-1")).digest(), k)
+                              for k in self.keys)
+
+    @property
+    def required(self) -> bool:
+        """True when requests must carry one of the keys (access.keys is not empty)."""
+        return bool(self.keys)
+
+    @property
+    def replaces_credentials(self) -> bool:
+        """True when the client's Authorization / x-api-key must not reach the backend."""
+        return bool(self.keys) or bool(self.backend_key)
+
+    def identify(self, credential: str) -> Optional[AccessKey]:
+        """The AccessKey whose secret is `credential`, or None. Constant time per key."""
+        digest = hashlib.sha256(credential.encode("latin-1", "replace")).digest()
+        found = None
+        for known, key in self._digests:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = key
+        return found
+
+
+def request_credentials(head: "RequestHead") -> List[str]:
+    """The keys a request presents: "Authorization: Bearer <key>" (any case of the scheme;
+    OpenAI SDKs and most apps) and "x-api-key: <key>" (Anthropic SDKs), in that order.
+
+    The one place that knows where clients put keys: a tunnel that carries it elsewhere (e.g.
+    a WebSocket's "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>") adds it here.
+    """
+    found = []
+    for value in head.get_all("authorization"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            found.append(token.strip())
+    found.extend(v.strip() for v in head.get_all("x-api-key") if v.strip())
+    return found
+
+
+def authenticate(keyring: KeyRing, head: "RequestHead") -> Optional[AccessKey]:
+    """The credential check: the AccessKey a request proves it holds, or None.
+
+    Looks at a few credentials at most, so a request with a hundred key headers is not a
+    hundred guesses.
+    """
+    for credential in request_credentials(head)[:4]:
+        key = keyring.identify(credential)
+        if key is not None:
+            return key
+    return None
+
+
+class RateLimiter:
+    """requestsPerMinute: at most N requests of a key start in any 60 seconds (a sliding log
+    of start times per key name, so it survives a SIGHUP; it is not persisted)."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._starts: Dict[str, collections.deque] = {}
+
+    def admit(self, name: str, limit: int) -> float:
+        """0.0 and the request counts, or the seconds until a slot frees up (nothing counted)."""
+        now = self._clock()
+        with self._lock:
+            starts = self._starts.setdefault(name, collections.deque())
+            while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+                starts.popleft()
+            if len(starts) >= limit:
+                return max(0.001, starts[0] + RATE_WINDOW_SECONDS - now)
+            starts.append(now)
+            return 0.0
+
+
+class Refusal(NamedTuple):
+    """Why a request is not forwarded: status, message, error type and extra headers."""
+
+    status: int
+    message: str
+    error_type: str
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+def access_refusal(key: Optional[AccessKey], stats, limiter: RateLimiter) -> Optional[Refusal]:
+    """None when a request with `key` may be forwarded now (a rate slot is then taken), else
+    the 401 (no valid key) or 429 (a budget is used up) to answer with.
+
+    The daily budget is checked before a request starts: one already running when it runs out
+    finishes, so a key can overshoot by the requests it had in flight at that moment.
+    """
+    if key is None:
+        return Refusal(401, "this proxy needs an access key: send 'Authorization: Bearer <key>' "
+                            "or 'x-api-key: <key>' (a missing or unknown key)",
+                       "authentication_error", (("WWW-Authenticate", 'Bearer realm="llm-proxy"'),))
+    if key.daily_tokens:
+        used, seconds_left = stats.key_tokens_today(key.name)
+        if used >= key.daily_tokens:
+            # Hours away: tell the SDKs not to retry (they honour x-should-retry).
+            return Refusal(429, "access key '%s' has used its daily budget of %d tokens (%d "
+                                "today); it renews at midnight, proxy time"
+                           % (key.name, key.daily_tokens, used), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(seconds_left))))),
+                            ("x-should-retry", "false")))
+    if key.requests_per_minute:
+        wait = limiter.admit(key.name, key.requests_per_minute)
+        if wait:
+            return Refusal(429, "access key '%s' is limited to %d requests per minute"
+                           % (key.name, key.requests_per_minute), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(wait))))),))
+    return None
+
+
+# ==================================================================================================
 # HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
 # ==================================================================================================
 
@@ -4652,9 +5153,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- the per-connection loop --------------------------------------------------------------
 
+    def __init__(self, request, client_address, server, slot: Optional["ClientSlot"] = None):
+        # The connection slot this client holds (see ClientSlots); a reserve slot serves one
+        # health check under a short deadline.
+        self.slot = slot
+        self.admin_route = False
+        self.linger = False          # half-close and drain before closing (see _lingering_close)
+        super().__init__(request, client_address, server)
+
+    @property
+    def on_reserve(self) -> bool:
+        """True when this connection holds one of the slots kept back for /_proxy/health."""
+        return self.slot is not None and self.slot.reserve
+
+    @property
+    def client_timeout(self) -> float:
+        """clientTimeout, shortened for a connection on a reserve slot."""
+        timeout = self.server.config.client_timeout
+        return min(timeout, RESERVE_CLIENT_TIMEOUT) if self.on_reserve else timeout
+
     def setup(self):
         super().setup()
-        self.connection.settimeout(self.server.config.client_timeout)
+        self.connection.settimeout(self.client_timeout)
         # clientTimeout must bound the whole wait for a request head, not each recv(): a client
         # trickling one byte per (clientTimeout - 1) s would otherwise hold a thread for hours.
         self.rfile.close()
@@ -4664,7 +5184,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.close_connection = True
         self.head = None
-        self.head_reader.deadline = time.monotonic() + self.server.config.client_timeout
+        self.admin_route = False
+        self.head_reader.start_head(self.client_timeout)
         try:
             head = read_request_head(self.rfile)
         except RequestError as exc:
@@ -4673,17 +5194,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (ClientGone, OSError):
             return
         finally:
-            self.head_reader.deadline = None
+            # A body, if any, must keep coming: clientTimeout per read is not enough on its own.
+            self.head_reader.start_body(self.client_timeout, BODY_MIN_RATE)
         if head is None:
             return
         self.head = head
         self.close_connection = not self._client_keeps_alive(head)
         try:
+            if self.on_reserve and not self._answer_on_reserve(head):
+                return
             self.route(head)
         except RequestError as exc:
             self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+            # The client may still be sending its body (a 408, 413 or a bad chunk): close
+            # gently, or the reset of an abrupt close can destroy this answer on its way.
+            self.linger = True
         except (ClientGone, OSError):
             self.close_connection = True
+
+    def _answer_on_reserve(self, head: RequestHead) -> bool:
+        """On a reserve slot only /_proxy/health is served, once; anything else gets 503.
+
+        The path is only known once the head is read, so the reserve is handed out first and
+        kept short: RESERVE_CLIENT_TIMEOUT for handshake and head, one request, then close.
+        """
+        self.close_connection = True
+        # No body either: a trickled one would hold the reserve slot for minutes.
+        if (head.target.split("?", 1)[0].rstrip("/") == "/_proxy/health"
+                and request_body_length(head) is None):
+            return True
+        self.send_json(503, {"type": "error", "error": {
+            "type": "overloaded", "message": "the proxy is serving proxy.maxConnections "
+                                             "connections; try again shortly"}},
+                       [("Retry-After", "5")])
+        self.linger = True            # a body may follow the head: let the 503 arrive
+        return False
 
     def _client_keeps_alive(self, head: RequestHead) -> bool:
         tokens = head.connection_tokens()
@@ -4734,8 +5279,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return "".join(lines).encode("latin-1")
 
     def send_local(self, status: int, body: bytes, content_type: str = "",
-                   extra: List[Tuple[str, str]] = (), close: bool = False) -> None:
-        """Answer a request ourselves with a complete body."""
+                   extra: List[Tuple[str, str]] = (), close: bool = False,
+                   expose: Sequence[str] = ()) -> None:
+        """Answer a request ourselves with a complete body (`expose`: header names a page
+        from another origin may read, e.g. Retry-After)."""
         if close:
             self.close_connection = True
         headers = []
@@ -4747,7 +5294,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Stats, errors and metrics echo client-chosen paths and model names: a browser
             # must never sniff them into HTML.
             headers.append(("X-Content-Type-Options", "nosniff"))
-        headers.extend(self.cors_response_headers(()))
+        headers.extend(self.cors_response_headers(expose))
         self.write_head(status, http.client.responses.get(status, "Unknown"), headers)
         if body and not (self.head is not None and self.head.method == "HEAD"):
             self.wfile.write(body)
@@ -4757,10 +5304,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Answer with a JSON document (never cached: stats change every request)."""
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         self.send_local(status, body, "application/json",
-                        [("Cache-Control", "no-store")] + list(extra))
+                        [("Cache-Control", "no-store")] + list(extra),
+                        expose=[name for name, _ in extra])
 
     def send_proxy_error(self, status: int, message: str, error_type: str = "proxy_error",
-                         close: bool = False) -> None:
+                         close: bool = False, extra: Sequence[Tuple[str, str]] = ()) -> None:
         """The one error path for proxy-made errors: a JSON body both official SDKs parse.
 
         OpenAI's SDK reads error.message, Anthropic's reads type/error.type/error.message.
@@ -4769,7 +5317,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         try:
-            self.send_json(status, payload)
+            self.send_json(status, payload, list(extra))
         except OSError:
             self.close_connection = True
 
@@ -4785,8 +5333,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     @property
     def client_ip(self) -> str:
         """The client's address, with IPv4-mapped IPv6 addresses shown as plain IPv4."""
-        host = self.client_address[0]
-        return host[7:] if host.startswith("::ffff:") and "." in host else host
+        return client_ip(self.client_address[0])
 
     def discard_body(self, head: RequestHead, body_length: Optional[int]) -> None:
         """Read and drop a body we do not forward, so the connection can carry the next request."""
@@ -4818,10 +5365,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return None
 
     def cors_response_headers(self, response_header_names) -> List[Tuple[str, str]]:
-        """CORS headers for an actual (non-preflight) response to an allowed origin."""
-        origin = self.allowed_origin()
+        """CORS headers for an actual (non-preflight) response: the allow headers for an allowed
+        origin (never on admin routes), and Vary: Origin always.
+
+        Vary goes on every answer, with or without Origin: the answer differs by Origin, and a
+        cache that stored the one without Origin must not serve it to a page (or vice versa).
+        """
+        origin = None if self.admin_route else self.allowed_origin()
         if origin is None:
-            return []
+            return [("Vary", "Origin")]
         headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         exposed = sorted({name for name in response_header_names
                           if name.lower() not in CORS_SAFELISTED_RESPONSE_HEADERS})
@@ -4867,6 +5419,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
             return
         methods, handler_name = route
+        # Stats, metrics and reset are for the proxy's owner: no CORS for any other site's page.
+        self.admin_route = handler_name in ADMIN_HANDLERS
         if head.method not in methods:
             self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
                                   "method_not_allowed")
@@ -4874,37 +5428,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
         getattr(self, handler_name)()
 
     def serve_stats(self) -> None:
-        self.send_json(200, self.server.stats.snapshot())
+        if not self.refused_as_admin():
+            self.send_json(200, self.server.stats.snapshot(keys=self.server.keys.keys))
 
-    def serve_reset(self) -> None:
+    def refused_as_admin(self) -> bool:
+        """Answer 401/403 and return True when admin_refusal() refuses this request."""
         refusal = self.admin_refusal()
         if refusal:
-            self.send_proxy_error(refusal[0], refusal[1], "forbidden")
+            self.send_proxy_error(refusal[0], refusal[1],
+                                  "authentication_error" if refusal[0] == 401 else "forbidden")
+            return True
+        return False
+
+    def serve_reset(self) -> None:
+        if self.refused_as_admin():
             return
         self.server.stats.reset()
         log.info("stats reset by %s", self.client_ip)
         self.send_json(200, {"ok": True})
 
     def admin_refusal(self) -> Optional[Tuple[int, str]]:
-        """Why an admin action (reset) is refused, or None when allowed.
+        """Why an admin request (stats, metrics, reset) is refused, or None when allowed.
 
-        Another website open in the user's browser must not drive it: a browser always sends
-        Origin on a cross-site POST, so any Origin but our own is refused.
+        Another website open in the user's browser must neither drive nor read them: a browser
+        sends Origin on every cross-site POST and CORS read, so any Origin but our own is
+        refused. With proxy.adminToken set, "Authorization: Bearer <token>" is required too.
         """
         origin = self.head.get("origin")
         if origin is not None and origin.lower() != "https://" + (self.head.get("host") or "").lower():
             return 403, "admin endpoints refuse cross-origin requests (Origin %s)" % origin
         token = self.server.config.admin_token
-        if token:
-            supplied = self.head.get("authorization") or ""
-            if not hmac.compare_digest(supplied.encode("utf-8"), ("Bearer " + token).encode("utf-8")):
-                return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
+        if token and not bearer_token_matches(self.head.get("authorization") or "", token):
+            return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
         return None
 
     def serve_health(self) -> None:
         self.send_json(200, self.server.health())
 
     def serve_metrics(self) -> None:
+        if self.refused_as_admin():
+            return
         body = render_metrics(self.server.stats).encode("utf-8")
         self.send_local(200, body, METRICS_CONTENT_TYPE, [("Cache-Control", "no-store")])
 
@@ -4939,8 +5502,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             with open(ca_file, "rb") as handle:
                 pem = handle.read()
         except OSError:
-            self.send_proxy_error(404, "no local CA here (%s): the proxy uses a certificate it "
-                                       "did not issue" % ca_file, "not_found")
+            # No path in the answer: anyone may ask, and the server's directories are not theirs.
+            self.send_proxy_error(404, "no local CA here: the proxy uses a certificate it did "
+                                       "not issue", "not_found")
             return
         if der:
             self.send_local(200, ca_pem_to_der(pem), "application/x-x509-ca-cert",
@@ -4959,7 +5523,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
                                   "origin_not_allowed")
             return
-        exchange = Exchange(self, head, path, body_length)
+        keyring = self.server.keys      # read once: a SIGHUP swap cannot mix two tables
+        key = None
+        if keyring.required:
+            key = authenticate(keyring, head)
+            refusal = access_refusal(key, self.server.stats, self.server.rate_limiter)
+            if refusal is not None:
+                self.server.stats.record_refusal(key.name if key is not None else None)
+                self.refuse(head, body_length, refusal)
+                return
+        exchange = Exchange(self, head, path, body_length, key, keyring)
         self.server.request_started()
         try:
             exchange.run()
@@ -4972,12 +5545,42 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.server.request_finished()
 
 
+    def refuse(self, head: RequestHead, body_length: Optional[int], refusal: Refusal) -> None:
+        """Answer a request that is not forwarded (no key, budget used up).
+
+        The answer goes out first, then the body is read and dropped (as nginx discards it):
+        http.client and httpx send the whole body before reading, and closing on them would
+        turn our clear 401/429 into a connection reset. Past REFUSED_BODY_DRAIN_LIMIT, or for
+        a body the client waits to send (Expect: 100-continue), the connection closes instead.
+        """
+        expects = (head.get("expect") or "").lower() == "100-continue"
+        close = body_length is not None and (
+            expects or not 0 < body_length <= REFUSED_BODY_DRAIN_LIMIT)
+        self.send_proxy_error(refusal.status, refusal.message, refusal.error_type, close=close,
+                              extra=refusal.headers)
+        if body_length is None or expects:
+            return
+        pieces = iter_chunked_body(self.rfile) if body_length < 0 else \
+            iter_fixed_body(self.rfile, body_length)
+        seen = 0
+        try:
+            for data in pieces:
+                seen += len(data)
+                if seen > REFUSED_BODY_DRAIN_LIMIT:
+                    break
+        except (RequestError, ClientGone, OSError):
+            self.close_connection = True
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
     def __init__(self, handler: ProxyHandler, head: RequestHead, path: str,
-                 body_length: Optional[int]):
+                 body_length: Optional[int], key: Optional[AccessKey] = None,
+                 keyring: Optional[KeyRing] = None):
         self.handler = handler
+        self.key_name = key.name if key is not None else None
+        self.keyring = keyring if keyring is not None else handler.server.keys
         self.server = handler.server
         self.config = handler.server.config
         self.head = head
@@ -5007,8 +5610,8 @@ class Exchange:
         except UpstreamError as exc:
             self.fail(exc.status, exc.message)
             return
-        except RequestError:
-            self.status, self.error = 400, True
+        except RequestError as exc:
+            self.status, self.error = exc.status, True     # 400 malformed, 408 too slow
             raise
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
@@ -5061,6 +5664,8 @@ class Exchange:
             dropped.add("origin")
         if self.injected:
             dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
+        if self.keyring.replaces_credentials:
+            dropped.update(CREDENTIAL_HEADERS)  # the client's key stays here
         headers = [("Host", self.server.upstream_host_header)]
         forwarded_for = []
         for name, value in head.headers:
@@ -5076,6 +5681,8 @@ class Exchange:
             headers.append(("X-Forwarded-Host", head.get("host")))
         if self.injected:
             headers.append(("Accept-Encoding", "identity"))
+        if self.keyring.backend_key:
+            headers.append(("Authorization", "Bearer " + self.keyring.backend_key))
         if body is not None:
             if body or self.body_length is not None or self.head.method in ("POST", "PUT", "PATCH"):
                 headers.append(("Content-Length", str(len(body))))
@@ -5339,22 +5946,28 @@ class Exchange:
         duration = time.monotonic() - self.started
         usage = None
         source = None
-        model = self.request_info.model if self.request_info is not None else None
+        model = None                  # the name the backend answered with, if it named one
         if self.tap is not None:
             usage = self.tap.usage
             source = usage["source"] if usage["source"] != "none" else None
-            model = usage["model"] or model
+            model = usage["model"]
             if usage.get("error"):
                 self.error = True
         elif self.kind and is_usage_kind(self.kind) and 200 <= self.status < 300:
             source = "missing"
         if self.status >= 400:
             self.error = True
+        if not model and not self.error and 200 <= self.status < 300 \
+                and self.request_info is not None:
+            # The request's own name counts only once the backend accepted it: a client
+            # asking for 260 made-up models (404 each) must not push real ones into "(other)".
+            model = self.request_info.model
         tokens = usage.get("total", 0) if usage else 0
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
-                     self.status, self.sent, duration * 1000,
-                     " %d tokens" % tokens if tokens else "")
+            log.info("%s %s %s %d %dB %dms%s%s", self.handler.client_ip, self.head.method,
+                     self.path, self.status, self.sent, duration * 1000,
+                     " %d tokens" % tokens if tokens else "",
+                     " key=%s" % self.key_name if self.key_name else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -5362,7 +5975,39 @@ class Exchange:
             "model": model, "usage": usage, "usageSource": source, "error": self.error,
             "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
             "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
+            "key": self.key_name,
         })
+
+
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+def _lingering_close(sock) -> None:
+    """Half-close, then read and drop what the client still sends, briefly, before the close.
+
+    Closing a socket with unread input sends a TCP reset, and a reset can make the client's
+    stack discard our last answer before it is read (RFC 9112 §9.6; Apache and nginx linger
+    the same way). Bounded by LINGER_SECONDS and LINGER_MAX_BYTES; TLS records are dropped
+    unread, below the TLS layer.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable([sock], remaining):
+                return
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                return
+            drained += len(data)
+    except (OSError, ValueError):
+        return
 
 
 def _abort_connection(sock) -> None:
@@ -5377,6 +6022,19 @@ def _abort_connection(sock) -> None:
         pass
 
 
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header value is "Bearer <token>".
+
+    The scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+    (both sides hashed first, so not even its length leaks).
+    """
+    scheme, _, supplied = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(supplied.strip(" \t").encode("utf-8")).digest(),
+                               hashlib.sha256(token.encode("utf-8")).digest())
+
+
 # Method sets and handler names of the internal routes (paths without a trailing slash).
 INTERNAL_ROUTES = {
     "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
@@ -5388,11 +6046,104 @@ INTERNAL_ROUTES = {
     "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
     "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
 }
+# Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
+# when set (the dashboard page itself holds no data; it asks for the token to read stats).
+ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
 
 
 # ==================================================================================================
 # HTTP layer, part 4: the TLS server
 # ==================================================================================================
+
+def client_ip(host: str) -> str:
+    """A client's address as logged and counted: IPv4-mapped IPv6 (dual-stack listener) as IPv4."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class ClientSlot:
+    """One open client connection counted by ClientSlots; release() it once (repeats are no-ops)."""
+
+    __slots__ = ("owner", "address", "reserve", "_released")
+
+    def __init__(self, owner: "ClientSlots", address: str, reserve: bool):
+        self.owner = owner
+        self.address = address
+        self.reserve = reserve       # one of the slots kept back for /_proxy/health
+        self._released = False
+
+    def release(self) -> None:
+        """Give the slot back."""
+        self.owner._release(self)
+
+
+class ClientSlots:
+    """Counts open client connections, in total and per client address.
+
+    take(address) -> ClientSlot or None (turn the connection away); release the slot when the
+    connection ends. The server's instance is ProxyServer.slots, used through
+    ProxyServer.claim_slot().
+
+    Policy: `total - reserve` general slots, of which one address may hold `per_client` (so
+    one host cannot take every slot; loopback counts like any address). When the general slots
+    are all taken, an address holding less than an equal share of them may take one reserve
+    slot (one at a time): a health check gets through a full server, a greedy host does not.
+    """
+
+    def __init__(self, total: int, per_client: int = 0, reserve: Optional[int] = None):
+        self.total = max(1, total)
+        self.reserve = min(CONNECTION_RESERVE, self.total // 16) if reserve is None else reserve
+        self.general = self.total - self.reserve
+        # Half by default: one address may hold many streams (an agent swarm, a benchmark, a
+        # Docker port mapping that shows every client as the gateway), yet never all of them.
+        self.per_client = min(per_client or max(1, self.total // 2), self.general)
+        self._lock = threading.Lock()
+        self._held: Dict[str, List[int]] = {}     # address -> [general, reserve] slots held
+        self._general_used = 0
+        self._reserve_used = 0
+
+    @property
+    def open(self) -> int:
+        """Slots held right now (general and reserve)."""
+        with self._lock:
+            return self._general_used + self._reserve_used
+
+    def held_by(self, address: str) -> int:
+        """Slots `address` holds right now."""
+        with self._lock:
+            return sum(self._held.get(address, (0, 0)))
+
+    def take(self, address: str) -> Optional[ClientSlot]:
+        """A slot for a new connection from `address`, or None when it must be turned away."""
+        with self._lock:
+            held = self._held.get(address, [0, 0])
+            if held[0] < self.per_client and self._general_used < self.general:
+                reserve = False
+                self._general_used += 1
+            elif (self._general_used >= self.general and self._reserve_used < self.reserve
+                  and held[1] == 0
+                  and held[0] < self.general // (len(self._held) + (address not in self._held))):
+                reserve = True
+                self._reserve_used += 1
+            else:
+                return None
+            held[reserve] += 1
+            self._held[address] = held
+        return ClientSlot(self, address, reserve)
+
+    def _release(self, slot: ClientSlot) -> None:
+        with self._lock:
+            if slot._released:
+                return
+            slot._released = True
+            held = self._held[slot.address]
+            held[slot.reserve] -= 1
+            if slot.reserve:
+                self._reserve_used -= 1
+            else:
+                self._general_used -= 1
+            if not any(held):
+                del self._held[slot.address]
+
 
 class ProxyServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that accepts plain TCP and does the TLS handshake in the worker thread.
@@ -5401,7 +6152,9 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context.
+    reload_tls(), reload_keys(), health(), wait_for_requests(), claim_slot(). Attributes:
+    config, stats, upstream, ssl_context, slots (ClientSlots: the connection count per client
+    address), keys (the KeyRing in force), rate_limiter.
     """
 
     daemon_threads = True
@@ -5413,6 +6166,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.stats = stats
         self.ssl_context = ssl_context
+        self.keys = KeyRing(config.access_keys, config.target_api_key)   # swapped by reload_keys()
+        self.rate_limiter = RateLimiter()
         self.upstream = UpstreamPool(config.target_host, config.target_port,
                                      config.connect_timeout, config.read_timeout)
         host_port = authority(config.target_host, config.target_port)
@@ -5421,9 +6176,10 @@ class ProxyServer(ThreadingHTTPServer):
         self._health_cache = (0.0, None)
         self._active = 0
         self._active_changed = threading.Condition()
-        self._connections = 0
-        self._connections_lock = threading.Lock()
+        self.slots = ClientSlots(config.max_connections, config.max_connections_per_client)
         self._last_refusal_log = -1e9
+        self._accept_delay = 0.0
+        self._last_accept_error_log = -1e9
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -5442,34 +6198,79 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name = "llm-proxy"
         self.server_port = self.server_address[1]
 
+    def get_request(self):
+        # accept() failing for want of descriptors or memory leaves the connection in the
+        # backlog and the listener readable: retrying at once spins a core at 100%. Back off
+        # like Go's net/http Server.Serve (5 ms doubling to 1 s) and say so once a minute.
+        try:
+            accepted = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._accept_delay = min(1.0, self._accept_delay * 2 or 0.005)
+                now = time.monotonic()
+                if now - self._last_accept_error_log > 60:
+                    self._last_accept_error_log = now
+                    log.warning("cannot accept connections: %s (%s); new clients wait. Raise the "
+                                "open-file limit (LimitNOFILE, ulimit -n) or lower "
+                                "proxy.maxConnections", exc.strerror or exc,
+                                errno.errorcode.get(exc.errno, exc.errno))
+                time.sleep(self._accept_delay)
+            raise
+        self._accept_delay = 0.0
+        return accepted
+
+    def claim_slot(self, client_address) -> Optional[ClientSlot]:
+        """A connection slot for `client_address` ((host, port, ...) as accept() gives it), or
+        None when that address (or the server) is at its limit. Release it when done.
+
+        Each accepted connection holds one (ProxyHandler.slot) until it closes; a connection
+        upgraded to a tunnel keeps it, so tunnels count against proxy.maxConnections and
+        proxy.maxConnectionsPerClient as they are (never upgrade one on a reserve slot:
+        ProxyHandler.on_reserve). Claim another only for something a client holds open
+        without a connection of its own.
+        """
+        return self.slots.take(client_ip(client_address[0]))
+
     def process_request(self, request, client_address):
-        # One thread per connection, up to proxy.maxConnections: past that a flood of
-        # connections is turned away here instead of exhausting memory.
-        with self._connections_lock:
-            refused = self._connections >= self.config.max_connections
-            if not refused:
-                self._connections += 1
-        if refused:
+        # One thread per connection, up to proxy.maxConnections and proxy.maxConnectionsPerClient:
+        # past that a flood of connections is turned away here instead of exhausting memory.
+        address = client_ip(client_address[0])
+        slot = self.claim_slot(client_address)
+        if slot is None:
             self.shutdown_request(request)
             now = time.monotonic()
             if now - self._last_refusal_log > 10:
                 self._last_refusal_log = now
-                log.warning("refusing connections: %d open (proxy.maxConnections)",
-                            self.config.max_connections)
+                if self.slots.held_by(address) >= self.slots.per_client:
+                    log.warning("refusing connections from %s: it holds %d "
+                                "(proxy.maxConnectionsPerClient)", address, self.slots.per_client)
+                else:
+                    log.warning("refusing connections: %d open (proxy.maxConnections)",
+                                self.config.max_connections)
             return
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         daemon=True).start()
-
-    def process_request_thread(self, request, client_address):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections -= 1
+            threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address, slot), daemon=True).start()
+        except RuntimeError:          # "can't start new thread": turn this one away
+            slot.release()
+            self.shutdown_request(request)
 
-    def finish_request(self, request, client_address):
+    def process_request_thread(self, request, client_address, slot=None):
+        """Serve one connection in its own thread; the slot is released when it ends."""
+        try:
+            self.finish_request(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            if slot is not None:
+                slot.release()
+
+    def finish_request(self, request, client_address, slot=None):
         """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
-        request.settimeout(self.config.client_timeout)
+        reserve = slot is not None and slot.reserve
+        request.settimeout(min(self.config.client_timeout, RESERVE_CLIENT_TIMEOUT) if reserve
+                           else self.config.client_timeout)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
@@ -5482,7 +6283,9 @@ class ProxyServer(ThreadingHTTPServer):
             tls.close()
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            handler = self.RequestHandlerClass(tls, client_address, self, slot)
+            if handler.linger:
+                _lingering_close(tls)
         finally:
             try:
                 tls.close()
@@ -5519,6 +6322,16 @@ class ProxyServer(ThreadingHTTPServer):
         """Load the certificate and key again; new connections use them (SIGHUP)."""
         self.ssl_context = make_server_ssl_context(self.config.cert_file, self.config.key_file)
 
+    def reload_keys(self) -> KeyRing:
+        """Read the config file again and swap in its access keys and target.apiKey (SIGHUP).
+
+        Only these are reloaded; other settings need a restart. Raises ConfigError and keeps
+        the keys in force when the file is invalid. Open connections are not touched.
+        """
+        fresh = load_config(self.config.source, search_cwd=self.config.source is None)
+        self.keys = KeyRing(fresh.access_keys, fresh.target_api_key)
+        return self.keys
+
     def health(self) -> dict:
         """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
         with self._health_lock:
@@ -5528,7 +6341,8 @@ class ProxyServer(ThreadingHTTPServer):
                 self._health_cache = (time.monotonic(), backend)
         snapshot_uptime = time.monotonic() - START_MONOTONIC
         return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
-                "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+                "uptimeSeconds": int(snapshot_uptime), "backend": backend,
+                "accessKeys": self.keys.required}
 
     def _probe_backend(self) -> dict:
         started = time.monotonic()
@@ -5576,6 +6390,54 @@ def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContex
                            path=config.stats_file if config.tracking_enabled else None,
                            enabled=config.tracking_enabled)
     return ProxyServer(config, stats, ssl_context)
+
+
+def raise_fd_limit(wanted: int) -> Optional[Tuple[int, int]]:
+    """Raise the soft RLIMIT_NOFILE towards `wanted`, never past the hard limit.
+
+    Returns (soft limit before, soft limit now), or None where the platform has no such limit
+    (Windows has no resource module). The common soft limit of 1024 would otherwise end the
+    proxy at about 460 streams with EMFILE while the hard limit allows far more.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize, sys.maxsize
+    if soft >= wanted:
+        return soft, soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft             # macOS refuses more than kern.maxfilesperproc
+    return soft, target
+
+
+def fit_connections_to_fd_limit(config: Config) -> Config:
+    """Raise the open-file limit for proxy.maxConnections, or lower maxConnections to fit it.
+
+    Each connection needs two descriptors (client and backend socket) plus FD_RESERVE for the
+    rest of the process. Logs what it changed; returns the config to serve with.
+    """
+    limits = raise_fd_limit(2 * config.max_connections + FD_RESERVE)
+    if limits is None:
+        return config
+    before, soft = limits
+    if soft > before:
+        log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d", before, soft)
+    affordable = max(1, (soft - FD_RESERVE) // 2)
+    if affordable >= config.max_connections:
+        return config
+    log.warning("proxy.maxConnections lowered from %d to %d: the open-file limit is %d and each "
+                "connection needs 2 (raise it with LimitNOFILE= or ulimit -n)",
+                config.max_connections, affordable, soft)
+    return dataclasses.replace(config, max_connections=affordable)
 
 
 # ==================================================================================================
@@ -5763,6 +6625,22 @@ def reload_certificate(server: "ProxyServer", why: str) -> None:
         log.error("kept the previous certificate: %s", exc)
 
 
+def reload_access_keys(server: "ProxyServer", why: str) -> None:
+    """Swap in the access keys of the config file; keep the ones in force if it is invalid."""
+    try:
+        keyring = server.reload_keys()
+        log.info("reloaded access keys (%s): %s", why,
+                 ", ".join(k.name for k in keyring.keys) or "none, the proxy is open")
+    except ConfigError as exc:
+        log.error("kept the previous access keys: %s", exc)
+
+
+def reload_on_sighup(server: "ProxyServer") -> None:
+    """SIGHUP: the certificate and the access keys, for new requests; no connection drops."""
+    reload_certificate(server, "SIGHUP")
+    reload_access_keys(server, "SIGHUP")
+
+
 def serve(server: "ProxyServer", ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests and save the stats. Returns 0."""
     def request_stop(signum, frame):
@@ -5773,7 +6651,7 @@ def serve(server: "ProxyServer", ready=None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=reload_certificate, args=(server, "SIGHUP"), daemon=True).start())
+            target=reload_on_sighup, args=(server,), daemon=True).start())
     maintenance = Maintenance(server)
     maintenance.start()
     if server.config.tracking_enabled:
@@ -5818,13 +6696,17 @@ CLIENT_FAMILIES = (
         '\n'
         '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
         'client = openai.OpenAI(\n'
-        '    base_url="{base}", api_key="unused",\n'
+        '    base_url="{base}",\n'
+        '    api_key="unused",  # or your access key, if the proxy has them\n'
         '    http_client=openai.DefaultHttpxClient(\n'
         '        verify=ssl.create_default_context(cafile="{ca}")))\n',
         '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
         'import OpenAI from "openai";\n'
         '\n'
-        'const client = new OpenAI({ baseURL: "{base}", apiKey: "unused" });\n'),
+        'const client = new OpenAI({\n'
+        '  baseURL: "{base}",\n'
+        '  apiKey: "unused", // or your access key, if the proxy has them\n'
+        '});\n'),
     ClientFamily(
         "anthropic", "Anthropic SDKs", "",
         "the SDK appends /v1/messages itself",
@@ -5832,13 +6714,17 @@ CLIENT_FAMILIES = (
         '\n'
         '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
         'client = anthropic.Anthropic(\n'
-        '    base_url="{base}", api_key="unused",\n'
+        '    base_url="{base}",\n'
+        '    api_key="unused",  # or your access key, if the proxy has them\n'
         '    http_client=anthropic.DefaultHttpxClient(\n'
         '        verify=ssl.create_default_context(cafile="{ca}")))\n',
         '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
         'import Anthropic from "@anthropic-ai/sdk";\n'
         '\n'
-        'const client = new Anthropic({ baseURL: "{base}", apiKey: "unused" });\n'),
+        'const client = new Anthropic({\n'
+        '  baseURL: "{base}",\n'
+        '  apiKey: "unused", // or your access key, if the proxy has them\n'
+        '});\n'),
     ClientFamily(
         "ollama", "Ollama clients (native /api)", "",
         "the client appends /api/chat, /api/tags, ... itself",
@@ -5933,8 +6819,187 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--healthcheck", action="store_true",
                         help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
                              "used by the Docker HEALTHCHECK")
+    keys = parser.add_argument_group("access keys (see README, Access keys)")
+    keys.add_argument("--add-key", metavar="NAME",
+                      help="make a random access key NAME, add it to the config file (created "
+                           "if missing) and print it once with client snippets")
+    keys.add_argument("--daily-tokens", metavar="N", type=int,
+                      help="with --add-key: tokens the key may use per day (local time)")
+    keys.add_argument("--requests-per-minute", metavar="N", type=int,
+                      help="with --add-key: requests the key may start per minute")
+    keys.add_argument("--list-keys", action="store_true",
+                      help="list the access keys (names, budgets, today's use; never the keys)")
+    keys.add_argument("--remove-key", metavar="NAME", help="remove access key NAME from the config file")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
+
+
+def _key_config_path(args) -> str:
+    """The config file --add-key/--remove-key edit: --config, else ./config.json."""
+    return os.path.abspath(args.config or "config.json")
+
+
+def _read_config_document(path: str) -> dict:
+    """The config file as a JSON object (key order kept), after checking it is a valid config:
+    a file we could not start with is never edited. {} when the file does not exist."""
+    if not os.path.exists(path):
+        return {}
+    load_config(path, environ={})           # every error the proxy would report at start
+    with open(path, "r", encoding="utf-8-sig") as handle:
+        return json.load(handle)
+
+
+def _write_config_document(path: str, document: dict) -> None:
+    """Replace the config file atomically with mode 0600 (it holds keys), keeping its owner."""
+    try:
+        owner = os.stat(path)
+    except OSError:
+        owner = None
+    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    _write_file_atomic(path, data, private=True)
+    if owner is not None and hasattr(os, "chown") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root editing a service's file: the service must still be able to read it.
+        try:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+
+def _key_table(document: dict, path: str) -> dict:
+    access = document.setdefault("access", {})
+    if not isinstance(access, dict):
+        raise ConfigError("%s: access must be a JSON object" % path)
+    return access.setdefault("keys", {})
+
+
+def _example_host(config: Config) -> str:
+    """An address of this machine for the printed snippets: the bound one, else a LAN one."""
+    if config.bind and config.bind not in ("0.0.0.0", "::"):
+        host = config.bind.strip("[]")
+    else:
+        lan = [a for a in _linux_ipv4_addresses() if not a.startswith("127.")]
+        host = lan[0] if lan else "localhost"
+    return "[%s]" % host if ":" in host else host
+
+
+def add_key(args) -> int:
+    """--add-key NAME: make a key, add it to the config file, print it once. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.add_key
+    problem = check_access_key_name(name)
+    if problem:
+        print("error: --add-key: the name %s" % problem, file=sys.stderr)
+        return 2
+    for flag, value, upper in (("--daily-tokens", args.daily_tokens, ACCESS_LIMIT_MAX),
+                               ("--requests-per-minute", args.requests_per_minute, ACCESS_RATE_MAX)):
+        if value is not None and not 1 <= value <= upper:
+            print("error: %s must be from 1 to %d" % (flag, upper), file=sys.stderr)
+            return 2
+    try:
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if not isinstance(table, dict):
+            raise ConfigError("%s: access.keys must be a JSON object" % path)
+        if name in table:
+            print("error: %s already has an access key named '%s' (--remove-key %s first to "
+                  "replace it)" % (path, name, name), file=sys.stderr)
+            return 2
+        secret = "sk-llmproxy-" + secrets.token_urlsafe(32)     # 256 random bits
+        entry: Any = secret
+        if args.daily_tokens is not None or args.requests_per_minute is not None:
+            entry = {"key": secret}
+            if args.daily_tokens is not None:
+                entry["dailyTokens"] = args.daily_tokens
+            if args.requests_per_minute is not None:
+                entry["requestsPerMinute"] = args.requests_per_minute
+        table[name] = entry
+        parse_access_keys(table, path)
+        _write_config_document(path, document)
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    limits = []
+    if args.daily_tokens is not None:
+        limits.append("%s tokens a day" % format(args.daily_tokens, ","))
+    if args.requests_per_minute is not None:
+        limits.append("%d requests a minute" % args.requests_per_minute)
+    base = "https://%s:%d" % (_example_host(config), config.port or 8443)
+    print("Added access key '%s' to %s%s." % (name, path,
+                                              " (" + ", ".join(limits) + ")" if limits else ""))
+    print("The key (it is in the config file too; --list-keys shows names only):\n")
+    print("    %s\n" % secret)
+    print("OpenAI SDK (Python; JavaScript takes the same baseURL and apiKey):")
+    print("    from openai import OpenAI")
+    print('    client = OpenAI(base_url="%s/v1", api_key="%s")\n' % (base, secret))
+    print("Anthropic SDK (Python; the SDK adds /v1 itself):")
+    print("    from anthropic import Anthropic")
+    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (base, secret))
+    print("curl:")
+    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
+          % (secret, base))
+    print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
+          "kill -HUP $(cat %s)" % (os.path.abspath(args.pidfile) if args.pidfile
+                                   else _default_pidfile(args)))
+    return 0
+
+
+def remove_key(args) -> int:
+    """--remove-key NAME: delete the key from the config file. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.remove_key
+    try:
+        if not os.path.exists(path):
+            raise ConfigError("config file %s does not exist" % path)
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if name not in table:
+            known = ", ".join(str(n) for n in table) or "none"
+            raise ConfigError("%s has no access key named '%s' (keys: %s)" % (path, name, known))
+        del table[name]
+        _write_config_document(path, document)
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    print("Removed access key '%s' from %s. A running proxy refuses it after SIGHUP." % (name, path))
+    return 0
+
+
+def list_keys(config: Config) -> int:
+    """--list-keys: names, budgets and today's use (from stats.json); never a key. Returns 0."""
+    if not config.access_keys:
+        print("No access keys: the proxy is open to anyone who can reach it "
+              "(python3 proxy.py --add-key NAME makes one).")
+        return 0
+    by_key, days = {}, {}
+    try:
+        with open(config.stats_file, "rb") as handle:
+            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+        by_key, days = state["byKey"], state["keyDays"]
+    except (OSError, ValueError):
+        pass                                 # no stats yet (or unreadable): show the budgets
+    today = _stats_local_day(time.time())
+    rows = [("NAME", "TODAY", "DAILY BUDGET", "PER MINUTE", "REQUESTS", "REFUSED", "LAST USED")]
+    for key in config.access_keys:
+        entry = by_key.get(key.name) or {}
+        day = days.get(key.name) or {}
+        used = day.get("tokens", 0) if day.get("day") == today else 0
+        last = entry.get("lastUsed")
+        rows.append((key.name, format(used, ","),
+                     format(key.daily_tokens, ",") if key.daily_tokens else "-",
+                     str(key.requests_per_minute or "-"), format(entry.get("requests", 0), ","),
+                     format(entry.get("refused", 0), ","),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "never"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 class _LogFileHandler(logging.handlers.RotatingFileHandler):
@@ -5967,7 +7032,11 @@ def check_setup(config: Config) -> int:
     print("config: %s" % (config.source or "built-in defaults (no config file)"))
     for warning in config.warnings:
         print("warning: %s" % warning)
-    print("backend: %s" % config.target_url)
+    print("backend: %s%s" % (config.target_url,
+                              " (with target.apiKey)" if config.target_api_key else ""))
+    print("access: %s" % ("%d key(s): %s" % (len(config.access_keys),
+                                              ", ".join(k.name for k in config.access_keys))
+                          if config.access_keys else "open (no access.keys)"))
     have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
     if not have_cert and not have_key:
         print("certificate: %s will be created at first start" % config.cert_file)
@@ -6047,6 +7116,9 @@ def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
             origin, "  (NEW: trust it on every device)" if cert_status.ca_created else ""))
         lines.append("  on this machine: %s" % cert_status.ca_file)
     lines.append("Dashboard: %s/_proxy/dashboard" % origin)
+    if config.access_keys:
+        lines.append("Access keys required (%s): a client sends its key as the SDK's API key."
+                     % ", ".join(key.name for key in config.access_keys))
     return "\n".join(lines)
 
 
@@ -6118,6 +7190,14 @@ def main(argv=None) -> int:
                 setattr(args, name, os.path.abspath(getattr(args, name)))
         error_log = _daemon_log_file(args) if args.daemon else None
         os.chdir(args.dir)
+    if args.add_key is not None:
+        return add_key(args)
+    if args.daily_tokens is not None or args.requests_per_minute is not None:
+        print("error: --daily-tokens and --requests-per-minute go with --add-key NAME",
+              file=sys.stderr)
+        return 2
+    if args.remove_key is not None:
+        return remove_key(args)
     if args.stop:
         return _stop(args)
     try:
@@ -6128,6 +7208,8 @@ def main(argv=None) -> int:
     pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else _default_pidfile(args)
     if args.check:
         return check_setup(config)
+    if args.list_keys:
+        return list_keys(config)
     if args.healthcheck:
         return healthcheck(config)
     pidfile = None
@@ -6190,6 +7272,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
     try:
         # Listen first, with a context that has no certificate yet (nothing is served before
         # serve()): a port in use must not leave a freshly made CA behind that nobody uses.
+        config = fit_connections_to_fd_limit(config)
         server = build_server(config, ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -6410,6 +7493,7 @@ td.name .txt { font-weight: 550; }
 td.muted, .muted { color: var(--faint); }
 .share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
 .share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
+.share.over i { background: var(--err); opacity: 1; }
 td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 .method { font-weight: 650; font-size: 11.5px; color: var(--muted); margin-right: 6px; letter-spacing: 0.02em; }
 .badge { display: inline-block; min-width: 38px; text-align: center; padding: 1px 7px; border-radius: 999px; font-size: 12px; font-weight: 650; background: var(--grid); color: var(--fg); font-variant-numeric: tabular-nums; }
@@ -6498,6 +7582,14 @@ footer.foot .err { color: var(--err); }
     </div>
   </section>
 
+  <section class="panel" id="keys-panel" aria-labelledby="t-key-title" hidden>
+    <div class="panel-head"><h2 id="t-key-title">By access key<span class="count" id="t-key-count"></span></h2></div>
+    <div class="table-wrap"><table>
+      <thead><tr><th>Key</th><th class="n">Today</th><th class="n">Daily budget</th><th class="n">Per minute</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Refused</th><th class="n">Errors</th><th>Last used</th></tr></thead>
+      <tbody id="t-key"></tbody>
+    </table></div>
+  </section>
+
   <div id="breakdowns"></div>
   <template id="breakdown-template">
     <section class="panel">
@@ -6542,7 +7634,7 @@ footer.foot .err { color: var(--err); }
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
-    range: "hourly", selected: -1, series: null, polls: 0
+    range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
 
   function byId(id) { return document.getElementById(id); }
@@ -6977,6 +8069,49 @@ footer.foot .err { color: var(--err); }
     }
   }
 
+  // Access keys: names only (the stats never hold a key), today's tokens against the budget.
+  function renderKeys(map) {
+    var m = obj(map);
+    var names = Object.keys(m).sort();
+    byId("keys-panel").hidden = names.length === 0;
+    setText("t-key-count", names.length ? String(names.length) : "");
+    var tbody = byId("t-key");
+    clear(tbody);
+    for (var i = 0; i < names.length; i++) {
+      var r = obj(m[names[i]]);
+      var tr = el("tr");
+      var name = el("td", "name");
+      name.appendChild(el("span", "txt" + (names[i].charAt(0) === "(" ? " muted" : ""), names[i]));
+      var budget = isNum(r.dailyTokens) ? r.dailyTokens : null;
+      var share = budget ? pct(num(r.today), budget) : null;
+      if (share !== null) {
+        var bar = el("div", "share" + (share >= 100 ? " over" : ""));
+        var fill = el("i");
+        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+        bar.appendChild(fill);
+        bar.setAttribute("title", fmtDec(share, 1) + "% of today's budget");
+        name.appendChild(bar);
+      }
+      tr.appendChild(name);
+      tr.appendChild(numCell(fmtInt(num(r.today)), share !== null ? fmtDec(share, 1) + "% of the daily budget" : ""));
+      tr.appendChild(numCell(budget ? fmtInt(budget) : DASH));
+      tr.appendChild(numCell(isNum(r.requestsPerMinute) ? fmtInt(r.requestsPerMinute) : DASH));
+      tr.appendChild(numCell(fmtInt(num(r.requests))));
+      tr.appendChild(numCell(fmtInt(num(r.prompt))));
+      tr.appendChild(numCell(fmtInt(num(r.completion))));
+      tr.appendChild(numCell(fmtInt(num(r.total)), fmtCompact(num(r.total))));
+      var refused = el("td", "n", fmtInt(num(r.refused)));
+      if (num(r.refused) > 0) { refused.textContent = ""; refused.appendChild(el("span", "badge err", fmtInt(num(r.refused)))); }
+      tr.appendChild(refused);
+      tr.appendChild(numCell(fmtInt(num(r.errors))));
+      var last = parseTime(r.lastUsed);
+      var tdLast = el("td", "num" + (last === null ? " muted" : ""), last === null ? "never" : fmtWhen(last));
+      if (last !== null) { tdLast.setAttribute("title", fmtFull(last)); }
+      tr.appendChild(tdLast);
+      tbody.appendChild(tr);
+    }
+  }
+
   function renderRecent(list) {
     var tbody = byId("t-recent");
     var rows = [];
@@ -7027,7 +8162,9 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(numCell(fmtMs(r.durationMs)));
       tr.appendChild(numCell(fmtMs(r.ttfbMs)));
       tr.appendChild(numCell(fmtDec(r.tokensPerSecond, 1)));
-      tr.appendChild(el("td", "num", str(r.client) || DASH));
+      var who = el("td", "num", str(r.client) || DASH);
+      if (str(r.key)) { who.appendChild(el("span", "muted", DOT + str(r.key))); }
+      tr.appendChild(who);
       var usage = str(r.usage);
       tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
       tbody.appendChild(tr);
@@ -7055,6 +8192,7 @@ footer.foot .err { color: var(--err); }
     renderBreakdown("t-model", "t-model-count", d.byModel, "No model usage yet.");
     renderBreakdown("t-endpoint", "t-endpoint-count", d.byEndpoint, "No endpoint usage yet.");
     renderBreakdown("t-client", "t-client-count", d.byClient, "No clients yet.");
+    renderKeys(d.byKey);
     renderRecent(d.recent);
     renderFooter(d);
   }
@@ -7068,15 +8206,38 @@ footer.foot .err { color: var(--err); }
     state.timer = setTimeout(poll, POLL_MS);
   }
 
+  // With proxy.adminToken set, reading the stats needs the token too: it is asked for once,
+  // kept in sessionStorage (this tab only, gone when it closes) and sent as a header, never
+  // put in a URL.
+  function fetchStats(opts, asked) {
+    var token = readToken();
+    opts.headers = { "Accept": "application/json" };
+    if (token) { opts.headers["Authorization"] = "Bearer " + token; }
+    return fetch(STATS_URL, opts).then(function (res) {
+      if (res.status !== 401) { return res; }
+      if (asked || state.tokenDeclined) { storeToken(""); return res; }
+      var entered = window.prompt(token ? "The saved admin token was refused. Admin token:" :
+        "This proxy needs its admin token to show statistics. Admin token:", "");
+      if (entered === null || !entered.trim()) {
+        state.tokenDeclined = true;
+        showNotice("Statistics need the proxy's admin token (proxy.adminToken). Reload the page to enter it.", "err");
+        return res;
+      }
+      storeToken(entered.trim());
+      delete opts.signal;         // the prompt may have outlasted the time-out of the first try
+      return fetchStats(opts, true);
+    });
+  }
+
   function poll() {
     if (state.busy) { return Promise.resolve(); }
     state.busy = true;
     clearTimeout(state.timer);
     var ctrl = typeof AbortController === "function" ? new AbortController() : null;
     var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, FETCH_TIMEOUT_MS);
-    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    var opts = { cache: "no-store", credentials: "same-origin" };
     if (ctrl) { opts.signal = ctrl.signal; }
-    return fetch(STATS_URL, opts).then(function (res) {
+    return fetchStats(opts, false).then(function (res) {
       if (!res.ok) { throw new Error("HTTP " + res.status); }
       return res.json();
     }).then(function (d) {
@@ -7098,7 +8259,7 @@ footer.foot .err { color: var(--err); }
       clearTimeout(killer);
       state.busy = false;
       renderConn();
-      schedule();
+      if (!state.tokenDeclined) { schedule(); }
     });
   }
 
@@ -7590,6 +8751,10 @@ sudo update-ca-certificates</code></pre>
       if (uptime) { parts.push("up " + uptime); }
       setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
       byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
+      if (h.accessKeys === true) {
+        // The proxy wants an access key: the snippet must send one (--add-key makes it).
+        byId("ep-curl").textContent = 'curl --cacert llm-proxy-ca.pem -H "Authorization: Bearer <your access key>" ' + base + "/v1/models";
+      }
 
       var b = obj(h.backend);
       var where = str(b.url);

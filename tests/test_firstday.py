@@ -43,7 +43,8 @@ FAMILIES = {family.key: family for family in proxy.CLIENT_FAMILIES}
 README_ORIGIN = "https://<proxy>:8443"
 _MARKER_VAR = "LLM_PROXY_SERVICE_TEST"      # the same marker test_service.py kills by
 _SCRUBBED_ENV = ("PROXY_PORT", "TARGET_HOST", "TARGET_PORT", "CERT_FILE", "KEY_FILE",
-                 "ALLOWED_ORIGINS", "TLS_HOSTS", "JOURNAL_STREAM", "NOTIFY_SOCKET",
+                 "ALLOWED_ORIGINS", "TLS_HOSTS", "PROXY_API_KEY", "TARGET_API_KEY",
+                 "JOURNAL_STREAM", "NOTIFY_SOCKET",
                  "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS")
 _LISTENING = re.compile(r"listening on https://(\S+):(\d+), forwarding to")
 START_TIMEOUT = 60.0
@@ -62,9 +63,14 @@ def readme_text():
         return handle.read()
 
 
-def readme_blocks():
-    """(language, body) of every fenced code block in README.md, in order."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", readme_text(), re.S | re.M)
+def readme_blocks(text=None):
+    """(language, body) of every fenced code block in README.md (or `text`), in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", text or readme_text(), re.S | re.M)
+
+
+def readme_section(title):
+    """The text of README's `## title` section."""
+    return readme_text().split("\n## %s\n" % title, 1)[1].split("\n## ", 1)[0]
 
 
 def readme_commands():
@@ -166,7 +172,7 @@ class ClientTableTests(unittest.TestCase):
         self.assertNotIn("/v1` for OpenAI/Anthropic", text)
 
     def test_readme_snippets_are_the_proxys_snippets(self):
-        blocks = readme_blocks()
+        blocks = readme_blocks(readme_section("Point your client at the proxy"))
         for language, fence in (("python", "python"), ("javascript", "js")):
             shown = [body for lang, body in blocks if lang == fence]
             expected = [proxy.client_snippet(f, language, README_ORIGIN)
@@ -756,7 +762,9 @@ class ReadmeCommandsTests(ProcessTestCase):
                     port = self.start_in_background(work, env)
                     continue
                 self.assertIsNotNone(port, "%r comes before the proxy is started" % command)
-                local = command.replace(":8443", ":%d" % port)
+                # 192.168.1.20 is README's example address of the proxy: here, loopback.
+                local = command.replace(":8443", ":%d" % port).replace("192.168.1.20",
+                                                                          "localhost")
                 for host in re.findall(r"https?://([^/:\s]+)", local):
                     self.assertIn(host, ("localhost", "127.0.0.1"), "not loopback: " + local)
                 done = subprocess.run(["/bin/sh", "-c", local], cwd=work, env=env,
