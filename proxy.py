@@ -6762,11 +6762,13 @@ def client_snippet(family: ClientFamily, language: str, origin: str,
 
 
 def _help_epilog() -> str:
-    width = max(len(name) for name, _ in ENV_OVERRIDES)
+    width = max(len(name) for name, _ in ENV_OVERRIDES + ((ACCESS_KEY_ENV, ""),))
     lines = ["environment variables (override the config file):"]
     lines += ["  %-*s  %s%s" % (width, name, dotted, " (comma-separated)"
                                 if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list) else "")
               for name, dotted in ENV_OVERRIDES]
+    lines.append("  %-*s  adds one access key named '%s'" % (width, ACCESS_KEY_ENV,
+                                                            ACCESS_KEY_ENV_NAME))
     lines += ["", "base URLs to give clients:"]
     width = max(len(f.label) for f in CLIENT_FAMILIES)
     lines += ["  %-*s  https://<this-machine>:8443%s" % (width, f.label, f.suffix)

@@ -467,6 +467,7 @@ class HelpTests(unittest.TestCase):
         text = self.help_text()
         for name, dotted in proxy.ENV_OVERRIDES:
             self.assertRegex(text, r"(?m)^  %s +%s" % (name, re.escape(dotted)))
+        self.assertRegex(text, r"(?m)^  %s +adds one access key" % proxy.ACCESS_KEY_ENV)
         endpoints = text.split("endpoints of the proxy itself", 1)[1].split("\n\n", 1)[0]
         for path in proxy.INTERNAL_ROUTES:
             self.assertIn(path + ("/" if path == "/_proxy" else ""), endpoints)
