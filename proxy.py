@@ -140,6 +140,11 @@ CORS_SAFELISTED_RESPONSE_HEADERS = (
     "last-modified", "pragma",
 )
 
+# A backend's response head (every interim 1xx head and the final one together) may be at most
+# this big, and at most this many interim 1xx answers may come before the final one.
+MAX_RESPONSE_HEAD_BYTES = 256 * 1024
+MAX_INTERIM_RESPONSES = 20
+
 # Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are re-sent
 # when a pooled connection dies before the reply.
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
@@ -4232,12 +4237,22 @@ class UpstreamPool:
                 return conn, True
             conn.close()
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        """Return a connection whose response was read to the end."""
-        with self._lock:
-            if conn.sock is not None and len(self._idle) < self.max_idle:
-                self._idle.append(conn)
-                return
+    def release(self, conn: http.client.HTTPConnection, response: "UpstreamResponse") -> None:
+        """Take a connection back after its response was read to the end.
+
+        It is kept for reuse only when the exchange ended cleanly at a known boundary (see
+        UpstreamResponse.reusable); otherwise it is closed, so that no byte of this exchange can
+        ever be read as the answer to the next client's request.
+        """
+        response.close()            # ends the response; notes any byte the backend sent past it
+        why_not = response.why_not_reusable()
+        if why_not is None:
+            with self._lock:
+                if conn.sock is not None and len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+        elif not response.will_close:
+            log.debug("backend connection closed instead of reused: %s", why_not)
         conn.close()
 
     def close_all(self) -> None:
@@ -4249,6 +4264,7 @@ class UpstreamPool:
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        conn.response_class = UpstreamResponse
         try:
             conn.connect()
         except socket.timeout:
@@ -4266,12 +4282,228 @@ class UpstreamPool:
 
 _OBS_FOLD = re.compile(r"[\r\n]+[ \t]*")
 
+# A backend's response is read by http.client, which is lenient where a proxy cannot be: it reads a
+# header line whose name holds a space as the end of the head, splits a value at a bare CR,
+# accepts "+5" as a Content-Length and " 0x5" as a chunk size, and takes an interim 103 for the
+# final answer. Each of those makes the proxy and the client (or the proxy and the backend) see
+# different messages in the same bytes, and on a pooled connection one user's answer then reaches
+# the next user. So every raw line of the head is checked here (RFC 9112 §4, §5; RFC 9110 §5.5),
+# and chunk framing strictly (RFC 9112 §7.1).
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_BACKEND_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_LINE_LIMIT = 65536          # http.client's own limit on one line (_MAXLINE)
 
-def _conflicting_content_length(response) -> bool:
-    """True when a response carries differing Content-Length values (RFC 9110 §8.6)."""
-    values = {v.strip() for item in response.msg.get_all("content-length") or ()
+
+class BadResponseHead(http.client.HTTPException):
+    """The backend's response head breaks HTTP/1.1 message syntax; the message says how."""
+
+
+class _HeadRecorder:
+    """Stands in for a response's file while http.client reads the head: keeps every raw line.
+
+    http.client reads a head with readline() only; the lines it parsed are then checked as
+    received, before any of it is believed.
+    """
+
+    __slots__ = ("raw", "lines", "size")
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.lines: List[bytes] = []
+        self.size = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.raw.readline(limit)
+        self.size += len(line)
+        if self.size > MAX_RESPONSE_HEAD_BYTES:
+            raise BadResponseHead("a response head larger than %d bytes" % MAX_RESPONSE_HEAD_BYTES)
+        self.lines.append(line)
+        return line
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def response_head_problem(lines: List[bytes]) -> Optional[str]:
+    """What is wrong with the raw lines of one or more response heads, or None when nothing is.
+
+    Each head is a status line, header lines and an empty line. Names must be tokens, values
+    may not hold NUL, CR, LF or other controls but HTAB (RFC 9110 §5.5), and a folded line
+    (obs-fold) must continue a field; lines may end in CRLF or a bare LF (http.client splits on LF).
+    """
+    at_status = True
+    first_field = False
+    for line in lines:
+        if at_status:
+            if not _STATUS_LINE.match(line):
+                return "a malformed status line"
+            at_status, first_field = False, True
+            continue
+        if line in (b"\r\n", b"\n"):
+            at_status = True
+            continue
+        if not line.endswith(b"\n"):
+            return "a response head cut short"
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if text[:1] in (b" ", b"\t"):
+            if first_field or not text.strip(b" \t"):
+                return "a malformed folded header line"
+            value = text
+        else:
+            name, colon, value = text.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                return "a malformed header line"
+        if _BAD_FIELD_VALUE.search(value):
+            return "a control character in a header value"
+        first_field = False
+    if not at_status:
+        return "a response head cut short"
+    return None
+
+
+def _bytes_waiting(fp, sock) -> bool:
+    """True when a response's buffer or socket holds bytes now, without waiting for any.
+
+    The socket is made non-blocking for one read, so peek() can only return what is there.
+    An error means the connection cannot be trusted either: True.
+    """
+    try:
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return bool(fp.peek(1))
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, made strict where leniency would let two exchanges mix.
+
+    - Interim answers (1xx but 101) are read past and dropped, up to the final status. They
+      are not forwarded: the clients of an LLM API have no use for them (browsers act on 103
+      Early Hints only over HTTP/2), and Python's http.client -- under urllib and requests --
+      would take a 103 for the final answer. A 101 is returned as it is: the caller decides.
+    - Every raw line of the head is checked (response_head_problem): BadResponseHead if bad.
+    - Chunk-size lines must be hex digits, and chunk data must end in CRLF.
+    - Bytes found waiting when the response ends (`overran`) mean the backend and we disagree
+      about where it ended: the connection is then not reused (see reusable()).
+    """
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self._upstream_sock = sock
+        self.overran = False
+        self.interim: List[int] = []     # statuses of the interim answers dropped
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        recorder = _HeadRecorder(self.fp)
+        self.fp = recorder
+        try:
+            super().begin()
+        finally:
+            if self.fp is recorder:
+                self.fp = recorder.raw
+        problem = response_head_problem(recorder.lines)
+        if problem:
+            raise BadResponseHead(problem)
+
+    def _read_status(self):
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            self._skip_interim_fields()
+            self.interim.append(status)
+        raise BadResponseHead("more than %d interim (1xx) answers" % MAX_INTERIM_RESPONSES)
+
+    def _skip_interim_fields(self) -> None:
+        while True:
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise BadResponseHead("an interim (1xx) answer cut short")
+
+    def _get_chunk_left(self):
+        # http.client's own version, except that the CRLF after chunk data is checked instead of
+        # skipped, and the size line is parsed strictly: int(line, 16) takes " +0x5_0".
+        chunk_left = self.chunk_left
+        if not chunk_left:
+            if chunk_left is not None and self._safe_read(2) != b"\r\n":
+                raise http.client.IncompleteRead(b"")
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            match = _BACKEND_CHUNK_SIZE.match(line)
+            if not match:
+                self._close_conn()
+                raise http.client.IncompleteRead(b"")
+            chunk_left = int(match.group(1), 16)
+            if chunk_left == 0:
+                self._read_and_discard_trailer()
+                self._close_conn()
+                chunk_left = None
+            self.chunk_left = chunk_left
+        return chunk_left
+
+    def _close_conn(self):
+        fp = self.fp
+        if fp is not None and not self.will_close and not self.overran:
+            self.overran = _bytes_waiting(fp, self._upstream_sock)
+        super()._close_conn()
+
+    def announced_body_unread(self) -> bool:
+        """True for an answer without a body (HEAD, 204, 304) whose head announced one.
+
+        A buggy backend may still send that body, perhaps only once the next request arrives:
+        no check for waiting bytes can see it coming, so such a connection is not reused.
+        """
+        if not (self._method == "HEAD" or self.status in (204, 304)):
+            return False
+        return bool(self.chunked) or any(v.strip(" \t") not in ("", "0") for v in
+                                         self.msg.get_all("content-length") or ())
+
+    def why_not_reusable(self) -> Optional[str]:
+        """Why the connection of this (ended) response must not carry another exchange, or None."""
+        if self.will_close:
+            return "the backend closes it"
+        if not self.isclosed():
+            return "the response did not end"
+        if self.overran:
+            return "the backend sent bytes past the end of its response"
+        if self.announced_body_unread():
+            return "a body the head announced may still follow"
+        if self.chunked and self.msg.get("content-length") is not None:
+            return "Content-Length beside Transfer-Encoding (RFC 9112 §6.1)"
+        return None
+
+    def reusable(self) -> bool:
+        """Whether the exchange ended cleanly at a known boundary, so the connection may be reused."""
+        return self.why_not_reusable() is None
+
+
+def framing_problem(response) -> Optional[str]:
+    """What makes the end of a response's body unknowable, or None (RFC 9112 §6.3).
+
+    Content-Length must be digits (int() also takes "+5", "0_5" and Unicode digits), every
+    value the same (RFC 9110 §8.6); Transfer-Encoding must be exactly chunked, as http.client
+    read it. On any of these a proxy MUST answer 502 and close the connection to the server.
+    """
+    values = {v.strip(" \t") for item in response.msg.get_all("content-length") or ()
               for v in item.split(",")}
-    return len(values) > 1
+    if any(not (v.isascii() and v.isdigit()) or len(v) > 18 for v in values):
+        return "sent a Content-Length that is not a number"
+    if len(values) > 1:
+        return "sent conflicting Content-Length headers"
+    codings = response.msg.get_all("transfer-encoding")
+    if codings:
+        tokens = [t.strip(" \t").lower() for v in codings for t in v.split(",")]
+        if tokens != ["chunked"] or not response.chunked:
+            return "sent a Transfer-Encoding other than chunked"
+    return None
 
 
 def _readable(socks, timeout: float) -> list:
@@ -4752,7 +4984,9 @@ class Exchange:
             lower = name.lower()
             if lower == "x-forwarded-for":
                 forwarded_for.append(value)
-            elif lower not in dropped:
+            elif lower not in dropped and "_" not in name:
+                # Names with "_" are dropped, as nginx does by default: WSGI/CGI backends read
+                # X_Forwarded_For or Content_Length as the dashed header, which we checked or set.
                 headers.append((name, value))
         forwarded_for.append(self.handler.client_ip)
         headers.append(("X-Forwarded-For", ", ".join(forwarded_for)))
@@ -4793,12 +5027,13 @@ class Exchange:
                 sent = True
                 self.wait_for_answer(conn)
                 response = conn.getresponse()
-                if not response.chunked and _conflicting_content_length(response):
-                    # RFC 9110 §8.6: the end of this response is unknowable; a proxy MUST
+                problem = framing_problem(response) or self.unasked_switch(response)
+                if problem:
+                    # RFC 9112 §6.3: the end of this response is unknowable; a proxy MUST
                     # answer 502 and close the connection to the server.
                     conn.close()
-                    raise UpstreamError(502, "The backend at %s sent conflicting Content-Length "
-                                             "headers" % pool.url)
+                    response.close()
+                    raise UpstreamError(502, "The backend at %s %s" % (pool.url, problem))
                 return conn, response
             except (ClientGone, RequestError):
                 conn.close()
@@ -4820,12 +5055,24 @@ class Exchange:
             except http.client.HTTPException as exc:
                 conn.close()
                 raise UpstreamError(502, "The backend at %s sent an invalid HTTP response (%s)"
-                                    % (pool.url, type(exc).__name__)) from None
+                                    % (pool.url, exc if isinstance(exc, BadResponseHead)
+                                       else type(exc).__name__)) from None
             except OSError as exc:
                 conn.close()
                 raise UpstreamError(502, "Error talking to the backend at %s: %s"
                                     % (pool.url, _describe_os_error(exc))) from None
         raise AssertionError("unreachable")
+
+    def unasked_switch(self, response) -> Optional[str]:
+        """Why a 101 Switching Protocols answer is refused; None for any other status.
+
+        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
+        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
+        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        """
+        if response.status != 101:
+            return None
+        return "switched protocols (101) although the request asked for no upgrade"
 
     def wait_for_answer(self, conn) -> None:
         """Wait for the backend's first byte, and give up at once if the client leaves meanwhile.
@@ -4926,8 +5173,7 @@ class Exchange:
             head = b""
         if not self.has_body(response):
             self.ttfb = time.monotonic() - self.started
-            response.close()
-            self.server.upstream.release(conn)
+            self.server.upstream.release(conn, response)
             return
         tap = self.tap
         read1 = response.read1
@@ -4984,11 +5230,7 @@ class Exchange:
         except OSError:
             self.client_broke(conn)
             return
-        response.close()
-        if response.will_close:
-            conn.close()
-        else:
-            self.server.upstream.release(conn)
+        self.server.upstream.release(conn, response)
 
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.
