@@ -1705,6 +1705,8 @@ USAGE_MAX_JSON_BODY = 4 << 20
 USAGE_MAX_LINE = 1 << 20
 # A compressed body stops being parsed once this much has been inflated (zip-bomb guard).
 USAGE_MAX_DECODED = 64 << 20
+# A token count at or above this is no count (no model reads 10^18 tokens): it counts as 0.
+USAGE_MAX_COUNT = 10 ** 18
 
 _USAGE_HEAD_KEEP = 64 << 10
 _USAGE_TAIL_KEEP = 256 << 10
@@ -1978,12 +1980,16 @@ def inject_stream_usage(kind, body, info=None):
 
 def _usage_int(value):
     # type: (Any) -> int
-    """A token count from JSON: ints (not bools) and integral floats; anything else is 0."""
+    """A token count from JSON: ints (not bools) and integral floats below 10**18; else 0.
+
+    Ints are bounded like floats: a backend may report a 4,300-digit count, and such an int
+    cannot become a float (tokens/s) nor, summed, a string (Python 3.11+ caps int digits).
+    """
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return value if value > 0 else 0
-    if isinstance(value, float) and value == value and 0 < value < 1e18:
+        return value if 0 < value < USAGE_MAX_COUNT else 0
+    if isinstance(value, float) and value == value and 0 < value < USAGE_MAX_COUNT:
         return int(value)
     return 0
 
@@ -3027,12 +3033,12 @@ def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
 
 def _stats_count(value):
     # type: (Any) -> int
-    """A token count from the tap: a non-negative int, anything else is 0."""
+    """A token count from the tap: a non-negative int below USAGE_MAX_COUNT, anything else is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
-    if isinstance(value, float) and not math.isfinite(value):
+    if not 0 < value < USAGE_MAX_COUNT:     # also NaN; a huge int would overflow float()
         return 0
-    return max(0, int(value))
+    return int(value)
 
 
 def _stats_ms(value):

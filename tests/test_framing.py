@@ -311,3 +311,57 @@ class UnderscoreHeaderTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+HUGE = b"9" * 4300            # the most digits json.loads takes on Python 3.11+
+
+
+class HugeNumberTests(unittest.TestCase):
+    """Item 13: absurd token counts are clamped; the request is recorded, the client kept."""
+
+    def exchange_twice(self, body: bytes, content_type: bytes, path: str):
+        def behaviour(backend, sock, request, n):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                         % (content_type, len(body), body))
+            return True
+        backend = ScriptedBackend(self, behaviour)
+        server = start_quiet_proxy(self, backend.port)
+        logs = LogCapture(self)
+        conn = https(server)
+        self.addCleanup(conn.close)
+        for _ in range(2):          # the same keep-alive client connection, twice
+            conn.request("POST", path, body=b'{"model":"m","messages":[]}',
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            self.assertEqual((response.status, response.read()), (200, body))
+        stats = settled_stats(server)
+        self.assertEqual(stats["requests"], 2)
+        self.assertEqual(logs.unexpected(), [])
+        return stats
+
+    def test_a_4300_digit_token_count_is_clamped_in_a_json_body(self):
+        body = (b'{"model":"m","usage":{"prompt_tokens":%s,"completion_tokens":%s,'
+                b'"total_tokens":%s}}' % (HUGE, HUGE, HUGE))
+        stats = self.exchange_twice(body, b"application/json", "/v1/chat/completions")
+        self.assertEqual(stats["tokens"]["prompt"], 0)
+        self.assertEqual(stats["tokens"]["completion"], 0)
+
+    def test_a_4300_digit_token_count_is_clamped_in_a_stream(self):
+        body = (b'event: message_start\ndata: {"type":"message_start","message":{"model":"m",'
+                b'"usage":{"input_tokens":7,"output_tokens":1}}}\n\n'
+                b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":%s}}'
+                b'\n\n' % HUGE)
+        stats = self.exchange_twice(body, b"text/event-stream", "/v1/messages")
+        self.assertEqual(stats["tokens"]["prompt"], 14)
+        self.assertEqual(stats["tokens"]["completion"], 0)
+
+    def test_the_stats_store_never_raises_on_huge_counts(self):
+        store = proxy.StatsStore(enabled=False)
+        store.record({"time": time.time(), "method": "POST", "path": "/v1/x", "status": 200,
+                      "completion": True, "model": "m", "usageSource": "reported",
+                      "usage": {"prompt": int(HUGE), "completion": 10 ** 5000, "total": -1},
+                      "ttfbMs": 1.0, "durationMs": 900.0, "bytes": 10, "streamed": True})
+        snapshot = store.snapshot()
+        self.assertEqual(snapshot["requests"], 1)
+        json.dumps(snapshot)
+        proxy.render_metrics(store)
