@@ -128,6 +128,9 @@ BODY_BUFFER_LIMIT = 1024 * 1024
 BODY_PEEK_LIMIT = 64 * 1024
 # One read from the backend returns at most this much; a small SSE event comes back at once.
 READ_CHUNK = 256 * 1024
+# A piece smaller than this is sent together with the pieces already received behind it (tiny
+# chunks that arrived together leave in one write), up to READ_CHUNK; nothing waits for more.
+COALESCE_BELOW = 16 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
 
@@ -1707,6 +1710,14 @@ USAGE_MAX_LINE = 1 << 20
 USAGE_MAX_DECODED = 64 << 20
 # A token count at or above this is no count (no model reads 10^18 tokens): it counts as 0.
 USAGE_MAX_COUNT = 10 ** 18
+# The tap's work on one response is bounded: 4 KB of gzip can inflate to a million tiny JSON lines
+# (seconds of CPU, and every other request slowed with it). Each line split costs one unit, each
+# JSON parse 4 units plus one per 32 bytes; a response may spend USAGE_WORK_BASE units plus one
+# per USAGE_WORK_BYTES bytes received from the backend. Real streams use a tenth of that (a vLLM
+# chunk that carries usage every token: 13 units per 235 bytes). Past it the tap gives up and the
+# usage is "missing"; the client's bytes are not touched.
+USAGE_WORK_BASE = 50000
+USAGE_WORK_BYTES = 8
 
 _USAGE_HEAD_KEEP = 64 << 10
 _USAGE_TAIL_KEEP = 256 << 10
@@ -2080,7 +2091,8 @@ class _UsageSseReader(object):
     """
 
     __slots__ = ("on_event", "max_line", "raw", "partial", "skipping", "skip_lf", "data",
-                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out")
+                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out",
+                 "lines")
 
     def __init__(self, on_event, max_line, raw=False):
         self.on_event = on_event
@@ -2098,6 +2110,7 @@ class _UsageSseReader(object):
         self.ev_lines = []           # type: List[bytes]
         self.ev_len = 0
         self.out = []                # type: List[bytes]
+        self.lines = 0               # complete lines split so far (the tap's work bound)
 
     def feed(self, data):
         # type: (bytes) -> None
@@ -2127,6 +2140,7 @@ class _UsageSseReader(object):
             else:
                 seg = data
         lines = seg.splitlines(True)   # bytes.splitlines splits on \n, \r\n and \r only
+        self.lines += len(lines)
         last = lines[-1]
         if last[-1:] == b"\n":
             last = b""
@@ -2386,6 +2400,10 @@ class _UsageJsonBuffer(object):
         return self.size if self.head is None else len(self.head) + len(self.tail)
 
 
+class _UsageOverBudget(Exception):
+    """The tap has done all the parsing one response may cost (see USAGE_WORK_BASE)."""
+
+
 class UsageTap(object):
     """Incremental usage parser for one upstream response body.
 
@@ -2462,6 +2480,10 @@ class UsageTap(object):
         self._strip = False
         self._injected = False
         self._parsing = kind in USAGE_KINDS
+        self._wire = 0                # body bytes received from the backend
+        self._work = 0                # units spent (see USAGE_WORK_BASE)
+        self._lines_charged = 0       # SSE lines already counted in _work
+        self.gave_up = False          # the work bound was reached: usage is "missing"
         if not self._parsing:
             return
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
@@ -2494,6 +2516,7 @@ class UsageTap(object):
 
         Without stripping this is ``data`` itself (same object, no copy).
         """
+        self._wire += len(data)
         if self._strip:
             return self._feed_strip(data)
         if self._parsing and data:
@@ -2502,6 +2525,8 @@ class UsageTap(object):
                     self._inflate(data)
                 else:
                     self._route(data if isinstance(data, bytes) else bytes(data))
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:   # a parser bug must never break the proxied stream
                 log.debug("usage: parser error, usage for this response is lost", exc_info=True)
                 self._parsing = False
@@ -2539,6 +2564,9 @@ class UsageTap(object):
                     self._reader.feed(self._sniffed)
                 if self._reader is not None:
                     self._reader.finish()
+                    self._charge_lines()
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:
                 log.debug("usage: parser error at end of body", exc_info=True)
         self._parsing = False
@@ -2578,6 +2606,7 @@ class UsageTap(object):
         # type: (bytes) -> None
         if self._reader is not None:
             self._reader.feed(data)
+            self._charge_lines()
             return
         # Unknown content type: look at the first non-blank bytes.
         pending = self._sniffed + data if self._sniffed else data
@@ -2597,6 +2626,36 @@ class UsageTap(object):
         else:
             self._start("json")
         self._reader.feed(pending)
+        self._charge_lines()
+
+    # -- the work bound ----------------------------------------------------------------------
+
+    def _charge(self, units):
+        # type: (int) -> None
+        """Count work; raise _UsageOverBudget once this response has used its share."""
+        self._work += units
+        if self._work > USAGE_WORK_BASE + self._wire // USAGE_WORK_BYTES:
+            raise _UsageOverBudget()
+
+    def _charge_lines(self):
+        # type: () -> None
+        lines = getattr(self._reader, "lines", 0)
+        if lines != self._lines_charged:
+            units, self._lines_charged = lines - self._lines_charged, lines
+            self._charge(units)
+
+    def _loads(self, payload):
+        # type: (Any) -> Any
+        """json.loads, paid for from the work bound."""
+        self._charge(4 + len(payload) // 32)
+        return json.loads(payload)
+
+    def _give_up(self):
+        # type: () -> None
+        log.debug("usage: %d units of parsing for %d bytes, giving up on this response",
+                  self._work, self._wire)
+        self.gave_up = True
+        self._parsing = False
 
     def _inflate(self, data):
         # type: (bytes) -> None
@@ -2642,9 +2701,13 @@ class UsageTap(object):
                 log.debug("usage: SSE event too long, injected usage no longer stripped")
                 self._strip = False
                 return reader.take_everything_raw()
+            self._charge_lines()
             return reader.take_output()
-        except Exception:
-            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, _UsageOverBudget):
+                self._give_up()
+            else:
+                log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
             self._strip = False
             self._parsing = False
             return reader.take_everything_raw()
@@ -2717,7 +2780,7 @@ class UsageTap(object):
             # JSON parse, only the byte edit _strip_event makes.
             return self._strip_event({"usage": None}, raw_lines)
         try:
-            obj = json.loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
+            obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
             if name == b"error":
                 self._note_error(payload)
@@ -2745,6 +2808,7 @@ class UsageTap(object):
 
     def _on_ndjson_line(self, line):
         # type: (bytes) -> None
+        self._charge(1)
         line = line.strip()
         if not line:
             return
@@ -2753,7 +2817,7 @@ class UsageTap(object):
             return   # an Ollama token line
         self._probes -= 1
         try:
-            obj = json.loads(line.decode("utf-8"))
+            obj = self._loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
             return
         if isinstance(obj, dict):
@@ -2765,7 +2829,7 @@ class UsageTap(object):
             if not body.strip():
                 return
             try:
-                obj = json.loads(body)
+                obj = json.loads(body)      # one parse, bounded by max_body: not charged
             except (ValueError, RecursionError):
                 obj = None
                 # Several JSON documents, one per line: read them as NDJSON.
@@ -2793,7 +2857,7 @@ class UsageTap(object):
             if line[:1] != b"{":
                 continue
             try:
-                obj = json.loads(line)
+                obj = self._loads(line)
             except (ValueError, RecursionError):
                 continue
             if isinstance(obj, dict):
@@ -2914,7 +2978,9 @@ class UsageTap(object):
         if self.kind not in USAGE_KINDS:
             source = "none"
         else:
-            if self._anthropic is not None:
+            if self.gave_up:
+                counts = None       # what was seen so far may not be the whole answer's usage
+            elif self._anthropic is not None:
                 counts = _usage_anthropic_counts(self._anthropic)
             elif self._counts is not None:
                 counts = self._counts
@@ -4461,6 +4527,56 @@ class UpstreamResponse(http.client.HTTPResponse):
             self.overran = _bytes_waiting(fp, self._upstream_sock)
         super()._close_conn()
 
+    def read_ready(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the body that have already arrived; b"" if none. Never waits.
+
+        http.client's read1() returns one chunk per call, and a stream of tiny chunks then costs a
+        call (and a write) per byte. Here the chunks already in the read buffer are decoded in
+        one go. The socket is polled first, so peek() reads only what is there; the buffer's
+        content is decoded only as far as it holds whole size lines (the last chunk is left to
+        read1(), which also reads the trailer).
+        """
+        fp = self.fp
+        if fp is None or limit <= 0 or not _readable([self._upstream_sock], 0):
+            return b""
+        try:
+            ahead = fp.peek(1)
+        except (OSError, ValueError):
+            return b""                       # the next read1() reports it
+        if not ahead:
+            return b""
+        if not self.chunked:
+            return self.read1(min(limit, len(ahead)))
+        return self._dechunk_buffered(ahead, limit)
+
+    def _dechunk_buffered(self, ahead: bytes, limit: int) -> bytes:
+        out = []
+        size = pos = 0
+        left = self.chunk_left               # None: a size line is next; 0: CRLF, then one
+        while size < limit:
+            if left:
+                take = min(left, len(ahead) - pos, limit - size)
+                if take <= 0:
+                    break
+                out.append(ahead[pos:pos + take])
+                pos, left, size = pos + take, left - take, size + take
+                continue
+            line = pos + 2 if left == 0 else pos
+            if left == 0 and ahead[pos:line] != b"\r\n":
+                break
+            end = ahead.find(b"\n", line) + 1
+            if not end or end >= len(ahead):
+                break                        # the size line or the data is not all here yet
+            match = _BACKEND_CHUNK_SIZE.match(ahead, line, end)
+            following = int(match.group(1), 16) if match else 0
+            if not following:
+                break                        # malformed, or the last chunk: read1() reports it
+            left, pos = following, end
+        if pos:
+            self.fp.read(pos)                # all in the buffer: no wait
+            self.chunk_left = left
+        return b"".join(out)
+
     def announced_body_unread(self) -> bool:
         """True for an answer without a body (HEAD, 204, 304) whose head announced one.
 
@@ -5182,11 +5298,10 @@ class Exchange:
             self.server.upstream.release(conn, response)
             return
         tap = self.tap
-        read1 = response.read1
         complete = False
         while True:
             try:
-                data = read1(READ_CHUNK)
+                data = self.read_available(response)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -5237,6 +5352,25 @@ class Exchange:
             self.client_broke(conn)
             return
         self.server.upstream.release(conn, response)
+
+    def read_available(self, response) -> bytes:
+        """The next piece of the body, joined with every piece already received behind it.
+
+        Waits only for the first piece, so no SSE event is held back; a burst of tiny chunks
+        (2 million 1-byte chunks took 41 s, one TLS write each) leaves in few writes.
+        """
+        data = response.read1(READ_CHUNK)
+        if not data or len(data) >= COALESCE_BELOW:
+            return data
+        pieces = [data]
+        size = len(data)
+        while size < READ_CHUNK:
+            more = response.read_ready(READ_CHUNK - size)
+            if not more:
+                break
+            pieces.append(more)
+            size += len(more)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.

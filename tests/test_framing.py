@@ -16,7 +16,7 @@ import threading
 import time
 import unittest
 
-from support import proxy, https, start_upstream, settled_stats, wait_until
+from support import proxy, https, start_upstream, settled_stats, tls_socket, wait_until
 from test_hostile import ScriptedBackend, LogCapture, raw_exchange, start_quiet_proxy, answer_ok
 
 
@@ -365,3 +365,161 @@ class HugeNumberTests(unittest.TestCase):
         self.assertEqual(snapshot["requests"], 1)
         json.dumps(snapshot)
         proxy.render_metrics(store)
+
+
+def gzip_bomb_lines(line: bytes, decoded: int = 4 << 20) -> bytes:
+    """About 4 KB of gzip that inflates to `decoded` bytes of `line` repeated."""
+    return gzip.compress(line * (decoded // len(line)), 9)
+
+
+def feed_tap(kind, content_type, body, encoding=None, piece=65536):
+    tap = proxy.UsageTap(kind, None, content_type, encoding)
+    started = time.thread_time()
+    for start in range(0, len(body), piece):
+        tap.feed(body[start:start + piece])
+    _, usage = tap.finish(True)
+    return tap, usage, time.thread_time() - started
+
+
+class TapWorkBoundTests(unittest.TestCase):
+    """Item 14: the usage tap's work per response is bounded; it gives up with "missing"."""
+
+    def test_inflated_tiny_lines_give_up_quickly(self):
+        # A legit compressed JSON body of the same decoded size costs one parse: the reference.
+        numbers = json.dumps({"model": "m", "data": [{"embedding": [0.1234567] * 500000}],
+                              "usage": {"prompt_tokens": 5, "total_tokens": 5}}).encode()
+        _, usage, reference = feed_tap("openai_embeddings", "application/json",
+                                       gzip.compress(numbers), "gzip")
+        self.assertEqual(usage["source"], "reported")
+        for kind, content_type, line in (
+                ("openai_chat", "application/json", b"{}\n"),
+                ("ollama_chat", "application/x-ndjson", b"{}\n"),
+                ("ollama_chat", "application/x-ndjson", b'{"usage":{}}\n'),
+                ("openai_chat", "text/event-stream", b"\n"),
+                ("openai_chat", "text/event-stream", b'data: {"error":1}\n\n')):
+            with self.subTest(content_type=content_type, line=line):
+                body = gzip_bomb_lines(line)
+                tap, usage, cost = feed_tap(kind, content_type, body, "gzip")
+                self.assertTrue(tap.gave_up)
+                self.assertEqual(usage["source"], "missing")
+                # Bounded by the budget plus at most one inflated piece of lines.
+                self.assertLess(tap._work, proxy.USAGE_WORK_BASE + len(body) // 8 + 70000)
+                self.assertLess(cost, 10 * reference + 0.05,
+                                "%.3fs of parsing for %d bytes of gzip" % (cost, len(body)))
+
+    def test_uncompressed_floods_are_bounded_too(self):
+        body = b"a\n" * (2 << 20)
+        tap, usage, _ = feed_tap("openai_chat", "text/event-stream", body)
+        self.assertTrue(tap.gave_up)
+        self.assertLess(tap._work, proxy.USAGE_WORK_BASE + len(body) // 8 + 70000)
+
+    def test_real_long_streams_stay_within_the_bound(self):
+        chunk = (b'data: {"id":"cmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+                 b'"choices":[{"index":0,"delta":{"content":" w"},"logprobs":null,'
+                 b'"finish_reason":null}],"usage":{"prompt_tokens":10,"total_tokens":%d,'
+                 b'"completion_tokens":%d}}\n\n')
+        stream = b"".join(chunk % (10 + n, n) for n in range(1, 20001)) + b"data: [DONE]\n\n"
+        tap, usage, _ = feed_tap("openai_chat", "text/event-stream", stream, piece=300)
+        self.assertFalse(tap.gave_up)
+        self.assertEqual((usage["source"], usage["completion"]), ("reported", 20000))
+        anthropic = [b'event: message_start\ndata: {"type":"message_start","message":{"model":'
+                     b'"m","usage":{"input_tokens":7,"output_tokens":1}}}\n\n']
+        anthropic += [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                      b'"delta":{"type":"text_delta","text":"w"}}\n\n'] * 50000
+        anthropic += [b'event: message_delta\ndata: {"type":"message_delta","usage":'
+                      b'{"output_tokens":50000}}\n\n']
+        tap, usage, _ = feed_tap("anthropic_messages", "text/event-stream", b"".join(anthropic),
+                                 piece=100)
+        self.assertEqual((usage["source"], usage["completion"]), ("reported", 50000))
+
+    def test_a_gzip_bomb_through_the_proxy_reaches_the_client_intact_with_usage_missing(self):
+        body = gzip_bomb_lines(b"{}\n")
+
+        def behaviour(backend, sock, request, n):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            return True
+        backend = ScriptedBackend(self, behaviour)
+        server = start_quiet_proxy(self, backend.port)
+        conn = https(server)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/api/chat", body=b'{"model":"m","messages":[]}')
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()), (200, body))
+        stats = settled_stats(server)
+        self.assertEqual(stats["recent"][0]["usage"], "missing")
+        self.assertEqual(stats["requests"], 1)
+
+
+class TinyChunkTests(unittest.TestCase):
+    """Item 14: tiny chunks already received leave together; nothing waits for more."""
+
+    def setUp(self):
+        self.backend = ScriptedBackend(self)
+        self.proxy = start_quiet_proxy(self, self.backend.port)
+
+    def test_a_burst_of_one_byte_chunks_is_coalesced(self):
+        count = 100000
+        payload = bytes(65 + n % 26 for n in range(count))
+
+        def behaviour(backend, sock, request, n):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n"
+                         + b"".join(b"1\r\n%c\r\n" % c for c in payload) + b"0\r\n\r\n")
+            return True
+        self.backend.behaviour = behaviour
+        sock = tls_socket(self.proxy, 30)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while True:
+            piece = sock.recv(1 << 20)
+            if not piece:
+                break
+            reply += piece
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        decoded, rest = b"", body
+        pieces = 0
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if not size:
+                break
+            decoded += rest[:size]
+            rest = rest[size + 2:]
+            pieces += 1
+        self.assertEqual(decoded, payload)
+        # One write per chunk sends 100,000 pieces; already-received chunks go out together.
+        self.assertLess(pieces, count // 20, "%d pieces for %d chunks" % (pieces, count))
+
+    def test_bytes_already_here_are_never_held_back_for_more(self):
+        arrived = threading.Event()
+        whole = b"\r\n3;x=1\r\nabc\r\n"
+        for cut in (0, 2, 3, 7, 8, 9, 11):
+            tail = whole[:cut]
+            with self.subTest(tail=tail):
+                arrived.clear()
+
+                def behaviour(backend, sock, request, n):
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n1\r\nd\r\n5\r\nhello" + tail)
+                    self.assertTrue(arrived.wait(10))        # only once the client has it all
+                    sock.sendall(whole[len(tail):] + b"0\r\n\r\n")
+                    return True
+                self.backend.behaviour = behaviour
+                conn = https(self.proxy)
+                self.addCleanup(conn.close)
+                conn.request("GET", "/v1/stream")
+                response = conn.getresponse()
+                expected = b"dhello" + (b"ab" if tail.endswith(b"ab") else b"")
+                received = b""
+                while len(received) < len(expected):
+                    piece = response.read1(1024)
+                    self.assertTrue(piece)
+                    received += piece
+                self.assertEqual(received, expected)
+                arrived.set()
+                self.assertEqual(received + response.read(), b"dhelloabc")
+                conn.close()
