@@ -2832,8 +2832,9 @@ class UsageTap(object):
                 obj = json.loads(body)      # one parse, bounded by max_body: not charged
             except (ValueError, RecursionError):
                 obj = None
-                # Several JSON documents, one per line: read them as NDJSON.
-                for line in body.splitlines():
+                # Several JSON documents, one per line: read them as NDJSON (lazily: the work
+                # bound may end it long before the last of a million lines).
+                for line in io.BytesIO(body):
                     self._on_ndjson_line(line)
             if isinstance(obj, dict):
                 self._take(obj, None)

@@ -442,6 +442,7 @@ class TapWorkBoundTests(unittest.TestCase):
             return True
         backend = ScriptedBackend(self, behaviour)
         server = start_quiet_proxy(self, backend.port)
+        logs = LogCapture(self)
         conn = https(server)
         self.addCleanup(conn.close)
         conn.request("POST", "/api/chat", body=b'{"model":"m","messages":[]}')
@@ -450,6 +451,7 @@ class TapWorkBoundTests(unittest.TestCase):
         stats = settled_stats(server)
         self.assertEqual(stats["recent"][0]["usage"], "missing")
         self.assertEqual(stats["requests"], 1)
+        self.assertIn("giving up on this response", logs.text.getvalue())
 
 
 class TinyChunkTests(unittest.TestCase):
