@@ -251,7 +251,9 @@ class BackendHeaderTests(unittest.TestCase):
     def test_malformed_status_lines_and_cut_heads_are_refused(self):
         for head in (b"HTTP/1.1 600 Odd\r\nContent-Length: 5\r\n\r\n",
                      b"HTTP/1.1  200 OK\r\nContent-Length: 5\r\n\r\n",
-                     b"HTTP/1.1 200 O\x00K\r\nContent-Length: 5\r\n\r\n"):
+                     b"HTTP/1.1 200 O\x00K\r\nContent-Length: 5\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\n" + b"X-Big: %s\r\n" % (b"b" * 60000) * 5
+                     + b"Content-Length: 5\r\n\r\n"):
             with self.subTest(head=head):
                 self.assert_refused(head)
         # The backend closes in the middle of its head: http.client takes the end of the stream
