@@ -4468,6 +4468,7 @@ class UpstreamResponse(http.client.HTTPResponse):
     def __init__(self, sock, *args, **kwargs):
         super().__init__(sock, *args, **kwargs)
         self._upstream_sock = sock
+        self._poller = None
         self.overran = False
         self.interim: List[int] = []     # statuses of the interim answers dropped
 
@@ -4538,7 +4539,7 @@ class UpstreamResponse(http.client.HTTPResponse):
         read1(), which also reads the trailer).
         """
         fp = self.fp
-        if fp is None or limit <= 0 or not _readable([self._upstream_sock], 0):
+        if fp is None or limit <= 0 or not self._socket_readable():
             return b""
         try:
             ahead = fp.peek(1)
@@ -4549,6 +4550,16 @@ class UpstreamResponse(http.client.HTTPResponse):
         if not self.chunked:
             return self.read1(min(limit, len(ahead)))
         return self._dechunk_buffered(ahead, limit)
+
+    def _socket_readable(self) -> bool:
+        # One poll object per response: making one per check costs more than the check.
+        poller = self._poller
+        if poller is None:
+            if not hasattr(select, "poll"):
+                return bool(_readable([self._upstream_sock], 0))
+            poller = self._poller = select.poll()
+            poller.register(self._upstream_sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _dechunk_buffered(self, ahead: bytes, limit: int) -> bytes:
         out = []
