@@ -39,12 +39,14 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import struct
 import sys
 import tempfile
 import threading
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -70,9 +72,10 @@ CONFIG_DEFAULTS = {
         "port": 8443,
         "bind": "",                  # "" = every interface, IPv4 and IPv6 where available
         "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
-        "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
+        "adminToken": "",            # when set, reset, stats and metrics need "Authorization: Bearer <token>"
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
+        "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
     },
     "target": {
         "host": "127.0.0.1",
@@ -155,6 +158,19 @@ IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_CACHE_SECONDS = 3.0
 
+# A request body must arrive at this average rate once clientTimeout has passed: each byte
+# received buys 1/BODY_MIN_RATE s more (Apache's mod_reqtimeout "body=20,MinRate=500" idea).
+# clientTimeout alone bounds each read, so a client trickling a byte per read held a slot forever.
+BODY_MIN_RATE = 500
+# Connection slots kept back for /_proxy/health when all others are taken (at most 1/16 of
+# proxy.maxConnections). A reserve slot serves one health check under a short deadline.
+CONNECTION_RESERVE = 8
+RESERVE_CLIENT_TIMEOUT = 5.0
+# Each client connection may hold two descriptors (its socket and a backend socket); this many
+# more cover the listener, idle pooled backend connections (64), the log, stats and certificate
+# files. proxy.maxConnections is lowered to fit the open-file limit (RLIMIT_NOFILE).
+FD_RESERVE = 100
+
 
 # ==================================================================================================
 # Errors: one small tree; main() turns a ProxyError into "error: ..." and an exit code
@@ -207,6 +223,12 @@ def _check_connection_limit(value):
     return None
 
 
+def _check_connection_share(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
+        return "an integer from 0 (half of proxy.maxConnections) to 100000"
+    return None
+
+
 def _check_bool(value):
     return None if isinstance(value, bool) else "true or false"
 
@@ -238,6 +260,7 @@ CONFIG_CHECKS = {
     "proxy.adminToken": _check_string,
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
+    "proxy.maxConnectionsPerClient": _check_connection_share,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
@@ -264,6 +287,7 @@ class Config:
     admin_token: str = ""
     client_timeout: float = 30.0
     max_connections: int = 512
+    max_connections_per_client: int = 0      # 0 = half of max_connections
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -413,6 +437,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
+        max_connections_per_client=values["proxy.maxConnectionsPerClient"],
         target_host=values["target.host"].strip().strip("[]"),
         target_port=values["target.port"],
         connect_timeout=float(values["target.connectTimeout"]),
@@ -472,6 +497,7 @@ _OID_SUBJECT_ALT_NAME = "2.5.29.17"
 _OID_BASIC_CONSTRAINTS = "2.5.29.19"
 _OID_AUTHORITY_KEY_ID = "2.5.29.35"
 _OID_EXT_KEY_USAGE = "2.5.29.37"
+_OID_NAME_CONSTRAINTS = "2.5.29.30"
 _OID_KP_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 
 # keyUsage bit numbers, RFC 5280 section 4.2.1.3.
@@ -483,6 +509,17 @@ _KU_CRL_SIGN = 6
 _CA_ORGANIZATION = "llm-proxy local CA"
 _SERVER_ORGANIZATION = "llm-proxy"
 _CN_MAX_LEN = 64  # ub-common-name, RFC 5280 Appendix A.1
+
+# What a new CA may sign for (nameConstraints, RFC 5280 4.2.1.10): the names and addresses a
+# proxy on a home network is reached by, so the CA every device trusts cannot vouch for a bank
+# even if ca-key.pem leaks. create_ca() adds this machine's names and the tls.hosts given at
+# creation (a public address only that way). A DNS base also covers every name below it.
+CA_PERMITTED_DNS = ("localhost", "local", "lan", "home.arpa", "internal")
+CA_PERMITTED_NETWORKS = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
+    "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
+    "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+)
 
 
 # --------------------------------------------------------------------------- DER encoding
@@ -1097,6 +1134,34 @@ class CertificateInfo(NamedTuple):
     tbs_der: bytes
     signature_algorithm: str    # dotted OID
     signature: bytes
+    # nameConstraints permitted subtrees, per name type; None = that type is unconstrained.
+    permitted_dns: Optional[Tuple[str, ...]] = None        # DNS bases, e.g. "lan"
+    permitted_networks: Optional[Tuple[str, ...]] = None   # e.g. "10.0.0.0/8", "::1/128"
+
+    def permits(self, host: str) -> bool:
+        """True if this (CA) certificate's name constraints allow a leaf to name ``host`` (a DNS
+        name or IP literal). A DNS base permits itself and every name below it (RFC 5280
+        4.2.1.10; a leading dot: only names below it, as OpenSSL reads it)."""
+        try:
+            value = _split_host(host)
+        except ValueError:
+            return False  # nothing a verifier would accept either
+        if isinstance(value, str):
+            if self.permitted_dns is None:
+                return True
+            for base in self.permitted_dns:
+                base = base.lower().rstrip(".")
+                if base.startswith("."):
+                    if value.endswith(base):
+                        return True
+                elif not base or value == base or value.endswith("." + base):
+                    return True
+            return False
+        if self.permitted_networks is None:
+            return True
+        return any(value in network for network in map(ipaddress.ip_network,
+                                                       self.permitted_networks)
+                   if network.version == value.version)
 
     def covers(self, dns_names: Iterable[str], ip_addresses: Iterable[str]) -> bool:
         """True if every given DNS name and IP address is in this certificate's subjectAltName
@@ -1146,6 +1211,7 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
     is_ca = False
     server_auth = True
     ski = aki = None
+    permitted_dns = permitted_networks = None  # type: Optional[List[str]]
     for node in fields[6:]:
         if node.tag != 0xA3:  # [3] EXPLICIT extensions; [1]/[2] unique IDs are ignored
             continue
@@ -1171,6 +1237,8 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
                 for item in _der_children(_der_parse_one(value, 0x30).content):
                     if item.tag == 0x80:  # keyIdentifier [0] IMPLICIT
                         aki = item.content
+            elif oid == _OID_NAME_CONSTRAINTS:
+                permitted_dns, permitted_networks = _parse_name_constraints(value)
 
     if sig_value.tag != 0x03 or not sig_value.content or sig_value.content[0] != 0:
         raise ValueError("bad signature BIT STRING")
@@ -1182,7 +1250,36 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
         server_auth=server_auth, subject_key_id=ski, authority_key_id=aki,
         public_key=public_key, subject_der=subject.raw, issuer_der=issuer.raw,
         tbs_der=tbs.raw, signature_algorithm=_der_to_oid(_der_children(sig_alg.content)[0]),
-        signature=sig_value.content[1:])
+        signature=sig_value.content[1:],
+        permitted_dns=None if permitted_dns is None else tuple(permitted_dns),
+        permitted_networks=None if permitted_networks is None else tuple(permitted_networks))
+
+
+def _parse_name_constraints(value: bytes) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """(permitted DNS bases, permitted networks) of a nameConstraints value; None for a name
+    type with no permitted subtree. Excluded subtrees are not read: create_ca() writes none, and
+    permits() is only asked about our own CA."""
+    dns = networks = None  # type: Optional[List[str]]
+    for part in _der_children(_der_parse_one(value, 0x30).content):
+        if part.tag != 0xA0:  # permittedSubtrees [0]; excludedSubtrees [1] skipped
+            continue
+        for subtree in _der_children(part.content):
+            base = _der_children(subtree.content)[0]
+            if base.tag == 0x82:
+                dns = (dns or []) + [base.content.decode("ascii", "replace")]
+            elif base.tag == 0x87 and len(base.content) in (8, 32):
+                half = len(base.content) // 2
+                network = ipaddress.ip_network((ipaddress.ip_address(base.content[:half]),
+                                                _mask_prefix(base.content[half:])), strict=False)
+                networks = (networks or []) + [str(network)]
+    return dns, networks
+
+
+def _mask_prefix(mask: bytes) -> int:
+    bits = bin(int.from_bytes(mask, "big"))[2:].zfill(len(mask) * 8)
+    if "01" in bits:
+        raise ValueError("non-contiguous address mask in nameConstraints")
+    return bits.count("1")
 
 
 def read_certificate_info(path: str) -> CertificateInfo:
@@ -1296,13 +1393,62 @@ def _ca_common_name(hostname: Optional[str] = None) -> str:
     return prefix + hostname[:_CN_MAX_LEN - len(prefix) - 1] + ")"
 
 
+def ca_name_constraints(extra_hosts: Iterable[str] = (),
+                        machine_hosts: Optional[Iterable[str]] = None
+                        ) -> Tuple[List[str], List[str]]:
+    """The permitted subtrees for a new CA: (DNS bases, networks).
+
+    CA_PERMITTED_DNS and CA_PERMITTED_NETWORKS, plus this machine's DNS names (discover_hosts()
+    unless ``machine_hosts`` is given) and every name and address in ``extra_hosts`` (tls.hosts,
+    --host) that these do not cover yet: an address as a single-address network. The machine's
+    discovered public addresses are deliberately NOT added: they change with the ISP, and a CA
+    good for a public address can vouch for whoever holds it next. Raises ValueError for an
+    invalid host."""
+    dns = list(CA_PERMITTED_DNS)
+    networks = [ipaddress.ip_network(text) for text in CA_PERMITTED_NETWORKS]
+    machine = discover_hosts() if machine_hosts is None else list(machine_hosts)
+    machine_dns, _public_ips = normalize_hosts(machine)
+    extra_dns, extra_ips = normalize_hosts(extra_hosts)
+    for name in machine_dns + extra_dns:
+        name = name[2:] if name.startswith("*.") else name
+        if not any(name == base or name.endswith("." + base) for base in dns):
+            dns.append(name)
+    for text in extra_ips:
+        address = ipaddress.ip_address(text)
+        if not any(address in network for network in networks
+                   if network.version == address.version):
+            networks.append(ipaddress.ip_network(address))
+    return dns, [str(network) for network in networks]
+
+
+def _name_constraints_der(dns: Sequence[str], networks: Sequence[str]) -> bytes:
+    # NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees OPTIONAL, ... }, in
+    # the IMPLICIT module: [0] replaces the SEQUENCE OF tag. Each GeneralSubtree is a SEQUENCE of
+    # its base GeneralName (minimum 0 is the DEFAULT, so omitted): dNSName [2] IA5String, or
+    # iPAddress [7] with address and mask octets (8 bytes for IPv4, 32 for IPv6).
+    subtrees = [_der_sequence(_der_tlv(0x82, name.encode("ascii"))) for name in dns]
+    for text in networks:
+        network = ipaddress.ip_network(text)
+        subtrees.append(_der_sequence(_der_tlv(
+            0x87, network.network_address.packed + network.netmask.packed)))
+    return _der_sequence(_der_context(0, b"".join(subtrees)))
+
+
 def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
-              key: Optional[RSAPrivateKey] = None) -> Tuple[bytes, RSAPrivateKey]:
+              key: Optional[RSAPrivateKey] = None, extra_hosts: Iterable[str] = (),
+              constrained: bool = True) -> Tuple[bytes, RSAPrivateKey]:
     """Create a self-signed CA certificate; return (certificate DER, private key).
 
     CN defaults to "llm-proxy local CA (<hostname>)" (iOS hides roots without a CN);
     basicConstraints CA:TRUE pathLen 0 and keyUsage keyCertSign/cRLSign/digitalSignature, both
-    critical; SKI and AKI; ``days`` of validity (default ~10 years)."""
+    critical; SKI and AKI; ``days`` of validity (default ~10 years). Unless ``constrained`` is
+    False (only tests make the old, unconstrained kind), a critical nameConstraints extension
+    limits the CA to ca_name_constraints(extra_hosts).
+
+    Critical, as RFC 5280 4.2.1.10 requires: a client that does not understand the extension
+    must then refuse the CA instead of trusting it for every name. Everything current enforces
+    it, also on a root: OpenSSL (so curl, Python, Node), NSS/Firefox, Chrome's own verifier
+    (trust anchors since Chrome 112), Windows CryptoAPI, Apple since about 2015, Android, Go."""
     key = key or generate_rsa_key()
     now = _utc_now()
     name = _x509_name(common_name or _ca_common_name(), _CA_ORGANIZATION,
@@ -1317,6 +1463,9 @@ def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
         _x509_extension(_OID_AUTHORITY_KEY_ID, False,
                         _der_sequence(_der_context(0, key_id, constructed=False))),
     ]
+    if constrained:
+        extensions.append(_x509_extension(_OID_NAME_CONSTRAINTS, True, _name_constraints_der(
+            *ca_name_constraints(extra_hosts))))
     der = _x509_certificate(_random_serial(), name, name, now - CERT_BACKDATE,
                             now + datetime.timedelta(days=days), (key.n, key.e), extensions, key)
     return der, key
@@ -1341,6 +1490,9 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
     ca = parse_certificate_der(ca_cert_der)
     if not key_matches_certificate(ca_key, ca):
         raise CertificateError("the CA private key does not match the CA certificate")
+    outside = [host for host in dns_names + ips if not ca.permits(host)]
+    if outside:  # every verifier would refuse the certificate: say so now, sign nothing
+        raise ValueError("the CA's name constraints do not permit %s" % ", ".join(outside))
     now = _utc_now()
     if ca.not_after <= now:
         raise CertificateError("the CA certificate expired on %s; create a new CA "
@@ -1373,13 +1525,97 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
 
 # --------------------------------------------------------------------------- files
 
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _private_group(gid: int) -> bool:
+    """True for our own user-private group (Debian/Ubuntu/Fedora give each user a group of the
+    same name, and login umask 002 makes group-writable folders): writable by that group means
+    writable by us only. Same rule as Debian's OpenSSH StrictModes patch."""
+    try:
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == os.getegid() and group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _unsafe_because(path: str, info: os.stat_result, kind: str) -> Optional[str]:
+    """Why another local user could change ``path`` (a file or directory), with the command that
+    fixes it; None when only we (or root) can."""
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return ("%s %s belongs to user %s, not to %s that runs the proxy, so that user can "
+                "replace it; fix: chown %s %s (or run the proxy as %s)" % (
+                    kind, path, _user_name(info.st_uid), _user_name(me), _user_name(me), path,
+                    _user_name(info.st_uid)))
+    if info.st_mode & stat.S_IWOTH:
+        who = "every local user"
+    elif info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid):
+        who = "its group (gid %d)" % info.st_gid
+    else:
+        return None
+    return "%s %s is writable by %s (mode %04o); fix: chmod go-w %s" % (
+        kind, path, who, stat.S_IMODE(info.st_mode), path)
+
+
+def check_trusted_file(path: str, what: str = "certificate") -> None:
+    """Refuse trust material another local user could have put there: raise CertificateError
+    when the file, or the folder it is in (also the real folder behind a symlink), belongs to
+    another user than ours or root, or is writable by group or others. Such a user could swap
+    in their own CA (then handed to every device set up via /_proxy/ca.crt) or key. A missing
+    file passes (its reader reports that). A no-op where there is no POSIX ownership."""
+    if os.name != "posix":
+        return
+    checks = [(os.path.abspath(path), "file")]
+    for folder in (os.path.dirname(os.path.abspath(path)),
+                   os.path.dirname(os.path.realpath(path))):
+        if (folder, "folder") not in checks:
+            checks.append((folder, "folder"))
+    for target, kind in checks:
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CertificateError("cannot check %s: %s" % (target, exc.strerror or exc)) from None
+        reason = _unsafe_because(target, info, kind)
+        if reason:
+            raise CertificateError("refusing to use the %s %s: %s" % (what, path, reason))
+
+
+def _make_private_dirs(directory: str) -> None:
+    """Create ``directory`` and any missing parents with mode 0700, whatever the umask (an
+    umask of 000 would otherwise leave certs/ writable by every local user)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: check_trusted_file() judges it
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+
+
 def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
     readers see the old or the new file, never half of one. mkstemp() creates the temp file with
     mode 0600, so a private key is never readable by others, not even for a moment; public files
     are widened to 0644 before they take their name."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    _make_private_dirs(directory)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -1387,8 +1623,13 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if not private:
-            os.chmod(tmp, 0o644)
+            # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
+            # for the temp file; and such a swap is found before it is renamed into place.
+            if not private and hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o644)
+            _check_still_ours(tmp, handle.fileno())
+        if not private and not hasattr(os, "fchmod"):
+            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1407,15 +1648,27 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             pass
 
 
+def _check_still_ours(tmp: str, fd: int) -> None:
+    """Raise OSError unless ``tmp`` still names the file open as ``fd``: in a folder others can
+    write, the temp file could be swapped for a symlink between mkstemp() and os.replace()."""
+    if os.name != "posix":
+        return
+    have, want = os.lstat(tmp), os.fstat(fd)
+    if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+        raise OSError(errno.EEXIST, "temporary file was replaced by another file while being "
+                      "written (is the folder writable by others?)", tmp)
+
+
 def ca_paths(directory: str) -> Tuple[str, str]:
     """Return (ca.pem path, ca-key.pem path) in ``directory``."""
     return os.path.join(directory, CA_CERT_FILENAME), os.path.join(directory, CA_KEY_FILENAME)
 
 
-def create_ca_files(directory: str) -> CertificateInfo:
+def create_ca_files(directory: str, extra_hosts: Iterable[str] = ()) -> CertificateInfo:
     """Generate a new CA and write ``ca.pem`` and ``ca-key.pem`` (0600) into ``directory``,
-    replacing existing files (callers decide whether that is allowed). Returns the CA's info."""
-    cert_der, key = create_ca()
+    replacing existing files (callers decide whether that is allowed). ``extra_hosts`` widen its
+    name constraints (see ca_name_constraints()). Returns the CA's info."""
+    cert_der, key = create_ca(extra_hosts=extra_hosts)
     ca_cert, ca_key = ca_paths(directory)
     _write_file_atomic(ca_key, private_key_to_pem(key), private=True)
     _write_file_atomic(ca_cert, _pem_encode(cert_der, "CERTIFICATE"), private=False)
@@ -1431,6 +1684,8 @@ def load_ca(directory: str) -> Tuple[CertificateInfo, RSAPrivateKey]:
     if missing:
         raise CertificateError("missing CA file%s: %s" % (
             "s" if len(missing) > 1 else "", ", ".join(missing)))
+    check_trusted_file(ca_cert, "CA certificate")
+    check_trusted_file(ca_key, "CA key")
     info = read_certificate_info(ca_cert)
     key = read_private_key(ca_key)
     if not key_matches_certificate(key, info):
@@ -1452,6 +1707,20 @@ def issue_server_files(cert_file: str, key_file: str, hosts: Iterable[str],
     _write_file_atomic(cert_file, cert_pem, private=False)
     _write_file_atomic(_combined_path(cert_file), cert_pem + key_pem, private=True)
     return parse_certificate_der(cert_der)
+
+
+def split_permitted(ca: CertificateInfo, hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Split ``hosts`` into (those the CA's name constraints permit, those they do not), keeping
+    the order. Every host is permitted by an unconstrained (older) CA."""
+    kept, dropped = [], []  # type: List[str], List[str]
+    for host in hosts:
+        (kept if ca.permits(host) else dropped).append(host)
+    return kept, dropped
+
+
+def _outside_ca_warning(dropped: Sequence[str]) -> str:
+    return ("left out of the certificate, outside what the local CA may sign for: %s (a public "
+            "name or address needs to be in tls.hosts when the CA is created)" % ", ".join(dropped))
 
 
 def _combined_path(cert_file: str) -> str:
@@ -1477,6 +1746,7 @@ class CertStatus(NamedTuple):
     serial: Optional[int]
     reasons: Tuple[str, ...]         # why it was (re-)issued
     warnings: Tuple[str, ...]        # problems worth logging (expiring external cert, ...)
+    ca_constrained: bool = False     # our CA carries name constraints (local names only)
 
     def describe(self) -> str:
         """A few human-readable lines for the start-up banner."""
@@ -1491,6 +1761,9 @@ class CertStatus(NamedTuple):
         if self.ca_file:
             lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
                                           if self.ca_created else ""))
+        if self.ca_constrained:
+            lines.append("  CA signs only local names and private addresses; a public address "
+                         "only if it was in tls.hosts when the CA was created")
         for warning in self.warnings:
             lines.append("  warning: " + warning)
         return "\n".join(lines)
@@ -1503,7 +1776,11 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
     * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
-      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem.
+      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem. A
+      new CA is name-constrained (create_ca()); hosts outside its constraints are left out of
+      the certificate and named in the warnings.
+    * any of these files, or their folder, writable by or belonging to another local user:
+      CertificateError (check_trusted_file()).
     * cert issued by our CA (its signature verifies with ca.pem and ca-key.pem is present):
       re-issue it when it expires within ``renew_before_days`` or its SANs miss a current name or
       address. The new certificate keeps the old names too, so names once added with
@@ -1517,12 +1794,13 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("server certificate validity must be 1..%d days, not %s"
                                % (SERVER_CERT_MAX_DAYS, days))
     try:
-        wanted = normalize_hosts(list(discover_hosts()) + list(extra_hosts))
+        extra = list(extra_hosts)
+        wanted = normalize_hosts(list(discover_hosts()) + extra)
     except ValueError as exc:
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days)
+                                    wanted[0], wanted[1], days, renew_before_days, extra)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1530,10 +1808,15 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
-                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+                         wanted_ips: List[str], days: int, renew_before_days: int,
+                         extra_hosts: Sequence[str] = ()) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
+    # Nothing here is read, trusted or written next to files another local user can swap.
+    for path, what in ((cert_file, "certificate"), (key_file, "key"),
+                       (ca_cert_path, "CA certificate"), (ca_key_path, "CA key")):
+        check_trusted_file(path, what)
 
     have_cert, have_key = os.path.exists(cert_file), os.path.exists(key_file)
     if have_cert != have_key:
@@ -1550,18 +1833,22 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                                                           ca_dir),)
 
     def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        ca_info = read_certificate_info(ca_cert_path)
+        hosts, dropped = split_permitted(ca_info, hosts)
         info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
         log.info("TLS certificate %s: %s (%s)", action, cert_file, "; ".join(reasons))
-        ca_not_after = read_certificate_info(ca_cert_path).not_after
+        warnings = ca_warnings(ca_info.not_after)
+        if dropped:
+            warnings += (_outside_ca_warning(dropped),)
         return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path, ca_created,
                           info.dns_names, info.ip_addresses, info.not_after, info.serial,
-                          tuple(reasons), ca_warnings(ca_not_after))
+                          tuple(reasons), warnings, ca_info.permitted_dns is not None)
 
     if not have_cert:
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
-            create_ca_files(ca_dir)
+            create_ca_files(ca_dir, extra_hosts)
             ca_created = True
         elif not all(have_ca):
             raise CertificateError(
@@ -1605,6 +1892,12 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if remaining < datetime.timedelta(days=renew_before_days):
         reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
                        else "expired %s" % cert.not_after.date())
+    dropped = []  # type: List[str]
+    all_wanted = wanted_dns + wanted_ips
+    if ca is not None:  # names this CA may not sign for are left out, not wanted each start
+        wanted_dns, dropped = split_permitted(ca, wanted_dns)
+        wanted_ips, dropped_ips = split_permitted(ca, wanted_ips)
+        dropped += dropped_ips
     missing = [name for name in wanted_dns if not cert.covers([name], [])]
     missing += [ip for ip in wanted_ips if not cert.covers([], [ip])]
     if missing:
@@ -1616,10 +1909,13 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                           tuple("user-supplied certificate " + r for r in reasons))
 
     if reasons and os.path.exists(ca_key_path):
-        hosts = wanted_dns + wanted_ips + list(cert.dns_names) + list(cert.ip_addresses)
+        # issue() leaves out, and warns about, what the CA may not sign for.
+        hosts = all_wanted + list(cert.dns_names) + list(cert.ip_addresses)
         return issue("renewed", reasons, hosts, False)
 
     warnings = list(ca_warnings(ca.not_after))
+    if dropped:
+        warnings.append(_outside_ca_warning(dropped))
     if reasons:
         warnings.append("certificate %s, but %s is missing so it cannot be renewed"
                         % ("; ".join(reasons), ca_key_path))
@@ -1631,7 +1927,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     return CertStatus("kept", cert_file, key_file,
                       combined_path if os.path.exists(combined_path) else None, ca_cert_path,
                       False, cert.dns_names, cert.ip_addresses, cert.not_after, cert.serial, (),
-                      tuple(warnings))
+                      tuple(warnings), ca.permitted_dns is not None)
 
 
 # --------------------------------------------------------------------------- trust instructions
@@ -1685,6 +1981,8 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    check_trusted_file(cert_file, "certificate")  # at start, on SIGHUP and for the file watcher
+    check_trusted_file(key_file, "key")
     try:
         context.load_cert_chain(cert_file, key_file)
     except FileNotFoundError as exc:
@@ -3457,7 +3755,8 @@ class StatsStore(object):
                 "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
                 "persistence": {
                     "enabled": self._persistence_enabled(),
-                    "file": self.path,
+                    # The name only: stats readers need not learn the server's directories.
+                    "file": os.path.basename(self.path) if self.path else None,
                     "lastSaved": iso_utc(self._last_saved),
                     "lastError": self._last_error or self._save_blocked,
                 },
@@ -3550,7 +3849,7 @@ class StatsStore(object):
             msg = "stats file %s is a directory; not saving stats" % path
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                self._save_blocked = "the stats file is a directory; not saving stats"
             return False
         except OSError as exc:
             self._set_aside(path, "cannot be read (%s)" % exc)
@@ -3606,7 +3905,9 @@ class StatsStore(object):
                    "not saving stats so it is not overwritten" % (path, reason, target, exc))
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                # snapshot() shows this to stats readers: no server paths in it.
+                self._save_blocked = ("the stats file is unreadable and could not be moved "
+                                      "aside; not saving stats so it is not overwritten")
             return
         log.warning("stats file %s %s; moved it to %s and starting with empty stats",
                     path, reason, target)
@@ -3617,9 +3918,10 @@ class StatsStore(object):
 
         Returns True if this call wrote the file; False if nothing changed,
         persistence is off, or the write failed.  A failure is logged as a
-        warning once per distinct error (not every interval), kept in
-        snapshot()["persistence"]["lastError"], and never raised: the store
-        stays dirty so the next save retries.
+        warning once until a save succeeds again (not every interval: the
+        message of each failure may differ, e.g. by its temp file name), kept
+        in snapshot()["persistence"]["lastError"] without paths, and never
+        raised: the store stays dirty so the next save retries.
         """
         if not self._persistence_enabled():
             return False
@@ -3639,9 +3941,11 @@ class StatsStore(object):
                 _stats_atomic_write(self.path, data)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                    ("%s" % exc if not isinstance(exc, OSError) else type(exc).__name__)
                 with self._lock:
-                    self._last_error = err
-                if err != self._logged_error:  # once per distinct error
+                    self._last_error = "cannot save stats: %s" % reason
+                if self._logged_error is None:  # once until it recovers
                     self._logged_error = err
                     log.warning("%s (will retry)", err)
                 return False
@@ -3724,10 +4028,17 @@ def _stats_atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
-        except OSError:
-            pass
+            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
+            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
+            # is caught before os.replace() would put it in place of stats.json.
+            try:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), 0o644)
+                else:
+                    os.chmod(tmp, 0o644)
+            except OSError:
+                pass
+            _check_still_ours(tmp, f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -4050,6 +4361,10 @@ class ClientGone(Exception):
     """The client closed the connection or stopped sending in the middle of a request."""
 
 
+class UploadTimeout(socket.timeout):
+    """The request body stalled past clientTimeout or fell below BODY_MIN_RATE."""
+
+
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
@@ -4105,6 +4420,9 @@ def _client_read(read, size: int) -> bytes:
     """
     try:
         return read(size)
+    except UploadTimeout as exc:
+        # The client is still there, only too slow: it gets an answer (RFC 9110 §15.5.9).
+        raise RequestError(408, str(exc)) from None
     except OSError:
         raise ClientGone() from None
 
@@ -4127,22 +4445,56 @@ def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
 
 class _DeadlineReader(io.RawIOBase):
     """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
-    together must finish by then, else socket.timeout. Used for the request head only."""
+    together must finish by then, else socket.timeout. The request head gets a fixed deadline;
+    after start_body() the body gets one that each byte received moves later."""
 
     def __init__(self, sock):
         self._sock = sock
         self._timeout = sock.gettimeout()
         self.deadline = None
+        self._min_rate = None
+        self._grace = 0.0
 
     def readable(self):
         return True
 
+    def start_head(self, seconds: float) -> None:
+        """The whole request head must arrive within `seconds`."""
+        self._min_rate = None
+        self.deadline = time.monotonic() + seconds
+
+    def start_body(self, grace: float, min_rate: float) -> None:
+        """From the first body read on, the body may take `grace` seconds plus 1/min_rate s
+        per byte received; reads past that raise UploadTimeout."""
+        self._min_rate = min_rate
+        self._grace = grace
+        self.deadline = None
+
     def readinto(self, buffer):
+        if self._min_rate is not None:
+            return self._read_body(buffer)
         if self.deadline is None:
             return self._sock.recv_into(buffer)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("no complete request head within clientTimeout")
+        return self._recv_within(buffer, remaining)
+
+    def _read_body(self, buffer):
+        if self.deadline is None:       # the clock starts when we first wait for body bytes
+            self.deadline = time.monotonic() + self._grace
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UploadTimeout("the request body arrived slower than %d bytes/s" % self._min_rate)
+        try:
+            received = self._recv_within(buffer, remaining)
+        except socket.timeout:
+            raise UploadTimeout("the request body stalled (proxy.clientTimeout or %d bytes/s)"
+                                % self._min_rate) from None
+        self.deadline += received / self._min_rate
+        return received
+
+    def _recv_within(self, buffer, remaining: float):
         if remaining > self._timeout - 1.0:
             # The deadline is (nearly) the socket's own timeout: skip two syscalls per read
             # on the hot path; the head may overrun its deadline by at most a second.
@@ -4711,9 +5063,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- the per-connection loop --------------------------------------------------------------
 
+    def __init__(self, request, client_address, server, slot: Optional["ClientSlot"] = None):
+        # The connection slot this client holds (see ClientSlots); a reserve slot serves one
+        # health check under a short deadline.
+        self.slot = slot
+        self.admin_route = False
+        self.linger = False          # half-close and drain before closing (see _lingering_close)
+        super().__init__(request, client_address, server)
+
+    @property
+    def on_reserve(self) -> bool:
+        """True when this connection holds one of the slots kept back for /_proxy/health."""
+        return self.slot is not None and self.slot.reserve
+
+    @property
+    def client_timeout(self) -> float:
+        """clientTimeout, shortened for a connection on a reserve slot."""
+        timeout = self.server.config.client_timeout
+        return min(timeout, RESERVE_CLIENT_TIMEOUT) if self.on_reserve else timeout
+
     def setup(self):
         super().setup()
-        self.connection.settimeout(self.server.config.client_timeout)
+        self.connection.settimeout(self.client_timeout)
         # clientTimeout must bound the whole wait for a request head, not each recv(): a client
         # trickling one byte per (clientTimeout - 1) s would otherwise hold a thread for hours.
         self.rfile.close()
@@ -4723,7 +5094,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.close_connection = True
         self.head = None
-        self.head_reader.deadline = time.monotonic() + self.server.config.client_timeout
+        self.admin_route = False
+        self.head_reader.start_head(self.client_timeout)
         try:
             head = read_request_head(self.rfile)
         except RequestError as exc:
@@ -4732,17 +5104,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (ClientGone, OSError):
             return
         finally:
-            self.head_reader.deadline = None
+            # A body, if any, must keep coming: clientTimeout per read is not enough on its own.
+            self.head_reader.start_body(self.client_timeout, BODY_MIN_RATE)
         if head is None:
             return
         self.head = head
         self.close_connection = not self._client_keeps_alive(head)
         try:
+            if self.on_reserve and not self._answer_on_reserve(head):
+                return
             self.route(head)
         except RequestError as exc:
             self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+            # The client may still be sending its body (a 408, 413 or a bad chunk): close
+            # gently, or the reset of an abrupt close can destroy this answer on its way.
+            self.linger = True
         except (ClientGone, OSError):
             self.close_connection = True
+
+    def _answer_on_reserve(self, head: RequestHead) -> bool:
+        """On a reserve slot only /_proxy/health is served, once; anything else gets 503.
+
+        The path is only known once the head is read, so the reserve is handed out first and
+        kept short: RESERVE_CLIENT_TIMEOUT for handshake and head, one request, then close.
+        """
+        self.close_connection = True
+        # No body either: a trickled one would hold the reserve slot for minutes.
+        if (head.target.split("?", 1)[0].rstrip("/") == "/_proxy/health"
+                and request_body_length(head) is None):
+            return True
+        self.send_json(503, {"type": "error", "error": {
+            "type": "overloaded", "message": "the proxy is serving proxy.maxConnections "
+                                             "connections; try again shortly"}},
+                       [("Retry-After", "5")])
+        self.linger = True            # a body may follow the head: let the 503 arrive
+        return False
 
     def _client_keeps_alive(self, head: RequestHead) -> bool:
         tokens = head.connection_tokens()
@@ -4844,8 +5240,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     @property
     def client_ip(self) -> str:
         """The client's address, with IPv4-mapped IPv6 addresses shown as plain IPv4."""
-        host = self.client_address[0]
-        return host[7:] if host.startswith("::ffff:") and "." in host else host
+        return client_ip(self.client_address[0])
 
     def discard_body(self, head: RequestHead, body_length: Optional[int]) -> None:
         """Read and drop a body we do not forward, so the connection can carry the next request."""
@@ -4877,10 +5272,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return None
 
     def cors_response_headers(self, response_header_names) -> List[Tuple[str, str]]:
-        """CORS headers for an actual (non-preflight) response to an allowed origin."""
-        origin = self.allowed_origin()
+        """CORS headers for an actual (non-preflight) response: the allow headers for an allowed
+        origin (never on admin routes), and Vary: Origin always.
+
+        Vary goes on every answer, with or without Origin: the answer differs by Origin, and a
+        cache that stored the one without Origin must not serve it to a page (or vice versa).
+        """
+        origin = None if self.admin_route else self.allowed_origin()
         if origin is None:
-            return []
+            return [("Vary", "Origin")]
         headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         exposed = sorted({name for name in response_header_names
                           if name.lower() not in CORS_SAFELISTED_RESPONSE_HEADERS})
@@ -4926,6 +5326,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
             return
         methods, handler_name = route
+        # Stats, metrics and reset are for the proxy's owner: no CORS for any other site's page.
+        self.admin_route = handler_name in ADMIN_HANDLERS
         if head.method not in methods:
             self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
                                   "method_not_allowed")
@@ -4933,37 +5335,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
         getattr(self, handler_name)()
 
     def serve_stats(self) -> None:
-        self.send_json(200, self.server.stats.snapshot())
+        if not self.refused_as_admin():
+            self.send_json(200, self.server.stats.snapshot())
 
-    def serve_reset(self) -> None:
+    def refused_as_admin(self) -> bool:
+        """Answer 401/403 and return True when admin_refusal() refuses this request."""
         refusal = self.admin_refusal()
         if refusal:
-            self.send_proxy_error(refusal[0], refusal[1], "forbidden")
+            self.send_proxy_error(refusal[0], refusal[1],
+                                  "authentication_error" if refusal[0] == 401 else "forbidden")
+            return True
+        return False
+
+    def serve_reset(self) -> None:
+        if self.refused_as_admin():
             return
         self.server.stats.reset()
         log.info("stats reset by %s", self.client_ip)
         self.send_json(200, {"ok": True})
 
     def admin_refusal(self) -> Optional[Tuple[int, str]]:
-        """Why an admin action (reset) is refused, or None when allowed.
+        """Why an admin request (stats, metrics, reset) is refused, or None when allowed.
 
-        Another website open in the user's browser must not drive it: a browser always sends
-        Origin on a cross-site POST, so any Origin but our own is refused.
+        Another website open in the user's browser must neither drive nor read them: a browser
+        sends Origin on every cross-site POST and CORS read, so any Origin but our own is
+        refused. With proxy.adminToken set, "Authorization: Bearer <token>" is required too.
         """
         origin = self.head.get("origin")
         if origin is not None and origin.lower() != "https://" + (self.head.get("host") or "").lower():
             return 403, "admin endpoints refuse cross-origin requests (Origin %s)" % origin
         token = self.server.config.admin_token
-        if token:
-            supplied = self.head.get("authorization") or ""
-            if not hmac.compare_digest(supplied.encode("utf-8"), ("Bearer " + token).encode("utf-8")):
-                return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
+        if token and not bearer_token_matches(self.head.get("authorization") or "", token):
+            return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
         return None
 
     def serve_health(self) -> None:
         self.send_json(200, self.server.health())
 
     def serve_metrics(self) -> None:
+        if self.refused_as_admin():
+            return
         body = render_metrics(self.server.stats).encode("utf-8")
         self.send_local(200, body, METRICS_CONTENT_TYPE, [("Cache-Control", "no-store")])
 
@@ -4987,11 +5398,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Serve the CA certificate (never its key) for devices to install."""
         ca_file = os.path.join(os.path.dirname(self.server.config.cert_file), "ca.pem")
         try:
+            # Devices install what this hands out: never a CA another local user could plant.
+            check_trusted_file(ca_file, "CA certificate")
+        except CertificateError as exc:
+            log.error("not serving the CA: %s", exc)
+            self.send_proxy_error(503, "the CA file failed a safety check; see the proxy's log",
+                                  "unavailable")
+            return
+        try:
             with open(ca_file, "rb") as handle:
                 pem = handle.read()
         except OSError:
-            self.send_proxy_error(404, "no local CA here (%s): the proxy uses a certificate it "
-                                       "did not issue" % ca_file, "not_found")
+            # No path in the answer: anyone may ask, and the server's directories are not theirs.
+            self.send_proxy_error(404, "no local CA here: the proxy uses a certificate it did "
+                                       "not issue", "not_found")
             return
         if der:
             self.send_local(200, ca_pem_to_der(pem), "application/x-x509-ca-cert",
@@ -5058,8 +5478,8 @@ class Exchange:
         except UpstreamError as exc:
             self.fail(exc.status, exc.message)
             return
-        except RequestError:
-            self.status, self.error = 400, True
+        except RequestError as exc:
+            self.status, self.error = exc.status, True     # 400 malformed, 408 too slow
             raise
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
@@ -5418,17 +5838,22 @@ class Exchange:
         duration = time.monotonic() - self.started
         usage = None
         source = None
-        model = self.request_info.model if self.request_info is not None else None
+        model = None                  # the name the backend answered with, if it named one
         if self.tap is not None:
             usage = self.tap.usage
             source = usage["source"] if usage["source"] != "none" else None
-            model = usage["model"] or model
+            model = usage["model"]
             if usage.get("error"):
                 self.error = True
         elif self.kind and is_usage_kind(self.kind) and 200 <= self.status < 300:
             source = "missing"
         if self.status >= 400:
             self.error = True
+        if not model and not self.error and 200 <= self.status < 300 \
+                and self.request_info is not None:
+            # The request's own name counts only once the backend accepted it: a client
+            # asking for 260 made-up models (404 each) must not push real ones into "(other)".
+            model = self.request_info.model
         tokens = usage.get("total", 0) if usage else 0
         if log.isEnabledFor(logging.INFO):
             log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
@@ -5444,6 +5869,37 @@ class Exchange:
         })
 
 
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+def _lingering_close(sock) -> None:
+    """Half-close, then read and drop what the client still sends, briefly, before the close.
+
+    Closing a socket with unread input sends a TCP reset, and a reset can make the client's
+    stack discard our last answer before it is read (RFC 9112 §9.6; Apache and nginx linger
+    the same way). Bounded by LINGER_SECONDS and LINGER_MAX_BYTES; TLS records are dropped
+    unread, below the TLS layer.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable([sock], remaining):
+                return
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                return
+            drained += len(data)
+    except (OSError, ValueError):
+        return
+
+
 def _abort_connection(sock) -> None:
     """Close a client connection with a TCP reset, so no client mistakes it for a clean end."""
     try:
@@ -5454,6 +5910,19 @@ def _abort_connection(sock) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header value is "Bearer <token>".
+
+    The scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+    (both sides hashed first, so not even its length leaks).
+    """
+    scheme, _, supplied = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(supplied.strip(" \t").encode("utf-8")).digest(),
+                               hashlib.sha256(token.encode("utf-8")).digest())
 
 
 # Method sets and handler names of the internal routes (paths without a trailing slash).
@@ -5467,11 +5936,104 @@ INTERNAL_ROUTES = {
     "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
     "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
 }
+# Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
+# when set (the dashboard page itself holds no data; it asks for the token to read stats).
+ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
 
 
 # ==================================================================================================
 # HTTP layer, part 4: the TLS server
 # ==================================================================================================
+
+def client_ip(host: str) -> str:
+    """A client's address as logged and counted: IPv4-mapped IPv6 (dual-stack listener) as IPv4."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class ClientSlot:
+    """One open client connection counted by ClientSlots; release() it once (repeats are no-ops)."""
+
+    __slots__ = ("owner", "address", "reserve", "_released")
+
+    def __init__(self, owner: "ClientSlots", address: str, reserve: bool):
+        self.owner = owner
+        self.address = address
+        self.reserve = reserve       # one of the slots kept back for /_proxy/health
+        self._released = False
+
+    def release(self) -> None:
+        """Give the slot back."""
+        self.owner._release(self)
+
+
+class ClientSlots:
+    """Counts open client connections, in total and per client address.
+
+    take(address) -> ClientSlot or None (turn the connection away); release the slot when the
+    connection ends. The server's instance is ProxyServer.slots, used through
+    ProxyServer.claim_slot().
+
+    Policy: `total - reserve` general slots, of which one address may hold `per_client` (so
+    one host cannot take every slot; loopback counts like any address). When the general slots
+    are all taken, an address holding less than an equal share of them may take one reserve
+    slot (one at a time): a health check gets through a full server, a greedy host does not.
+    """
+
+    def __init__(self, total: int, per_client: int = 0, reserve: Optional[int] = None):
+        self.total = max(1, total)
+        self.reserve = min(CONNECTION_RESERVE, self.total // 16) if reserve is None else reserve
+        self.general = self.total - self.reserve
+        # Half by default: one address may hold many streams (an agent swarm, a benchmark, a
+        # Docker port mapping that shows every client as the gateway), yet never all of them.
+        self.per_client = min(per_client or max(1, self.total // 2), self.general)
+        self._lock = threading.Lock()
+        self._held: Dict[str, List[int]] = {}     # address -> [general, reserve] slots held
+        self._general_used = 0
+        self._reserve_used = 0
+
+    @property
+    def open(self) -> int:
+        """Slots held right now (general and reserve)."""
+        with self._lock:
+            return self._general_used + self._reserve_used
+
+    def held_by(self, address: str) -> int:
+        """Slots `address` holds right now."""
+        with self._lock:
+            return sum(self._held.get(address, (0, 0)))
+
+    def take(self, address: str) -> Optional[ClientSlot]:
+        """A slot for a new connection from `address`, or None when it must be turned away."""
+        with self._lock:
+            held = self._held.get(address, [0, 0])
+            if held[0] < self.per_client and self._general_used < self.general:
+                reserve = False
+                self._general_used += 1
+            elif (self._general_used >= self.general and self._reserve_used < self.reserve
+                  and held[1] == 0
+                  and held[0] < self.general // (len(self._held) + (address not in self._held))):
+                reserve = True
+                self._reserve_used += 1
+            else:
+                return None
+            held[reserve] += 1
+            self._held[address] = held
+        return ClientSlot(self, address, reserve)
+
+    def _release(self, slot: ClientSlot) -> None:
+        with self._lock:
+            if slot._released:
+                return
+            slot._released = True
+            held = self._held[slot.address]
+            held[slot.reserve] -= 1
+            if slot.reserve:
+                self._reserve_used -= 1
+            else:
+                self._general_used -= 1
+            if not any(held):
+                del self._held[slot.address]
+
 
 class ProxyServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that accepts plain TCP and does the TLS handshake in the worker thread.
@@ -5480,7 +6042,8 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context.
+    reload_tls(), health(), wait_for_requests(), claim_slot(). Attributes: config, stats,
+    upstream, ssl_context, slots (ClientSlots: the connection count per client address).
     """
 
     daemon_threads = True
@@ -5500,9 +6063,10 @@ class ProxyServer(ThreadingHTTPServer):
         self._health_cache = (0.0, None)
         self._active = 0
         self._active_changed = threading.Condition()
-        self._connections = 0
-        self._connections_lock = threading.Lock()
+        self.slots = ClientSlots(config.max_connections, config.max_connections_per_client)
         self._last_refusal_log = -1e9
+        self._accept_delay = 0.0
+        self._last_accept_error_log = -1e9
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -5521,34 +6085,79 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name = "llm-proxy"
         self.server_port = self.server_address[1]
 
+    def get_request(self):
+        # accept() failing for want of descriptors or memory leaves the connection in the
+        # backlog and the listener readable: retrying at once spins a core at 100%. Back off
+        # like Go's net/http Server.Serve (5 ms doubling to 1 s) and say so once a minute.
+        try:
+            accepted = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._accept_delay = min(1.0, self._accept_delay * 2 or 0.005)
+                now = time.monotonic()
+                if now - self._last_accept_error_log > 60:
+                    self._last_accept_error_log = now
+                    log.warning("cannot accept connections: %s (%s); new clients wait. Raise the "
+                                "open-file limit (LimitNOFILE, ulimit -n) or lower "
+                                "proxy.maxConnections", exc.strerror or exc,
+                                errno.errorcode.get(exc.errno, exc.errno))
+                time.sleep(self._accept_delay)
+            raise
+        self._accept_delay = 0.0
+        return accepted
+
+    def claim_slot(self, client_address) -> Optional[ClientSlot]:
+        """A connection slot for `client_address` ((host, port, ...) as accept() gives it), or
+        None when that address (or the server) is at its limit. Release it when done.
+
+        Each accepted connection holds one (ProxyHandler.slot) until it closes; a connection
+        upgraded to a tunnel keeps it, so tunnels count against proxy.maxConnections and
+        proxy.maxConnectionsPerClient as they are (never upgrade one on a reserve slot:
+        ProxyHandler.on_reserve). Claim another only for something a client holds open
+        without a connection of its own.
+        """
+        return self.slots.take(client_ip(client_address[0]))
+
     def process_request(self, request, client_address):
-        # One thread per connection, up to proxy.maxConnections: past that a flood of
-        # connections is turned away here instead of exhausting memory.
-        with self._connections_lock:
-            refused = self._connections >= self.config.max_connections
-            if not refused:
-                self._connections += 1
-        if refused:
+        # One thread per connection, up to proxy.maxConnections and proxy.maxConnectionsPerClient:
+        # past that a flood of connections is turned away here instead of exhausting memory.
+        address = client_ip(client_address[0])
+        slot = self.claim_slot(client_address)
+        if slot is None:
             self.shutdown_request(request)
             now = time.monotonic()
             if now - self._last_refusal_log > 10:
                 self._last_refusal_log = now
-                log.warning("refusing connections: %d open (proxy.maxConnections)",
-                            self.config.max_connections)
+                if self.slots.held_by(address) >= self.slots.per_client:
+                    log.warning("refusing connections from %s: it holds %d "
+                                "(proxy.maxConnectionsPerClient)", address, self.slots.per_client)
+                else:
+                    log.warning("refusing connections: %d open (proxy.maxConnections)",
+                                self.config.max_connections)
             return
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         daemon=True).start()
-
-    def process_request_thread(self, request, client_address):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections -= 1
+            threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address, slot), daemon=True).start()
+        except RuntimeError:          # "can't start new thread": turn this one away
+            slot.release()
+            self.shutdown_request(request)
 
-    def finish_request(self, request, client_address):
+    def process_request_thread(self, request, client_address, slot=None):
+        """Serve one connection in its own thread; the slot is released when it ends."""
+        try:
+            self.finish_request(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            if slot is not None:
+                slot.release()
+
+    def finish_request(self, request, client_address, slot=None):
         """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
-        request.settimeout(self.config.client_timeout)
+        reserve = slot is not None and slot.reserve
+        request.settimeout(min(self.config.client_timeout, RESERVE_CLIENT_TIMEOUT) if reserve
+                           else self.config.client_timeout)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
@@ -5561,7 +6170,9 @@ class ProxyServer(ThreadingHTTPServer):
             tls.close()
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            handler = self.RequestHandlerClass(tls, client_address, self, slot)
+            if handler.linger:
+                _lingering_close(tls)
         finally:
             try:
                 tls.close()
@@ -5657,9 +6268,92 @@ def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContex
     return ProxyServer(config, stats, ssl_context)
 
 
+def raise_fd_limit(wanted: int) -> Optional[Tuple[int, int]]:
+    """Raise the soft RLIMIT_NOFILE towards `wanted`, never past the hard limit.
+
+    Returns (soft limit before, soft limit now), or None where the platform has no such limit
+    (Windows has no resource module). The common soft limit of 1024 would otherwise end the
+    proxy at about 460 streams with EMFILE while the hard limit allows far more.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize, sys.maxsize
+    if soft >= wanted:
+        return soft, soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft             # macOS refuses more than kern.maxfilesperproc
+    return soft, target
+
+
+def fit_connections_to_fd_limit(config: Config) -> Config:
+    """Raise the open-file limit for proxy.maxConnections, or lower maxConnections to fit it.
+
+    Each connection needs two descriptors (client and backend socket) plus FD_RESERVE for the
+    rest of the process. Logs what it changed; returns the config to serve with.
+    """
+    limits = raise_fd_limit(2 * config.max_connections + FD_RESERVE)
+    if limits is None:
+        return config
+    before, soft = limits
+    if soft > before:
+        log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d", before, soft)
+    affordable = max(1, (soft - FD_RESERVE) // 2)
+    if affordable >= config.max_connections:
+        return config
+    log.warning("proxy.maxConnections lowered from %d to %d: the open-file limit is %d and each "
+                "connection needs 2 (raise it with LimitNOFILE= or ulimit -n)",
+                config.max_connections, affordable, soft)
+    return dataclasses.replace(config, max_connections=affordable)
+
+
 # ==================================================================================================
 # Service: pidfile, daemon mode, signals, the serve loop
 # ==================================================================================================
+
+def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open() for the files the proxy writes beside its config (pidfile, log file), which a
+    local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a regular file
+    with no other hard link, and never writable by others even under umask 000. Returns the
+    descriptor; raises OSError whose strerror says what is wrong and how to fix it."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a planted FIFO must not hang open()
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | nonblock
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link, which is not followed; remove it "
+                          "(rm %s) or choose another path" % path, path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise OSError(exc.errno, "it is not a regular file; remove it or choose another "
+                          "path", path) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file; remove it or choose another "
+                          "path", path)
+        if info.st_nlink != 1:
+            raise OSError(errno.EMLINK, "it has %d hard links (another name for the same file); "
+                          "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
+        if nonblock:
+            os.set_blocking(fd, True)
+        if os.name == "posix" and info.st_mode & 0o022 and info.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o022)  # left by an umask of 000
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 class PidFile:
     """A pidfile guarded by an exclusive flock: the lock, not the number, says who is alive.
@@ -5674,7 +6368,7 @@ class PidFile:
     def acquire(self) -> Optional[int]:
         """Take the lock. Returns None on success, or the pid of the instance holding it."""
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5710,10 +6404,15 @@ class PidFile:
 def stop_daemon(pidfile_path: str, timeout: float = 15.0) -> int:
     """--stop: SIGTERM the instance holding the pidfile and wait until it has exited."""
     probe = PidFile(pidfile_path)
-    if not os.path.exists(pidfile_path):
+    if not os.path.lexists(pidfile_path):
         print("not running (no pidfile %s)" % pidfile_path)
         return 0
-    owner = probe.acquire()
+    try:
+        owner = probe.acquire()
+    except OSError as exc:
+        print("error: cannot use pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
     if owner is None:
         probe.release()
         print("not running (removed stale pidfile %s)" % pidfile_path)
@@ -5856,11 +6555,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LogFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file (also after each rotation) is opened by
+    open_regular_file(): a symlink planted at the log's path is refused, not written through."""
+
+    def _open(self):
+        fd = open_regular_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=getattr(self, "errors", None))
+
+
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     """One handler on the "llm-proxy" logger: stderr, or a size-rotated file."""
     if log_file:
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024,
-                                                       backupCount=3, encoding="utf-8")
+        handler = _LogFileHandler(log_file, maxBytes=5 * 1024 * 1024, backupCount=3,
+                                  encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     # systemd's journal stamps every line itself; don't print the time twice.
@@ -6004,6 +6712,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
     try:
         cert_status = ensure_certificates(config.cert_file, config.key_file,
                                           extra_hosts=config.tls_hosts)
+        config = fit_connections_to_fd_limit(config)
         server = build_server(config)
     except ProxyError as exc:
         print("error: %s" % exc, file=sys.stderr)
@@ -6332,7 +7041,7 @@ footer.foot .err { color: var(--err); }
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
-    range: "hourly", selected: -1, series: null, polls: 0
+    range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
 
   function byId(id) { return document.getElementById(id); }
@@ -6858,15 +7567,38 @@ footer.foot .err { color: var(--err); }
     state.timer = setTimeout(poll, POLL_MS);
   }
 
+  // With proxy.adminToken set, reading the stats needs the token too: it is asked for once,
+  // kept in sessionStorage (this tab only, gone when it closes) and sent as a header, never
+  // put in a URL.
+  function fetchStats(opts, asked) {
+    var token = readToken();
+    opts.headers = { "Accept": "application/json" };
+    if (token) { opts.headers["Authorization"] = "Bearer " + token; }
+    return fetch(STATS_URL, opts).then(function (res) {
+      if (res.status !== 401) { return res; }
+      if (asked || state.tokenDeclined) { storeToken(""); return res; }
+      var entered = window.prompt(token ? "The saved admin token was refused. Admin token:" :
+        "This proxy needs its admin token to show statistics. Admin token:", "");
+      if (entered === null || !entered.trim()) {
+        state.tokenDeclined = true;
+        showNotice("Statistics need the proxy's admin token (proxy.adminToken). Reload the page to enter it.", "err");
+        return res;
+      }
+      storeToken(entered.trim());
+      delete opts.signal;         // the prompt may have outlasted the time-out of the first try
+      return fetchStats(opts, true);
+    });
+  }
+
   function poll() {
     if (state.busy) { return Promise.resolve(); }
     state.busy = true;
     clearTimeout(state.timer);
     var ctrl = typeof AbortController === "function" ? new AbortController() : null;
     var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, FETCH_TIMEOUT_MS);
-    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    var opts = { cache: "no-store", credentials: "same-origin" };
     if (ctrl) { opts.signal = ctrl.signal; }
-    return fetch(STATS_URL, opts).then(function (res) {
+    return fetchStats(opts, false).then(function (res) {
       if (!res.ok) { throw new Error("HTTP " + res.status); }
       return res.json();
     }).then(function (d) {
@@ -6888,7 +7620,7 @@ footer.foot .err { color: var(--err); }
       clearTimeout(killer);
       state.busy = false;
       renderConn();
-      schedule();
+      if (!state.tokenDeclined) { schedule(); }
     });
   }
 
