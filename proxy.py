@@ -4822,7 +4822,6 @@ class UpstreamResponse(http.client.HTTPResponse):
         self._upstream_sock = sock
         self._poller = None
         self.overran = False
-        self.interim: List[int] = []     # statuses of the interim answers dropped
 
     def begin(self):
         if self.headers is not None:
@@ -4844,7 +4843,7 @@ class UpstreamResponse(http.client.HTTPResponse):
             if not 100 <= status < 200 or status == 101:
                 return version, status, reason
             self._skip_interim_fields()
-            self.interim.append(status)
+            log.debug("dropped an interim %d answer from the backend", status)
         raise BadResponseHead("more than %d interim (1xx) answers" % MAX_INTERIM_RESPONSES)
 
     def _skip_interim_fields(self) -> None:
@@ -4956,8 +4955,6 @@ class UpstreamResponse(http.client.HTTPResponse):
         """Why the connection of this (ended) response must not carry another exchange, or None."""
         if self.will_close:
             return "the backend closes it"
-        if not self.isclosed():
-            return "the response did not end"
         if self.overran:
             return "the backend sent bytes past the end of its response"
         if self.announced_body_unread():
