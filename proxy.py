@@ -146,6 +146,9 @@ BODY_BUFFER_LIMIT = 1024 * 1024
 BODY_PEEK_LIMIT = 64 * 1024
 # One read from the backend returns at most this much; a small SSE event comes back at once.
 READ_CHUNK = 256 * 1024
+# A piece smaller than this is sent together with the pieces already received behind it (tiny
+# chunks that arrived together leave in one write), up to READ_CHUNK; nothing waits for more.
+COALESCE_BELOW = 16 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
 # A request refused for its access key has its body read and dropped up to this size, so the
@@ -160,6 +163,11 @@ CORS_SAFELISTED_RESPONSE_HEADERS = (
     "cache-control", "content-language", "content-length", "content-type", "expires",
     "last-modified", "pragma",
 )
+
+# A backend's response head (every interim 1xx head and the final one together) may be at most
+# this big, and at most this many interim 1xx answers may come before the final one.
+MAX_RESPONSE_HEAD_BYTES = 256 * 1024
+MAX_INTERIM_RESPONSES = 20
 
 # Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are re-sent
 # when a pooled connection dies before the reply.
@@ -2162,6 +2170,16 @@ USAGE_MAX_JSON_BODY = 4 << 20
 USAGE_MAX_LINE = 1 << 20
 # A compressed body stops being parsed once this much has been inflated (zip-bomb guard).
 USAGE_MAX_DECODED = 64 << 20
+# A token count at or above this is no count (no model reads 10^18 tokens): it counts as 0.
+USAGE_MAX_COUNT = 10 ** 18
+# The tap's work on one response is bounded: 4 KB of gzip can inflate to a million tiny JSON lines
+# (seconds of CPU, and every other request slowed with it). Each line split costs one unit, each
+# JSON parse 4 units plus one per 32 bytes; a response may spend USAGE_WORK_BASE units plus one
+# per USAGE_WORK_BYTES bytes received from the backend. Real streams use a tenth of that (a vLLM
+# chunk that carries usage every token: 13 units per 235 bytes). Past it the tap gives up and the
+# usage is "missing"; the client's bytes are not touched.
+USAGE_WORK_BASE = 50000
+USAGE_WORK_BYTES = 8
 
 _USAGE_HEAD_KEEP = 64 << 10
 _USAGE_TAIL_KEEP = 256 << 10
@@ -2435,12 +2453,16 @@ def inject_stream_usage(kind, body, info=None):
 
 def _usage_int(value):
     # type: (Any) -> int
-    """A token count from JSON: ints (not bools) and integral floats; anything else is 0."""
+    """A token count from JSON: ints (not bools) and integral floats below 10**18; else 0.
+
+    Ints are bounded like floats: a backend may report a 4,300-digit count, and such an int
+    cannot become a float (tokens/s) nor, summed, a string (Python 3.11+ caps int digits).
+    """
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return value if value > 0 else 0
-    if isinstance(value, float) and value == value and 0 < value < 1e18:
+        return value if 0 < value < USAGE_MAX_COUNT else 0
+    if isinstance(value, float) and value == value and 0 < value < USAGE_MAX_COUNT:
         return int(value)
     return 0
 
@@ -2531,7 +2553,8 @@ class _UsageSseReader(object):
     """
 
     __slots__ = ("on_event", "max_line", "raw", "partial", "skipping", "skip_lf", "data",
-                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out")
+                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out",
+                 "lines")
 
     def __init__(self, on_event, max_line, raw=False):
         self.on_event = on_event
@@ -2549,6 +2572,7 @@ class _UsageSseReader(object):
         self.ev_lines = []           # type: List[bytes]
         self.ev_len = 0
         self.out = []                # type: List[bytes]
+        self.lines = 0               # complete lines split so far (the tap's work bound)
 
     def feed(self, data):
         # type: (bytes) -> None
@@ -2578,6 +2602,7 @@ class _UsageSseReader(object):
             else:
                 seg = data
         lines = seg.splitlines(True)   # bytes.splitlines splits on \n, \r\n and \r only
+        self.lines += len(lines)
         last = lines[-1]
         if last[-1:] == b"\n":
             last = b""
@@ -2837,6 +2862,10 @@ class _UsageJsonBuffer(object):
         return self.size if self.head is None else len(self.head) + len(self.tail)
 
 
+class _UsageOverBudget(Exception):
+    """The tap has done all the parsing one response may cost (see USAGE_WORK_BASE)."""
+
+
 class UsageTap(object):
     """Incremental usage parser for one upstream response body.
 
@@ -2913,6 +2942,10 @@ class UsageTap(object):
         self._strip = False
         self._injected = False
         self._parsing = kind in USAGE_KINDS
+        self._wire = 0                # body bytes received from the backend
+        self._work = 0                # units spent (see USAGE_WORK_BASE)
+        self._lines_charged = 0       # SSE lines already counted in _work
+        self.gave_up = False          # the work bound was reached: usage is "missing"
         if not self._parsing:
             return
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
@@ -2945,6 +2978,7 @@ class UsageTap(object):
 
         Without stripping this is ``data`` itself (same object, no copy).
         """
+        self._wire += len(data)
         if self._strip:
             return self._feed_strip(data)
         if self._parsing and data:
@@ -2953,6 +2987,8 @@ class UsageTap(object):
                     self._inflate(data)
                 else:
                     self._route(data if isinstance(data, bytes) else bytes(data))
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:   # a parser bug must never break the proxied stream
                 log.debug("usage: parser error, usage for this response is lost", exc_info=True)
                 self._parsing = False
@@ -2990,6 +3026,9 @@ class UsageTap(object):
                     self._reader.feed(self._sniffed)
                 if self._reader is not None:
                     self._reader.finish()
+                    self._charge_lines()
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:
                 log.debug("usage: parser error at end of body", exc_info=True)
         self._parsing = False
@@ -3029,6 +3068,7 @@ class UsageTap(object):
         # type: (bytes) -> None
         if self._reader is not None:
             self._reader.feed(data)
+            self._charge_lines()
             return
         # Unknown content type: look at the first non-blank bytes.
         pending = self._sniffed + data if self._sniffed else data
@@ -3048,6 +3088,36 @@ class UsageTap(object):
         else:
             self._start("json")
         self._reader.feed(pending)
+        self._charge_lines()
+
+    # -- the work bound ----------------------------------------------------------------------
+
+    def _charge(self, units):
+        # type: (int) -> None
+        """Count work; raise _UsageOverBudget once this response has used its share."""
+        self._work += units
+        if self._work > USAGE_WORK_BASE + self._wire // USAGE_WORK_BYTES:
+            raise _UsageOverBudget()
+
+    def _charge_lines(self):
+        # type: () -> None
+        lines = getattr(self._reader, "lines", 0)
+        if lines != self._lines_charged:
+            units, self._lines_charged = lines - self._lines_charged, lines
+            self._charge(units)
+
+    def _loads(self, payload):
+        # type: (Any) -> Any
+        """json.loads, paid for from the work bound."""
+        self._charge(4 + len(payload) // 32)
+        return json.loads(payload)
+
+    def _give_up(self):
+        # type: () -> None
+        log.debug("usage: %d units of parsing for %d bytes, giving up on this response",
+                  self._work, self._wire)
+        self.gave_up = True
+        self._parsing = False
 
     def _inflate(self, data):
         # type: (bytes) -> None
@@ -3093,9 +3163,13 @@ class UsageTap(object):
                 log.debug("usage: SSE event too long, injected usage no longer stripped")
                 self._strip = False
                 return reader.take_everything_raw()
+            self._charge_lines()
             return reader.take_output()
-        except Exception:
-            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, _UsageOverBudget):
+                self._give_up()
+            else:
+                log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
             self._strip = False
             self._parsing = False
             return reader.take_everything_raw()
@@ -3168,7 +3242,7 @@ class UsageTap(object):
             # JSON parse, only the byte edit _strip_event makes.
             return self._strip_event({"usage": None}, raw_lines)
         try:
-            obj = json.loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
+            obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
             if name == b"error":
                 self._note_error(payload)
@@ -3196,6 +3270,7 @@ class UsageTap(object):
 
     def _on_ndjson_line(self, line):
         # type: (bytes) -> None
+        self._charge(1)
         line = line.strip()
         if not line:
             return
@@ -3204,7 +3279,7 @@ class UsageTap(object):
             return   # an Ollama token line
         self._probes -= 1
         try:
-            obj = json.loads(line.decode("utf-8"))
+            obj = self._loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
             return
         if isinstance(obj, dict):
@@ -3216,11 +3291,12 @@ class UsageTap(object):
             if not body.strip():
                 return
             try:
-                obj = json.loads(body)
+                obj = json.loads(body)      # one parse, bounded by max_body: not charged
             except (ValueError, RecursionError):
                 obj = None
-                # Several JSON documents, one per line: read them as NDJSON.
-                for line in body.splitlines():
+                # Several JSON documents, one per line: read them as NDJSON (lazily: the work
+                # bound may end it long before the last of a million lines).
+                for line in io.BytesIO(body):
                     self._on_ndjson_line(line)
             if isinstance(obj, dict):
                 self._take(obj, None)
@@ -3244,7 +3320,7 @@ class UsageTap(object):
             if line[:1] != b"{":
                 continue
             try:
-                obj = json.loads(line)
+                obj = self._loads(line)
             except (ValueError, RecursionError):
                 continue
             if isinstance(obj, dict):
@@ -3365,7 +3441,9 @@ class UsageTap(object):
         if self.kind not in USAGE_KINDS:
             source = "none"
         else:
-            if self._anthropic is not None:
+            if self.gave_up:
+                counts = None       # what was seen so far may not be the whole answer's usage
+            elif self._anthropic is not None:
                 counts = _usage_anthropic_counts(self._anthropic)
             elif self._counts is not None:
                 counts = self._counts
@@ -3488,12 +3566,12 @@ def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
 
 def _stats_count(value):
     # type: (Any) -> int
-    """A token count from the tap: a non-negative int, anything else is 0."""
+    """A token count from the tap: a non-negative int below USAGE_MAX_COUNT, anything else is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
-    if isinstance(value, float) and not math.isfinite(value):
+    if not 0 < value < USAGE_MAX_COUNT:     # also NaN; a huge int would overflow float()
         return 0
-    return max(0, int(value))
+    return int(value)
 
 
 def _stats_ms(value):
@@ -4907,12 +4985,22 @@ class UpstreamPool:
                 return conn, True
             conn.close()
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        """Return a connection whose response was read to the end."""
-        with self._lock:
-            if conn.sock is not None and len(self._idle) < self.max_idle:
-                self._idle.append(conn)
-                return
+    def release(self, conn: http.client.HTTPConnection, response: "UpstreamResponse") -> None:
+        """Take a connection back after its response was read to the end.
+
+        It is kept for reuse only when the exchange ended cleanly at a known boundary (see
+        UpstreamResponse.reusable); otherwise it is closed, so that no byte of this exchange can
+        ever be read as the answer to the next client's request.
+        """
+        response.close()            # ends the response; notes any byte the backend sent past it
+        why_not = response.why_not_reusable()
+        if why_not is None:
+            with self._lock:
+                if conn.sock is not None and len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+        elif not response.will_close:
+            log.debug("backend connection closed instead of reused: %s", why_not)
         conn.close()
 
     def close_all(self) -> None:
@@ -4924,6 +5012,7 @@ class UpstreamPool:
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        conn.response_class = UpstreamResponse
         try:
             conn.connect()
         except socket.timeout:
@@ -4941,12 +5030,286 @@ class UpstreamPool:
 
 _OBS_FOLD = re.compile(r"[\r\n]+[ \t]*")
 
+# A backend's response is read by http.client, which is lenient where a proxy cannot be: it reads a
+# header line whose name holds a space as the end of the head, splits a value at a bare CR,
+# accepts "+5" as a Content-Length and " 0x5" as a chunk size, and takes an interim 103 for the
+# final answer. Each of those makes the proxy and the client (or the proxy and the backend) see
+# different messages in the same bytes, and on a pooled connection one user's answer then reaches
+# the next user. So every raw line of the head is checked here (RFC 9112 §4, §5; RFC 9110 §5.5),
+# and chunk framing strictly (RFC 9112 §7.1).
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_BACKEND_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_LINE_LIMIT = 65536          # http.client's own limit on one line (_MAXLINE)
 
-def _conflicting_content_length(response) -> bool:
-    """True when a response carries differing Content-Length values (RFC 9110 §8.6)."""
-    values = {v.strip() for item in response.msg.get_all("content-length") or ()
+
+class BadResponseHead(http.client.HTTPException):
+    """The backend's response head breaks HTTP/1.1 message syntax; the message says how."""
+
+
+class _HeadRecorder:
+    """Stands in for a response's file while http.client reads the head: keeps every raw line.
+
+    http.client reads a head with readline() only; the lines it parsed are then checked as
+    received, before any of it is believed.
+    """
+
+    __slots__ = ("raw", "lines", "size")
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.lines: List[bytes] = []
+        self.size = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.raw.readline(limit)
+        self.size += len(line)
+        if self.size > MAX_RESPONSE_HEAD_BYTES:
+            raise BadResponseHead("a response head larger than %d bytes" % MAX_RESPONSE_HEAD_BYTES)
+        self.lines.append(line)
+        return line
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def response_head_problem(lines: List[bytes]) -> Optional[str]:
+    """What is wrong with the raw lines of one or more response heads, or None when nothing is.
+
+    Each head is a status line, header lines and an empty line. Names must be tokens, values
+    may not hold NUL, CR, LF or other controls but HTAB (RFC 9110 §5.5), and a folded line
+    (obs-fold) must continue a field; lines may end in CRLF or a bare LF (http.client splits on LF).
+    """
+    at_status = True
+    first_field = False
+    for line in lines:
+        if at_status:
+            if not _STATUS_LINE.match(line):
+                return "a malformed status line"
+            at_status, first_field = False, True
+            continue
+        if line in (b"\r\n", b"\n"):
+            at_status = True
+            continue
+        if not line.endswith(b"\n"):
+            return "a response head cut short"
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if text[:1] in (b" ", b"\t"):
+            if first_field or not text.strip(b" \t"):
+                return "a malformed folded header line"
+            value = text
+        else:
+            name, colon, value = text.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                return "a malformed header line"
+        if _BAD_FIELD_VALUE.search(value):
+            return "a control character in a header value"
+        first_field = False
+    if not at_status:
+        return "a response head cut short"
+    return None
+
+
+def _bytes_waiting(fp, sock) -> bool:
+    """True when a response's buffer or socket holds bytes now, without waiting for any.
+
+    The socket is made non-blocking for one read, so peek() can only return what is there.
+    An error means the connection cannot be trusted either: True.
+    """
+    try:
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return bool(fp.peek(1))
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, made strict where leniency would let two exchanges mix.
+
+    - Interim answers (1xx but 101) are read past and dropped, up to the final status. They
+      are not forwarded: the clients of an LLM API have no use for them (browsers act on 103
+      Early Hints only over HTTP/2), and Python's http.client -- under urllib and requests --
+      would take a 103 for the final answer. A 101 is returned as it is: the caller decides.
+    - Every raw line of the head is checked (response_head_problem): BadResponseHead if bad.
+    - Chunk-size lines must be hex digits, and chunk data must end in CRLF.
+    - Bytes found waiting when the response ends (`overran`) mean the backend and we disagree
+      about where it ended: the connection is then not reused (see reusable()).
+    """
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self._upstream_sock = sock
+        self._poller = None
+        self.overran = False
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        recorder = _HeadRecorder(self.fp)
+        self.fp = recorder
+        try:
+            super().begin()
+        finally:
+            if self.fp is recorder:
+                self.fp = recorder.raw
+        problem = response_head_problem(recorder.lines)
+        if problem:
+            raise BadResponseHead(problem)
+
+    def _read_status(self):
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            self._skip_interim_fields()
+            log.debug("dropped an interim %d answer from the backend", status)
+        raise BadResponseHead("more than %d interim (1xx) answers" % MAX_INTERIM_RESPONSES)
+
+    def _skip_interim_fields(self) -> None:
+        while True:
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise BadResponseHead("an interim (1xx) answer cut short")
+
+    def _get_chunk_left(self):
+        # http.client's own version, except that the CRLF after chunk data is checked instead of
+        # skipped, and the size line is parsed strictly: int(line, 16) takes " +0x5_0".
+        chunk_left = self.chunk_left
+        if not chunk_left:
+            if chunk_left is not None and self._safe_read(2) != b"\r\n":
+                raise http.client.IncompleteRead(b"")
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            match = _BACKEND_CHUNK_SIZE.match(line)
+            if not match:
+                self._close_conn()
+                raise http.client.IncompleteRead(b"")
+            chunk_left = int(match.group(1), 16)
+            if chunk_left == 0:
+                self._read_and_discard_trailer()
+                self._close_conn()
+                chunk_left = None
+            self.chunk_left = chunk_left
+        return chunk_left
+
+    def _close_conn(self):
+        fp = self.fp
+        if fp is not None and not self.will_close and not self.overran:
+            self.overran = _bytes_waiting(fp, self._upstream_sock)
+        super()._close_conn()
+
+    def read_ready(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the body that have already arrived; b"" if none. Never waits.
+
+        http.client's read1() returns one chunk per call, and a stream of tiny chunks then costs a
+        call (and a write) per byte. Here the chunks already in the read buffer are decoded in
+        one go. The socket is polled first, so peek() reads only what is there; the buffer's
+        content is decoded only as far as it holds whole size lines (the last chunk is left to
+        read1(), which also reads the trailer).
+        """
+        fp = self.fp
+        if fp is None or limit <= 0 or not self._socket_readable():
+            return b""
+        try:
+            ahead = fp.peek(1)
+        except (OSError, ValueError):
+            return b""                       # the next read1() reports it
+        if not ahead:
+            return b""
+        if not self.chunked:
+            return self.read1(min(limit, len(ahead)))
+        return self._dechunk_buffered(ahead, limit)
+
+    def _socket_readable(self) -> bool:
+        # One poll object per response: making one per check costs more than the check.
+        poller = self._poller
+        if poller is None:
+            if not hasattr(select, "poll"):
+                return bool(_readable([self._upstream_sock], 0))
+            poller = self._poller = select.poll()
+            poller.register(self._upstream_sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _dechunk_buffered(self, ahead: bytes, limit: int) -> bytes:
+        out = []
+        size = pos = 0
+        left = self.chunk_left               # None: a size line is next; 0: CRLF, then one
+        while size < limit:
+            if left:
+                take = min(left, len(ahead) - pos, limit - size)
+                if take <= 0:
+                    break
+                out.append(ahead[pos:pos + take])
+                pos, left, size = pos + take, left - take, size + take
+                continue
+            line = pos + 2 if left == 0 else pos
+            if left == 0 and ahead[pos:line] != b"\r\n":
+                break
+            end = ahead.find(b"\n", line) + 1
+            if not end or end >= len(ahead):
+                break                        # the size line or the data is not all here yet
+            match = _BACKEND_CHUNK_SIZE.match(ahead, line, end)
+            following = int(match.group(1), 16) if match else 0
+            if not following:
+                break                        # malformed, or the last chunk: read1() reports it
+            left, pos = following, end
+        if pos:
+            self.fp.read(pos)                # all in the buffer: no wait
+            self.chunk_left = left
+        return b"".join(out)
+
+    def announced_body_unread(self) -> bool:
+        """True for an answer without a body (HEAD, 204, 304) whose head announced one.
+
+        A buggy backend may still send that body, perhaps only once the next request arrives:
+        no check for waiting bytes can see it coming, so such a connection is not reused.
+        """
+        if not (self._method == "HEAD" or self.status in (204, 304)):
+            return False
+        return bool(self.chunked) or any(v.strip(" \t") not in ("", "0") for v in
+                                         self.msg.get_all("content-length") or ())
+
+    def why_not_reusable(self) -> Optional[str]:
+        """Why the connection of this (ended) response must not carry another exchange, or None."""
+        if self.will_close:
+            return "the backend closes it"
+        if self.overran:
+            return "the backend sent bytes past the end of its response"
+        if self.announced_body_unread():
+            return "a body the head announced may still follow"
+        if self.chunked and self.msg.get("content-length") is not None:
+            return "Content-Length beside Transfer-Encoding (RFC 9112 §6.1)"
+        return None
+
+    def reusable(self) -> bool:
+        """Whether the exchange ended cleanly at a known boundary, so the connection may be reused."""
+        return self.why_not_reusable() is None
+
+
+def framing_problem(response) -> Optional[str]:
+    """What makes the end of a response's body unknowable, or None (RFC 9112 §6.3).
+
+    Content-Length must be digits (int() also takes "+5", "0_5" and Unicode digits), every
+    value the same (RFC 9110 §8.6); Transfer-Encoding must be exactly chunked, as http.client
+    read it. On any of these a proxy MUST answer 502 and close the connection to the server.
+    """
+    values = {v.strip(" \t") for item in response.msg.get_all("content-length") or ()
               for v in item.split(",")}
-    return len(values) > 1
+    if any(not (v.isascii() and v.isdigit()) or len(v) > 18 for v in values):
+        return "sent a Content-Length that is not a number"
+    if len(values) > 1:
+        return "sent conflicting Content-Length headers"
+    codings = response.msg.get_all("transfer-encoding")
+    if codings:
+        tokens = [t.strip(" \t").lower() for v in codings for t in v.split(",")]
+        if tokens != ["chunked"] or not response.chunked:
+            return "sent a Transfer-Encoding other than chunked"
+    return None
 
 
 def _readable(socks, timeout: float) -> list:
@@ -5672,7 +6035,9 @@ class Exchange:
             lower = name.lower()
             if lower == "x-forwarded-for":
                 forwarded_for.append(value)
-            elif lower not in dropped:
+            elif lower not in dropped and "_" not in name:
+                # Names with "_" are dropped, as nginx does by default: WSGI/CGI backends read
+                # X_Forwarded_For or Content_Length as the dashed header, which we checked or set.
                 headers.append((name, value))
         forwarded_for.append(self.handler.client_ip)
         headers.append(("X-Forwarded-For", ", ".join(forwarded_for)))
@@ -5715,12 +6080,13 @@ class Exchange:
                 sent = True
                 self.wait_for_answer(conn)
                 response = conn.getresponse()
-                if not response.chunked and _conflicting_content_length(response):
-                    # RFC 9110 §8.6: the end of this response is unknowable; a proxy MUST
+                problem = framing_problem(response) or self.unasked_switch(response)
+                if problem:
+                    # RFC 9112 §6.3: the end of this response is unknowable; a proxy MUST
                     # answer 502 and close the connection to the server.
                     conn.close()
-                    raise UpstreamError(502, "The backend at %s sent conflicting Content-Length "
-                                             "headers" % pool.url)
+                    response.close()
+                    raise UpstreamError(502, "The backend at %s %s" % (pool.url, problem))
                 return conn, response
             except (ClientGone, RequestError):
                 conn.close()
@@ -5742,12 +6108,24 @@ class Exchange:
             except http.client.HTTPException as exc:
                 conn.close()
                 raise UpstreamError(502, "The backend at %s sent an invalid HTTP response (%s)"
-                                    % (pool.url, type(exc).__name__)) from None
+                                    % (pool.url, exc if isinstance(exc, BadResponseHead)
+                                       else type(exc).__name__)) from None
             except OSError as exc:
                 conn.close()
                 raise UpstreamError(502, "Error talking to the backend at %s: %s"
                                     % (pool.url, _describe_os_error(exc))) from None
         raise AssertionError("unreachable")
+
+    def unasked_switch(self, response) -> Optional[str]:
+        """Why a 101 Switching Protocols answer is refused; None for any other status.
+
+        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
+        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
+        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        """
+        if response.status != 101:
+            return None
+        return "switched protocols (101) although the request asked for no upgrade"
 
     def wait_for_answer(self, conn) -> None:
         """Wait for the backend's first byte, and give up at once if the client leaves meanwhile.
@@ -5848,15 +6226,13 @@ class Exchange:
             head = b""
         if not self.has_body(response):
             self.ttfb = time.monotonic() - self.started
-            response.close()
-            self.server.upstream.release(conn)
+            self.server.upstream.release(conn, response)
             return
         tap = self.tap
-        read1 = response.read1
         complete = False
         while True:
             try:
-                data = read1(READ_CHUNK)
+                data = self.read_available(response)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -5906,11 +6282,26 @@ class Exchange:
         except OSError:
             self.client_broke(conn)
             return
-        response.close()
-        if response.will_close:
-            conn.close()
-        else:
-            self.server.upstream.release(conn)
+        self.server.upstream.release(conn, response)
+
+    def read_available(self, response) -> bytes:
+        """The next piece of the body, joined with every piece already received behind it.
+
+        Waits only for the first piece, so no SSE event is held back; a burst of tiny chunks
+        (2 million 1-byte chunks took 41 s, one TLS write each) leaves in few writes.
+        """
+        data = response.read1(READ_CHUNK)
+        if not data or len(data) >= COALESCE_BELOW:
+            return data
+        pieces = [data]
+        size = len(data)
+        while size < READ_CHUNK:
+            more = response.read_ready(READ_CHUNK - size)
+            if not more:
+                break
+            pieces.append(more)
+            size += len(more)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.
