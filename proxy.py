@@ -73,6 +73,7 @@ CONFIG_DEFAULTS = {
         "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
+        "websocketIdleTimeout": 3600,  # seconds a WebSocket tunnel may carry no byte either way
     },
     "target": {
         "host": "127.0.0.1",
@@ -230,6 +231,7 @@ CONFIG_CHECKS = {
     "proxy.adminToken": _check_string,
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
+    "proxy.websocketIdleTimeout": _check_positive_number,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
@@ -256,6 +258,7 @@ class Config:
     admin_token: str = ""
     client_timeout: float = 30.0
     max_connections: int = 512
+    websocket_idle_timeout: float = 3600.0
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -405,6 +408,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
+        websocket_idle_timeout=float(values["proxy.websocketIdleTimeout"]),
         target_host=values["target.host"].strip().strip("[]"),
         target_port=values["target.port"],
         connect_timeout=float(values["target.connectTimeout"]),
@@ -4644,6 +4648,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
                                   "origin_not_allowed")
             return
+        if websocket_requested(head, body_length):
+            refusal = websocket_access_refusal(self, head)
+            if refusal:
+                self.send_proxy_error(401, refusal, "unauthorized")
+                return
         exchange = Exchange(self, head, path, body_length)
         self.server.request_started()
         try:
@@ -4682,6 +4691,9 @@ class Exchange:
         self.injected = False
         self.streamed = None
         self.body_streamed = False
+        # A WebSocket handshake is forwarded with its upgrade headers; any other upgrade is not.
+        self.upgrade = websocket_requested(head, body_length)
+        self.tunnel = None
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -4698,6 +4710,9 @@ class Exchange:
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
             raise
+        if self.upgrade and response.status == 101:
+            self.open_tunnel(conn, response)
+            return
         self.relay_response(conn, response)
 
     def read_request_body(self):
@@ -4761,6 +4776,9 @@ class Exchange:
             headers.append(("X-Forwarded-Host", head.get("host")))
         if self.injected:
             headers.append(("Accept-Encoding", "identity"))
+        if self.upgrade:
+            # The one exception to hop-by-hop stripping (RFC 9110 §7.8): asked for explicitly.
+            headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
         if body is not None:
             if body or self.body_length is not None or self.head.method in ("POST", "PUT", "PATCH"):
                 headers.append(("Content-Length", str(len(body))))
@@ -4990,6 +5008,60 @@ class Exchange:
         else:
             self.server.upstream.release(conn)
 
+    def open_tunnel(self, conn, response) -> None:
+        """Relay the backend's 101 to a WebSocket handshake, then copy bytes both ways until done.
+
+        The backend's socket leaves the pool for good: after a 101 it speaks WebSocket, not HTTP.
+        """
+        self.status = 101
+        self.ttfb = time.monotonic() - self.started
+        raw = response.getheaders()
+        agreed = [p.strip().lower() for k, v in raw if k.lower() == "upgrade" for p in v.split(",")]
+        backend = conn.sock
+        if backend is None or agreed != ["websocket"]:
+            conn.close()
+            self.fail(502, "The backend at %s answered the WebSocket handshake with 101 but did "
+                           "not switch to WebSocket" % self.server.upstream.url)
+            return
+        dropped = set(HOP_BY_HOP_HEADERS)
+        dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
+        headers = [(k, _OBS_FOLD.sub(" ", v)) for k, v in raw if k.lower() not in dropped]
+        headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        head = "HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % "".join(
+            "%s: %s\r\n" % pair for pair in headers)
+        # Frames the backend sent right behind its 101 may already sit in http.client's buffer.
+        backend.setblocking(False)
+        try:
+            from_backend = response.fp.read1(READ_CHUNK) or b""
+        except OSError:
+            from_backend = b""
+        conn.sock = None
+        response.close()
+        self.handler.close_connection = True
+        client = self.handler.connection
+        try:
+            self.handler.wfile.write(head.encode("latin-1"))
+            # And frames a client sent without waiting for the 101 sit in our request reader.
+            client.setblocking(False)
+            try:
+                from_client = self.handler.rfile.read1(READ_CHUNK) or b""
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                from_client = b""
+        except OSError:
+            backend.close()
+            raise ClientGone() from None
+        tap = RealtimeUsage() if self.config.tracking_enabled and \
+            self.path.rstrip("/").endswith("/realtime") else None
+        self.tunnel = Tunnel(client, backend, self.config.websocket_idle_timeout,
+                             self.config.client_timeout, from_client, from_backend, tap)
+        self.server.track_tunnel(self.tunnel, True)
+        try:
+            self.tunnel.run()
+        finally:
+            self.server.track_tunnel(self.tunnel, False)
+            backend.close()
+        self.sent = self.tunnel.down
+
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.
 
@@ -5035,8 +5107,17 @@ class Exchange:
             source = "missing"
         if self.status >= 400:
             self.error = True
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.tap is not None and tunnel.tap.responses:
+            usage, source, model = tunnel.tap.usage, "reported", tunnel.tap.model or model
         tokens = usage.get("total", 0) if usage else 0
-        if log.isEnabledFor(logging.INFO):
+        if tunnel is not None:
+            # One line per WebSocket, at its end: how long, how much each way, who ended it.
+            log.info("%s %s %s 101 websocket %.1fs up %dB down %dB closed by %s%s",
+                     self.handler.client_ip, self.head.method, self.path, duration,
+                     tunnel.up, tunnel.down, tunnel.closed_by,
+                     " %d tokens" % tokens if tokens else "")
+        elif log.isEnabledFor(logging.INFO):
             log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
                      self.status, self.sent, duration * 1000,
                      " %d tokens" % tokens if tokens else "")
@@ -5076,6 +5157,388 @@ INTERNAL_ROUTES = {
 
 
 # ==================================================================================================
+# HTTP layer, part 3b: WebSocket tunnels (the one upgrade we forward)
+# ==================================================================================================
+
+# Bytes held per direction while the receiving side is slow: past this we stop reading from the
+# sender, so TCP pushes back on it instead of our memory filling up.
+TUNNEL_BUFFER_LIMIT = 1024 * 1024
+# TCP keepalive on both legs of a tunnel: a tunnel may be silent for an hour legitimately, and a
+# peer that vanished (laptop lid closed, Wi-Fi gone) is found in about idle + interval * count.
+TUNNEL_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
+# Realtime usage: a server->client text message is parsed only when it is at most this big (a
+# response.done event is a few KiB; audio deltas are skipped unparsed).
+REALTIME_MESSAGE_LIMIT = 1024 * 1024
+
+
+def websocket_requested(head: RequestHead, body_length: Optional[int]) -> bool:
+    """True for a WebSocket opening handshake (RFC 6455 §4.1) we forward as an upgrade.
+
+    GET, HTTP/1.1, "upgrade" among the Connection tokens and "websocket" among the Upgrade
+    protocols, and no body. Any other upgrade (h2c, TLS/1.0) is not forwarded: its headers are
+    hop-by-hop, dropped as usual, and the request proceeds as a plain one.
+    """
+    if head.method != "GET" or head.version != "HTTP/1.1" or body_length is not None:
+        return False
+    if "upgrade" not in head.connection_tokens():
+        return False
+    return "websocket" in [p.strip().lower() for value in head.get_all("upgrade")
+                           for p in value.split(",")]
+
+
+def websocket_access_refusal(handler: "ProxyHandler", head: RequestHead) -> Optional[str]:
+    """Hook for access keys on a WebSocket handshake: why it is refused, or None to allow.
+
+    Browsers cannot set Authorization on a WebSocket; the OpenAI Realtime API's browser form puts
+    the key in Sec-WebSocket-Protocol as "openai-insecure-api-key.<key>". No access keys exist
+    in this build, so every handshake that passed the Origin check is allowed.
+    """
+    return None
+
+
+def _keepalive(sock) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in TUNNEL_KEEPALIVE:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
+
+
+class _Wait:
+    """Wait for readiness of two sockets: poll() where it exists, else select()."""
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+        self.poller = select.poll() if hasattr(select, "poll") else None
+
+    def wait(self, wants, timeout: float):
+        """wants: per socket (read?, write?). Returns per socket (readable, writable)."""
+        if self.poller is not None:
+            poller = self.poller
+            for sock, (r, w) in zip(self.sockets, wants):
+                mask = (select.POLLIN if r else 0) | (select.POLLOUT if w else 0)
+                if mask:
+                    poller.register(sock, mask)
+                else:
+                    # Registered with no events, a hung-up socket would still report POLLHUP
+                    # at once, every time: a busy loop while the other direction drains.
+                    try:
+                        poller.unregister(sock)
+                    except KeyError:
+                        pass
+            events = dict(poller.poll(max(0.0, timeout) * 1000.0))
+            result = []
+            for sock, (r, w) in zip(self.sockets, wants):
+                ev = events.get(sock.fileno(), 0)
+                broken = ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                result.append((bool(ev & select.POLLIN) or bool(broken and r),
+                               bool(ev & select.POLLOUT) or bool(broken and w)))
+            return result
+        rlist = [s for s, (r, _) in zip(self.sockets, wants) if r]
+        wlist = [s for s, (_, w) in zip(self.sockets, wants) if w]
+        readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        return [(s in readable, s in writable) for s in self.sockets]
+
+
+class RealtimeUsage:
+    """Reads the backend->client frames of an OpenAI Realtime tunnel for response.done usage.
+
+    Fed a copy of the bytes (never changes them). Server frames are unmasked (RFC 6455 §5.1);
+    text messages may be fragmented; compressed (RSV1) or oversized messages are skipped.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._message = bytearray()
+        self._in_text = False
+        self._skip_message = False
+        self._payload_left = 0     # bytes of the current frame still to come
+        self._collect = False      # whether the current frame's payload belongs to a text message
+        self._fin = False
+        self.responses = 0
+        self.usage = dict.fromkeys(("prompt", "completion", "total", "cacheRead", "cacheWrite",
+                                    "reasoning"), 0)
+        self.model = None
+        self.broken = False
+
+    def feed(self, data) -> None:
+        """Take the next bytes the backend sent."""
+        if self.broken:
+            return
+        view = memoryview(data)
+        while view:
+            if self._payload_left:
+                take = view[:self._payload_left]
+                if self._collect and not self._skip_message:
+                    if len(self._message) + len(take) > REALTIME_MESSAGE_LIMIT:
+                        self._skip_message = True
+                        self._message = bytearray()
+                    else:
+                        self._message += take
+                self._payload_left -= len(take)
+                view = view[len(take):]
+                if not self._payload_left:
+                    self._end_frame()
+                continue
+            self._buf += view
+            view = memoryview(b"")
+            while not self._payload_left and self._parse_header():
+                if self._buf and self._payload_left:
+                    rest, self._buf = bytes(self._buf), bytearray()
+                    self.feed(rest)
+                    return
+
+    def _parse_header(self) -> bool:
+        buf = self._buf
+        if len(buf) < 2:
+            return False
+        b0, b1 = buf[0], buf[1]
+        length, offset = b1 & 0x7F, 2
+        if length == 126:
+            if len(buf) < 4:
+                return False
+            length, offset = struct.unpack("!H", bytes(buf[2:4]))[0], 4
+        elif length == 127:
+            if len(buf) < 10:
+                return False
+            length, offset = struct.unpack("!Q", bytes(buf[2:10]))[0], 10
+        if b1 & 0x80:
+            offset += 4                       # a masked server frame is a protocol error; skip it
+            if len(buf) < offset:
+                return False
+        del buf[:offset]
+        opcode, self._fin = b0 & 0x0F, bool(b0 & 0x80)
+        self._collect = False
+        if opcode == 0x1:                     # a text message starts
+            self._in_text, self._message = True, bytearray()
+            self._skip_message = bool(b0 & 0x40)       # RSV1: permessage-deflate
+            self._collect = True
+        elif opcode == 0x0 and self._in_text:     # its continuation
+            self._collect = True
+        elif opcode in (0x2,):                # a binary message ends any text bookkeeping
+            self._in_text = False
+        self._payload_left = length
+        if not length:
+            self._end_frame()
+        return True
+
+    def _end_frame(self) -> None:
+        if self._collect and self._fin:
+            self._in_text = False
+            if not self._skip_message and b"response.done" in self._message:
+                self._take(bytes(self._message))
+            self._message = bytearray()
+            self._skip_message = False
+        self._collect = False
+
+    def _take(self, text: bytes) -> None:
+        try:
+            event = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(event, dict) or event.get("type") != "response.done":
+            return
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return
+        prompt = _usage_int(usage.get("input_tokens"))
+        completion = _usage_int(usage.get("output_tokens"))
+        total = _usage_int(usage.get("total_tokens")) or prompt + completion
+        self.responses += 1
+        self.usage["prompt"] += prompt
+        self.usage["completion"] += completion
+        self.usage["total"] += total
+        self.usage["cacheRead"] += _usage_int(_usage_dig(usage, "input_token_details",
+                                                         "cached_tokens"))
+        self.usage["reasoning"] += _usage_int(_usage_dig(usage, "output_token_details",
+                                                         "reasoning_tokens"))
+        if isinstance(response.get("model"), str):
+            self.model = response["model"]
+
+
+class Tunnel:
+    """Copies bytes both ways between a client (TLS) and the backend (TCP) after a 101.
+
+    One poll loop in the handler's own thread, no extra thread: an SSLSocket must not be read
+    and written from two threads at once (OpenSSL objects are not thread-safe). Both sockets are
+    non-blocking; each direction holds at most TUNNEL_BUFFER_LIMIT bytes, so a slow reader
+    slows its sender instead of growing memory, and one stalled direction never blocks the other.
+    An end of stream on one side is passed on as a half-close (close_notify + FIN to the client,
+    FIN to the backend); once both directions have ended, both sockets close.
+
+    For the caller: run() -> who closed ("client", "backend", "idle", "shutdown", "error");
+    stop() from another thread; up/down hold the bytes copied each way.
+    """
+
+    def __init__(self, client, backend, idle_timeout: float, end_timeout: float,
+                 from_client: bytes = b"", from_backend: bytes = b"", tap=None):
+        self.client = client
+        self.backend = backend
+        self.idle_timeout = idle_timeout
+        self.end_timeout = end_timeout   # how long the other side may linger after a half-close
+        self.to_backend = bytearray(from_client)
+        self.to_client = bytearray(from_backend)
+        self.tap = tap
+        self.up = len(from_client)        # bytes client -> backend
+        self.down = len(from_backend)     # bytes backend -> client
+        if tap is not None and from_backend:
+            tap.feed(from_backend)
+        self.closed_by = None
+        self._stopped = False
+        self._client_retry = 0            # length of a TLS write to repeat (OpenSSL's rule)
+        self._client_read_wants_write = False
+        self._client_unwrapped = False    # both close_notify exchanged: no TLS layer left to read
+
+    def stop(self) -> None:
+        """End the tunnel from another thread (shutdown): wakes the loop by shutting both sockets."""
+        self._stopped = True
+        for sock in (self.client, self.backend):
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def run(self) -> str:
+        """Copy until both directions have ended (or idle/stop/error). Returns who closed."""
+        client, backend = self.client, self.backend
+        _keepalive(client)
+        _keepalive(backend)
+        client.setblocking(False)
+        backend.setblocking(False)
+        waiter = _Wait([client, backend])
+        client_eof = backend_eof = False      # read side ended
+        client_shut = backend_shut = False    # our half-close sent to that side
+        last_activity = time.monotonic()
+        while True:
+            if client_eof and not self.to_backend and not backend_shut:
+                backend_shut = True
+                try:
+                    backend.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            if backend_eof and not self.to_client and not client_shut:
+                client_shut = self._half_close_client()
+                client_eof = client_eof or self._client_unwrapped
+            if client_shut and backend_shut or self._stopped:
+                break
+            pending = not client_eof and len(self.to_backend) < TUNNEL_BUFFER_LIMIT \
+                and client.pending()
+            timeout = self.end_timeout if (client_eof or backend_eof) else self.idle_timeout
+            remaining = last_activity + timeout - time.monotonic()
+            if remaining <= 0:
+                self.closed_by = self.closed_by or "idle"
+                break
+            wants = [
+                (not client_eof and len(self.to_backend) < TUNNEL_BUFFER_LIMIT,
+                 bool(self.to_client) or self._client_read_wants_write
+                 or (backend_eof and not client_shut)),
+                (not backend_eof and len(self.to_client) < TUNNEL_BUFFER_LIMIT,
+                 bool(self.to_backend)),
+            ]
+            ((c_read, c_write), (b_read, b_write)) = waiter.wait(wants, 0 if pending else remaining)
+            if self._stopped:
+                break
+            c_read = c_read or pending or (self._client_read_wants_write and c_write)
+            moved = False
+            side = "client"
+            try:
+                if c_read and wants[0][0]:
+                    got = self._read_client()
+                    if got is None:
+                        client_eof = True
+                        self.closed_by = self.closed_by or "client"
+                    moved = moved or bool(got)
+                side = "backend"
+                if b_read and wants[1][0]:
+                    data = backend.recv(READ_CHUNK)
+                    if data:
+                        self.to_client += data
+                        self.down += len(data)
+                        if self.tap is not None:
+                            self.tap.feed(data)
+                        moved = True
+                    else:
+                        backend_eof = True
+                        self.closed_by = self.closed_by or "backend"
+                if b_write and self.to_backend:
+                    sent = backend.send(self.to_backend)
+                    del self.to_backend[:sent]
+                    moved = True
+                side = "client"
+                if c_write and self.to_client:
+                    moved = self._write_client() or moved
+            except OSError as exc:
+                # A reset, a TLS error, or a write to a side that is gone: nothing more can be
+                # delivered either way.
+                log.debug("websocket tunnel: %s side: %s", side, exc)
+                self.closed_by = self.closed_by or side
+                break
+            if moved:
+                last_activity = time.monotonic()
+        if self._stopped:
+            self.closed_by = "shutdown"
+        return self.closed_by or "error"
+
+    def _read_client(self):
+        """Read what the client's TLS layer has: number of bytes, 0 for none yet, None at its end."""
+        client = self.client
+        self._client_read_wants_write = False
+        total = 0
+        while len(self.to_backend) < TUNNEL_BUFFER_LIMIT:
+            try:
+                data = client.recv(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return total
+            except ssl.SSLWantWriteError:
+                self._client_read_wants_write = True
+                return total
+            if not data:
+                return None if not total else total   # the end is seen again on the next read
+            self.to_backend += data
+            self.up += len(data)
+            total += len(data)
+            if not client.pending():
+                # More may sit in the kernel; poll tells us, and keeps the directions fair.
+                return total
+        return total
+
+    def _write_client(self) -> bool:
+        # After a "want write", OpenSSL needs the same bytes again (SSL_write's retry rule), so
+        # a retried write repeats its length; the buffer only ever grows at its end.
+        size = self._client_retry or min(len(self.to_client), READ_CHUNK)
+        try:
+            sent = self.client.send(self.to_client[:size])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self._client_retry = size
+            return False
+        self._client_retry = 0
+        del self.to_client[:sent]
+        return sent > 0
+
+    def _half_close_client(self) -> bool:
+        """Tell the client the backend has finished: TLS close_notify, then a TCP FIN."""
+        try:
+            # Non-blocking, unwrap() sends close_notify and then reports that the client's own
+            # close_notify has not come yet (SSLWantReadError); the client may still send.
+            self.client.unwrap()
+            self._client_unwrapped = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:
+            return False                  # the socket buffer is full: try again when writable
+        except (OSError, ValueError):
+            pass
+        try:
+            socket.socket.shutdown(self.client, socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
+
+
+# ==================================================================================================
 # HTTP layer, part 4: the TLS server
 # ==================================================================================================
 
@@ -5108,6 +5571,7 @@ class ProxyServer(ThreadingHTTPServer):
         self._active_changed = threading.Condition()
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._tunnels = set()                 # open WebSocket tunnels, closed at shutdown
         self._last_refusal_log = -1e9
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
@@ -5185,6 +5649,22 @@ class ProxyServer(ThreadingHTTPServer):
         with self._active_changed:
             self._active -= 1
             self._active_changed.notify_all()
+
+    def track_tunnel(self, tunnel, is_open: bool) -> None:
+        """Note a WebSocket tunnel opening (True) or ending (False), for close_tunnels()."""
+        with self._connections_lock:
+            if is_open:
+                self._tunnels.add(tunnel)
+            else:
+                self._tunnels.discard(tunnel)
+
+    def close_tunnels(self) -> int:
+        """End every open WebSocket tunnel (shutdown, after the grace period); returns how many."""
+        with self._connections_lock:
+            tunnels = list(self._tunnels)
+        for tunnel in tunnels:
+            tunnel.stop()
+        return len(tunnels)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error while serving %s", client_address[0])
@@ -5422,7 +5902,12 @@ def serve(server: "ProxyServer", ready=None) -> int:
     finally:
         maintenance.stopped.set()
         server.server_close()
-        if not server.wait_for_requests(SHUTDOWN_GRACE_SECONDS):
+        drained = server.wait_for_requests(SHUTDOWN_GRACE_SECONDS)
+        if not drained and server.close_tunnels():
+            # WebSockets do not end by themselves: past the grace period they are closed (and
+            # recorded) like any request still running.
+            drained = server.wait_for_requests(1.0)
+        if not drained:
             log.warning("stopping with requests still in flight after %gs", SHUTDOWN_GRACE_SECONDS)
         server.stats.stop_autosave()
         server.upstream.close_all()

@@ -1,0 +1,363 @@
+"""WebSocket pass-through: real handshakes through the proxy over real TLS to a stdlib backend.
+
+The backend (tests/wsbackend.py) echoes messages and follows "cmd:" instructions; the client is
+the same module's RFC 6455 client on a TLS socket that trusts only the test CA.
+"""
+
+import json
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+import unittest
+
+import proxy
+import wsbackend
+from support import LOG_BUFFER, settled_stats, start_proxy, tls_socket, wait_until
+from wsbackend import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, handshake, start_backend
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TunnelTestCase(unittest.TestCase):
+    proxy_settings = {}
+
+    def setUp(self):
+        self.backend = start_backend(self)
+        self.proxy = start_proxy(self, self.backend.port, **self.proxy_settings)
+        self.host = "localhost:%d" % self.proxy.server_address[1]
+
+    def connect(self, path="/ws", headers=(), timeout=10.0):
+        sock = tls_socket(self.proxy, timeout=timeout)
+        self.addCleanup(sock.close)
+        return handshake(sock, self.host, path, headers)
+
+    def open_ws(self, path="/ws", headers=()):
+        answer = self.connect(path, headers)
+        self.assertEqual(answer.status, 101, answer.body)
+        return answer.ws
+
+    def assert_ended(self, ws):
+        """The client sees the connection end (EOF: close_notify or FIN, or a reset), and then
+        closes its socket as a WebSocket client does."""
+        with self.assertRaises((EOFError, ConnectionError, ssl.SSLError)):
+            ws.recv()
+        ws.rfile.close()
+        ws.sock.close()
+
+    def close_ws(self, ws):
+        """The closing handshake from the client side, to the end of the connection."""
+        ws.close()
+        self.assertEqual(ws.recv()[0], OP_CLOSE)
+        self.assert_ended(ws)
+
+
+class MessagesTests(TunnelTestCase):
+    def test_text_and_binary_messages_both_ways(self):
+        ws = self.open_ws()
+        ws.send_text("héllo wörld")
+        self.assertEqual(ws.recv(), (OP_TEXT, "héllo wörld".encode()))
+        blob = bytes(range(256)) * 4
+        ws.send_binary(blob)
+        self.assertEqual(ws.recv(), (OP_BINARY, blob))
+        ws.send_text("")
+        self.assertEqual(ws.recv(), (OP_TEXT, b""))
+        request = self.backend.requests[0]
+        names = {k.lower(): v for k, v in request["headers"]}
+        self.assertEqual(names["upgrade"], "websocket")
+        self.assertEqual(names["connection"], "Upgrade")
+        self.assertEqual(names["sec-websocket-version"], "13")
+        self.assertEqual(names["x-forwarded-proto"], "https")
+
+    def test_a_10_mib_message_each_way(self):
+        ws = self.open_ws()
+        blob = os.urandom(10 * 1024 * 1024)
+        ws.send_binary(blob)
+        opcode, echoed = ws.recv()
+        self.assertEqual(opcode, OP_BINARY)
+        self.assertTrue(echoed == blob, "the 10 MiB echo differs")
+        ws.send_text("cmd:send:%d" % (10 * 1024 * 1024))
+        opcode, sent = ws.recv()
+        self.assertEqual((opcode, len(sent), sent[:1], sent[-1:]),
+                         (OP_BINARY, 10 * 1024 * 1024, b"\xab", b"\xab"))
+
+    def test_fragmented_messages_and_a_ping_between_fragments(self):
+        ws = self.open_ws()
+        ws.send(OP_TEXT, b"fr", fin=False)
+        ws.send(OP_PING, b"client-ping")
+        ws.send(0, b"ag", fin=False)
+        ws.send(0, b"ment")
+        self.assertEqual(ws.recv(), (OP_PONG, b"client-ping"))
+        self.assertEqual(ws.recv(), (OP_TEXT, b"fragment"))
+        ws.send_text("cmd:fragments")
+        self.assertEqual(ws.recv(), (OP_PING, b"between"))
+        self.assertEqual(ws.recv(), (OP_TEXT, b"one two three"))
+        self.assertEqual(ws.fragments_seen, 2)
+
+    def test_ping_and_pong_both_ways(self):
+        ws = self.open_ws()
+        ws.send(OP_PING, b"are you there")
+        self.assertEqual(ws.recv(), (OP_PONG, b"are you there"))
+        ws.send_text("cmd:ping:from-server")
+        opcode, payload = ws.recv()
+        self.assertEqual((opcode, payload), (OP_PING, b"from-server"))
+        ws.send(OP_PONG, payload)
+        self.assertTrue(wait_until(lambda: self.backend.pongs == [b"from-server"]))
+
+    def test_bytes_the_backend_sends_with_its_101_are_not_lost(self):
+        self.backend.greeting = b"welcome"
+        ws = self.open_ws()
+        self.assertEqual(ws.recv(), (OP_TEXT, b"welcome"))
+
+    def test_a_frame_sent_before_the_101_arrives_is_not_lost(self):
+        sock = tls_socket(self.proxy)
+        self.addCleanup(sock.close)
+        # A client that does not wait for the 101: its first frame rides behind the handshake.
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        sock.sendall(("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n" % (self.host, key)).encode()
+                     + wsbackend.encode_frame(OP_TEXT, b"eager", masked=True))
+        rfile = sock.makefile("rb")
+        self.assertIn(b" 101 ", rfile.readline())
+        while rfile.readline() not in (b"\r\n", b""):
+            pass
+        ws = wsbackend.WebSocket(sock, rfile, client=True)
+        self.assertEqual(ws.recv(), (OP_TEXT, b"eager"))
+
+    def test_subprotocol_is_negotiated_end_to_end(self):
+        answer = self.connect(headers=[("Sec-WebSocket-Protocol", "chat, superchat")])
+        self.assertEqual(answer.status, 101)
+        self.assertEqual(answer.headers.get("sec-websocket-protocol"), "chat")
+        self.assertEqual(answer.headers.get("upgrade"), "websocket")
+
+
+class ClosingTests(TunnelTestCase):
+    def test_close_from_the_client(self):
+        ws = self.open_ws()
+        ws.send_text("hi")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"hi"))
+        ws.close(1000, "done")
+        self.assertEqual(ws.recv(), (OP_CLOSE, struct.pack("!H", 1000) + b"done"))
+        self.assert_ended(ws)      # the backend closed TCP: passed on as close_notify + FIN
+        self.assertEqual(self.backend.closes, ["client"])
+        record = settled_stats(self.proxy)["recent"][-1]
+        self.assertEqual((record["status"], record["path"], record["error"]), (101, "/ws", False))
+        self.assertIn("closed by backend", LOG_BUFFER.getvalue())
+
+    def test_close_from_the_backend(self):
+        ws = self.open_ws()
+        ws.send_text("cmd:close")
+        self.assertEqual(ws.recv(), (OP_CLOSE, struct.pack("!H", 1000) + b"bye"))
+        ws.close(1000)
+        self.assert_ended(ws)
+        self.assertTrue(wait_until(lambda: self.backend.closes == ["server"]))
+        self.assertEqual(settled_stats(self.proxy)["inFlight"], 0)
+
+    def test_client_half_close_reaches_the_backend(self):
+        ws = self.open_ws()
+        ws.send_text("before")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"before"))
+        sock = ws.sock
+        # TCP FIN without a Close frame: the backend sees the end of its input...
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        self.assertTrue(wait_until(lambda: self.backend.closes == ["client-eof"]))
+        # ...and the tunnel ends both ways once the backend has closed too.
+        self.assert_ended(ws)
+        self.assertEqual(settled_stats(self.proxy)["inFlight"], 0)
+
+    def test_backend_dying_mid_tunnel_ends_the_client_connection(self):
+        for command in ("die", "reset"):
+            with self.subTest(command):
+                ws = self.open_ws()
+                ws.send_text("cmd:" + command)
+                self.assert_ended(ws)
+                self.assertEqual(settled_stats(self.proxy)["inFlight"], 0)
+
+    def test_client_vanishing_frees_the_backend(self):
+        ws = self.open_ws()
+        ws.send_text("x")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"x"))
+        self.assertTrue(self.backend.wait_open(1))
+        ws.rfile.close()                        # (it holds the socket open)
+        proxy._abort_connection(ws.sock)        # reset, no close_notify, no Close frame
+        self.assertTrue(self.backend.wait_open(0))
+        self.assertEqual(settled_stats(self.proxy)["inFlight"], 0)
+
+
+class IdleTimeoutTests(TunnelTestCase):
+    proxy_settings = {"websocket_idle_timeout": 0.8, "client_timeout": 0.5}
+
+    def test_an_idle_tunnel_is_closed_after_websocket_idle_timeout(self):
+        ws = self.open_ws()
+        started = time.monotonic()
+        self.assert_ended(ws)
+        self.assertGreaterEqual(time.monotonic() - started, 0.7)
+        self.assertTrue(self.backend.wait_open(0))
+        self.assertIn("closed by idle", LOG_BUFFER.getvalue())
+
+    def test_traffic_keeps_a_tunnel_open_past_client_timeout(self):
+        ws = self.open_ws()
+        for n in range(6):
+            ws.send_text(str(n))
+            self.assertEqual(ws.recv(), (OP_TEXT, str(n).encode()))
+            time.sleep(0.2)    # each gap is shorter than the idle timeout, the sum is longer
+        self.close_ws(ws)
+
+
+class RefusalTests(TunnelTestCase):
+    proxy_settings = {"allowed_origins": ("https://app.example",)}
+
+    def test_backend_refusing_the_upgrade_is_relayed(self):
+        self.backend.refuse = ("403 Forbidden", {"error": "no sockets for you"})
+        answer = self.connect()
+        self.assertEqual(answer.status, 403)
+        self.assertEqual(json.loads(answer.body), {"error": "no sockets for you"})
+        self.assertNotIn("upgrade", answer.headers)
+        self.assertEqual(settled_stats(self.proxy)["recent"][-1]["status"], 403)
+
+    def test_disallowed_origin_is_refused_and_the_backend_never_contacted(self):
+        answer = self.connect(headers=[("Origin", "https://evil.example")])
+        self.assertEqual(answer.status, 403)
+        self.assertEqual(json.loads(answer.body)["error"]["type"], "origin_not_allowed")
+        self.assertEqual(self.backend.connections, 0)
+        ws = self.open_ws(headers=[("Origin", "https://app.example")])
+        ws.send_text("allowed")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"allowed"))
+
+    def test_h2c_upgrade_is_not_forwarded(self):
+        sock = tls_socket(self.proxy)
+        self.addCleanup(sock.close)
+        sock.sendall(("GET /v1/models HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade, HTTP2-Settings"
+                      "\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                      % self.host).encode())
+        answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+        names = {k.lower() for k, _ in self.backend.requests[0]["headers"]}
+        self.assertFalse(names & {"upgrade", "connection", "http2-settings"}, names)
+
+    def test_upgrade_post_is_not_a_websocket(self):
+        sock = tls_socket(self.proxy)
+        self.addCleanup(sock.close)
+        sock.sendall(("POST /ws HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\n"
+                      "Upgrade: websocket\r\nContent-Length: 2\r\n\r\nhi" % self.host).encode())
+        self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200 "))
+        names = {k.lower() for k, _ in self.backend.requests[0]["headers"]}
+        self.assertFalse(names & {"upgrade", "connection"}, names)
+
+
+class AccountingTests(TunnelTestCase):
+    def test_a_tunnel_is_one_request_in_flight_then_one_record(self):
+        ws = self.open_ws("/socket.io/?EIO=4&transport=websocket")
+        ws.send_text("ping")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"ping"))
+        self.assertEqual(self.proxy.stats.snapshot()["inFlight"], 1)
+        self.close_ws(ws)
+        stats = settled_stats(self.proxy)
+        self.assertEqual(stats["requests"], 1)
+        self.assertEqual(stats["byEndpoint"]["/socket.io/"]["requests"], 1)
+        line = [l for l in LOG_BUFFER.getvalue().splitlines() if "websocket" in l][-1]
+        self.assertIn("/socket.io/ 101 websocket", line)
+        self.assertNotIn("EIO=4", line)                       # never the query string
+        self.assertRegex(line, r"up \d+B down \d+B closed by backend")
+
+    def test_50_concurrent_tunnels_then_threads_and_fds_back_to_baseline(self):
+        base_threads, base_fds = threading.active_count(), open_fds()
+        sockets = []
+        for n in range(50):
+            ws = self.open_ws()
+            sockets.append(ws)
+        self.assertTrue(self.backend.wait_open(50))
+        self.assertEqual(self.proxy.stats.snapshot()["inFlight"], 50)
+        # At most one thread per tunnel in the proxy (its handler), plus the backend's one.
+        self.assertLessEqual(threading.active_count() - base_threads, 50 * 2)
+        for n, ws in enumerate(sockets):
+            ws.send_text("m%d" % n)
+        for n, ws in enumerate(sockets):
+            self.assertEqual(ws.recv(), (OP_TEXT, b"m%d" % n))
+        for ws in sockets:
+            ws.close()
+        for ws in sockets:
+            self.assertEqual(ws.recv()[0], OP_CLOSE)
+            self.assert_ended(ws)
+        self.assertTrue(self.backend.wait_open(0))
+        self.assertEqual(settled_stats(self.proxy)["requests"], 50)
+        self.assertTrue(wait_until(lambda: threading.active_count() <= base_threads, 10),
+                        "threads: %d > %d" % (threading.active_count(), base_threads))
+        self.assertTrue(wait_until(lambda: open_fds() <= base_fds, 10),
+                        "fds: %d > %d" % (open_fds(), base_fds))
+
+    def test_shutdown_closes_tunnels_after_the_grace_period(self):
+        ws = self.open_ws()
+        ws.send_text("x")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"x"))
+        self.assertFalse(self.proxy.wait_for_requests(0.2))   # a tunnel never ends by itself
+        self.assertEqual(self.proxy.close_tunnels(), 1)
+        self.assertTrue(self.proxy.wait_for_requests(5))
+        self.assert_ended(ws)
+        self.assertIn("closed by shutdown", LOG_BUFFER.getvalue())
+
+    def test_realtime_response_done_usage_is_counted(self):
+        ws = self.open_ws("/v1/realtime?model=gpt-realtime-local")
+        ws.send_text("cmd:realtime")
+        seen = []
+        while True:
+            opcode, payload = ws.recv()
+            if opcode == OP_TEXT:
+                event = json.loads(payload)
+                seen.append(event["type"])
+                if event["type"] == "script.end":
+                    break
+        self.assertEqual(seen.count("response.done"), 2)
+        self.close_ws(ws)
+        stats = settled_stats(self.proxy)
+        usage = wsbackend.REALTIME_USAGE
+        self.assertEqual(stats["tokens"]["prompt"], sum(u["input_tokens"] for u in usage))
+        self.assertEqual(stats["tokens"]["completion"], sum(u["output_tokens"] for u in usage))
+        self.assertEqual(stats["tokens"]["total"], 225)
+        self.assertEqual(stats["byModel"]["gpt-realtime-local"]["requests"], 1)
+        self.assertEqual(stats["recent"][-1]["usage"], "reported")
+
+
+class RealtimeUsageUnitTests(unittest.TestCase):
+    def test_any_split_of_the_stream_gives_the_same_usage(self):
+        stream = b"".join(wsbackend.realtime_script())
+        for step in (1, 7, 1000, len(stream)):
+            tap = proxy.RealtimeUsage()
+            for i in range(0, len(stream), step):
+                tap.feed(stream[i:i + step])
+            self.assertEqual((tap.responses, tap.usage["total"], tap.usage["cacheRead"]),
+                             (2, 225, 40), step)
+
+    def test_compressed_and_masked_frames_are_skipped(self):
+        done = json.dumps({"type": "response.done", "response": {"usage": {
+            "input_tokens": 1, "output_tokens": 1}}}).encode()
+        tap = proxy.RealtimeUsage()
+        tap.feed(wsbackend.encode_frame(OP_TEXT, done, rsv=0x40))     # permessage-deflate bit
+        tap.feed(wsbackend.encode_frame(OP_TEXT, done, masked=True))
+        self.assertEqual(tap.responses, 0)
+        tap.feed(wsbackend.encode_frame(OP_TEXT, done))
+        self.assertEqual(tap.responses, 1)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_websocket_idle_timeout_setting(self):
+        self.assertEqual(proxy.Config().websocket_idle_timeout, 3600.0)
+        import tempfile
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "config.json")
+            with open(path, "w") as handle:
+                json.dump({"proxy": {"websocketIdleTimeout": 120}}, handle)
+            self.assertEqual(proxy.load_config(path, environ={}).websocket_idle_timeout, 120.0)
+            with open(path, "w") as handle:
+                json.dump({"proxy": {"websocketIdleTimeout": 0}}, handle)
+            with self.assertRaisesRegex(proxy.ConfigError, "websocketIdleTimeout"):
+                proxy.load_config(path, environ={})
+
+
+if __name__ == "__main__":
+    unittest.main()
