@@ -4,8 +4,11 @@ The backend (tests/wsbackend.py) echoes messages and follows "cmd:" instructions
 the same module's RFC 6455 client on a TLS socket that trusts only the test CA.
 """
 
+import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import socket
 import ssl
 import struct
@@ -13,9 +16,11 @@ import threading
 import time
 import unittest
 
+import browser
 import proxy
+import test_browser
 import wsbackend
-from support import LOG_BUFFER, settled_stats, start_proxy, tls_socket, wait_until
+from support import LOG_BUFFER, ca_file, settled_stats, start_proxy, tls_socket, wait_until
 from wsbackend import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, handshake, start_backend
 
 
@@ -321,6 +326,68 @@ class AccountingTests(TunnelTestCase):
         self.assertEqual(stats["tokens"]["total"], 225)
         self.assertEqual(stats["byModel"]["gpt-realtime-local"]["requests"], 1)
         self.assertEqual(stats["recent"][-1]["usage"], "reported")
+
+
+# The page's script: open the WebSocket, send a text and a binary message, collect the echoes,
+# close, and report what happened (or the error) as JSON.
+CHROMIUM_WS_SCRIPT = """new Promise((resolve) => {
+  const out = {events: [], code: null};
+  const ws = new WebSocket(%s);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => { ws.send("hello from chromium"); ws.send(new Uint8Array([1, 2, 3, 250]).buffer); };
+  ws.onmessage = (e) => {
+    out.events.push(typeof e.data === "string" ? e.data : Array.from(new Uint8Array(e.data)).join(","));
+    if (out.events.length === 2) ws.close(1000, "done");
+  };
+  ws.onerror = () => out.events.push("error");
+  ws.onclose = (e) => { out.code = e.code; resolve(out); };
+  setTimeout(() => resolve(Object.assign(out, {timeout: true})), 8000);
+})"""
+
+
+@unittest.skipIf(test_browser.missing_tools(), test_browser.missing_tools())
+class ChromiumTests(unittest.TestCase):
+    """Headless Chromium, trusting the test CA through NSS, opens wss:// to the proxy."""
+
+    def setUp(self):
+        self.backend = start_backend(self)
+        # The page's origin: another proxy in front of the same backend (its 200 text answer to
+        # a plain GET is page enough to run a script in).
+        self.page_proxy = start_proxy(self, self.backend.port)
+        self.page_origin = "https://localhost:%d" % self.page_proxy.server_address[1]
+        self.proxy = start_proxy(self, self.backend.port)
+        self.proxy.config = dataclasses.replace(self.proxy.config,
+                                                allowed_origins=(self.page_origin,))
+        self.ws_url = "wss://localhost:%d/ws" % self.proxy.server_address[1]
+        self.home = tempfile.mkdtemp(prefix="llm-proxy-browser-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def exchange(self, chromium, page_url):
+        tab = chromium.new_tab()
+        try:
+            self.assertIsNone(tab.navigate(page_url))
+            self.assertTrue(tab.wait_for("document.readyState === 'complete'"))
+            return tab.evaluate(CHROMIUM_WS_SCRIPT % json.dumps(self.ws_url), await_promise=True)
+        finally:
+            tab.close()
+
+    def test_chromium_exchanges_messages_over_wss_from_an_allowed_origin(self):
+        with browser.Browser(browser.make_trust_home(ca_file(), self.home)) as chromium:
+            allowed = self.exchange(chromium, self.page_origin + "/page")
+            handshakes = len([r for r in self.backend.requests if r["path"] == "/ws"])
+            # The proxy's own origin is not in its allowedOrigins: refused, backend untouched.
+            refused = self.exchange(chromium, "https://localhost:%d/page"
+                                    % self.proxy.server_address[1])
+        self.assertEqual(allowed["events"], ["hello from chromium", "1,2,3,250"], allowed)
+        self.assertEqual(allowed["code"], 1000)
+        self.assertEqual(handshakes, 1)
+        self.assertEqual(refused["events"], ["error"], refused)
+        self.assertEqual(refused["code"], 1006)
+        self.assertEqual(len([r for r in self.backend.requests if r["path"] == "/ws"]), 1)
+        origins = [dict((k.lower(), v) for k, v in r["headers"]).get("origin")
+                   for r in self.backend.requests if r["path"] == "/ws"]
+        self.assertEqual(origins, [None])     # target.forwardOrigin is off: the proxy owns it
+        self.assertEqual(settled_stats(self.proxy)["byEndpoint"]["/ws"]["requests"], 1)
 
 
 class RealtimeUsageUnitTests(unittest.TestCase):
