@@ -372,3 +372,18 @@ def handshake(sock, host: str, path: str = "/ws", headers=(), key: str = None) -
         return Handshake(status, answer, WebSocket(sock, rfile, client=True), b"")
     body = rfile.read(int(answer.get("content-length", "0")))
     return Handshake(status, answer, None, body)
+
+
+def main() -> int:
+    """Serve the backend on 127.0.0.1 (port 0) until killed; print the port (tests/bench_websocket.py)."""
+    server = WebSocketBackend()
+    print(server.port, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
