@@ -204,6 +204,9 @@ class _Handler(socketserver.StreamRequestHandler):
         request = {"method": method, "path": target, "headers": headers}
         server.requests.append(request)
         get = {k.lower(): v for k, v in headers}
+        if server.raw_answer is not None:
+            self.wfile.write(server.raw_answer)
+            return
         if server.refuse is not None:
             status, body = server.refuse
             body = json.dumps(body).encode()
@@ -301,6 +304,7 @@ class WebSocketBackend(socketserver.ThreadingTCPServer):
         self.pongs = []
         self.closes = []
         self.refuse = None
+        self.raw_answer = None        # bytes sent as the whole answer to any request
         self.greeting = b""
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -347,11 +351,12 @@ class Handshake:
         self.body = body
 
 
-def handshake(sock, host: str, path: str = "/ws", headers=(), key: str = None) -> Handshake:
+def handshake(sock, host: str, path: str = "/ws", headers=(), key: str = None,
+              connection: str = "Upgrade") -> Handshake:
     """Send a WebSocket opening handshake on a connected socket and read the answer."""
     key = key or base64.b64encode(os.urandom(16)).decode("ascii")
     lines = ["GET %s HTTP/1.1" % path, "Host: " + host, "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+             "Connection: " + connection, "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
     lines += ["%s: %s" % pair for pair in headers]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     rfile = sock.makefile("rb")
