@@ -5413,15 +5413,16 @@ class Tunnel:
         client_shut = backend_shut = False    # our half-close sent to that side
         last_activity = time.monotonic()
         while True:
+            if backend_eof and not self.to_client and not client_shut:
+                client_shut = self._half_close_client()
+                # Where unwrap() completes at once (Python 3.9), no TLS layer is left to read.
+                client_eof = client_eof or self._client_unwrapped
             if client_eof and not self.to_backend and not backend_shut:
                 backend_shut = True
                 try:
                     backend.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-            if backend_eof and not self.to_client and not client_shut:
-                client_shut = self._half_close_client()
-                client_eof = client_eof or self._client_unwrapped
             if client_shut and backend_shut or self._stopped:
                 break
             pending = not client_eof and len(self.to_backend) < TUNNEL_BUFFER_LIMIT \
