@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
 import socket
 import ssl
@@ -19,8 +20,10 @@ import unittest
 import browser
 import proxy
 import test_browser
+import test_service
 import wsbackend
-from support import LOG_BUFFER, ca_file, settled_stats, start_proxy, tls_socket, wait_until
+from support import (LOG_BUFFER, ca_file, client_context, settled_stats, start_proxy, tls_socket,
+                     wait_until)
 from wsbackend import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, handshake, start_backend
 
 
@@ -405,6 +408,36 @@ class ChromiumTests(unittest.TestCase):
                    for r in self.backend.requests if r["path"] == "/ws"]
         self.assertEqual(origins, [None])     # target.forwardOrigin is off: the proxy owns it
         self.assertEqual(settled_stats(self.proxy)["byEndpoint"]["/ws"]["requests"], 1)
+
+
+class ShutdownTests(test_service.ServiceTestCase):
+    def test_sigterm_closes_an_open_tunnel_after_the_grace_period_and_records_it(self):
+        backend = start_backend(self)
+        etc = self.mkdir("etc")
+        self.copy_test_certs(os.path.join(etc, "certs"))
+        config = self.write_config(etc, {
+            "proxy": {"port": 0, "bind": "127.0.0.1"},
+            "target": {"host": "127.0.0.1", "port": backend.port},
+            "tls": {"cert": "certs/cert.pem", "key": "certs/key.pem"},
+            "tracking": {"statsFile": "stats.json", "persistInterval": 3600}})
+        child, port, err = self.start_proxy(["--config", config])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        sock = client_context().wrap_socket(raw, server_hostname="localhost")
+        self.addCleanup(sock.close)
+        ws = handshake(sock, "localhost:%d" % port).ws
+        ws.send_text("hi")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"hi"))
+        code, seconds = self.signal_and_wait(child, signal.SIGTERM)
+        self.assertEqual(code, 0)
+        self.assertGreaterEqual(seconds, proxy.SHUTDOWN_GRACE_SECONDS - 0.5)
+        with self.assertRaises((EOFError, ConnectionError, ssl.SSLError)):
+            ws.recv()
+        with open(err) as handle:
+            log_text = handle.read()
+        self.assertIn("closed by shutdown", log_text)
+        self.assertNotIn("still in flight", log_text)
+        with open(os.path.join(etc, "stats.json")) as handle:
+            self.assertEqual(json.load(handle)["byEndpoint"]["/ws"]["requests"], 1)
 
 
 class RealtimeUsageUnitTests(unittest.TestCase):
