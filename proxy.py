@@ -5163,6 +5163,7 @@ INTERNAL_ROUTES = {
 # Bytes held per direction while the receiving side is slow: past this we stop reading from the
 # sender, so TCP pushes back on it instead of our memory filling up.
 TUNNEL_BUFFER_LIMIT = 1024 * 1024
+TLS_READ_CHUNK = 65536
 # TCP keepalive on both legs of a tunnel: a tunnel may be silent for an hour legitimately, and a
 # peer that vanished (laptop lid closed, Wi-Fi gone) is found in about idle + interval * count.
 TUNNEL_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
@@ -5359,6 +5360,41 @@ class RealtimeUsage:
             self.model = response["model"]
 
 
+class _Outbox:
+    """Bytes waiting to be written to one side, kept as the pieces they were read in (no copy).
+
+    A TLS write that could not finish must be repeated with the same piece (OpenSSL's SSL_write
+    retry rule); the head piece stays in place until written, so it is.
+    """
+
+    def __init__(self, first: bytes = b""):
+        self.pieces = collections.deque()
+        self.size = 0
+        if first:
+            self.put(first)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def put(self, data) -> None:
+        """Queue one piece."""
+        self.pieces.append(data)
+        self.size += len(data)
+
+    def head(self):
+        """The piece to write next."""
+        return self.pieces[0]
+
+    def consumed(self, n: int) -> None:
+        """Drop the first n bytes of the head piece (all of it when n is its length)."""
+        head = self.pieces[0]
+        if n >= len(head):
+            self.pieces.popleft()
+        else:
+            self.pieces[0] = memoryview(head)[n:]
+        self.size -= n
+
+
 class Tunnel:
     """Copies bytes both ways between a client (TLS) and the backend (TCP) after a 101.
 
@@ -5379,8 +5415,8 @@ class Tunnel:
         self.backend = backend
         self.idle_timeout = idle_timeout
         self.end_timeout = end_timeout   # how long the other side may linger after a half-close
-        self.to_backend = bytearray(from_client)
-        self.to_client = bytearray(from_backend)
+        self.to_backend = _Outbox(from_client)
+        self.to_client = _Outbox(from_backend)
         self.tap = tap
         self.up = len(from_client)        # bytes client -> backend
         self.down = len(from_backend)     # bytes backend -> client
@@ -5388,7 +5424,6 @@ class Tunnel:
             tap.feed(from_backend)
         self.closed_by = None
         self._stopped = False
-        self._client_retry = 0            # length of a TLS write to repeat (OpenSSL's rule)
         self._client_read_wants_write = False
         self._client_unwrapped = False    # both close_notify exchanged: no TLS layer left to read
 
@@ -5404,6 +5439,7 @@ class Tunnel:
     def run(self) -> str:
         """Copy until both directions have ended (or idle/stop/error). Returns who closed."""
         client, backend = self.client, self.backend
+        to_backend, to_client = self.to_backend, self.to_client
         _keepalive(client)
         _keepalive(backend)
         client.setblocking(False)
@@ -5413,11 +5449,11 @@ class Tunnel:
         client_shut = backend_shut = False    # our half-close sent to that side
         last_activity = time.monotonic()
         while True:
-            if backend_eof and not self.to_client and not client_shut:
+            if backend_eof and not to_client.size and not client_shut:
                 client_shut = self._half_close_client()
                 # Where unwrap() completes at once (Python 3.9), no TLS layer is left to read.
                 client_eof = client_eof or self._client_unwrapped
-            if client_eof and not self.to_backend and not backend_shut:
+            if client_eof and not to_backend.size and not backend_shut:
                 backend_shut = True
                 try:
                     backend.shutdown(socket.SHUT_WR)
@@ -5425,38 +5461,38 @@ class Tunnel:
                     pass
             if client_shut and backend_shut or self._stopped:
                 break
-            pending = not client_eof and len(self.to_backend) < TUNNEL_BUFFER_LIMIT \
-                and client.pending()
+            read_client = not client_eof and to_backend.size < TUNNEL_BUFFER_LIMIT
+            read_backend = not backend_eof and to_client.size < TUNNEL_BUFFER_LIMIT
+            # Decrypted bytes OpenSSL holds already are invisible to poll(): read them first.
+            pending = read_client and client.pending()
             timeout = self.end_timeout if (client_eof or backend_eof) else self.idle_timeout
             remaining = last_activity + timeout - time.monotonic()
             if remaining <= 0:
                 self.closed_by = self.closed_by or "idle"
                 break
             wants = [
-                (not client_eof and len(self.to_backend) < TUNNEL_BUFFER_LIMIT,
-                 bool(self.to_client) or self._client_read_wants_write
+                (read_client, bool(to_client.size) or self._client_read_wants_write
                  or (backend_eof and not client_shut)),
-                (not backend_eof and len(self.to_client) < TUNNEL_BUFFER_LIMIT,
-                 bool(self.to_backend)),
+                (read_backend, bool(to_backend.size)),
             ]
-            ((c_read, c_write), (b_read, b_write)) = waiter.wait(wants, 0 if pending else remaining)
+            ((c_read, c_write), (b_read, _)) = waiter.wait(wants, 0 if pending else remaining)
             if self._stopped:
                 break
             c_read = c_read or pending or (self._client_read_wants_write and c_write)
             moved = False
             side = "client"
             try:
-                if c_read and wants[0][0]:
+                if c_read and read_client:
                     got = self._read_client()
                     if got is None:
                         client_eof = True
                         self.closed_by = self.closed_by or "client"
-                    moved = moved or bool(got)
+                    moved = bool(got)
                 side = "backend"
-                if b_read and wants[1][0]:
+                if b_read and read_backend:
                     data = backend.recv(READ_CHUNK)
                     if data:
-                        self.to_client += data
+                        to_client.put(data)
                         self.down += len(data)
                         if self.tap is not None:
                             self.tap.feed(data)
@@ -5464,13 +5500,24 @@ class Tunnel:
                     else:
                         backend_eof = True
                         self.closed_by = self.closed_by or "backend"
-                if b_write and self.to_backend:
-                    sent = backend.send(self.to_backend)
-                    del self.to_backend[:sent]
+                # Write at once what was just read, without waiting for poll() to call the
+                # socket writable (it nearly always is): one poll() per message, not two.
+                while to_backend.size:
+                    try:
+                        sent = backend.send(to_backend.head())
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    to_backend.consumed(sent)
                     moved = True
                 side = "client"
-                if c_write and self.to_client:
-                    moved = self._write_client() or moved
+                while to_client.size:
+                    try:
+                        # All or nothing: Python's SSLSocket never enables partial writes.
+                        sent = client.send(to_client.head())
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        break                 # retried later with the same piece
+                    to_client.consumed(sent)
+                    moved = True
             except OSError as exc:
                 # A reset, a TLS error, or a write to a side that is gone: nothing more can be
                 # delivered either way.
@@ -5488,9 +5535,11 @@ class Tunnel:
         client = self.client
         self._client_read_wants_write = False
         total = 0
-        while len(self.to_backend) < TUNNEL_BUFFER_LIMIT:
+        while self.to_backend.size < TUNNEL_BUFFER_LIMIT:
             try:
-                data = client.recv(READ_CHUNK)
+                # A TLS record carries at most 16 KiB: a bigger buffer would only be allocated
+                # and shrunk again on every read.
+                data = client.recv(TLS_READ_CHUNK)
             except ssl.SSLWantReadError:
                 return total
             except ssl.SSLWantWriteError:
@@ -5498,26 +5547,10 @@ class Tunnel:
                 return total
             if not data:
                 return None if not total else total   # the end is seen again on the next read
-            self.to_backend += data
+            self.to_backend.put(data)
             self.up += len(data)
             total += len(data)
-            if not client.pending():
-                # More may sit in the kernel; poll tells us, and keeps the directions fair.
-                return total
         return total
-
-    def _write_client(self) -> bool:
-        # After a "want write", OpenSSL needs the same bytes again (SSL_write's retry rule), so
-        # a retried write repeats its length; the buffer only ever grows at its end.
-        size = self._client_retry or min(len(self.to_client), READ_CHUNK)
-        try:
-            sent = self.client.send(self.to_client[:size])
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            self._client_retry = size
-            return False
-        self._client_retry = 0
-        del self.to_client[:sent]
-        return sent > 0
 
     def _half_close_client(self) -> bool:
         """Tell the client the backend has finished: TLS close_notify, then a TCP FIN."""
