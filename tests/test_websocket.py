@@ -116,6 +116,21 @@ class MessagesTests(TunnelTestCase):
         ws.send(OP_PONG, payload)
         self.assertTrue(wait_until(lambda: self.backend.pongs == [b"from-server"]))
 
+    def test_a_client_that_does_not_read_holds_back_the_backend_not_our_memory(self):
+        ws = self.open_ws()
+        size = 32 * 1024 * 1024
+        ws.send_text("cmd:send:%d" % size)
+        self.assertTrue(wait_until(lambda: len(self.proxy._tunnels) == 1))
+        tunnel = next(iter(self.proxy._tunnels))
+        self.assertTrue(wait_until(lambda: tunnel.down >= proxy.TUNNEL_BUFFER_LIMIT))
+        bound = proxy.TUNNEL_BUFFER_LIMIT + proxy.READ_CHUNK
+        # The kernel buffers fill, then the proxy stops reading: its queue never passes the bound.
+        self.assertFalse(wait_until(lambda: tunnel.to_client.size > bound, timeout=1.0),
+                         tunnel.to_client.size)
+        self.assertLess(tunnel.down, size)
+        opcode, data = ws.recv()
+        self.assertEqual((opcode, len(data)), (OP_BINARY, size))
+
     def test_bytes_the_backend_sends_with_its_101_are_not_lost(self):
         self.backend.greeting = b"welcome"
         ws = self.open_ws()
