@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -5050,8 +5051,11 @@ class Exchange:
         except OSError:
             backend.close()
             raise ClientGone() from None
-        tap = RealtimeUsage() if self.config.tracking_enabled and \
-            self.path.rstrip("/").endswith("/realtime") else None
+        tap = None
+        if self.config.tracking_enabled and self.path.rstrip("/").endswith("/realtime"):
+            # The Realtime API names the model in the URL (?model=...); response.done may not.
+            query = urllib.parse.parse_qs(self.head.target.partition("?")[2])
+            tap = RealtimeUsage(model=(query.get("model") or [None])[0])
         self.tunnel = Tunnel(client, backend, self.config.websocket_idle_timeout,
                              self.config.client_timeout, from_client, from_backend, tap)
         self.server.track_tunnel(self.tunnel, True)
@@ -5250,7 +5254,7 @@ class RealtimeUsage:
     text messages may be fragmented; compressed (RSV1) or oversized messages are skipped.
     """
 
-    def __init__(self):
+    def __init__(self, model: Optional[str] = None):
         self._buf = bytearray()
         self._message = bytearray()
         self._in_text = False
@@ -5261,69 +5265,68 @@ class RealtimeUsage:
         self.responses = 0
         self.usage = dict.fromkeys(("prompt", "completion", "total", "cacheRead", "cacheWrite",
                                     "reasoning"), 0)
-        self.model = None
-        self.broken = False
+        self.model = model
 
     def feed(self, data) -> None:
-        """Take the next bytes the backend sent."""
-        if self.broken:
-            return
-        view = memoryview(data)
-        while view:
-            if self._payload_left:
-                take = view[:self._payload_left]
+        """Take the next bytes the backend sent (a copy: nothing is changed or held back)."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        while True:                               # iterative: a hostile run of tiny frames
+            if self._payload_left:                # must not be able to recurse us to death
+                take = min(self._payload_left, len(buf) - pos)
+                if not take:
+                    break
                 if self._collect and not self._skip_message:
-                    if len(self._message) + len(take) > REALTIME_MESSAGE_LIMIT:
-                        self._skip_message = True
-                        self._message = bytearray()
+                    if len(self._message) + take > REALTIME_MESSAGE_LIMIT:
+                        self._skip_message, self._message = True, bytearray()
                     else:
-                        self._message += take
-                self._payload_left -= len(take)
-                view = view[len(take):]
+                        self._message += buf[pos:pos + take]
+                pos += take
+                self._payload_left -= take
                 if not self._payload_left:
                     self._end_frame()
                 continue
-            self._buf += view
-            view = memoryview(b"")
-            while not self._payload_left and self._parse_header():
-                if self._buf and self._payload_left:
-                    rest, self._buf = bytes(self._buf), bytearray()
-                    self.feed(rest)
-                    return
+            after = self._parse_header(buf, pos)
+            if after is None:
+                break
+            pos = after
+        del buf[:pos]
 
-    def _parse_header(self) -> bool:
-        buf = self._buf
-        if len(buf) < 2:
-            return False
-        b0, b1 = buf[0], buf[1]
-        length, offset = b1 & 0x7F, 2
+    def _parse_header(self, buf, pos):
+        """Read one frame header at buf[pos:]; returns the position after it, or None if cut."""
+        if len(buf) - pos < 2:
+            return None
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, offset = b1 & 0x7F, pos + 2
         if length == 126:
-            if len(buf) < 4:
-                return False
-            length, offset = struct.unpack("!H", bytes(buf[2:4]))[0], 4
+            if len(buf) < offset + 2:
+                return None
+            length, offset = struct.unpack_from("!H", buf, offset)[0], offset + 2
         elif length == 127:
-            if len(buf) < 10:
-                return False
-            length, offset = struct.unpack("!Q", bytes(buf[2:10]))[0], 10
-        if b1 & 0x80:
-            offset += 4                       # a masked server frame is a protocol error; skip it
+            if len(buf) < offset + 8:
+                return None
+            length, offset = struct.unpack_from("!Q", buf, offset)[0], offset + 8
+        masked = bool(b1 & 0x80)
+        if masked:
+            offset += 4                       # a masked server frame is a protocol error
             if len(buf) < offset:
-                return False
-        del buf[:offset]
+                return None
         opcode, self._fin = b0 & 0x0F, bool(b0 & 0x80)
         self._collect = False
         if opcode == 0x1:                     # a text message starts
             self._in_text, self._message = True, bytearray()
-            self._skip_message = bool(b0 & 0x40)       # RSV1: permessage-deflate
+            # RSV1 set: permessage-deflate; masked: not a server frame. Neither is read.
+            self._skip_message = bool(b0 & 0x40) or masked
             self._collect = True
         elif opcode == 0x0 and self._in_text:     # its continuation
             self._collect = True
-        elif opcode in (0x2,):                # a binary message ends any text bookkeeping
+        elif opcode == 0x2:                   # a binary message ends any text bookkeeping
             self._in_text = False
         self._payload_left = length
         if not length:
             self._end_frame()
-        return True
+        return offset
 
     def _end_frame(self) -> None:
         if self._collect and self._fin:

@@ -342,7 +342,7 @@ class AccountingTests(TunnelTestCase):
         self.assertIn("closed by shutdown", LOG_BUFFER.getvalue())
 
     def test_realtime_response_done_usage_is_counted(self):
-        ws = self.open_ws("/v1/realtime?model=gpt-realtime-local")
+        ws = self.open_ws("/v1/realtime?model=gpt-realtime-mini")
         ws.send_text("cmd:realtime")
         seen = []
         while True:
@@ -359,6 +359,8 @@ class AccountingTests(TunnelTestCase):
         self.assertEqual(stats["tokens"]["prompt"], sum(u["input_tokens"] for u in usage))
         self.assertEqual(stats["tokens"]["completion"], sum(u["output_tokens"] for u in usage))
         self.assertEqual(stats["tokens"]["total"], 225)
+        # The model of response.done wins over the one the URL names.
+        self.assertEqual(list(stats["byModel"]), ["gpt-realtime-local"])
         self.assertEqual(stats["byModel"]["gpt-realtime-local"]["requests"], 1)
         self.assertEqual(stats["recent"][-1]["usage"], "reported")
 
@@ -464,6 +466,21 @@ class RealtimeUsageUnitTests(unittest.TestCase):
                 tap.feed(stream[i:i + step])
             self.assertEqual((tap.responses, tap.usage["total"], tap.usage["cacheRead"]),
                              (2, 225, 40), step)
+
+    def test_a_flood_of_tiny_frames_in_one_read_is_fine(self):
+        done = json.dumps({"type": "response.done", "response": {"usage": {
+            "input_tokens": 1, "output_tokens": 2}}}).encode()
+        tap = proxy.RealtimeUsage()
+        tap.feed(wsbackend.encode_frame(OP_BINARY, b"x") * 100000
+                 + wsbackend.encode_frame(OP_TEXT, done))
+        self.assertEqual((tap.responses, tap.usage["total"]), (1, 3))
+
+    def test_the_model_comes_from_the_url_when_response_done_has_none(self):
+        done = json.dumps({"type": "response.done", "response": {"usage": {
+            "input_tokens": 3, "output_tokens": 4}}}).encode()
+        tap = proxy.RealtimeUsage(model="from-url")
+        tap.feed(wsbackend.encode_frame(OP_TEXT, done))
+        self.assertEqual((tap.model, tap.usage["total"]), ("from-url", 7))
 
     def test_compressed_and_masked_frames_are_skipped(self):
         done = json.dumps({"type": "response.done", "response": {"usage": {
