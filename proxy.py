@@ -5424,11 +5424,19 @@ class Tunnel:
         self.up = len(from_client)        # bytes client -> backend
         self.down = len(from_backend)     # bytes backend -> client
         if tap is not None and from_backend:
-            tap.feed(from_backend)
+            self._feed_tap(from_backend)
         self.closed_by = None
         self._stopped = False
         self._client_read_wants_write = False
         self._client_unwrapped = False    # both close_notify exchanged: no TLS layer left to read
+
+    def _feed_tap(self, data) -> None:
+        # The tap only reads a copy; a bug in it must cost the usage count, never the tunnel.
+        try:
+            self.tap.feed(data)
+        except Exception:                 # noqa: BLE001 - see above
+            log.exception("websocket usage reader failed; usage of this tunnel not counted")
+            self.tap = None
 
     def stop(self) -> None:
         """End the tunnel from another thread (shutdown): wakes the loop by shutting both sockets."""
@@ -5498,7 +5506,7 @@ class Tunnel:
                         to_client.put(data)
                         self.down += len(data)
                         if self.tap is not None:
-                            self.tap.feed(data)
+                            self._feed_tap(data)
                         moved = True
                     else:
                         backend_eof = True
