@@ -122,15 +122,18 @@ def _run(args: argparse.Namespace) -> int:
                     "(devices must then trust the new CA)"
                     % (", ".join(blocking), "s" if len(blocking) == 1 else ""))
         if args.force or not _existing([ca_cert, ca_key]):
-            proxy.create_ca_files(out)
+            proxy.create_ca_files(out, args.host)  # --host names widen the CA's constraints
             ca_created = True
 
+    # A CA made since name constraints exist signs only local names and addresses (and the
+    # --host values it was created with): leave the rest out, and say so.
+    hosts, outside = proxy.split_permitted(proxy.read_certificate_info(ca_cert), hosts)
     info = proxy.issue_server_files(cert_file, key_file, hosts, args.days, out)
 
     written = []
     if ca_created:
         written += [(ca_cert, "local CA certificate: install this one as trusted"),
-                    (ca_key, "CA private key: keep it private, it can sign for any name")]
+                    (ca_key, "CA private key: keep it private, it signs what your devices trust")]
     written += [(cert_file, "server certificate, valid until %s UTC"
                  % info.not_after.strftime("%Y-%m-%d %H:%M")),
                 (key_file, "server private key"),
@@ -140,6 +143,9 @@ def _run(args: argparse.Namespace) -> int:
     for path, what in written:
         print("  %-*s  %s" % (width, path, what))
     print("Names: %s" % ", ".join(info.dns_names + info.ip_addresses))
+    if outside:
+        print("Left out (the CA may not sign for them; a public name or address must be given "
+              "with --host when the CA is created): %s" % ", ".join(outside))
     print()
     if ca_created:
         print(proxy.trust_instructions(ca_cert))

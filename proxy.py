@@ -39,6 +39,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -469,6 +470,7 @@ _OID_SUBJECT_ALT_NAME = "2.5.29.17"
 _OID_BASIC_CONSTRAINTS = "2.5.29.19"
 _OID_AUTHORITY_KEY_ID = "2.5.29.35"
 _OID_EXT_KEY_USAGE = "2.5.29.37"
+_OID_NAME_CONSTRAINTS = "2.5.29.30"
 _OID_KP_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 
 # keyUsage bit numbers, RFC 5280 section 4.2.1.3.
@@ -480,6 +482,17 @@ _KU_CRL_SIGN = 6
 _CA_ORGANIZATION = "llm-proxy local CA"
 _SERVER_ORGANIZATION = "llm-proxy"
 _CN_MAX_LEN = 64  # ub-common-name, RFC 5280 Appendix A.1
+
+# What a new CA may sign for (nameConstraints, RFC 5280 4.2.1.10): the names and addresses a
+# proxy on a home network is reached by, so the CA every device trusts cannot vouch for a bank
+# even if ca-key.pem leaks. create_ca() adds this machine's names and the tls.hosts given at
+# creation (a public address only that way). A DNS base also covers every name below it.
+CA_PERMITTED_DNS = ("localhost", "local", "lan", "home.arpa", "internal")
+CA_PERMITTED_NETWORKS = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
+    "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
+    "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+)
 
 
 # --------------------------------------------------------------------------- DER encoding
@@ -1094,6 +1107,34 @@ class CertificateInfo(NamedTuple):
     tbs_der: bytes
     signature_algorithm: str    # dotted OID
     signature: bytes
+    # nameConstraints permitted subtrees, per name type; None = that type is unconstrained.
+    permitted_dns: Optional[Tuple[str, ...]] = None        # DNS bases, e.g. "lan"
+    permitted_networks: Optional[Tuple[str, ...]] = None   # e.g. "10.0.0.0/8", "::1/128"
+
+    def permits(self, host: str) -> bool:
+        """True if this (CA) certificate's name constraints allow a leaf to name ``host`` (a DNS
+        name or IP literal). A DNS base permits itself and every name below it (RFC 5280
+        4.2.1.10; a leading dot: only names below it, as OpenSSL reads it)."""
+        try:
+            value = _split_host(host)
+        except ValueError:
+            return False  # nothing a verifier would accept either
+        if isinstance(value, str):
+            if self.permitted_dns is None:
+                return True
+            for base in self.permitted_dns:
+                base = base.lower().rstrip(".")
+                if base.startswith("."):
+                    if value.endswith(base):
+                        return True
+                elif not base or value == base or value.endswith("." + base):
+                    return True
+            return False
+        if self.permitted_networks is None:
+            return True
+        return any(value in network for network in map(ipaddress.ip_network,
+                                                       self.permitted_networks)
+                   if network.version == value.version)
 
     def covers(self, dns_names: Iterable[str], ip_addresses: Iterable[str]) -> bool:
         """True if every given DNS name and IP address is in this certificate's subjectAltName
@@ -1143,6 +1184,7 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
     is_ca = False
     server_auth = True
     ski = aki = None
+    permitted_dns = permitted_networks = None  # type: Optional[List[str]]
     for node in fields[6:]:
         if node.tag != 0xA3:  # [3] EXPLICIT extensions; [1]/[2] unique IDs are ignored
             continue
@@ -1168,6 +1210,8 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
                 for item in _der_children(_der_parse_one(value, 0x30).content):
                     if item.tag == 0x80:  # keyIdentifier [0] IMPLICIT
                         aki = item.content
+            elif oid == _OID_NAME_CONSTRAINTS:
+                permitted_dns, permitted_networks = _parse_name_constraints(value)
 
     if sig_value.tag != 0x03 or not sig_value.content or sig_value.content[0] != 0:
         raise ValueError("bad signature BIT STRING")
@@ -1179,7 +1223,36 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
         server_auth=server_auth, subject_key_id=ski, authority_key_id=aki,
         public_key=public_key, subject_der=subject.raw, issuer_der=issuer.raw,
         tbs_der=tbs.raw, signature_algorithm=_der_to_oid(_der_children(sig_alg.content)[0]),
-        signature=sig_value.content[1:])
+        signature=sig_value.content[1:],
+        permitted_dns=None if permitted_dns is None else tuple(permitted_dns),
+        permitted_networks=None if permitted_networks is None else tuple(permitted_networks))
+
+
+def _parse_name_constraints(value: bytes) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """(permitted DNS bases, permitted networks) of a nameConstraints value; None for a name
+    type with no permitted subtree. Excluded subtrees are not read: create_ca() writes none, and
+    permits() is only asked about our own CA."""
+    dns = networks = None  # type: Optional[List[str]]
+    for part in _der_children(_der_parse_one(value, 0x30).content):
+        if part.tag != 0xA0:  # permittedSubtrees [0]; excludedSubtrees [1] skipped
+            continue
+        for subtree in _der_children(part.content):
+            base = _der_children(subtree.content)[0]
+            if base.tag == 0x82:
+                dns = (dns or []) + [base.content.decode("ascii", "replace")]
+            elif base.tag == 0x87 and len(base.content) in (8, 32):
+                half = len(base.content) // 2
+                network = ipaddress.ip_network((ipaddress.ip_address(base.content[:half]),
+                                                _mask_prefix(base.content[half:])), strict=False)
+                networks = (networks or []) + [str(network)]
+    return dns, networks
+
+
+def _mask_prefix(mask: bytes) -> int:
+    bits = bin(int.from_bytes(mask, "big"))[2:].zfill(len(mask) * 8)
+    if "01" in bits:
+        raise ValueError("non-contiguous address mask in nameConstraints")
+    return bits.count("1")
 
 
 def read_certificate_info(path: str) -> CertificateInfo:
@@ -1293,13 +1366,62 @@ def _ca_common_name(hostname: Optional[str] = None) -> str:
     return prefix + hostname[:_CN_MAX_LEN - len(prefix) - 1] + ")"
 
 
+def ca_name_constraints(extra_hosts: Iterable[str] = (),
+                        machine_hosts: Optional[Iterable[str]] = None
+                        ) -> Tuple[List[str], List[str]]:
+    """The permitted subtrees for a new CA: (DNS bases, networks).
+
+    CA_PERMITTED_DNS and CA_PERMITTED_NETWORKS, plus this machine's DNS names (discover_hosts()
+    unless ``machine_hosts`` is given) and every name and address in ``extra_hosts`` (tls.hosts,
+    --host) that these do not cover yet: an address as a single-address network. The machine's
+    discovered public addresses are deliberately NOT added: they change with the ISP, and a CA
+    good for a public address can vouch for whoever holds it next. Raises ValueError for an
+    invalid host."""
+    dns = list(CA_PERMITTED_DNS)
+    networks = [ipaddress.ip_network(text) for text in CA_PERMITTED_NETWORKS]
+    machine = discover_hosts() if machine_hosts is None else list(machine_hosts)
+    machine_dns, _public_ips = normalize_hosts(machine)
+    extra_dns, extra_ips = normalize_hosts(extra_hosts)
+    for name in machine_dns + extra_dns:
+        name = name[2:] if name.startswith("*.") else name
+        if not any(name == base or name.endswith("." + base) for base in dns):
+            dns.append(name)
+    for text in extra_ips:
+        address = ipaddress.ip_address(text)
+        if not any(address in network for network in networks
+                   if network.version == address.version):
+            networks.append(ipaddress.ip_network(address))
+    return dns, [str(network) for network in networks]
+
+
+def _name_constraints_der(dns: Sequence[str], networks: Sequence[str]) -> bytes:
+    # NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees OPTIONAL, ... }, in
+    # the IMPLICIT module: [0] replaces the SEQUENCE OF tag. Each GeneralSubtree is a SEQUENCE of
+    # its base GeneralName (minimum 0 is the DEFAULT, so omitted): dNSName [2] IA5String, or
+    # iPAddress [7] with address and mask octets (8 bytes for IPv4, 32 for IPv6).
+    subtrees = [_der_sequence(_der_tlv(0x82, name.encode("ascii"))) for name in dns]
+    for text in networks:
+        network = ipaddress.ip_network(text)
+        subtrees.append(_der_sequence(_der_tlv(
+            0x87, network.network_address.packed + network.netmask.packed)))
+    return _der_sequence(_der_context(0, b"".join(subtrees)))
+
+
 def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
-              key: Optional[RSAPrivateKey] = None) -> Tuple[bytes, RSAPrivateKey]:
+              key: Optional[RSAPrivateKey] = None, extra_hosts: Iterable[str] = (),
+              constrained: bool = True) -> Tuple[bytes, RSAPrivateKey]:
     """Create a self-signed CA certificate; return (certificate DER, private key).
 
     CN defaults to "llm-proxy local CA (<hostname>)" (iOS hides roots without a CN);
     basicConstraints CA:TRUE pathLen 0 and keyUsage keyCertSign/cRLSign/digitalSignature, both
-    critical; SKI and AKI; ``days`` of validity (default ~10 years)."""
+    critical; SKI and AKI; ``days`` of validity (default ~10 years). Unless ``constrained`` is
+    False (only tests make the old, unconstrained kind), a critical nameConstraints extension
+    limits the CA to ca_name_constraints(extra_hosts).
+
+    Critical, as RFC 5280 4.2.1.10 requires: a client that does not understand the extension
+    must then refuse the CA instead of trusting it for every name. Everything current enforces
+    it, also on a root: OpenSSL (so curl, Python, Node), NSS/Firefox, Chrome's own verifier
+    (trust anchors since Chrome 112), Windows CryptoAPI, Apple since about 2015, Android, Go."""
     key = key or generate_rsa_key()
     now = _utc_now()
     name = _x509_name(common_name or _ca_common_name(), _CA_ORGANIZATION,
@@ -1314,6 +1436,9 @@ def create_ca(common_name: Optional[str] = None, days: int = CA_VALIDITY_DAYS,
         _x509_extension(_OID_AUTHORITY_KEY_ID, False,
                         _der_sequence(_der_context(0, key_id, constructed=False))),
     ]
+    if constrained:
+        extensions.append(_x509_extension(_OID_NAME_CONSTRAINTS, True, _name_constraints_der(
+            *ca_name_constraints(extra_hosts))))
     der = _x509_certificate(_random_serial(), name, name, now - CERT_BACKDATE,
                             now + datetime.timedelta(days=days), (key.n, key.e), extensions, key)
     return der, key
@@ -1338,6 +1463,9 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
     ca = parse_certificate_der(ca_cert_der)
     if not key_matches_certificate(ca_key, ca):
         raise CertificateError("the CA private key does not match the CA certificate")
+    outside = [host for host in dns_names + ips if not ca.permits(host)]
+    if outside:  # every verifier would refuse the certificate: say so now, sign nothing
+        raise ValueError("the CA's name constraints do not permit %s" % ", ".join(outside))
     now = _utc_now()
     if ca.not_after <= now:
         raise CertificateError("the CA certificate expired on %s; create a new CA "
@@ -1370,13 +1498,97 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
 
 # --------------------------------------------------------------------------- files
 
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _private_group(gid: int) -> bool:
+    """True for our own user-private group (Debian/Ubuntu/Fedora give each user a group of the
+    same name, and login umask 002 makes group-writable folders): writable by that group means
+    writable by us only. Same rule as Debian's OpenSSH StrictModes patch."""
+    try:
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == os.getegid() and group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _unsafe_because(path: str, info: os.stat_result, kind: str) -> Optional[str]:
+    """Why another local user could change ``path`` (a file or directory), with the command that
+    fixes it; None when only we (or root) can."""
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return ("%s %s belongs to user %s, not to %s that runs the proxy, so that user can "
+                "replace it; fix: chown %s %s (or run the proxy as %s)" % (
+                    kind, path, _user_name(info.st_uid), _user_name(me), _user_name(me), path,
+                    _user_name(info.st_uid)))
+    if info.st_mode & stat.S_IWOTH:
+        who = "every local user"
+    elif info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid):
+        who = "its group (gid %d)" % info.st_gid
+    else:
+        return None
+    return "%s %s is writable by %s (mode %04o); fix: chmod go-w %s" % (
+        kind, path, who, stat.S_IMODE(info.st_mode), path)
+
+
+def check_trusted_file(path: str, what: str = "certificate") -> None:
+    """Refuse trust material another local user could have put there: raise CertificateError
+    when the file, or the folder it is in (also the real folder behind a symlink), belongs to
+    another user than ours or root, or is writable by group or others. Such a user could swap
+    in their own CA (then handed to every device set up via /_proxy/ca.crt) or key. A missing
+    file passes (its reader reports that). A no-op where there is no POSIX ownership."""
+    if os.name != "posix":
+        return
+    checks = [(os.path.abspath(path), "file")]
+    for folder in (os.path.dirname(os.path.abspath(path)),
+                   os.path.dirname(os.path.realpath(path))):
+        if (folder, "folder") not in checks:
+            checks.append((folder, "folder"))
+    for target, kind in checks:
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CertificateError("cannot check %s: %s" % (target, exc.strerror or exc)) from None
+        reason = _unsafe_because(target, info, kind)
+        if reason:
+            raise CertificateError("refusing to use the %s %s: %s" % (what, path, reason))
+
+
+def _make_private_dirs(directory: str) -> None:
+    """Create ``directory`` and any missing parents with mode 0700, whatever the umask (an
+    umask of 000 would otherwise leave certs/ writable by every local user)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: check_trusted_file() judges it
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+
+
 def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
     readers see the old or the new file, never half of one. mkstemp() creates the temp file with
     mode 0600, so a private key is never readable by others, not even for a moment; public files
     are widened to 0644 before they take their name."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    _make_private_dirs(directory)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -1384,8 +1596,13 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if not private:
-            os.chmod(tmp, 0o644)
+            # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
+            # for the temp file; and such a swap is found before it is renamed into place.
+            if not private and hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o644)
+            _check_still_ours(tmp, handle.fileno())
+        if not private and not hasattr(os, "fchmod"):
+            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1404,15 +1621,27 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             pass
 
 
+def _check_still_ours(tmp: str, fd: int) -> None:
+    """Raise OSError unless ``tmp`` still names the file open as ``fd``: in a folder others can
+    write, the temp file could be swapped for a symlink between mkstemp() and os.replace()."""
+    if os.name != "posix":
+        return
+    have, want = os.lstat(tmp), os.fstat(fd)
+    if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+        raise OSError(errno.EEXIST, "temporary file was replaced by another file while being "
+                      "written (is the folder writable by others?)", tmp)
+
+
 def ca_paths(directory: str) -> Tuple[str, str]:
     """Return (ca.pem path, ca-key.pem path) in ``directory``."""
     return os.path.join(directory, CA_CERT_FILENAME), os.path.join(directory, CA_KEY_FILENAME)
 
 
-def create_ca_files(directory: str) -> CertificateInfo:
+def create_ca_files(directory: str, extra_hosts: Iterable[str] = ()) -> CertificateInfo:
     """Generate a new CA and write ``ca.pem`` and ``ca-key.pem`` (0600) into ``directory``,
-    replacing existing files (callers decide whether that is allowed). Returns the CA's info."""
-    cert_der, key = create_ca()
+    replacing existing files (callers decide whether that is allowed). ``extra_hosts`` widen its
+    name constraints (see ca_name_constraints()). Returns the CA's info."""
+    cert_der, key = create_ca(extra_hosts=extra_hosts)
     ca_cert, ca_key = ca_paths(directory)
     _write_file_atomic(ca_key, private_key_to_pem(key), private=True)
     _write_file_atomic(ca_cert, _pem_encode(cert_der, "CERTIFICATE"), private=False)
@@ -1428,6 +1657,8 @@ def load_ca(directory: str) -> Tuple[CertificateInfo, RSAPrivateKey]:
     if missing:
         raise CertificateError("missing CA file%s: %s" % (
             "s" if len(missing) > 1 else "", ", ".join(missing)))
+    check_trusted_file(ca_cert, "CA certificate")
+    check_trusted_file(ca_key, "CA key")
     info = read_certificate_info(ca_cert)
     key = read_private_key(ca_key)
     if not key_matches_certificate(key, info):
@@ -1449,6 +1680,20 @@ def issue_server_files(cert_file: str, key_file: str, hosts: Iterable[str],
     _write_file_atomic(cert_file, cert_pem, private=False)
     _write_file_atomic(_combined_path(cert_file), cert_pem + key_pem, private=True)
     return parse_certificate_der(cert_der)
+
+
+def split_permitted(ca: CertificateInfo, hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Split ``hosts`` into (those the CA's name constraints permit, those they do not), keeping
+    the order. Every host is permitted by an unconstrained (older) CA."""
+    kept, dropped = [], []  # type: List[str], List[str]
+    for host in hosts:
+        (kept if ca.permits(host) else dropped).append(host)
+    return kept, dropped
+
+
+def _outside_ca_warning(dropped: Sequence[str]) -> str:
+    return ("left out of the certificate, outside what the local CA may sign for: %s (a public "
+            "name or address needs to be in tls.hosts when the CA is created)" % ", ".join(dropped))
 
 
 def _combined_path(cert_file: str) -> str:
@@ -1474,6 +1719,7 @@ class CertStatus(NamedTuple):
     serial: Optional[int]
     reasons: Tuple[str, ...]         # why it was (re-)issued
     warnings: Tuple[str, ...]        # problems worth logging (expiring external cert, ...)
+    ca_constrained: bool = False     # our CA carries name constraints (local names only)
 
     def describe(self) -> str:
         """A few human-readable lines for the start-up banner."""
@@ -1488,6 +1734,9 @@ class CertStatus(NamedTuple):
         if self.ca_file:
             lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
                                           if self.ca_created else ""))
+        if self.ca_constrained:
+            lines.append("  CA signs only local names and private addresses; a public address "
+                         "only if it was in tls.hosts when the CA was created")
         for warning in self.warnings:
             lines.append("  warning: " + warning)
         return "\n".join(lines)
@@ -1500,7 +1749,11 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
     * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
-      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem.
+      the server certificate for discover_hosts() + ``extra_hosts`` and write combined.pem. A
+      new CA is name-constrained (create_ca()); hosts outside its constraints are left out of
+      the certificate and named in the warnings.
+    * any of these files, or their folder, writable by or belonging to another local user:
+      CertificateError (check_trusted_file()).
     * cert issued by our CA (its signature verifies with ca.pem and ca-key.pem is present):
       re-issue it when it expires within ``renew_before_days`` or its SANs miss a current name or
       address. The new certificate keeps the old names too, so names once added with
@@ -1514,12 +1767,13 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("server certificate validity must be 1..%d days, not %s"
                                % (SERVER_CERT_MAX_DAYS, days))
     try:
-        wanted = normalize_hosts(list(discover_hosts()) + list(extra_hosts))
+        extra = list(extra_hosts)
+        wanted = normalize_hosts(list(discover_hosts()) + extra)
     except ValueError as exc:
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days)
+                                    wanted[0], wanted[1], days, renew_before_days, extra)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1527,10 +1781,15 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
-                         wanted_ips: List[str], days: int, renew_before_days: int) -> CertStatus:
+                         wanted_ips: List[str], days: int, renew_before_days: int,
+                         extra_hosts: Sequence[str] = ()) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
+    # Nothing here is read, trusted or written next to files another local user can swap.
+    for path, what in ((cert_file, "certificate"), (key_file, "key"),
+                       (ca_cert_path, "CA certificate"), (ca_key_path, "CA key")):
+        check_trusted_file(path, what)
 
     have_cert, have_key = os.path.exists(cert_file), os.path.exists(key_file)
     if have_cert != have_key:
@@ -1547,18 +1806,22 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                                                           ca_dir),)
 
     def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        ca_info = read_certificate_info(ca_cert_path)
+        hosts, dropped = split_permitted(ca_info, hosts)
         info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
         log.info("TLS certificate %s: %s (%s)", action, cert_file, "; ".join(reasons))
-        ca_not_after = read_certificate_info(ca_cert_path).not_after
+        warnings = ca_warnings(ca_info.not_after)
+        if dropped:
+            warnings += (_outside_ca_warning(dropped),)
         return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path, ca_created,
                           info.dns_names, info.ip_addresses, info.not_after, info.serial,
-                          tuple(reasons), ca_warnings(ca_not_after))
+                          tuple(reasons), warnings, ca_info.permitted_dns is not None)
 
     if not have_cert:
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
-            create_ca_files(ca_dir)
+            create_ca_files(ca_dir, extra_hosts)
             ca_created = True
         elif not all(have_ca):
             raise CertificateError(
@@ -1602,6 +1865,12 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if remaining < datetime.timedelta(days=renew_before_days):
         reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
                        else "expired %s" % cert.not_after.date())
+    dropped = []  # type: List[str]
+    all_wanted = wanted_dns + wanted_ips
+    if ca is not None:  # names this CA may not sign for are left out, not wanted each start
+        wanted_dns, dropped = split_permitted(ca, wanted_dns)
+        wanted_ips, dropped_ips = split_permitted(ca, wanted_ips)
+        dropped += dropped_ips
     missing = [name for name in wanted_dns if not cert.covers([name], [])]
     missing += [ip for ip in wanted_ips if not cert.covers([], [ip])]
     if missing:
@@ -1613,10 +1882,13 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                           tuple("user-supplied certificate " + r for r in reasons))
 
     if reasons and os.path.exists(ca_key_path):
-        hosts = wanted_dns + wanted_ips + list(cert.dns_names) + list(cert.ip_addresses)
+        # issue() leaves out, and warns about, what the CA may not sign for.
+        hosts = all_wanted + list(cert.dns_names) + list(cert.ip_addresses)
         return issue("renewed", reasons, hosts, False)
 
     warnings = list(ca_warnings(ca.not_after))
+    if dropped:
+        warnings.append(_outside_ca_warning(dropped))
     if reasons:
         warnings.append("certificate %s, but %s is missing so it cannot be renewed"
                         % ("; ".join(reasons), ca_key_path))
@@ -1628,7 +1900,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     return CertStatus("kept", cert_file, key_file,
                       combined_path if os.path.exists(combined_path) else None, ca_cert_path,
                       False, cert.dns_names, cert.ip_addresses, cert.not_after, cert.serial, (),
-                      tuple(warnings))
+                      tuple(warnings), ca.permitted_dns is not None)
 
 
 # --------------------------------------------------------------------------- trust instructions
@@ -1682,6 +1954,8 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    check_trusted_file(cert_file, "certificate")  # at start, on SIGHUP and for the file watcher
+    check_trusted_file(key_file, "key")
     try:
         context.load_cert_chain(cert_file, key_file)
     except FileNotFoundError as exc:
@@ -3651,10 +3925,17 @@ def _stats_atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
-        except OSError:
-            pass
+            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
+            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
+            # is caught before os.replace() would put it in place of stats.json.
+            try:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), 0o644)
+                else:
+                    os.chmod(tmp, 0o644)
+            except OSError:
+                pass
+            _check_still_ours(tmp, f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -4625,6 +4906,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_ca(self, der: bool) -> None:
         """Serve the CA certificate (never its key) for devices to install."""
         ca_file = os.path.join(os.path.dirname(self.server.config.cert_file), "ca.pem")
+        try:
+            # Devices install what this hands out: never a CA another local user could plant.
+            check_trusted_file(ca_file, "CA certificate")
+        except CertificateError as exc:
+            log.error("not serving the CA: %s", exc)
+            self.send_proxy_error(503, "the CA file failed a safety check; see the proxy's log",
+                                  "unavailable")
+            return
         try:
             with open(ca_file, "rb") as handle:
                 pem = handle.read()
@@ -5792,6 +6081,41 @@ def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContex
 # Service: pidfile, daemon mode, signals, the serve loop
 # ==================================================================================================
 
+def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open() for the files the proxy writes beside its config (pidfile, log file), which a
+    local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a regular file
+    with no other hard link, and never writable by others even under umask 000. Returns the
+    descriptor; raises OSError whose strerror says what is wrong and how to fix it."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a planted FIFO must not hang open()
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | nonblock
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link, which is not followed; remove it "
+                          "(rm %s) or choose another path" % path, path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader
+            raise OSError(exc.errno, "it is not a regular file; remove it or choose another "
+                          "path", path) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file; remove it or choose another "
+                          "path", path)
+        if info.st_nlink != 1:
+            raise OSError(errno.EMLINK, "it has %d hard links (another name for the same file); "
+                          "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
+        if nonblock:
+            os.set_blocking(fd, True)
+        if os.name == "posix" and info.st_mode & 0o022 and info.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o022)  # left by an umask of 000
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class PidFile:
     """A pidfile guarded by an exclusive flock: the lock, not the number, says who is alive.
 
@@ -5805,7 +6129,7 @@ class PidFile:
     def acquire(self) -> Optional[int]:
         """Take the lock. Returns None on success, or the pid of the instance holding it."""
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5841,10 +6165,15 @@ class PidFile:
 def stop_daemon(pidfile_path: str, timeout: float = 15.0) -> int:
     """--stop: SIGTERM the instance holding the pidfile and wait until it has exited."""
     probe = PidFile(pidfile_path)
-    if not os.path.exists(pidfile_path):
+    if not os.path.lexists(pidfile_path):
         print("not running (no pidfile %s)" % pidfile_path)
         return 0
-    owner = probe.acquire()
+    try:
+        owner = probe.acquire()
+    except OSError as exc:
+        print("error: cannot use pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
     if owner is None:
         probe.release()
         print("not running (removed stale pidfile %s)" % pidfile_path)
@@ -5992,11 +6321,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LogFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file (also after each rotation) is opened by
+    open_regular_file(): a symlink planted at the log's path is refused, not written through."""
+
+    def _open(self):
+        fd = open_regular_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=getattr(self, "errors", None))
+
+
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     """One handler on the "llm-proxy" logger: stderr, or a size-rotated file."""
     if log_file:
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024,
-                                                       backupCount=3, encoding="utf-8")
+        handler = _LogFileHandler(log_file, maxBytes=5 * 1024 * 1024, backupCount=3,
+                                  encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     # systemd's journal stamps every line itself; don't print the time twice.

@@ -277,8 +277,14 @@ class TlsTests(unittest.TestCase):
                 self.assertEqual(_client_hello(self.server.port, self.ca, name), b"hello")
 
     def test_handshake_with_discovered_names(self):
-        # Only the name checked differs; the connection always goes to 127.0.0.1.
+        # Only the name checked differs; the connection always goes to 127.0.0.1. A public
+        # address of this machine is left out: the name-constrained CA may not sign for it.
+        ca = proxy.read_certificate_info(self.ca)
         for name in proxy.discover_hosts():
+            if not ca.permits(name):
+                self.assertNotIn(name, proxy.read_certificate_info(_Shared.path("cert.pem"))
+                                 .ip_addresses)
+                continue
             with self.subTest(name=name):
                 self.assertEqual(_client_hello(self.server.port, self.ca, name), b"hello")
 
@@ -454,14 +460,15 @@ class EnsureCertificatesTests(unittest.TestCase):
         self.assertNotEqual(renewed.serial, first.serial)
         self.assertGreater(renewed.not_after - first.not_after, datetime.timedelta(days=700))
 
-        added = proxy.ensure_certificates(cert, key, extra_hosts=["new-name.example.test"])
+        # (a name inside the CA's constraints: a CA now signs only local names)
+        added = proxy.ensure_certificates(cert, key, extra_hosts=["new-name.home.arpa"])
         self.assertEqual(added.action, "renewed")
-        self.assertIn("new-name.example.test", added.reasons[0])
-        self.assertIn("new-name.example.test", added.dns_names)
+        self.assertIn("new-name.home.arpa", added.reasons[0])
+        self.assertIn("new-name.home.arpa", added.dns_names)
 
         again = proxy.ensure_certificates(cert, key)  # old names are kept on renewal
         self.assertEqual(again.action, "kept")
-        self.assertIn("new-name.example.test", again.dns_names)
+        self.assertIn("new-name.home.arpa", again.dns_names)
 
         self.assertEqual(_read(os.path.join(self.tmp, "ca.pem")), ca_before)
         ca = proxy.read_certificate_info(os.path.join(self.tmp, "ca.pem"))
