@@ -5552,8 +5552,7 @@ class RealtimeUsage:
         self._collect = False      # whether the current frame's payload belongs to a text message
         self._fin = False
         self.responses = 0
-        self.usage = dict.fromkeys(("prompt", "completion", "total", "cacheRead", "cacheWrite",
-                                    "reasoning"), 0)
+        self.usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
         self.model = model
 
     def feed(self, data) -> None:
