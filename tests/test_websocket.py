@@ -427,6 +427,41 @@ class ChromiumTests(unittest.TestCase):
         self.assertEqual(settled_stats(self.proxy)["byEndpoint"]["/ws"]["requests"], 1)
 
 
+def missing_realtime_sdk():
+    try:
+        import openai  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError:
+        return "the openai SDK with websockets is not installed (pip install openai websockets)"
+    return None
+
+
+@unittest.skipIf(missing_realtime_sdk(), missing_realtime_sdk())
+class OpenAIRealtimeSDKTests(TunnelTestCase):
+    """The official OpenAI SDK's Realtime client, strict TLS, through the proxy."""
+
+    def test_realtime_session_through_the_proxy_with_usage_counted(self):
+        import openai
+        client = openai.OpenAI(api_key="sk-test-key", max_retries=0,
+                               base_url="https://localhost:%d/v1" % self.proxy.server_address[1])
+        events = []
+        with client.realtime.connect(model="gpt-realtime-mini", websocket_connection_options={
+                "ssl": client_context(), "open_timeout": 10}) as connection:
+            connection.send({"type": "response.create"})
+            for event in connection:
+                events.append(event.type)
+                if event.type == "response.done" and events.count("response.done") == 2:
+                    break
+        self.assertEqual(events[0], "session.created")
+        request = self.backend.requests[0]
+        headers = {k.lower(): v for k, v in request["headers"]}
+        self.assertTrue(request["path"].startswith("/v1/realtime?model=gpt-realtime-mini"))
+        self.assertEqual(headers["authorization"], "Bearer sk-test-key")
+        stats = settled_stats(self.proxy)
+        self.assertEqual(stats["tokens"]["total"], 225)
+        self.assertEqual(stats["byEndpoint"]["/v1/realtime"]["requests"], 1)
+
+
 class ShutdownTests(test_service.ServiceTestCase):
     def test_sigterm_closes_an_open_tunnel_after_the_grace_period_and_records_it(self):
         backend = start_backend(self)

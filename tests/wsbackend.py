@@ -12,6 +12,9 @@ cleanly. Text and binary messages are echoed; a text message starting "cmd:" is 
     cmd:send:<n>       the server sends one binary message of n bytes
     cmd:realtime       the server sends an OpenAI Realtime-style event sequence (see REALTIME_*)
 
+A JSON text message {"type": "response.create", ...} (an OpenAI SDK client) gets the same
+sequence without its binary message.
+
 What it received is recorded on the server object (requests, connections, pongs, closes), to
 be asserted in the test thread.
 """
@@ -146,8 +149,9 @@ class WebSocket:
 # The backend
 # --------------------------------------------------------------------------------------------------
 
-def realtime_script():
-    """Frames of a Realtime-style session: events as the OpenAI Realtime API sends them."""
+def realtime_script(binary: bool = True):
+    """Frames of a Realtime-style session: events as the OpenAI Realtime API sends them (and, with
+    `binary`, a binary message among them, which the SDK would refuse to parse)."""
     frames = [encode_frame(OP_TEXT, json.dumps({"type": "session.created", "session": {
         "model": "gpt-realtime-local"}}).encode())]
     for number, usage in enumerate(REALTIME_USAGE):
@@ -156,7 +160,8 @@ def realtime_script():
         # An audio delta bigger than anything worth parsing, as a base64 text event.
         frames.append(encode_frame(OP_TEXT, json.dumps(
             {"type": "response.output_audio.delta", "delta": "A" * 300000}).encode()))
-        frames.append(encode_frame(OP_BINARY, b"\x00" * 1000))
+        if binary:
+            frames.append(encode_frame(OP_BINARY, b"\x00" * 1000))
         done = json.dumps({"type": "response.done", "response": {
             "id": "resp_%d" % number, "status": "completed", "model": "gpt-realtime-local",
             "usage": usage}}).encode()
@@ -253,6 +258,10 @@ class _Handler(socketserver.StreamRequestHandler):
                 if outcome == "dropped":
                     return
                 closing = closing or outcome == "closing"
+            elif opcode == OP_TEXT and payload.startswith(b'{"type":"response.create"') or \
+                    opcode == OP_TEXT and payload.startswith(b'{"type": "response.create"'):
+                # What an OpenAI SDK client sends: answer as a Realtime server does.
+                ws.sock.sendall(b"".join(realtime_script(binary=False)))
             elif opcode in (OP_TEXT, OP_BINARY):
                 ws.send(opcode, payload)
 
