@@ -47,6 +47,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -72,9 +73,10 @@ CONFIG_DEFAULTS = {
         "port": 8443,
         "bind": "",                  # "" = every interface, IPv4 and IPv6 where available
         "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
-        "adminToken": "",            # when set, POST /_proxy/reset needs "Authorization: Bearer <token>"
+        "adminToken": "",            # when set, reset, stats and metrics need "Authorization: Bearer <token>"
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
+        "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
         "websocketIdleTimeout": 3600,  # seconds a WebSocket tunnel may carry no byte either way
     },
     "target": {
@@ -150,6 +152,19 @@ IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_CACHE_SECONDS = 3.0
 
+# A request body must arrive at this average rate once clientTimeout has passed: each byte
+# received buys 1/BODY_MIN_RATE s more (Apache's mod_reqtimeout "body=20,MinRate=500" idea).
+# clientTimeout alone bounds each read, so a client trickling a byte per read held a slot forever.
+BODY_MIN_RATE = 500
+# Connection slots kept back for /_proxy/health when all others are taken (at most 1/16 of
+# proxy.maxConnections). A reserve slot serves one health check under a short deadline.
+CONNECTION_RESERVE = 8
+RESERVE_CLIENT_TIMEOUT = 5.0
+# Each client connection may hold two descriptors (its socket and a backend socket); this many
+# more cover the listener, idle pooled backend connections (64), the log, stats and certificate
+# files. proxy.maxConnections is lowered to fit the open-file limit (RLIMIT_NOFILE).
+FD_RESERVE = 100
+
 
 # ==================================================================================================
 # Errors: one small tree; main() turns a ProxyError into "error: ..." and an exit code
@@ -202,6 +217,12 @@ def _check_connection_limit(value):
     return None
 
 
+def _check_connection_share(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
+        return "an integer from 0 (half of proxy.maxConnections) to 100000"
+    return None
+
+
 def _check_bool(value):
     return None if isinstance(value, bool) else "true or false"
 
@@ -233,6 +254,7 @@ CONFIG_CHECKS = {
     "proxy.adminToken": _check_string,
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
+    "proxy.maxConnectionsPerClient": _check_connection_share,
     "proxy.websocketIdleTimeout": _check_positive_number,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
@@ -260,6 +282,7 @@ class Config:
     admin_token: str = ""
     client_timeout: float = 30.0
     max_connections: int = 512
+    max_connections_per_client: int = 0      # 0 = half of max_connections
     websocket_idle_timeout: float = 3600.0
     target_host: str = "127.0.0.1"
     target_port: int = 11434
@@ -410,6 +433,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         admin_token=values["proxy.adminToken"],
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
+        max_connections_per_client=values["proxy.maxConnectionsPerClient"],
         websocket_idle_timeout=float(values["proxy.websocketIdleTimeout"]),
         target_host=values["target.host"].strip().strip("[]"),
         target_port=values["target.port"],
@@ -3658,7 +3682,8 @@ class StatsStore(object):
                 "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
                 "persistence": {
                     "enabled": self._persistence_enabled(),
-                    "file": self.path,
+                    # The name only: stats readers need not learn the server's directories.
+                    "file": os.path.basename(self.path) if self.path else None,
                     "lastSaved": iso_utc(self._last_saved),
                     "lastError": self._last_error or self._save_blocked,
                 },
@@ -3751,7 +3776,7 @@ class StatsStore(object):
             msg = "stats file %s is a directory; not saving stats" % path
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                self._save_blocked = "the stats file is a directory; not saving stats"
             return False
         except OSError as exc:
             self._set_aside(path, "cannot be read (%s)" % exc)
@@ -3807,7 +3832,9 @@ class StatsStore(object):
                    "not saving stats so it is not overwritten" % (path, reason, target, exc))
             log.warning("%s", msg)
             with self._lock:
-                self._save_blocked = msg
+                # snapshot() shows this to stats readers: no server paths in it.
+                self._save_blocked = ("the stats file is unreadable and could not be moved "
+                                      "aside; not saving stats so it is not overwritten")
             return
         log.warning("stats file %s %s; moved it to %s and starting with empty stats",
                     path, reason, target)
@@ -3818,9 +3845,10 @@ class StatsStore(object):
 
         Returns True if this call wrote the file; False if nothing changed,
         persistence is off, or the write failed.  A failure is logged as a
-        warning once per distinct error (not every interval), kept in
-        snapshot()["persistence"]["lastError"], and never raised: the store
-        stays dirty so the next save retries.
+        warning once until a save succeeds again (not every interval: the
+        message of each failure may differ, e.g. by its temp file name), kept
+        in snapshot()["persistence"]["lastError"] without paths, and never
+        raised: the store stays dirty so the next save retries.
         """
         if not self._persistence_enabled():
             return False
@@ -3840,9 +3868,11 @@ class StatsStore(object):
                 _stats_atomic_write(self.path, data)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                    ("%s" % exc if not isinstance(exc, OSError) else type(exc).__name__)
                 with self._lock:
-                    self._last_error = err
-                if err != self._logged_error:  # once per distinct error
+                    self._last_error = "cannot save stats: %s" % reason
+                if self._logged_error is None:  # once until it recovers
                     self._logged_error = err
                     log.warning("%s (will retry)", err)
                 return False
@@ -4258,6 +4288,10 @@ class ClientGone(Exception):
     """The client closed the connection or stopped sending in the middle of a request."""
 
 
+class UploadTimeout(socket.timeout):
+    """The request body stalled past clientTimeout or fell below BODY_MIN_RATE."""
+
+
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
@@ -4313,6 +4347,9 @@ def _client_read(read, size: int) -> bytes:
     """
     try:
         return read(size)
+    except UploadTimeout as exc:
+        # The client is still there, only too slow: it gets an answer (RFC 9110 §15.5.9).
+        raise RequestError(408, str(exc)) from None
     except OSError:
         raise ClientGone() from None
 
@@ -4335,22 +4372,61 @@ def _read_line(rfile, limit: int, too_long_status: int, what: str) -> bytes:
 
 class _DeadlineReader(io.RawIOBase):
     """Reads a client socket; while `deadline` (a time.monotonic() value) is set, all reads
-    together must finish by then, else socket.timeout. Used for the request head only."""
+    together must finish by then, else socket.timeout. The request head gets a fixed deadline;
+    after start_body() the body gets one that each byte received moves later."""
 
     def __init__(self, sock):
         self._sock = sock
         self._timeout = sock.gettimeout()
         self.deadline = None
+        self._min_rate = None
+        self._grace = 0.0
 
     def readable(self):
         return True
 
+    def start_head(self, seconds: float) -> None:
+        """The whole request head must arrive within `seconds`."""
+        self._min_rate = None
+        self.deadline = time.monotonic() + seconds
+
+    def start_body(self, grace: float, min_rate: float) -> None:
+        """From the first body read on, the body may take `grace` seconds plus 1/min_rate s
+        per byte received; reads past that raise UploadTimeout."""
+        self._min_rate = min_rate
+        self._grace = grace
+        self.deadline = None
+
+    def stop_deadlines(self) -> None:
+        """No deadline from now on: the connection has become a WebSocket tunnel."""
+        self._min_rate = None
+        self.deadline = None
+
     def readinto(self, buffer):
+        if self._min_rate is not None:
+            return self._read_body(buffer)
         if self.deadline is None:
             return self._sock.recv_into(buffer)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("no complete request head within clientTimeout")
+        return self._recv_within(buffer, remaining)
+
+    def _read_body(self, buffer):
+        if self.deadline is None:       # the clock starts when we first wait for body bytes
+            self.deadline = time.monotonic() + self._grace
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UploadTimeout("the request body arrived slower than %d bytes/s" % self._min_rate)
+        try:
+            received = self._recv_within(buffer, remaining)
+        except socket.timeout:
+            raise UploadTimeout("the request body stalled (proxy.clientTimeout or %d bytes/s)"
+                                % self._min_rate) from None
+        self.deadline += received / self._min_rate
+        return received
+
+    def _recv_within(self, buffer, remaining: float):
         if remaining > self._timeout - 1.0:
             # The deadline is (nearly) the socket's own timeout: skip two syscalls per read
             # on the hot path; the head may overrun its deadline by at most a second.
@@ -4631,9 +4707,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- the per-connection loop --------------------------------------------------------------
 
+    def __init__(self, request, client_address, server, slot: Optional["ClientSlot"] = None):
+        # The connection slot this client holds (see ClientSlots); a reserve slot serves one
+        # health check under a short deadline.
+        self.slot = slot
+        self.admin_route = False
+        self.linger = False          # half-close and drain before closing (see _lingering_close)
+        super().__init__(request, client_address, server)
+
+    @property
+    def on_reserve(self) -> bool:
+        """True when this connection holds one of the slots kept back for /_proxy/health."""
+        return self.slot is not None and self.slot.reserve
+
+    @property
+    def client_timeout(self) -> float:
+        """clientTimeout, shortened for a connection on a reserve slot."""
+        timeout = self.server.config.client_timeout
+        return min(timeout, RESERVE_CLIENT_TIMEOUT) if self.on_reserve else timeout
+
     def setup(self):
         super().setup()
-        self.connection.settimeout(self.server.config.client_timeout)
+        self.connection.settimeout(self.client_timeout)
         # clientTimeout must bound the whole wait for a request head, not each recv(): a client
         # trickling one byte per (clientTimeout - 1) s would otherwise hold a thread for hours.
         self.rfile.close()
@@ -4643,7 +4738,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.close_connection = True
         self.head = None
-        self.head_reader.deadline = time.monotonic() + self.server.config.client_timeout
+        self.admin_route = False
+        self.head_reader.start_head(self.client_timeout)
         try:
             head = read_request_head(self.rfile)
         except RequestError as exc:
@@ -4652,17 +4748,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (ClientGone, OSError):
             return
         finally:
-            self.head_reader.deadline = None
+            # A body, if any, must keep coming: clientTimeout per read is not enough on its own.
+            self.head_reader.start_body(self.client_timeout, BODY_MIN_RATE)
         if head is None:
             return
         self.head = head
         self.close_connection = not self._client_keeps_alive(head)
         try:
+            if self.on_reserve and not self._answer_on_reserve(head):
+                return
             self.route(head)
         except RequestError as exc:
             self.send_proxy_error(exc.status, exc.message, "invalid_request", close=True)
+            # The client may still be sending its body (a 408, 413 or a bad chunk): close
+            # gently, or the reset of an abrupt close can destroy this answer on its way.
+            self.linger = True
         except (ClientGone, OSError):
             self.close_connection = True
+
+    def _answer_on_reserve(self, head: RequestHead) -> bool:
+        """On a reserve slot only /_proxy/health is served, once; anything else gets 503.
+
+        The path is only known once the head is read, so the reserve is handed out first and
+        kept short: RESERVE_CLIENT_TIMEOUT for handshake and head, one request, then close.
+        """
+        self.close_connection = True
+        # No body either: a trickled one would hold the reserve slot for minutes.
+        if (head.target.split("?", 1)[0].rstrip("/") == "/_proxy/health"
+                and request_body_length(head) is None):
+            return True
+        self.send_json(503, {"type": "error", "error": {
+            "type": "overloaded", "message": "the proxy is serving proxy.maxConnections "
+                                             "connections; try again shortly"}},
+                       [("Retry-After", "5")])
+        self.linger = True            # a body may follow the head: let the 503 arrive
+        return False
 
     def _client_keeps_alive(self, head: RequestHead) -> bool:
         tokens = head.connection_tokens()
@@ -4764,8 +4884,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     @property
     def client_ip(self) -> str:
         """The client's address, with IPv4-mapped IPv6 addresses shown as plain IPv4."""
-        host = self.client_address[0]
-        return host[7:] if host.startswith("::ffff:") and "." in host else host
+        return client_ip(self.client_address[0])
 
     def discard_body(self, head: RequestHead, body_length: Optional[int]) -> None:
         """Read and drop a body we do not forward, so the connection can carry the next request."""
@@ -4797,10 +4916,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return None
 
     def cors_response_headers(self, response_header_names) -> List[Tuple[str, str]]:
-        """CORS headers for an actual (non-preflight) response to an allowed origin."""
-        origin = self.allowed_origin()
+        """CORS headers for an actual (non-preflight) response: the allow headers for an allowed
+        origin (never on admin routes), and Vary: Origin always.
+
+        Vary goes on every answer, with or without Origin: the answer differs by Origin, and a
+        cache that stored the one without Origin must not serve it to a page (or vice versa).
+        """
+        origin = None if self.admin_route else self.allowed_origin()
         if origin is None:
-            return []
+            return [("Vary", "Origin")]
         headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         exposed = sorted({name for name in response_header_names
                           if name.lower() not in CORS_SAFELISTED_RESPONSE_HEADERS})
@@ -4846,6 +4970,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
             return
         methods, handler_name = route
+        # Stats, metrics and reset are for the proxy's owner: no CORS for any other site's page.
+        self.admin_route = handler_name in ADMIN_HANDLERS
         if head.method not in methods:
             self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
                                   "method_not_allowed")
@@ -4853,37 +4979,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
         getattr(self, handler_name)()
 
     def serve_stats(self) -> None:
-        self.send_json(200, self.server.stats.snapshot())
+        if not self.refused_as_admin():
+            self.send_json(200, self.server.stats.snapshot())
 
-    def serve_reset(self) -> None:
+    def refused_as_admin(self) -> bool:
+        """Answer 401/403 and return True when admin_refusal() refuses this request."""
         refusal = self.admin_refusal()
         if refusal:
-            self.send_proxy_error(refusal[0], refusal[1], "forbidden")
+            self.send_proxy_error(refusal[0], refusal[1],
+                                  "authentication_error" if refusal[0] == 401 else "forbidden")
+            return True
+        return False
+
+    def serve_reset(self) -> None:
+        if self.refused_as_admin():
             return
         self.server.stats.reset()
         log.info("stats reset by %s", self.client_ip)
         self.send_json(200, {"ok": True})
 
     def admin_refusal(self) -> Optional[Tuple[int, str]]:
-        """Why an admin action (reset) is refused, or None when allowed.
+        """Why an admin request (stats, metrics, reset) is refused, or None when allowed.
 
-        Another website open in the user's browser must not drive it: a browser always sends
-        Origin on a cross-site POST, so any Origin but our own is refused.
+        Another website open in the user's browser must neither drive nor read them: a browser
+        sends Origin on every cross-site POST and CORS read, so any Origin but our own is
+        refused. With proxy.adminToken set, "Authorization: Bearer <token>" is required too.
         """
         origin = self.head.get("origin")
         if origin is not None and origin.lower() != "https://" + (self.head.get("host") or "").lower():
             return 403, "admin endpoints refuse cross-origin requests (Origin %s)" % origin
         token = self.server.config.admin_token
-        if token:
-            supplied = self.head.get("authorization") or ""
-            if not hmac.compare_digest(supplied.encode("utf-8"), ("Bearer " + token).encode("utf-8")):
-                return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
+        if token and not bearer_token_matches(self.head.get("authorization") or "", token):
+            return 401, "this endpoint needs 'Authorization: Bearer <proxy.adminToken>'"
         return None
 
     def serve_health(self) -> None:
         self.send_json(200, self.server.health())
 
     def serve_metrics(self) -> None:
+        if self.refused_as_admin():
+            return
         body = render_metrics(self.server.stats).encode("utf-8")
         self.send_local(200, body, METRICS_CONTENT_TYPE, [("Cache-Control", "no-store")])
 
@@ -4918,8 +5053,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             with open(ca_file, "rb") as handle:
                 pem = handle.read()
         except OSError:
-            self.send_proxy_error(404, "no local CA here (%s): the proxy uses a certificate it "
-                                       "did not issue" % ca_file, "not_found")
+            # No path in the answer: anyone may ask, and the server's directories are not theirs.
+            self.send_proxy_error(404, "no local CA here: the proxy uses a certificate it did "
+                                       "not issue", "not_found")
             return
         if der:
             self.send_local(200, ca_pem_to_der(pem), "application/x-x509-ca-cert",
@@ -4994,8 +5130,8 @@ class Exchange:
         except UpstreamError as exc:
             self.fail(exc.status, exc.message)
             return
-        except RequestError:
-            self.status, self.error = 400, True
+        except RequestError as exc:
+            self.status, self.error = exc.status, True     # 400 malformed, 408 too slow
             raise
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
@@ -5331,7 +5467,9 @@ class Exchange:
         client = self.handler.connection
         try:
             self.handler.wfile.write(head.encode("latin-1"))
-            # And frames a client sent without waiting for the 101 sit in our request reader.
+            # And frames a client sent without waiting for the 101 sit in our request reader
+            # (read without a body deadline, which would put a timeout back on the socket).
+            self.handler.head_reader.stop_deadlines()
             client.setblocking(False)
             try:
                 from_client = self.handler.rfile.read1(READ_CHUNK) or b""
@@ -5389,17 +5527,22 @@ class Exchange:
         duration = time.monotonic() - self.started
         usage = None
         source = None
-        model = self.request_info.model if self.request_info is not None else None
+        model = None                  # the name the backend answered with, if it named one
         if self.tap is not None:
             usage = self.tap.usage
             source = usage["source"] if usage["source"] != "none" else None
-            model = usage["model"] or model
+            model = usage["model"]
             if usage.get("error"):
                 self.error = True
         elif self.kind and is_usage_kind(self.kind) and 200 <= self.status < 300:
             source = "missing"
         if self.status >= 400:
             self.error = True
+        if not model and not self.error and 200 <= self.status < 300 \
+                and self.request_info is not None:
+            # The request's own name counts only once the backend accepted it: a client
+            # asking for 260 made-up models (404 each) must not push real ones into "(other)".
+            model = self.request_info.model
         tunnel = self.tunnel
         if tunnel is not None and tunnel.tap is not None and tunnel.tap.responses:
             usage, source, model = tunnel.tap.usage, "reported", tunnel.tap.model or model
@@ -5424,6 +5567,37 @@ class Exchange:
         })
 
 
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+def _lingering_close(sock) -> None:
+    """Half-close, then read and drop what the client still sends, briefly, before the close.
+
+    Closing a socket with unread input sends a TCP reset, and a reset can make the client's
+    stack discard our last answer before it is read (RFC 9112 §9.6; Apache and nginx linger
+    the same way). Bounded by LINGER_SECONDS and LINGER_MAX_BYTES; TLS records are dropped
+    unread, below the TLS layer.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable([sock], remaining):
+                return
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                return
+            drained += len(data)
+    except (OSError, ValueError):
+        return
+
+
 def _abort_connection(sock) -> None:
     """Close a client connection with a TCP reset, so no client mistakes it for a clean end."""
     try:
@@ -5434,6 +5608,19 @@ def _abort_connection(sock) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header value is "Bearer <token>".
+
+    The scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+    (both sides hashed first, so not even its length leaks).
+    """
+    scheme, _, supplied = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(supplied.strip(" \t").encode("utf-8")).digest(),
+                               hashlib.sha256(token.encode("utf-8")).digest())
 
 
 # Method sets and handler names of the internal routes (paths without a trailing slash).
@@ -5447,6 +5634,9 @@ INTERNAL_ROUTES = {
     "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
     "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
 }
+# Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
+# when set (the dashboard page itself holds no data; it asks for the token to read stats).
+ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
 
 
 # ==================================================================================================
@@ -5875,6 +6065,96 @@ class Tunnel:
 # HTTP layer, part 4: the TLS server
 # ==================================================================================================
 
+def client_ip(host: str) -> str:
+    """A client's address as logged and counted: IPv4-mapped IPv6 (dual-stack listener) as IPv4."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class ClientSlot:
+    """One open client connection counted by ClientSlots; release() it once (repeats are no-ops)."""
+
+    __slots__ = ("owner", "address", "reserve", "_released")
+
+    def __init__(self, owner: "ClientSlots", address: str, reserve: bool):
+        self.owner = owner
+        self.address = address
+        self.reserve = reserve       # one of the slots kept back for /_proxy/health
+        self._released = False
+
+    def release(self) -> None:
+        """Give the slot back."""
+        self.owner._release(self)
+
+
+class ClientSlots:
+    """Counts open client connections, in total and per client address.
+
+    take(address) -> ClientSlot or None (turn the connection away); release the slot when the
+    connection ends. The server's instance is ProxyServer.slots, used through
+    ProxyServer.claim_slot().
+
+    Policy: `total - reserve` general slots, of which one address may hold `per_client` (so
+    one host cannot take every slot; loopback counts like any address). When the general slots
+    are all taken, an address holding less than an equal share of them may take one reserve
+    slot (one at a time): a health check gets through a full server, a greedy host does not.
+    """
+
+    def __init__(self, total: int, per_client: int = 0, reserve: Optional[int] = None):
+        self.total = max(1, total)
+        self.reserve = min(CONNECTION_RESERVE, self.total // 16) if reserve is None else reserve
+        self.general = self.total - self.reserve
+        # Half by default: one address may hold many streams (an agent swarm, a benchmark, a
+        # Docker port mapping that shows every client as the gateway), yet never all of them.
+        self.per_client = min(per_client or max(1, self.total // 2), self.general)
+        self._lock = threading.Lock()
+        self._held: Dict[str, List[int]] = {}     # address -> [general, reserve] slots held
+        self._general_used = 0
+        self._reserve_used = 0
+
+    @property
+    def open(self) -> int:
+        """Slots held right now (general and reserve)."""
+        with self._lock:
+            return self._general_used + self._reserve_used
+
+    def held_by(self, address: str) -> int:
+        """Slots `address` holds right now."""
+        with self._lock:
+            return sum(self._held.get(address, (0, 0)))
+
+    def take(self, address: str) -> Optional[ClientSlot]:
+        """A slot for a new connection from `address`, or None when it must be turned away."""
+        with self._lock:
+            held = self._held.get(address, [0, 0])
+            if held[0] < self.per_client and self._general_used < self.general:
+                reserve = False
+                self._general_used += 1
+            elif (self._general_used >= self.general and self._reserve_used < self.reserve
+                  and held[1] == 0
+                  and held[0] < self.general // (len(self._held) + (address not in self._held))):
+                reserve = True
+                self._reserve_used += 1
+            else:
+                return None
+            held[reserve] += 1
+            self._held[address] = held
+        return ClientSlot(self, address, reserve)
+
+    def _release(self, slot: ClientSlot) -> None:
+        with self._lock:
+            if slot._released:
+                return
+            slot._released = True
+            held = self._held[slot.address]
+            held[slot.reserve] -= 1
+            if slot.reserve:
+                self._reserve_used -= 1
+            else:
+                self._general_used -= 1
+            if not any(held):
+                del self._held[slot.address]
+
+
 class ProxyServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that accepts plain TCP and does the TLS handshake in the worker thread.
 
@@ -5882,7 +6162,8 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(). Attributes: config, stats, upstream, ssl_context.
+    reload_tls(), health(), wait_for_requests(), claim_slot(). Attributes: config, stats,
+    upstream, ssl_context, slots (ClientSlots: the connection count per client address).
     """
 
     daemon_threads = True
@@ -5902,10 +6183,12 @@ class ProxyServer(ThreadingHTTPServer):
         self._health_cache = (0.0, None)
         self._active = 0
         self._active_changed = threading.Condition()
-        self._connections = 0
-        self._connections_lock = threading.Lock()
+        self.slots = ClientSlots(config.max_connections, config.max_connections_per_client)
         self._tunnels = set()                 # open WebSocket tunnels, closed at shutdown
+        self._tunnels_lock = threading.Lock()
         self._last_refusal_log = -1e9
+        self._accept_delay = 0.0
+        self._last_accept_error_log = -1e9
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -5924,34 +6207,79 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name = "llm-proxy"
         self.server_port = self.server_address[1]
 
+    def get_request(self):
+        # accept() failing for want of descriptors or memory leaves the connection in the
+        # backlog and the listener readable: retrying at once spins a core at 100%. Back off
+        # like Go's net/http Server.Serve (5 ms doubling to 1 s) and say so once a minute.
+        try:
+            accepted = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._accept_delay = min(1.0, self._accept_delay * 2 or 0.005)
+                now = time.monotonic()
+                if now - self._last_accept_error_log > 60:
+                    self._last_accept_error_log = now
+                    log.warning("cannot accept connections: %s (%s); new clients wait. Raise the "
+                                "open-file limit (LimitNOFILE, ulimit -n) or lower "
+                                "proxy.maxConnections", exc.strerror or exc,
+                                errno.errorcode.get(exc.errno, exc.errno))
+                time.sleep(self._accept_delay)
+            raise
+        self._accept_delay = 0.0
+        return accepted
+
+    def claim_slot(self, client_address) -> Optional[ClientSlot]:
+        """A connection slot for `client_address` ((host, port, ...) as accept() gives it), or
+        None when that address (or the server) is at its limit. Release it when done.
+
+        Each accepted connection holds one (ProxyHandler.slot) until it closes; a connection
+        upgraded to a tunnel keeps it, so tunnels count against proxy.maxConnections and
+        proxy.maxConnectionsPerClient as they are (never upgrade one on a reserve slot:
+        ProxyHandler.on_reserve). Claim another only for something a client holds open
+        without a connection of its own.
+        """
+        return self.slots.take(client_ip(client_address[0]))
+
     def process_request(self, request, client_address):
-        # One thread per connection, up to proxy.maxConnections: past that a flood of
-        # connections is turned away here instead of exhausting memory.
-        with self._connections_lock:
-            refused = self._connections >= self.config.max_connections
-            if not refused:
-                self._connections += 1
-        if refused:
+        # One thread per connection, up to proxy.maxConnections and proxy.maxConnectionsPerClient:
+        # past that a flood of connections is turned away here instead of exhausting memory.
+        address = client_ip(client_address[0])
+        slot = self.claim_slot(client_address)
+        if slot is None:
             self.shutdown_request(request)
             now = time.monotonic()
             if now - self._last_refusal_log > 10:
                 self._last_refusal_log = now
-                log.warning("refusing connections: %d open (proxy.maxConnections)",
-                            self.config.max_connections)
+                if self.slots.held_by(address) >= self.slots.per_client:
+                    log.warning("refusing connections from %s: it holds %d "
+                                "(proxy.maxConnectionsPerClient)", address, self.slots.per_client)
+                else:
+                    log.warning("refusing connections: %d open (proxy.maxConnections)",
+                                self.config.max_connections)
             return
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         daemon=True).start()
-
-    def process_request_thread(self, request, client_address):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections -= 1
+            threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address, slot), daemon=True).start()
+        except RuntimeError:          # "can't start new thread": turn this one away
+            slot.release()
+            self.shutdown_request(request)
 
-    def finish_request(self, request, client_address):
+    def process_request_thread(self, request, client_address, slot=None):
+        """Serve one connection in its own thread; the slot is released when it ends."""
+        try:
+            self.finish_request(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            if slot is not None:
+                slot.release()
+
+    def finish_request(self, request, client_address, slot=None):
         """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
-        request.settimeout(self.config.client_timeout)
+        reserve = slot is not None and slot.reserve
+        request.settimeout(min(self.config.client_timeout, RESERVE_CLIENT_TIMEOUT) if reserve
+                           else self.config.client_timeout)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
@@ -5964,7 +6292,9 @@ class ProxyServer(ThreadingHTTPServer):
             tls.close()
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            handler = self.RequestHandlerClass(tls, client_address, self, slot)
+            if handler.linger:
+                _lingering_close(tls)
         finally:
             try:
                 tls.close()
@@ -5985,7 +6315,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def track_tunnel(self, tunnel, is_open: bool) -> None:
         """Note a WebSocket tunnel opening (True) or ending (False), for close_tunnels()."""
-        with self._connections_lock:
+        with self._tunnels_lock:
             if is_open:
                 self._tunnels.add(tunnel)
             else:
@@ -5993,7 +6323,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def close_tunnels(self) -> int:
         """End every open WebSocket tunnel (shutdown, after the grace period); returns how many."""
-        with self._connections_lock:
+        with self._tunnels_lock:
             tunnels = list(self._tunnels)
         for tunnel in tunnels:
             tunnel.stop()
@@ -6074,6 +6404,54 @@ def build_server(config: Config, stats=None, ssl_context: Optional[ssl.SSLContex
                            path=config.stats_file if config.tracking_enabled else None,
                            enabled=config.tracking_enabled)
     return ProxyServer(config, stats, ssl_context)
+
+
+def raise_fd_limit(wanted: int) -> Optional[Tuple[int, int]]:
+    """Raise the soft RLIMIT_NOFILE towards `wanted`, never past the hard limit.
+
+    Returns (soft limit before, soft limit now), or None where the platform has no such limit
+    (Windows has no resource module). The common soft limit of 1024 would otherwise end the
+    proxy at about 460 streams with EMFILE while the hard limit allows far more.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize, sys.maxsize
+    if soft >= wanted:
+        return soft, soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft             # macOS refuses more than kern.maxfilesperproc
+    return soft, target
+
+
+def fit_connections_to_fd_limit(config: Config) -> Config:
+    """Raise the open-file limit for proxy.maxConnections, or lower maxConnections to fit it.
+
+    Each connection needs two descriptors (client and backend socket) plus FD_RESERVE for the
+    rest of the process. Logs what it changed; returns the config to serve with.
+    """
+    limits = raise_fd_limit(2 * config.max_connections + FD_RESERVE)
+    if limits is None:
+        return config
+    before, soft = limits
+    if soft > before:
+        log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d", before, soft)
+    affordable = max(1, (soft - FD_RESERVE) // 2)
+    if affordable >= config.max_connections:
+        return config
+    log.warning("proxy.maxConnections lowered from %d to %d: the open-file limit is %d and each "
+                "connection needs 2 (raise it with LimitNOFILE= or ulimit -n)",
+                config.max_connections, affordable, soft)
+    return dataclasses.replace(config, max_connections=affordable)
 
 
 # ==================================================================================================
@@ -6477,6 +6855,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
     try:
         cert_status = ensure_certificates(config.cert_file, config.key_file,
                                           extra_hosts=config.tls_hosts)
+        config = fit_connections_to_fd_limit(config)
         server = build_server(config)
     except ProxyError as exc:
         print("error: %s" % exc, file=sys.stderr)
@@ -6805,7 +7184,7 @@ footer.foot .err { color: var(--err); }
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
-    range: "hourly", selected: -1, series: null, polls: 0
+    range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
 
   function byId(id) { return document.getElementById(id); }
@@ -7331,15 +7710,38 @@ footer.foot .err { color: var(--err); }
     state.timer = setTimeout(poll, POLL_MS);
   }
 
+  // With proxy.adminToken set, reading the stats needs the token too: it is asked for once,
+  // kept in sessionStorage (this tab only, gone when it closes) and sent as a header, never
+  // put in a URL.
+  function fetchStats(opts, asked) {
+    var token = readToken();
+    opts.headers = { "Accept": "application/json" };
+    if (token) { opts.headers["Authorization"] = "Bearer " + token; }
+    return fetch(STATS_URL, opts).then(function (res) {
+      if (res.status !== 401) { return res; }
+      if (asked || state.tokenDeclined) { storeToken(""); return res; }
+      var entered = window.prompt(token ? "The saved admin token was refused. Admin token:" :
+        "This proxy needs its admin token to show statistics. Admin token:", "");
+      if (entered === null || !entered.trim()) {
+        state.tokenDeclined = true;
+        showNotice("Statistics need the proxy's admin token (proxy.adminToken). Reload the page to enter it.", "err");
+        return res;
+      }
+      storeToken(entered.trim());
+      delete opts.signal;         // the prompt may have outlasted the time-out of the first try
+      return fetchStats(opts, true);
+    });
+  }
+
   function poll() {
     if (state.busy) { return Promise.resolve(); }
     state.busy = true;
     clearTimeout(state.timer);
     var ctrl = typeof AbortController === "function" ? new AbortController() : null;
     var killer = setTimeout(function () { if (ctrl) { ctrl.abort(); } }, FETCH_TIMEOUT_MS);
-    var opts = { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } };
+    var opts = { cache: "no-store", credentials: "same-origin" };
     if (ctrl) { opts.signal = ctrl.signal; }
-    return fetch(STATS_URL, opts).then(function (res) {
+    return fetchStats(opts, false).then(function (res) {
       if (!res.ok) { throw new Error("HTTP " + res.status); }
       return res.json();
     }).then(function (d) {
@@ -7361,7 +7763,7 @@ footer.foot .err { color: var(--err); }
       clearTimeout(killer);
       state.busy = false;
       renderConn();
-      schedule();
+      if (!state.tokenDeclined) { schedule(); }
     });
   }
 

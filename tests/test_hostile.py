@@ -1740,9 +1740,11 @@ class SecurityTests(unittest.TestCase):
         logged = logs.text.getvalue()
         self.assertIn("/v1/chat/completions", logged)            # the capture works
         self.assertIn(" 502", logged)
+        admin = {"Authorization": "Bearer s3cret"}        # stats and metrics need it (issue 11)
         documents = {"log": logged,
-                     "stats": request(server, "GET", "/_proxy/stats")[1].decode(),
-                     "metrics": request(server, "GET", "/_proxy/metrics")[1].decode()}
+                     "stats": request(server, "GET", "/_proxy/stats", headers=admin)[1].decode(),
+                     "metrics": request(server, "GET", "/_proxy/metrics", headers=admin)[1].decode()}
+        self.assertIn('"requests":4', documents["stats"])
         self.assertTrue(server.stats.save())
         with open(server.config.stats_file, encoding="utf-8") as handle:
             documents["stats.json"] = handle.read()

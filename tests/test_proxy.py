@@ -503,7 +503,7 @@ class TlsServerTests(unittest.TestCase):
 
     def test_connections_past_the_limit_are_turned_away_and_served_again_later(self):
         upstream = start_upstream(self)
-        server = start_proxy(self, upstream.port, max_connections=3)
+        server = start_proxy(self, upstream.port, max_connections=3, max_connections_per_client=3)
         held = [tls_socket(server) for _ in range(3)]
         self.addCleanup(lambda: [s.close() for s in held])
         with self.assertRaises((ssl.SSLError, ConnectionError, OSError)):
@@ -512,7 +512,7 @@ class TlsServerTests(unittest.TestCase):
             if not extra.recv(100):
                 raise ConnectionError("closed")
         held.pop().close()
-        self.assertTrue(wait_until(lambda: server._connections < 3))
+        self.assertTrue(wait_until(lambda: server.slots.open < 3))
         response, _ = request(server, "GET", "/api/tags")
         self.assertEqual(response.status, 200)
 

@@ -212,6 +212,24 @@ class ClosingTests(TunnelTestCase):
         self.assertEqual(settled_stats(self.proxy)["inFlight"], 0)
 
 
+class PerClientLimitTests(TunnelTestCase):
+    proxy_settings = {"max_connections": 64, "max_connections_per_client": 3}
+
+    def test_tunnels_count_against_max_connections_per_client(self):
+        tunnels = [self.open_ws() for _ in range(3)]
+        self.assertEqual(self.proxy.slots.held_by("127.0.0.1"), 3)
+        with self.assertRaises((OSError, EOFError)):
+            # Turned away before TLS: the handshake (or the first read) fails.
+            self.connect()
+        self.close_ws(tunnels.pop())
+        self.assertTrue(wait_until(lambda: self.proxy.slots.held_by("127.0.0.1") == 2))
+        ws = self.open_ws()
+        ws.send_text("again")
+        self.assertEqual(ws.recv(), (OP_TEXT, b"again"))
+        for ws in tunnels + [ws]:
+            self.close_ws(ws)
+
+
 class IdleTimeoutTests(TunnelTestCase):
     proxy_settings = {"websocket_idle_timeout": 0.8, "client_timeout": 0.5}
 
