@@ -85,6 +85,7 @@ CONFIG_DEFAULTS = {
         "connectTimeout": 10,        # seconds to open a TCP connection to the backend
         "readTimeout": 600,          # seconds the backend may stay silent (a slow model's prefill)
         "forwardOrigin": False,      # the proxy owns CORS; Ollama answers 403 to unknown origins
+        "apiKey": "",                # sent to the backend as "Authorization: Bearer"; "" = none
     },
     "tls": {
         "cert": "./certs/cert.pem",
@@ -98,6 +99,9 @@ CONFIG_DEFAULTS = {
         "historySize": 100,
         "injectStreamUsage": True,   # ask OpenAI-style streams for usage, hide the extra chunk
     },
+    "access": {
+        "keys": {},                  # name -> key or {"key", "dailyTokens", "requestsPerMinute"}; {} = open
+    },
 }
 
 # Environment variables take precedence over the config file (names from the original README).
@@ -108,7 +112,16 @@ ENV_OVERRIDES = (
     ("CERT_FILE", "tls.cert"),
     ("KEY_FILE", "tls.key"),
     ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
+    ("TARGET_API_KEY", "target.apiKey"),
 )
+
+# One access key from the environment (Docker users without a config file). It is added to
+# access.keys under this name, replacing a file entry of the same name.
+ACCESS_KEY_ENV = "PROXY_API_KEY"
+ACCESS_KEY_ENV_NAME = "default"
+
+# Settings whose values are secrets: an error about them names the key, never quotes the value.
+SECRET_SETTINGS = ("proxy.adminToken", "target.apiKey", "access.keys")
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
 # (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
@@ -135,6 +148,9 @@ BODY_PEEK_LIMIT = 64 * 1024
 READ_CHUNK = 256 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
+# A request refused for its access key has its body read and dropped up to this size, so the
+# client can read the refusal (a base64 image upload fits); a bigger one closes the connection.
+REFUSED_BODY_DRAIN_LIMIT = 32 * 1024 * 1024
 
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 # Browsers cap it (Chrome at 2 h); a long value saves a preflight before every chat request.
@@ -247,6 +263,18 @@ def _check_origins(value):
     return 'a string ("*" or a comma-separated list of origins) or a list of origins'
 
 
+def _check_header_token(value):
+    # Sent in a header as is: a newline would let the value write headers of its own.
+    if isinstance(value, str) and (value == "" or _ACCESS_KEY_CHARS.match(value)):
+        return None
+    return "a string of visible ASCII characters without spaces"
+
+
+def _check_access_keys(value):
+    # Only the shape here; parse_access_keys() checks each entry and never quotes a key.
+    return None if isinstance(value, dict) else 'an object like {"name": "key"}'
+
+
 CONFIG_CHECKS = {
     "proxy.port": _check_listen_port,
     "proxy.bind": _check_string,
@@ -261,6 +289,7 @@ CONFIG_CHECKS = {
     "target.connectTimeout": _check_positive_number,
     "target.readTimeout": _check_positive_number,
     "target.forwardOrigin": _check_bool,
+    "target.apiKey": _check_header_token,
     "tls.cert": _check_nonempty_string,
     "tls.key": _check_nonempty_string,
     "tls.hosts": _check_string_list,
@@ -269,7 +298,96 @@ CONFIG_CHECKS = {
     "tracking.persistInterval": _check_positive_number,
     "tracking.historySize": _check_history_size,
     "tracking.injectStreamUsage": _check_bool,
+    "access.keys": _check_access_keys,
 }
+
+# Access keys: long enough that guessing is hopeless, visible ASCII so they fit a header as is.
+# Names show up in stats, logs, metrics labels and the dashboard: a short plain alphabet.
+ACCESS_KEY_MIN_LENGTH = 16
+ACCESS_KEY_MAX_LENGTH = 256
+ACCESS_LIMIT_MAX = 10 ** 12
+ACCESS_RATE_MAX = 100000
+_ACCESS_KEY_CHARS = re.compile(r"[\x21-\x7e]+\Z")
+_ACCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+_ACCESS_ENTRY_FIELDS = ("key", "dailyTokens", "requestsPerMinute")
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """One client key: its name (shown everywhere), the secret (shown nowhere) and its budgets."""
+
+    name: str
+    key: str = field(repr=False)                  # never in a repr, a log line or stats
+    daily_tokens: Optional[int] = None            # tokens per local calendar day; None = no limit
+    requests_per_minute: Optional[int] = None     # requests started per 60 s; None = no limit
+
+
+def check_access_key_name(name) -> Optional[str]:
+    """Why `name` cannot name an access key, or None when it can."""
+    if not isinstance(name, str) or not _ACCESS_NAME.match(name):
+        return ("must be 1-64 characters: letters, digits and . _ @ + - "
+                "(starting with a letter or digit)")
+    return None
+
+
+def _parse_access_limit(entry: dict, field_name: str, upper: int, label: str) -> Optional[int]:
+    value = entry.get(field_name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError("%s must be an integer from 1 to %d (or left out for no limit), got %s"
+                         % (label, upper, json.dumps(value)))
+    return value
+
+
+def parse_access_keys(table, where: str) -> Tuple[AccessKey, ...]:
+    """Validate an access.keys table into AccessKey objects, in the table's order.
+
+    `where` names the source (file or variable) in errors; an error names the entry
+    (access.keys.NAME) and what is wrong, and never quotes a key. Raises ConfigError.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError('%s: access.keys must be an object like {"laptop": "<key>"}' % where)
+    keys: List[AccessKey] = []
+    owner_of: Dict[str, str] = {}
+    for name, entry in table.items():
+        label = "access.keys.%s" % name if isinstance(name, str) and len(name) <= 80 else \
+            "an access.keys name"
+        problem = check_access_key_name(name)
+        if problem:
+            raise ConfigError("%s: %s: the name %s" % (where, label, problem))
+        if isinstance(entry, str):
+            entry = {"key": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError('%s: %s must be a key string or an object like {"key": "<key>", '
+                              '"dailyTokens": 100000}' % (where, label))
+        unknown = [f for f in entry if f not in _ACCESS_ENTRY_FIELDS]
+        if unknown:
+            raise ConfigError("%s: %s: unknown field '%s' (fields: %s)"
+                              % (where, label, str(unknown[0])[:40], ", ".join(_ACCESS_ENTRY_FIELDS)))
+        secret = entry.get("key")
+        if not isinstance(secret, str):
+            raise ConfigError("%s: %s.key must be a string" % (where, label))
+        if not ACCESS_KEY_MIN_LENGTH <= len(secret) <= ACCESS_KEY_MAX_LENGTH \
+                or not _ACCESS_KEY_CHARS.match(secret):
+            raise ConfigError("%s: %s.key must be %d to %d visible ASCII characters without "
+                              "spaces, got %d characters%s (python3 proxy.py --add-key makes one)"
+                              % (where, label, ACCESS_KEY_MIN_LENGTH, ACCESS_KEY_MAX_LENGTH,
+                                 len(secret), "" if _ACCESS_KEY_CHARS.match(secret or " ")
+                                 else " including spaces or control characters"))
+        if secret in owner_of:
+            raise ConfigError("%s: %s.key is the same as access.keys.%s.key: each client needs "
+                              "its own key" % (where, label, owner_of[secret]))
+        owner_of[secret] = name
+        try:
+            daily = _parse_access_limit(entry, "dailyTokens", ACCESS_LIMIT_MAX,
+                                        label + ".dailyTokens")
+            rate = _parse_access_limit(entry, "requestsPerMinute", ACCESS_RATE_MAX,
+                                       label + ".requestsPerMinute")
+        except ValueError as exc:
+            raise ConfigError("%s: %s" % (where, exc)) from None
+        keys.append(AccessKey(name, secret, daily, rate))
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -297,6 +415,8 @@ class Config:
     persist_interval: float = 30.0
     history_size: int = 100
     inject_stream_usage: bool = True
+    target_api_key: str = field(default="", repr=False)
+    access_keys: Tuple[AccessKey, ...] = field(default=(), repr=False)
     source: Optional[str] = None            # the config file used, or None for defaults
     warnings: Tuple[str, ...] = field(default=(), compare=False)
 
@@ -416,8 +536,24 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         problem = check(values[dotted])
         if problem:
             where = origin_of[dotted] or "default"
-            raise ConfigError("%s: %s must be %s, got %s"
-                              % (where, dotted, problem, json.dumps(values[dotted])))
+            shown = "a hidden value" if dotted in SECRET_SETTINGS else json.dumps(values[dotted])
+            raise ConfigError("%s: %s must be %s, got %s" % (where, dotted, problem, shown))
+    access_keys = parse_access_keys(values["access.keys"], origin_of["access.keys"] or "default")
+    env_key = environ.get(ACCESS_KEY_ENV)
+    if env_key:
+        others = {k.name: {"key": k.key} for k in access_keys if k.name != ACCESS_KEY_ENV_NAME}
+        parse_access_keys(dict(others, **{ACCESS_KEY_ENV_NAME: env_key}),
+                          "environment variable " + ACCESS_KEY_ENV)        # format, uniqueness
+        access_keys = tuple(k for k in access_keys if k.name != ACCESS_KEY_ENV_NAME) + \
+            (AccessKey(ACCESS_KEY_ENV_NAME, env_key),)
+    if not values["tracking.enabled"]:
+        budgeted = [k.name for k in access_keys if k.daily_tokens]
+        if budgeted:
+            # Without tracking no token is counted: the budget would silently never apply.
+            raise ConfigError("%s: access.keys.%s.dailyTokens needs tracking.enabled: true (the "
+                              "proxy counts tokens only while tracking)"
+                              % (origin_of["tracking.enabled"] or origin_of["access.keys"]
+                                 or "default", budgeted[0]))
     base_dir = os.path.dirname(path) if path else os.getcwd()
 
     def resolve(dotted: str) -> str:
@@ -448,6 +584,8 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         persist_interval=float(values["tracking.persistInterval"]),
         history_size=values["tracking.historySize"],
         inject_stream_usage=values["tracking.injectStreamUsage"],
+        target_api_key=values["target.apiKey"],
+        access_keys=access_keys,
         source=path,
         warnings=tuple(warnings),
     )
@@ -3269,6 +3407,10 @@ _STATS_BREAKDOWN_SUM_FIELDS = ("requests", "errors", "prompt", "completion", "to
 _STATS_BREAKDOWN_FLOAT_FIELDS = ("ttfbSumMs", "genSeconds")
 _STATS_BUCKET_FIELDS = ("requests", "errors", "prompt", "completion", "total")
 _STATS_RECENT_TOKEN_FIELDS = ("prompt", "completion", "total", "cacheRead", "cacheWrite")
+# byKey entries: a breakdown entry plus refusals (401/429, never forwarded) and the last use.
+# Refusals without a valid key are counted under this name (key names cannot contain spaces).
+STATS_NO_KEY = "(no valid key)"
+_STATS_DAY_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
 def format_tokens(n):
@@ -3374,6 +3516,27 @@ def _stats_histogram_observe(hist, value):
     hist["count"] += 1
 
 
+def _stats_new_key_entry():
+    # type: () -> Dict[str, Any]
+    entry = _stats_new_breakdown()
+    entry.update(refused=0, lastUsed=None)
+    return entry
+
+
+def _stats_local_day(ts):
+    # type: (float) -> str
+    """The calendar day of epoch `ts` in the proxy's local time ("2026-11-27"): budgets renew
+    at local midnight, when people expect a "daily" allowance to start over."""
+    return time.strftime("%Y-%m-%d", time.localtime(ts))
+
+
+def _stats_seconds_to_midnight(ts):
+    # type: (float) -> float
+    """Seconds from epoch `ts` to the next local midnight (mktime normalises day 32 and DST)."""
+    t = time.localtime(ts)
+    return max(0.0, time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1)) - ts)
+
+
 def _stats_breakdown_view(entry):
     # type: (Dict[str, Any]) -> Dict[str, Any]
     """The public form of one breakdown entry (averages instead of sums)."""
@@ -3444,6 +3607,9 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
+        # Tokens per access key on its current local day: the daily budgets. Kept apart from
+        # the stats so a stats reset does not hand out a fresh budget.
+        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
         self._zero(self._started_at)
 
     # -- state ---------------------------------------------------------
@@ -3461,6 +3627,8 @@ class StatsStore(object):
         self._by_model = {}     # type: Dict[str, Dict[str, Any]]
         self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
         self._by_client = {}    # type: Dict[str, Dict[str, Any]]
+        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
+        self._refused = 0
         self._recent = collections.deque(maxlen=self.history_size)  # oldest first
         self._hourly = {}  # type: Dict[int, Dict[str, int]]
         self._daily = {}   # type: Dict[int, Dict[str, int]]
@@ -3479,6 +3647,46 @@ class StatsStore(object):
             if entry is None:
                 entry = table[key] = _stats_new_breakdown()
         return entry
+
+    def _key_entry(self, name):
+        # type: (str) -> Dict[str, Any]
+        """The byKey entry for name (caller holds the lock). Names come from the config, and
+        are bounded like the other tables all the same."""
+        entry = self._by_key.get(name)
+        if entry is None:
+            if len(self._by_key) >= self.max_keys - 1:
+                name = STATS_OTHER_KEY
+                entry = self._by_key.get(name)
+            if entry is None:
+                entry = self._by_key[name] = _stats_new_key_entry()
+        return entry
+
+    def _key_day(self, name, now):
+        # type: (str, float) -> Dict[str, Any]
+        """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
+        today = _stats_local_day(now)
+        day = self._key_days.get(name)
+        if day is None or day["day"] != today:
+            day = self._key_days[name] = {"day": today, "tokens": 0}
+        return day
+
+    def key_tokens_today(self, name):
+        # type: (str) -> Tuple[int, float]
+        """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
+        now = self._clock()
+        with self._lock:
+            day = self._key_days.get(name)
+            used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
+        return used, _stats_seconds_to_midnight(now)
+
+    def record_refusal(self, name):
+        # type: (Optional[str]) -> None
+        """Count a request refused before forwarding: no valid key (name None), or a budget
+        of key `name` used up. Never counted as a request: the backend never saw it."""
+        with self._lock:
+            self._change_gen += 1
+            self._refused += 1
+            self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
         # type: (Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
@@ -3586,6 +3794,8 @@ class StatsStore(object):
         ttfb_ms = _stats_ms(rec.get("ttfbMs"))
         duration_ms = _stats_ms(rec.get("durationMs"))
         nbytes = _stats_count(rec.get("bytes"))
+        key_name = rec.get("key")
+        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
         gen_s = None  # type: Optional[float]
         if u["completion"] > 0:
             gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
@@ -3605,6 +3815,8 @@ class StatsStore(object):
             "usage": source if source in STATS_USAGE_SOURCES else None,
             "error": is_error,
         }
+        if key_name is not None:
+            entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
             self._change_gen += 1
@@ -3620,6 +3832,11 @@ class StatsStore(object):
                        self._breakdown_entry(self._by_client, client)]
             if model_key is not None:
                 targets.append(self._breakdown_entry(self._by_model, model_key))
+            if key_name is not None:
+                key_entry = self._key_entry(key_name)
+                key_entry["lastUsed"] = now
+                targets.append(key_entry)
+                self._key_day(key_name, now)["tokens"] += u["total"]
             for b in targets:
                 b["requests"] += 1
                 b["errors"] += is_error
@@ -3651,12 +3868,29 @@ class StatsStore(object):
 
     # -- reading -------------------------------------------------------
 
-    def snapshot(self):
-        # type: () -> Dict[str, Any]
+    def snapshot(self, keys=()):
+        # type: (Iterable[AccessKey]) -> Dict[str, Any]
         """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
-        (keeps every field of the original proxy.js response)."""
+        (keeps every field of the original proxy.js response).  `keys`: the
+        access keys in force; each gets a byKey row with its budgets, used or not."""
         now = self._clock()
+        today = _stats_local_day(now)
         with self._lock:
+            by_key = {}  # type: Dict[str, Dict[str, Any]]
+            for name, entry in self._by_key.items():
+                view = _stats_breakdown_view(entry)
+                view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
+                by_key[name] = view
+            for key in keys:
+                if key.name not in by_key:
+                    view = _stats_breakdown_view(_stats_new_key_entry())
+                    view.update(refused=0, lastUsed=None)
+                    by_key[key.name] = view
+                by_key[key.name].update(dailyTokens=key.daily_tokens,
+                                        requestsPerMinute=key.requests_per_minute)
+            for name, view in by_key.items():
+                day = self._key_days.get(name)
+                view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
             tokens = dict(self._tokens)  # type: Dict[str, Any]
@@ -3677,6 +3911,8 @@ class StatsStore(object):
                 "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
                 "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
                 "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "byKey": by_key,
+                "refused": self._refused,
                 "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
                 "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
                 "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
@@ -3709,6 +3945,10 @@ class StatsStore(object):
                 "byModel": copy_map(self._by_model),
                 "byEndpoint": copy_map(self._by_endpoint),
                 "byClient": copy_map(self._by_client),
+                "byKey": copy_map(self._by_key),
+                "refused": self._refused,
+                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
+                             if d["day"] == _stats_local_day(now)},
                     "bytes": self._bytes,
                 "duration": _stats_copy_histogram(self._duration_hist),
                 "ttfb": _stats_copy_histogram(self._ttfb_hist),
@@ -3742,6 +3982,11 @@ class StatsStore(object):
             "byModel": copy_map(self._by_model),
             "byEndpoint": copy_map(self._by_endpoint),
             "byClient": copy_map(self._by_client),
+            "byKey": copy_map(self._by_key),
+            "refused": self._refused,
+            # Only today's counters: yesterday's budget use no longer limits anything.
+            "keyDays": {k: dict(d) for k, d in self._key_days.items()
+                        if d["day"] == _stats_local_day(self._clock())},
             "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
             "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
             "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
@@ -3804,6 +4049,9 @@ class StatsStore(object):
             self._by_model = self._fold_table(state["byModel"])
             self._by_endpoint = self._fold_table(state["byEndpoint"])
             self._by_client = self._fold_table(state["byClient"])
+            self._by_key = state["byKey"]
+            self._refused = state["refused"]
+            self._key_days = state["keyDays"]
             self._recent = collections.deque(state["recent"], maxlen=self.history_size)
             self._hourly = state["hourly"]
             self._daily = state["daily"]
@@ -4081,6 +4329,29 @@ def _stats_parse_file(doc, history_size):
                           for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
             table[_stats_clean_key(key)] = clean
         st[name] = table
+    # byKey, refused and keyDays came with access keys; files written before have none.
+    by_key = {}
+    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
+        where = "byKey[%r]" % key[:40]
+        if not isinstance(entry, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        clean = {f: _statsfile_int(entry, f, where)
+                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
+        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
+        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
+        clean["lastUsed"] = float(last) if last is not None else None
+        by_key[_stats_clean_key(key)] = clean
+    st["byKey"] = by_key
+    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
+    key_days = {}
+    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
+        where = "keyDays[%r]" % key[:40]
+        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
+                or not _STATS_DAY_FORMAT.match(day["day"]):
+            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
+        key_days[_stats_clean_key(key)] = {"day": day["day"],
+                                           "tokens": _statsfile_int(day, "tokens", where)}
+    st["keyDays"] = key_days
     recent = []
     saved_recent = _statsfile_list(doc, "recent", "file")
     for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
@@ -4110,6 +4381,8 @@ def _stats_parse_file(doc, history_size):
             "usage": usage,
             "error": e["error"],
         })
+        if _statsfile_optional(e, "key", where, (str,)) is not None:
+            recent[-1]["key"] = _stats_clean_key(e["key"])
     st["recent"] = recent
     for name in ("hourly", "daily"):
         table = {}
@@ -4261,6 +4534,30 @@ def render_metrics(store):
     w.family("llm_proxy_client_requests_total", "counter", "Requests by client IP address.")
     for client, e in sorted(s["byClient"].items()):
         w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
+
+    # Access keys: labelled by name only (the keys themselves are never in the store).
+    w.family("llm_proxy_refused_total", "counter",
+             "Requests refused before forwarding: no valid access key (401) or a budget used up (429).")
+    w.sample("llm_proxy_refused_total", s["refused"])
+    by_key = sorted(s["byKey"].items())
+    w.family("llm_proxy_key_requests_total", "counter", "Forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_requests_total", e["requests"], (("key", name),))
+    w.family("llm_proxy_key_errors_total", "counter", "Failed forwarded requests by access key.")
+    for name, e in by_key:
+        w.sample("llm_proxy_key_errors_total", e["errors"], (("key", name),))
+    w.family("llm_proxy_key_refused_total", "counter",
+             "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY)
+    for name, e in by_key:
+        w.sample("llm_proxy_key_refused_total", e["refused"], (("key", name),))
+    w.family("llm_proxy_key_tokens_total", "counter", "Tokens by access key and type.")
+    for name, e in by_key:
+        for key, label in _METRIC_TOKEN_TYPES:
+            w.sample("llm_proxy_key_tokens_total", e[key], (("key", name), ("type", label)))
+    w.family("llm_proxy_key_tokens_today", "gauge",
+             "Tokens used today (proxy's local time) by access key: what dailyTokens limits.")
+    for name, tokens in sorted(s["keyToday"].items()):
+        w.sample("llm_proxy_key_tokens_today", tokens, (("key", name),))
 
     w.family("llm_proxy_request_duration_seconds", "histogram",
              "Time from request start to the end of the response.")
@@ -4689,6 +4986,150 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 # ==================================================================================================
+# Access keys: who may have requests forwarded, and within which budget
+# ==================================================================================================
+
+# Request headers that carry a client's key; never forwarded while keys are checked or a
+# target.apiKey replaces them.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# Browsers cannot set headers on a WebSocket, so the OpenAI Realtime API's browser form carries
+# the key as a Sec-WebSocket-Protocol token: "openai-insecure-api-key.<key>".
+WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."
+RATE_WINDOW_SECONDS = 60.0
+
+
+class KeyRing:
+    """The access keys in force and the backend's key: immutable, so SIGHUP swaps the whole
+    object in one assignment and a request in progress keeps the table it started with.
+
+    Keys are compared as SHA-256 digests with hmac.compare_digest against every known key, so
+    the time taken says nothing about how much of a guess was right, nor which key matched.
+    """
+
+    def __init__(self, keys: Sequence[AccessKey] = (), backend_key: str = ""):
+        self.keys = tuple(keys)
+        self.backend_key = backend_key
+        self._digests = tuple((hashlib.sha256(k.key.encode("latin-1")).digest(), k)
+                              for k in self.keys)
+
+    @property
+    def required(self) -> bool:
+        """True when requests must carry one of the keys (access.keys is not empty)."""
+        return bool(self.keys)
+
+    @property
+    def replaces_credentials(self) -> bool:
+        """True when the client's Authorization / x-api-key must not reach the backend."""
+        return bool(self.keys) or bool(self.backend_key)
+
+    def identify(self, credential: str) -> Optional[AccessKey]:
+        """The AccessKey whose secret is `credential`, or None. Constant time per key."""
+        digest = hashlib.sha256(credential.encode("latin-1", "replace")).digest()
+        found = None
+        for known, key in self._digests:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = key
+        return found
+
+
+def request_credentials(head: "RequestHead") -> List[str]:
+    """The keys a request presents: "Authorization: Bearer <key>" (any case of the scheme;
+    OpenAI SDKs and most apps) and "x-api-key: <key>" (Anthropic SDKs), in that order.
+
+    The one place that knows where clients put keys; a WebSocket handshake from a browser may
+    also carry one as a subprotocol, "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>".
+    """
+    found = []
+    for value in head.get_all("authorization"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            found.append(token.strip())
+    found.extend(v.strip() for v in head.get_all("x-api-key") if v.strip())
+    found.extend(token[len(WEBSOCKET_KEY_PROTOCOL):] for token in websocket_protocols(head)
+                 if token.startswith(WEBSOCKET_KEY_PROTOCOL) and token != WEBSOCKET_KEY_PROTOCOL)
+    return found
+
+
+def websocket_protocols(head: "RequestHead") -> List[str]:
+    """The subprotocols a WebSocket handshake offers (Sec-WebSocket-Protocol), in order."""
+    return [token.strip() for value in head.get_all("sec-websocket-protocol")
+            for token in value.split(",") if token.strip()]
+
+
+def authenticate(keyring: KeyRing, head: "RequestHead") -> Optional[AccessKey]:
+    """The credential check: the AccessKey a request proves it holds, or None.
+
+    Looks at a few credentials at most, so a request with a hundred key headers is not a
+    hundred guesses.
+    """
+    for credential in request_credentials(head)[:4]:
+        key = keyring.identify(credential)
+        if key is not None:
+            return key
+    return None
+
+
+class RateLimiter:
+    """requestsPerMinute: at most N requests of a key start in any 60 seconds (a sliding log
+    of start times per key name, so it survives a SIGHUP; it is not persisted)."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._starts: Dict[str, collections.deque] = {}
+
+    def admit(self, name: str, limit: int) -> float:
+        """0.0 and the request counts, or the seconds until a slot frees up (nothing counted)."""
+        now = self._clock()
+        with self._lock:
+            starts = self._starts.setdefault(name, collections.deque())
+            while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+                starts.popleft()
+            if len(starts) >= limit:
+                return max(0.001, starts[0] + RATE_WINDOW_SECONDS - now)
+            starts.append(now)
+            return 0.0
+
+
+class Refusal(NamedTuple):
+    """Why a request is not forwarded: status, message, error type and extra headers."""
+
+    status: int
+    message: str
+    error_type: str
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+def access_refusal(key: Optional[AccessKey], stats, limiter: RateLimiter) -> Optional[Refusal]:
+    """None when a request with `key` may be forwarded now (a rate slot is then taken), else
+    the 401 (no valid key) or 429 (a budget is used up) to answer with.
+
+    The daily budget is checked before a request starts: one already running when it runs out
+    finishes, so a key can overshoot by the requests it had in flight at that moment.
+    """
+    if key is None:
+        return Refusal(401, "this proxy needs an access key: send 'Authorization: Bearer <key>' "
+                            "or 'x-api-key: <key>' (a missing or unknown key)",
+                       "authentication_error", (("WWW-Authenticate", 'Bearer realm="llm-proxy"'),))
+    if key.daily_tokens:
+        used, seconds_left = stats.key_tokens_today(key.name)
+        if used >= key.daily_tokens:
+            # Hours away: tell the SDKs not to retry (they honour x-should-retry).
+            return Refusal(429, "access key '%s' has used its daily budget of %d tokens (%d "
+                                "today); it renews at midnight, proxy time"
+                           % (key.name, key.daily_tokens, used), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(seconds_left))))),
+                            ("x-should-retry", "false")))
+    if key.requests_per_minute:
+        wait = limiter.admit(key.name, key.requests_per_minute)
+        if wait:
+            return Refusal(429, "access key '%s' is limited to %d requests per minute"
+                           % (key.name, key.requests_per_minute), "rate_limit_error",
+                           (("Retry-After", str(max(1, int(math.ceil(wait))))),))
+    return None
+
+
+# ==================================================================================================
 # HTTP layer, part 3: the request handler (internal routes, CORS, the forwarding pipeline)
 # ==================================================================================================
 
@@ -4833,8 +5274,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return "".join(lines).encode("latin-1")
 
     def send_local(self, status: int, body: bytes, content_type: str = "",
-                   extra: List[Tuple[str, str]] = (), close: bool = False) -> None:
-        """Answer a request ourselves with a complete body."""
+                   extra: List[Tuple[str, str]] = (), close: bool = False,
+                   expose: Sequence[str] = ()) -> None:
+        """Answer a request ourselves with a complete body (`expose`: header names a page
+        from another origin may read, e.g. Retry-After)."""
         if close:
             self.close_connection = True
         headers = []
@@ -4846,7 +5289,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Stats, errors and metrics echo client-chosen paths and model names: a browser
             # must never sniff them into HTML.
             headers.append(("X-Content-Type-Options", "nosniff"))
-        headers.extend(self.cors_response_headers(()))
+        headers.extend(self.cors_response_headers(expose))
         self.write_head(status, http.client.responses.get(status, "Unknown"), headers)
         if body and not (self.head is not None and self.head.method == "HEAD"):
             self.wfile.write(body)
@@ -4856,10 +5299,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Answer with a JSON document (never cached: stats change every request)."""
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         self.send_local(status, body, "application/json",
-                        [("Cache-Control", "no-store")] + list(extra))
+                        [("Cache-Control", "no-store")] + list(extra),
+                        expose=[name for name, _ in extra])
 
     def send_proxy_error(self, status: int, message: str, error_type: str = "proxy_error",
-                         close: bool = False) -> None:
+                         close: bool = False, extra: Sequence[Tuple[str, str]] = ()) -> None:
         """The one error path for proxy-made errors: a JSON body both official SDKs parse.
 
         OpenAI's SDK reads error.message, Anthropic's reads type/error.type/error.message.
@@ -4868,7 +5312,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         try:
-            self.send_json(status, payload)
+            self.send_json(status, payload, list(extra))
         except OSError:
             self.close_connection = True
 
@@ -4980,7 +5424,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def serve_stats(self) -> None:
         if not self.refused_as_admin():
-            self.send_json(200, self.server.stats.snapshot())
+            self.send_json(200, self.server.stats.snapshot(keys=self.server.keys.keys))
 
     def refused_as_admin(self) -> bool:
         """Answer 401/403 and return True when admin_refusal() refuses this request."""
@@ -5074,12 +5518,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
                                   "origin_not_allowed")
             return
-        if websocket_requested(head, body_length):
-            refusal = websocket_access_refusal(self, head)
-            if refusal:
-                self.send_proxy_error(401, refusal, "unauthorized")
+        keyring = self.server.keys      # read once: a SIGHUP swap cannot mix two tables
+        key = None
+        if keyring.required:
+            key = authenticate(keyring, head)
+            refusal = access_refusal(key, self.server.stats, self.server.rate_limiter)
+            if refusal is not None:
+                self.server.stats.record_refusal(key.name if key is not None else None)
+                self.refuse(head, body_length, refusal)
                 return
-        exchange = Exchange(self, head, path, body_length)
+        exchange = Exchange(self, head, path, body_length, key, keyring)
         self.server.request_started()
         try:
             exchange.run()
@@ -5092,12 +5540,42 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.server.request_finished()
 
 
+    def refuse(self, head: RequestHead, body_length: Optional[int], refusal: Refusal) -> None:
+        """Answer a request that is not forwarded (no key, budget used up).
+
+        The answer goes out first, then the body is read and dropped (as nginx discards it):
+        http.client and httpx send the whole body before reading, and closing on them would
+        turn our clear 401/429 into a connection reset. Past REFUSED_BODY_DRAIN_LIMIT, or for
+        a body the client waits to send (Expect: 100-continue), the connection closes instead.
+        """
+        expects = (head.get("expect") or "").lower() == "100-continue"
+        close = body_length is not None and (
+            expects or not 0 < body_length <= REFUSED_BODY_DRAIN_LIMIT)
+        self.send_proxy_error(refusal.status, refusal.message, refusal.error_type, close=close,
+                              extra=refusal.headers)
+        if body_length is None or expects:
+            return
+        pieces = iter_chunked_body(self.rfile) if body_length < 0 else \
+            iter_fixed_body(self.rfile, body_length)
+        seen = 0
+        try:
+            for data in pieces:
+                seen += len(data)
+                if seen > REFUSED_BODY_DRAIN_LIMIT:
+                    break
+        except (RequestError, ClientGone, OSError):
+            self.close_connection = True
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
     def __init__(self, handler: ProxyHandler, head: RequestHead, path: str,
-                 body_length: Optional[int]):
+                 body_length: Optional[int], key: Optional[AccessKey] = None,
+                 keyring: Optional[KeyRing] = None):
         self.handler = handler
+        self.key_name = key.name if key is not None else None
+        self.keyring = keyring if keyring is not None else handler.server.keys
         self.server = handler.server
         self.config = handler.server.config
         self.head = head
@@ -5187,6 +5665,9 @@ class Exchange:
             dropped.add("origin")
         if self.injected:
             dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
+        if self.keyring.replaces_credentials:
+            dropped.update(CREDENTIAL_HEADERS)  # the client's key stays here
+            dropped.add("sec-websocket-protocol")   # offered again below, without a key
         headers = [("Host", self.server.upstream_host_header)]
         forwarded_for = []
         for name, value in head.headers:
@@ -5205,6 +5686,13 @@ class Exchange:
         if self.upgrade:
             # The one exception to hop-by-hop stripping (RFC 9110 §7.8): asked for explicitly.
             headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        if self.keyring.replaces_credentials:
+            offered = [p for p in websocket_protocols(head)
+                       if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
+            if offered:
+                headers.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
+        if self.keyring.backend_key:
+            headers.append(("Authorization", "Bearer " + self.keyring.backend_key))
         if body is not None:
             if body or self.body_length is not None or self.head.method in ("POST", "PUT", "PATCH"):
                 headers.append(("Content-Length", str(len(body))))
@@ -5549,14 +6037,16 @@ class Exchange:
         tokens = usage.get("total", 0) if usage else 0
         if tunnel is not None:
             # One line per WebSocket, at its end: how long, how much each way, who ended it.
-            log.info("%s %s %s 101 websocket %.1fs up %dB down %dB closed by %s%s",
+            log.info("%s %s %s 101 websocket %.1fs up %dB down %dB closed by %s%s%s",
                      self.handler.client_ip, self.head.method, self.path, duration,
                      tunnel.up, tunnel.down, tunnel.closed_by,
-                     " %d tokens" % tokens if tokens else "")
+                     " %d tokens" % tokens if tokens else "",
+                     " key=%s" % self.key_name if self.key_name else "")
         elif log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB %dms%s", self.handler.client_ip, self.head.method, self.path,
-                     self.status, self.sent, duration * 1000,
-                     " %d tokens" % tokens if tokens else "")
+            log.info("%s %s %s %d %dB %dms%s%s", self.handler.client_ip, self.head.method,
+                     self.path, self.status, self.sent, duration * 1000,
+                     " %d tokens" % tokens if tokens else "",
+                     " key=%s" % self.key_name if self.key_name else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -5564,6 +6054,7 @@ class Exchange:
             "model": model, "usage": usage, "usageSource": source, "error": self.error,
             "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
             "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
+            "key": self.key_name,
         })
 
 
@@ -5668,16 +6159,6 @@ def websocket_requested(head: RequestHead, body_length: Optional[int]) -> bool:
         return False
     return "websocket" in [p.strip().lower() for value in head.get_all("upgrade")
                            for p in value.split(",")]
-
-
-def websocket_access_refusal(handler: "ProxyHandler", head: RequestHead) -> Optional[str]:
-    """Hook for access keys on a WebSocket handshake: why it is refused, or None to allow.
-
-    Browsers cannot set Authorization on a WebSocket; the OpenAI Realtime API's browser form puts
-    the key in Sec-WebSocket-Protocol as "openai-insecure-api-key.<key>". No access keys exist
-    in this build, so every handshake that passed the Origin check is allowed.
-    """
-    return None
 
 
 def _keepalive(sock) -> None:
@@ -6162,8 +6643,9 @@ class ProxyServer(ThreadingHTTPServer):
     ClientHello would stall every other client. Here the accept loop only accepts.
 
     For the caller: serve_forever(), shutdown() (from another thread), server_close(),
-    reload_tls(), health(), wait_for_requests(), claim_slot(). Attributes: config, stats,
-    upstream, ssl_context, slots (ClientSlots: the connection count per client address).
+    reload_tls(), reload_keys(), health(), wait_for_requests(), claim_slot(). Attributes:
+    config, stats, upstream, ssl_context, slots (ClientSlots: the connection count per client
+    address), keys (the KeyRing in force), rate_limiter.
     """
 
     daemon_threads = True
@@ -6175,6 +6657,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.stats = stats
         self.ssl_context = ssl_context
+        self.keys = KeyRing(config.access_keys, config.target_api_key)   # swapped by reload_keys()
+        self.rate_limiter = RateLimiter()
         self.upstream = UpstreamPool(config.target_host, config.target_port,
                                      config.connect_timeout, config.read_timeout)
         host_port = authority(config.target_host, config.target_port)
@@ -6347,6 +6831,16 @@ class ProxyServer(ThreadingHTTPServer):
         """Load the certificate and key again; new connections use them (SIGHUP)."""
         self.ssl_context = make_server_ssl_context(self.config.cert_file, self.config.key_file)
 
+    def reload_keys(self) -> KeyRing:
+        """Read the config file again and swap in its access keys and target.apiKey (SIGHUP).
+
+        Only these are reloaded; other settings need a restart. Raises ConfigError and keeps
+        the keys in force when the file is invalid. Open connections are not touched.
+        """
+        fresh = load_config(self.config.source, search_cwd=self.config.source is None)
+        self.keys = KeyRing(fresh.access_keys, fresh.target_api_key)
+        return self.keys
+
     def health(self) -> dict:
         """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
         with self._health_lock:
@@ -6356,7 +6850,8 @@ class ProxyServer(ThreadingHTTPServer):
                 self._health_cache = (time.monotonic(), backend)
         snapshot_uptime = time.monotonic() - START_MONOTONIC
         return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
-                "uptimeSeconds": int(snapshot_uptime), "backend": backend}
+                "uptimeSeconds": int(snapshot_uptime), "backend": backend,
+                "accessKeys": self.keys.required}
 
     def _probe_backend(self) -> dict:
         started = time.monotonic()
@@ -6631,6 +7126,22 @@ def reload_certificate(server: "ProxyServer", why: str) -> None:
         log.error("kept the previous certificate: %s", exc)
 
 
+def reload_access_keys(server: "ProxyServer", why: str) -> None:
+    """Swap in the access keys of the config file; keep the ones in force if it is invalid."""
+    try:
+        keyring = server.reload_keys()
+        log.info("reloaded access keys (%s): %s", why,
+                 ", ".join(k.name for k in keyring.keys) or "none, the proxy is open")
+    except ConfigError as exc:
+        log.error("kept the previous access keys: %s", exc)
+
+
+def reload_on_sighup(server: "ProxyServer") -> None:
+    """SIGHUP: the certificate and the access keys, for new requests; no connection drops."""
+    reload_certificate(server, "SIGHUP")
+    reload_access_keys(server, "SIGHUP")
+
+
 def serve(server: "ProxyServer", ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests and save the stats. Returns 0."""
     def request_stop(signum, frame):
@@ -6641,7 +7152,7 @@ def serve(server: "ProxyServer", ready=None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-            target=reload_certificate, args=(server, "SIGHUP"), daemon=True).start())
+            target=reload_on_sighup, args=(server,), daemon=True).start())
     maintenance = Maintenance(server)
     maintenance.start()
     if server.config.tracking_enabled:
@@ -6694,8 +7205,186 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--healthcheck", action="store_true",
                         help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
                              "used by the Docker HEALTHCHECK")
+    keys = parser.add_argument_group("access keys (see README, Access keys)")
+    keys.add_argument("--add-key", metavar="NAME",
+                      help="make a random access key NAME, add it to the config file (created "
+                           "if missing) and print it once with client snippets")
+    keys.add_argument("--daily-tokens", metavar="N", type=int,
+                      help="with --add-key: tokens the key may use per day (local time)")
+    keys.add_argument("--requests-per-minute", metavar="N", type=int,
+                      help="with --add-key: requests the key may start per minute")
+    keys.add_argument("--list-keys", action="store_true",
+                      help="list the access keys (names, budgets, today's use; never the keys)")
+    keys.add_argument("--remove-key", metavar="NAME", help="remove access key NAME from the config file")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
+
+
+def _key_config_path(args) -> str:
+    """The config file --add-key/--remove-key edit: --config, else ./config.json."""
+    return os.path.abspath(args.config or "config.json")
+
+
+def _read_config_document(path: str) -> dict:
+    """The config file as a JSON object (key order kept), after checking it is a valid config:
+    a file we could not start with is never edited. {} when the file does not exist."""
+    if not os.path.exists(path):
+        return {}
+    load_config(path, environ={})           # every error the proxy would report at start
+    with open(path, "r", encoding="utf-8-sig") as handle:
+        return json.load(handle)
+
+
+def _write_config_document(path: str, document: dict) -> None:
+    """Replace the config file atomically with mode 0600 (it holds keys), keeping its owner."""
+    try:
+        owner = os.stat(path)
+    except OSError:
+        owner = None
+    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    _write_file_atomic(path, data, private=True)
+    if owner is not None and hasattr(os, "chown") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root editing a service's file: the service must still be able to read it.
+        try:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+
+def _key_table(document: dict, path: str) -> dict:
+    access = document.setdefault("access", {})
+    if not isinstance(access, dict):
+        raise ConfigError("%s: access must be a JSON object" % path)
+    return access.setdefault("keys", {})
+
+
+def _example_host(config: Config) -> str:
+    """An address of this machine for the printed snippets: the bound one, else a LAN one."""
+    if config.bind and config.bind not in ("0.0.0.0", "::"):
+        host = config.bind.strip("[]")
+    else:
+        lan = [a for a in _linux_ipv4_addresses() if not a.startswith("127.")]
+        host = lan[0] if lan else "localhost"
+    return "[%s]" % host if ":" in host else host
+
+
+def add_key(args) -> int:
+    """--add-key NAME: make a key, add it to the config file, print it once. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.add_key
+    problem = check_access_key_name(name)
+    if problem:
+        print("error: --add-key: the name %s" % problem, file=sys.stderr)
+        return 2
+    for flag, value, upper in (("--daily-tokens", args.daily_tokens, ACCESS_LIMIT_MAX),
+                               ("--requests-per-minute", args.requests_per_minute, ACCESS_RATE_MAX)):
+        if value is not None and not 1 <= value <= upper:
+            print("error: %s must be from 1 to %d" % (flag, upper), file=sys.stderr)
+            return 2
+    try:
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if not isinstance(table, dict):
+            raise ConfigError("%s: access.keys must be a JSON object" % path)
+        if name in table:
+            print("error: %s already has an access key named '%s' (--remove-key %s first to "
+                  "replace it)" % (path, name, name), file=sys.stderr)
+            return 2
+        secret = "sk-llmproxy-" + secrets.token_urlsafe(32)     # 256 random bits
+        entry: Any = secret
+        if args.daily_tokens is not None or args.requests_per_minute is not None:
+            entry = {"key": secret}
+            if args.daily_tokens is not None:
+                entry["dailyTokens"] = args.daily_tokens
+            if args.requests_per_minute is not None:
+                entry["requestsPerMinute"] = args.requests_per_minute
+        table[name] = entry
+        parse_access_keys(table, path)
+        _write_config_document(path, document)
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    limits = []
+    if args.daily_tokens is not None:
+        limits.append("%s tokens a day" % format(args.daily_tokens, ","))
+    if args.requests_per_minute is not None:
+        limits.append("%d requests a minute" % args.requests_per_minute)
+    base = "https://%s:%d" % (_example_host(config), config.port or 8443)
+    print("Added access key '%s' to %s%s." % (name, path,
+                                              " (" + ", ".join(limits) + ")" if limits else ""))
+    print("The key (it is in the config file too; --list-keys shows names only):\n")
+    print("    %s\n" % secret)
+    print("OpenAI SDK (Python; JavaScript takes the same baseURL and apiKey):")
+    print("    from openai import OpenAI")
+    print('    client = OpenAI(base_url="%s/v1", api_key="%s")\n' % (base, secret))
+    print("Anthropic SDK (Python; the SDK adds /v1 itself):")
+    print("    from anthropic import Anthropic")
+    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (base, secret))
+    print("curl:")
+    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
+          % (secret, base))
+    print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
+          "kill -HUP $(cat %s)" % _default_beside_config(config, "llm-proxy.pid"))
+    return 0
+
+
+def remove_key(args) -> int:
+    """--remove-key NAME: delete the key from the config file. Returns 0 or 2."""
+    path = _key_config_path(args)
+    name = args.remove_key
+    try:
+        if not os.path.exists(path):
+            raise ConfigError("config file %s does not exist" % path)
+        document = _read_config_document(path)
+        table = _key_table(document, path)
+        if name not in table:
+            known = ", ".join(str(n) for n in table) or "none"
+            raise ConfigError("%s has no access key named '%s' (keys: %s)" % (path, name, known))
+        del table[name]
+        _write_config_document(path, document)
+    except ConfigError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    print("Removed access key '%s' from %s. A running proxy refuses it after SIGHUP." % (name, path))
+    return 0
+
+
+def list_keys(config: Config) -> int:
+    """--list-keys: names, budgets and today's use (from stats.json); never a key. Returns 0."""
+    if not config.access_keys:
+        print("No access keys: the proxy is open to anyone who can reach it "
+              "(python3 proxy.py --add-key NAME makes one).")
+        return 0
+    by_key, days = {}, {}
+    try:
+        with open(config.stats_file, "rb") as handle:
+            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+        by_key, days = state["byKey"], state["keyDays"]
+    except (OSError, ValueError):
+        pass                                 # no stats yet (or unreadable): show the budgets
+    today = _stats_local_day(time.time())
+    rows = [("NAME", "TODAY", "DAILY BUDGET", "PER MINUTE", "REQUESTS", "REFUSED", "LAST USED")]
+    for key in config.access_keys:
+        entry = by_key.get(key.name) or {}
+        day = days.get(key.name) or {}
+        used = day.get("tokens", 0) if day.get("day") == today else 0
+        last = entry.get("lastUsed")
+        rows.append((key.name, format(used, ","),
+                     format(key.daily_tokens, ",") if key.daily_tokens else "-",
+                     str(key.requests_per_minute or "-"), format(entry.get("requests", 0), ","),
+                     format(entry.get("refused", 0), ","),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else "never"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 class _LogFileHandler(logging.handlers.RotatingFileHandler):
@@ -6732,7 +7421,11 @@ def check_setup(config: Config) -> int:
     print("config: %s" % (config.source or "built-in defaults (no config file)"))
     for warning in config.warnings:
         print("warning: %s" % warning)
-    print("backend: %s" % config.target_url)
+    print("backend: %s%s" % (config.target_url,
+                              " (with target.apiKey)" if config.target_api_key else ""))
+    print("access: %s" % ("%d key(s): %s" % (len(config.access_keys),
+                                              ", ".join(k.name for k in config.access_keys))
+                          if config.access_keys else "open (no access.keys)"))
     have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
     if not have_cert and not have_key:
         print("certificate: %s will be created at first start" % config.cert_file)
@@ -6774,6 +7467,8 @@ def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
     """Tell the user where to point their app, and which CA their devices must trust."""
     log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
              config.bind or "*", port, config.target_url)
+    if config.access_keys:
+        log.info("  access keys required: %s", ", ".join(k.name for k in config.access_keys))
     for line in cert_status.describe().splitlines():
         log.info("  %s", line)
     # Bound to one address, the proxy answers there only: the certificate's other names would
@@ -6796,6 +7491,14 @@ def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level)
+    if args.add_key is not None:
+        return add_key(args)
+    if args.daily_tokens is not None or args.requests_per_minute is not None:
+        print("error: --daily-tokens and --requests-per-minute go with --add-key NAME",
+              file=sys.stderr)
+        return 2
+    if args.remove_key is not None:
+        return remove_key(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -6807,6 +7510,8 @@ def main(argv=None) -> int:
         return stop_daemon(pidfile_path)
     if args.check:
         return check_setup(config)
+    if args.list_keys:
+        return list_keys(config)
     if args.healthcheck:
         return healthcheck(config)
     for warning in config.warnings:
@@ -7052,6 +7757,7 @@ td.name .txt { font-weight: 550; }
 td.muted, .muted { color: var(--faint); }
 .share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
 .share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
+.share.over i { background: var(--err); opacity: 1; }
 td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 .method { font-weight: 650; font-size: 11.5px; color: var(--muted); margin-right: 6px; letter-spacing: 0.02em; }
 .badge { display: inline-block; min-width: 38px; text-align: center; padding: 1px 7px; border-radius: 999px; font-size: 12px; font-weight: 650; background: var(--grid); color: var(--fg); font-variant-numeric: tabular-nums; }
@@ -7138,6 +7844,14 @@ footer.foot .err { color: var(--err); }
       <div class="readout" id="readout">&nbsp;</div>
       <div id="chart"></div>
     </div>
+  </section>
+
+  <section class="panel" id="keys-panel" aria-labelledby="t-key-title" hidden>
+    <div class="panel-head"><h2 id="t-key-title">By access key<span class="count" id="t-key-count"></span></h2></div>
+    <div class="table-wrap"><table>
+      <thead><tr><th>Key</th><th class="n">Today</th><th class="n">Daily budget</th><th class="n">Per minute</th><th class="n">Requests</th><th class="n">Prompt</th><th class="n">Completion</th><th class="n">Total</th><th class="n">Refused</th><th class="n">Errors</th><th>Last used</th></tr></thead>
+      <tbody id="t-key"></tbody>
+    </table></div>
   </section>
 
   <div id="breakdowns"></div>
@@ -7619,6 +8333,49 @@ footer.foot .err { color: var(--err); }
     }
   }
 
+  // Access keys: names only (the stats never hold a key), today's tokens against the budget.
+  function renderKeys(map) {
+    var m = obj(map);
+    var names = Object.keys(m).sort();
+    byId("keys-panel").hidden = names.length === 0;
+    setText("t-key-count", names.length ? String(names.length) : "");
+    var tbody = byId("t-key");
+    clear(tbody);
+    for (var i = 0; i < names.length; i++) {
+      var r = obj(m[names[i]]);
+      var tr = el("tr");
+      var name = el("td", "name");
+      name.appendChild(el("span", "txt" + (names[i].charAt(0) === "(" ? " muted" : ""), names[i]));
+      var budget = isNum(r.dailyTokens) ? r.dailyTokens : null;
+      var share = budget ? pct(num(r.today), budget) : null;
+      if (share !== null) {
+        var bar = el("div", "share" + (share >= 100 ? " over" : ""));
+        var fill = el("i");
+        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+        bar.appendChild(fill);
+        bar.setAttribute("title", fmtDec(share, 1) + "% of today's budget");
+        name.appendChild(bar);
+      }
+      tr.appendChild(name);
+      tr.appendChild(numCell(fmtInt(num(r.today)), share !== null ? fmtDec(share, 1) + "% of the daily budget" : ""));
+      tr.appendChild(numCell(budget ? fmtInt(budget) : DASH));
+      tr.appendChild(numCell(isNum(r.requestsPerMinute) ? fmtInt(r.requestsPerMinute) : DASH));
+      tr.appendChild(numCell(fmtInt(num(r.requests))));
+      tr.appendChild(numCell(fmtInt(num(r.prompt))));
+      tr.appendChild(numCell(fmtInt(num(r.completion))));
+      tr.appendChild(numCell(fmtInt(num(r.total)), fmtCompact(num(r.total))));
+      var refused = el("td", "n", fmtInt(num(r.refused)));
+      if (num(r.refused) > 0) { refused.textContent = ""; refused.appendChild(el("span", "badge err", fmtInt(num(r.refused)))); }
+      tr.appendChild(refused);
+      tr.appendChild(numCell(fmtInt(num(r.errors))));
+      var last = parseTime(r.lastUsed);
+      var tdLast = el("td", "num" + (last === null ? " muted" : ""), last === null ? "never" : fmtWhen(last));
+      if (last !== null) { tdLast.setAttribute("title", fmtFull(last)); }
+      tr.appendChild(tdLast);
+      tbody.appendChild(tr);
+    }
+  }
+
   function renderRecent(list) {
     var tbody = byId("t-recent");
     var rows = [];
@@ -7669,7 +8426,9 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(numCell(fmtMs(r.durationMs)));
       tr.appendChild(numCell(fmtMs(r.ttfbMs)));
       tr.appendChild(numCell(fmtDec(r.tokensPerSecond, 1)));
-      tr.appendChild(el("td", "num", str(r.client) || DASH));
+      var who = el("td", "num", str(r.client) || DASH);
+      if (str(r.key)) { who.appendChild(el("span", "muted", DOT + str(r.key))); }
+      tr.appendChild(who);
       var usage = str(r.usage);
       tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
       tbody.appendChild(tr);
@@ -7697,6 +8456,7 @@ footer.foot .err { color: var(--err); }
     renderBreakdown("t-model", "t-model-count", d.byModel, "No model usage yet.");
     renderBreakdown("t-endpoint", "t-endpoint-count", d.byEndpoint, "No endpoint usage yet.");
     renderBreakdown("t-client", "t-client-count", d.byClient, "No clients yet.");
+    renderKeys(d.byKey);
     renderRecent(d.recent);
     renderFooter(d);
   }
@@ -8256,6 +9016,10 @@ sudo update-ca-certificates</code></pre>
       if (uptime) { parts.push("up " + uptime); }
       setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
       byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
+      if (h.accessKeys === true) {
+        // The proxy wants an access key: the snippet must send one (--add-key makes it).
+        byId("ep-curl").textContent = 'curl --cacert llm-proxy-ca.pem -H "Authorization: Bearer <your access key>" ' + base + "/v1/models";
+      }
 
       var b = obj(h.backend);
       var where = str(b.url);

@@ -483,7 +483,8 @@ class TestPersistence(TempDirMixin, unittest.TestCase):
         self.assertEqual(set(doc), {"format", "formatVersion", "version", "savedAt", "since",
                                     "requests", "completions", "errors", "bytes", "tokens",
                                     "usageReports", "byModel", "byEndpoint", "byClient", "recent",
-                                    "hourly", "daily", "histograms"})
+                                    "hourly", "daily", "histograms",
+                                    "byKey", "refused", "keyDays"})
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o644)
 
     def test_save_only_when_dirty(self):

@@ -230,6 +230,61 @@ class PerClientLimitTests(TunnelTestCase):
             self.close_ws(ws)
 
 
+SECRET = "sk-test-websocket-5d0c1e8a2b7f4e91"
+BACKEND_SECRET = "backend-key-for-websockets-77aa"
+
+
+class AccessKeyTests(TunnelTestCase):
+    proxy_settings = {"access_keys": (proxy.AccessKey("browser", SECRET),),
+                      "target_api_key": BACKEND_SECRET}
+
+    def backend_headers(self, n=-1):
+        return {k.lower(): v for k, v in self.backend.requests[n]["headers"]}
+
+    def test_a_handshake_without_a_key_is_401_and_never_reaches_the_backend(self):
+        for headers in ([], [("Authorization", "Bearer sk-wrong")],
+                        [("Sec-WebSocket-Protocol", "realtime, openai-insecure-api-key.sk-wrong")],
+                        [("Sec-WebSocket-Protocol", "openai-insecure-api-key.")]):
+            with self.subTest(headers):
+                answer = self.connect(headers=headers)
+                self.assertEqual(answer.status, 401)
+                self.assertEqual(json.loads(answer.body)["error"]["type"], "authentication_error")
+        self.assertEqual(self.backend.connections, 0)
+
+    def test_a_key_in_authorization_or_x_api_key_opens_the_tunnel(self):
+        for headers in ([("Authorization", "Bearer " + SECRET)], [("x-api-key", SECRET)]):
+            with self.subTest(headers[0][0]):
+                ws = self.open_ws(headers=headers)
+                ws.send_text("in")
+                self.assertEqual(ws.recv(), (OP_TEXT, b"in"))
+                self.close_ws(ws)
+                seen = self.backend_headers()
+                self.assertEqual(seen["authorization"], "Bearer " + BACKEND_SECRET)
+                self.assertNotIn("x-api-key", seen)
+
+    def test_the_browser_subprotocol_form_is_accepted_and_stripped(self):
+        offered = "realtime, openai-insecure-api-key.%s, openai-beta.realtime-v1" % SECRET
+        answer = self.connect("/v1/realtime?model=m", headers=[("Sec-WebSocket-Protocol", offered)])
+        self.assertEqual(answer.status, 101)
+        self.assertEqual(answer.headers["sec-websocket-protocol"], "realtime")
+        seen = self.backend_headers()
+        self.assertEqual(seen["sec-websocket-protocol"], "realtime, openai-beta.realtime-v1")
+        self.assertEqual(seen["authorization"], "Bearer " + BACKEND_SECRET)
+        ws = answer.ws
+        ws.send_text("cmd:realtime")
+        while True:
+            opcode, payload = ws.recv()
+            if opcode == OP_TEXT and json.loads(payload)["type"] == "script.end":
+                break
+        self.close_ws(ws)
+        stats = settled_stats(self.proxy)
+        by_key = self.proxy.stats.snapshot(keys=self.proxy.keys.keys)["byKey"]["browser"]
+        self.assertEqual((by_key["requests"], by_key["total"]), (1, 225))
+        self.assertEqual(stats["tokens"]["total"], 225)
+        self.assertIn("key=browser", LOG_BUFFER.getvalue())
+        self.assertNotIn(SECRET, LOG_BUFFER.getvalue())
+
+
 class IdleTimeoutTests(TunnelTestCase):
     proxy_settings = {"websocket_idle_timeout": 0.8, "client_timeout": 0.5}
 
@@ -387,7 +442,7 @@ class AccountingTests(TunnelTestCase):
 # close, and report what happened (or the error) as JSON.
 CHROMIUM_WS_SCRIPT = """new Promise((resolve) => {
   const out = {events: [], code: null};
-  const ws = new WebSocket(%s);
+  const ws = new WebSocket(%s, %s);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => { ws.send("hello from chromium"); ws.send(new Uint8Array([1, 2, 3, 250]).buffer); };
   ws.onmessage = (e) => {
@@ -417,14 +472,31 @@ class ChromiumTests(unittest.TestCase):
         self.home = tempfile.mkdtemp(prefix="llm-proxy-browser-")
         self.addCleanup(shutil.rmtree, self.home, True)
 
-    def exchange(self, chromium, page_url):
+    def exchange(self, chromium, page_url, ws_url=None, protocols=()):
         tab = chromium.new_tab()
         try:
             self.assertIsNone(tab.navigate(page_url))
             self.assertTrue(tab.wait_for("document.readyState === 'complete'"))
-            return tab.evaluate(CHROMIUM_WS_SCRIPT % json.dumps(self.ws_url), await_promise=True)
+            script = CHROMIUM_WS_SCRIPT % (json.dumps(ws_url or self.ws_url),
+                                           json.dumps(list(protocols)))
+            return tab.evaluate(script, await_promise=True)
         finally:
             tab.close()
+
+    def test_chromium_sends_an_access_key_the_realtime_way(self):
+        keyed = start_proxy(self, self.backend.port, allowed_origins=(self.page_origin,),
+                            access_keys=(proxy.AccessKey("browser", SECRET),))
+        url = "wss://localhost:%d/v1/realtime?model=m" % keyed.server_address[1]
+        with browser.Browser(browser.make_trust_home(ca_file(), self.home)) as chromium:
+            allowed = self.exchange(chromium, self.page_origin + "/page", url,
+                                    ["realtime", "openai-insecure-api-key." + SECRET])
+            refused = self.exchange(chromium, self.page_origin + "/page", url, ["realtime"])
+        self.assertEqual(allowed["events"], ["hello from chromium", "1,2,3,250"], allowed)
+        self.assertEqual(refused["events"], ["error"], refused)
+        seen = [dict((k.lower(), v) for k, v in r["headers"]) for r in self.backend.requests
+                if r["path"].startswith("/v1/realtime")]
+        self.assertEqual([h.get("sec-websocket-protocol") for h in seen], ["realtime"])
+        self.assertNotIn(SECRET, LOG_BUFFER.getvalue())
 
     def test_chromium_exchanges_messages_over_wss_from_an_allowed_origin(self):
         with browser.Browser(browser.make_trust_home(ca_file(), self.home)) as chromium:
