@@ -10,7 +10,9 @@ on, as in production) and nginx; the measuring client is this process. All on 12
 Measured per target, in the same run, rounds rotating the order:
   latency     2,000 sequential echo round trips of a 32-byte text message: p50/p99; "added" is a
               target's p50 minus direct's p50 in the same round
-  download    one 10 MiB binary message backend -> client: MB/s (10^6 bytes/s), send to last byte
+  download    one 10 MiB binary message backend -> client: MB/s (10^6 bytes/s), send to last
+              byte, the better of two transfers
+  realtime    the same on /v1/realtime, where proxy.py also reads the frames for usage
   echo        one 10 MiB binary message client -> backend -> client: MB/s of the 20 MiB moved
   threads     proxy.py's thread count with 50 tunnels open minus with none (per tunnel)
 The direct connection is plain ws:// (no TLS); proxy.py and nginx terminate TLS, as in use.
@@ -113,8 +115,8 @@ def latency(target, count):
     return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
 
 
-def download(target):
-    ws = target.open()
+def download(target, path="/ws"):
+    ws = target.open(path)
     started = time.perf_counter()
     ws.send_text("cmd:send:%d" % MESSAGE)
     _, data = ws.recv()
@@ -198,8 +200,8 @@ def main(argv=None) -> int:
             wait_port(nport)
             targets.append(Target("nginx", nport, context))
         blob = os.urandom(MESSAGE)
-        results = {t.name: {"p50": [], "p99": [], "added": [], "download": [], "echo": []}
-                   for t in targets}
+        results = {t.name: {"p50": [], "p99": [], "added": [], "download": [], "echo": [],
+                            "realtime": []} for t in targets}
         for round_number in range(args.rounds):
             order = targets[round_number % len(targets):] + targets[:round_number % len(targets)]
             direct_p50 = None
@@ -209,7 +211,12 @@ def main(argv=None) -> int:
                 p50s[target.name] = p50
                 results[target.name]["p50"].append(p50)
                 results[target.name]["p99"].append(p99)
-                results[target.name]["download"].append(download(target))
+                # Best of two: the first transfer after the latency run is slowed by its
+                # aftermath (seen even on the direct connection), whichever path comes first.
+                results[target.name]["download"].append(max(download(target), download(target)))
+                realtime = "/v1/realtime?model=m"
+                results[target.name]["realtime"].append(max(download(target, realtime),
+                                                            download(target, realtime)))
                 results[target.name]["echo"].append(echo(target, blob))
             direct_p50 = p50s["direct"]
             for name, p50 in p50s.items():
@@ -221,12 +228,15 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
-            print("%-9s %9s %9s %10s %14s %10s" % ("target", "p50 ms", "p99 ms", "added ms",
-                                                   "download MB/s", "echo MB/s"))
+            print("%-9s %9s %9s %10s %14s %14s %10s" % (
+                "target", "p50 ms", "p99 ms", "added ms", "download MB/s", "realtime MB/s",
+                "echo MB/s"))
             for name, row in summary.items():
-                print("%-9s %9.3f %9.3f %10.3f %14.1f %10.1f" % (
-                    name, row["p50"], row["p99"], row["added"], row["download"], row["echo"]))
-            print("proxy.py threads per open tunnel: %.2f" % summary["proxy.py"]["threadsPerTunnel"])
+                print("%-9s %9.3f %9.3f %10.3f %14.1f %14.1f %10.1f" % (
+                    name, row["p50"], row["p99"], row["added"], row["download"], row["realtime"],
+                    row["echo"]))
+            print("proxy.py threads per open tunnel: %.2f"
+                  % summary["proxy.py"]["threadsPerTunnel"])
         return 0
     finally:
         for child in reversed(children):

@@ -326,13 +326,15 @@ class RefusalTests(TunnelTestCase):
         self.assertEqual(ws.recv(), (OP_TEXT, b"allowed"))
 
     def test_a_101_that_does_not_switch_to_websocket_is_a_502(self):
-        for answer in (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        for answer in (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                       b"Connection: Upgrade\r\n\r\n",
                        b"HTTP/1.1 101 Switching Protocols\r\n\r\n"):
             with self.subTest(answer):
                 self.backend.raw_answer = answer
                 answer = self.connect()
                 self.assertEqual(answer.status, 502)
-                self.assertIn("did not switch to WebSocket", json.loads(answer.body)["error"]["message"])
+                self.assertIn("did not switch to WebSocket",
+                              json.loads(answer.body)["error"]["message"])
 
     def test_firefox_style_connection_header_is_a_websocket_handshake(self):
         sock = tls_socket(self.proxy)

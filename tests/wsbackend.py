@@ -230,7 +230,8 @@ class _Handler(socketserver.StreamRequestHandler):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode()
         # The greeting goes in the same write as the 101: the proxy must not lose bytes that
         # arrive together with the handshake answer.
-        self.wfile.write(head + (encode_frame(OP_TEXT, server.greeting) if server.greeting else b""))
+        greeting = encode_frame(OP_TEXT, server.greeting) if server.greeting else b""
+        self.wfile.write(head + greeting)
         ws = WebSocket(self.connection, self.rfile, client=False)
         self._session(ws)
 
@@ -389,7 +390,7 @@ def handshake(sock, host: str, path: str = "/ws", headers=(), key: str = None,
 
 
 def main() -> int:
-    """Serve the backend on 127.0.0.1 (port 0) until killed; print the port (tests/bench_websocket.py)."""
+    """Serve the backend on 127.0.0.1, port 0, until killed; print the port (for the bench)."""
     server = WebSocketBackend()
     print(server.port, flush=True)
     try:
