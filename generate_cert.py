@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Create the local CA and the TLS certificate for the LLM proxy (standard library only).
 
-    python3 generate_cert.py                # certs/ca.pem ca-key.pem cert.pem key.pem combined.pem
-    python3 generate_cert.py --host llm.lan # add a name or IP address (repeatable)
-    python3 generate_cert.py --renew        # new server certificate, same CA (no re-trust needed)
+    python3 generate_cert.py                # make what is missing, then print the trust steps
+    python3 generate_cert.py --host llm.lan # add a name or IP address (repeatable), same CA
+    python3 generate_cert.py --renew        # new server certificate now, same CA
     python3 generate_cert.py --force        # start over: new CA and certificate
 
 The server certificate names this machine: localhost, its host name, <host name>.local, 127.0.0.1,
@@ -80,10 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _existing(paths: List[str]) -> List[str]:
-    return [path for path in paths if os.path.exists(path)]
-
-
 def _run(args: argparse.Namespace) -> int:
     out = args.out
     ca_cert, ca_key = proxy.ca_paths(out)
@@ -109,21 +105,11 @@ def _run(args: argparse.Namespace) -> int:
                 raise proxy.CertificateError(
                     "%s was not issued by %s, so --renew will not replace it; add --force to "
                     "replace it anyway" % (cert_file, ca_cert))
+    elif not args.force:
+        return _ensure(args, cert_file, key_file)
     else:
-        if not args.force:
-            blocking = _existing([cert_file, key_file, combined])
-            have_ca = _existing([ca_cert, ca_key])
-            if len(have_ca) == 1:
-                blocking += have_ca
-            if blocking:
-                raise proxy.CertificateError(
-                    "%s already exist%s, not overwriting. Use --renew to re-issue the server "
-                    "certificate with the existing CA, or --force to replace everything "
-                    "(devices must then trust the new CA)"
-                    % (", ".join(blocking), "s" if len(blocking) == 1 else ""))
-        if args.force or not _existing([ca_cert, ca_key]):
-            proxy.create_ca_files(out, args.host)  # --host names widen the CA's constraints
-            ca_created = True
+        proxy.create_ca_files(out, args.host)  # --host names widen the CA's constraints
+        ca_created = True
 
     # A CA made since name constraints exist signs only local names and addresses (and the
     # --host values it was created with): leave the rest out, and say so.
@@ -155,6 +141,47 @@ def _run(args: argparse.Namespace) -> int:
         print("Devices that do not trust it yet:")
         print()
         print(proxy.trust_instructions(ca_cert))
+    return 0
+
+
+def _ensure(args: argparse.Namespace, cert_file: str, key_file: str) -> int:
+    """Without --renew or --force: what the proxy does at start-up. Create what is missing, add
+    --host names (re-issuing with the same CA), renew a certificate that expires soon, keep a
+    good one; then print the trust steps. Running it again is harmless."""
+    status = proxy.ensure_certificates(
+        cert_file, key_file, extra_hosts=args.host, days=args.days,
+        progress=lambda text: print(text, file=sys.stderr, flush=True))
+    if status.action == "external":
+        raise proxy.CertificateError(
+            "%s was not issued by the CA in %s, so it is left alone; use --force to replace it "
+            "with a new CA and certificate (devices must then trust the new CA)"
+            % (cert_file, args.out))
+    files = [(status.ca_file, "local CA certificate: install this one as trusted"),
+             (proxy.ca_paths(os.path.dirname(status.ca_file))[1],
+              "CA private key: keep it private, it signs what your devices trust"),
+             (status.cert_file, "server certificate (%s), valid until %s UTC" % (
+                 status.action, status.not_after.strftime("%Y-%m-%d %H:%M"))),
+             (status.key_file, "server private key"),
+             (status.combined_file, "certificate + key in one file (for servers that want one)")]
+    width = max(len(path) for path, _ in files)
+    print("Files:")
+    for path, what in files:
+        print("  %-*s  %s" % (width, path, what))
+    if status.reasons:
+        print("Why: %s" % "; ".join(status.reasons))
+    if status.action == "kept" and args.days != proxy.SERVER_CERT_DEFAULT_DAYS:
+        print("Note: the certificate is still good, so --days changed nothing; add --renew to "
+              "issue one for %d days now." % args.days)
+    print("Names: %s" % ", ".join(status.dns_names + status.ip_addresses))
+    for warning in status.warnings:
+        print("Warning: %s" % warning)
+    print()
+    if not status.ca_created:
+        print("The CA (%s) is unchanged: devices that already trust it need nothing new."
+              % status.ca_file)
+        print("Devices that do not trust it yet:")
+        print()
+    print(proxy.trust_instructions(status.ca_file))
     return 0
 
 

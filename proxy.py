@@ -113,6 +113,8 @@ ENV_OVERRIDES = (
     ("KEY_FILE", "tls.key"),
     ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
     ("TARGET_API_KEY", "target.apiKey"),
+    # A comma list; in Docker the container cannot see the host's names and addresses.
+    ("TLS_HOSTS", "tls.hosts"),
 )
 
 # One access key from the environment (Docker users without a config file). It is added to
@@ -146,6 +148,9 @@ BODY_BUFFER_LIMIT = 1024 * 1024
 BODY_PEEK_LIMIT = 64 * 1024
 # One read from the backend returns at most this much; a small SSE event comes back at once.
 READ_CHUNK = 256 * 1024
+# A piece smaller than this is sent together with the pieces already received behind it (tiny
+# chunks that arrived together leave in one write), up to READ_CHUNK; nothing waits for more.
+COALESCE_BELOW = 16 * 1024
 # Internal routes never need a body; anything bigger is refused rather than read.
 INTERNAL_BODY_LIMIT = 64 * 1024
 # A request refused for its access key has its body read and dropped up to this size, so the
@@ -160,6 +165,11 @@ CORS_SAFELISTED_RESPONSE_HEADERS = (
     "cache-control", "content-language", "content-length", "content-type", "expires",
     "last-modified", "pragma",
 )
+
+# A backend's response head (every interim 1xx head and the final one together) may be at most
+# this big, and at most this many interim 1xx answers may come before the final one.
+MAX_RESPONSE_HEAD_BYTES = 256 * 1024
+MAX_INTERIM_RESPONSES = 20
 
 # Methods a backend may receive twice without harm (RFC 9110 §9.2.2): only these are re-sent
 # when a pooled connection dies before the reply.
@@ -257,6 +267,18 @@ def _check_string_list(value):
     return "a list of strings"
 
 
+def _check_host_list(value):
+    # Checked here, not only when a certificate is issued: a typo must stop the start before a
+    # CA is made, and name the key.
+    if _check_string_list(value) is not None:
+        return "a list of host names or IP addresses"
+    try:
+        normalize_hosts(value)
+    except ValueError as exc:
+        return "a list of host names or IP addresses (%s)" % exc
+    return None
+
+
 def _check_origins(value):
     if isinstance(value, str) or _check_string_list(value) is None:
         return None
@@ -292,7 +314,7 @@ CONFIG_CHECKS = {
     "target.apiKey": _check_header_token,
     "tls.cert": _check_nonempty_string,
     "tls.key": _check_nonempty_string,
-    "tls.hosts": _check_string_list,
+    "tls.hosts": _check_host_list,
     "tracking.enabled": _check_bool,
     "tracking.statsFile": _check_nonempty_string,
     "tracking.persistInterval": _check_positive_number,
@@ -495,6 +517,8 @@ def _unknown_key_warning(path: str, key: str, choices: List[str]) -> str:
 
 def _env_value(name: str, dotted: str, raw: str):
     """Convert an environment override to the type its config key takes."""
+    if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list):
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], int):
         try:
             return int(raw.strip())
@@ -619,6 +643,9 @@ CERT_RENEW_BEFORE_DAYS = 30
 # notBefore is set this far in the past: a phone whose clock is a few minutes behind the proxy
 # host would otherwise reject a certificate issued "in the future".
 CERT_BACKDATE = datetime.timedelta(hours=1)
+# Shown while the CA and the first certificate are made: two RSA-2048 keys in pure Python took
+# 1.7-3.1 s on a 2-core VM (longer on a Raspberry Pi).
+CA_PROGRESS_MESSAGE = "creating a local certificate authority (one time, ~2 s)..."
 
 # Object identifiers (dotted strings; encoded by _der_oid).
 _OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
@@ -1906,8 +1933,12 @@ class CertStatus(NamedTuple):
 
 def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str] = (),
                         days: int = SERVER_CERT_DEFAULT_DAYS,
-                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS) -> CertStatus:
+                        renew_before_days: int = CERT_RENEW_BEFORE_DAYS,
+                        progress=None) -> CertStatus:
     """Make sure a usable server certificate exists; return what was done.
+
+    ``progress(text)``, when given, is called before the slow step (a new CA: seconds of RSA key
+    generation in pure Python), so a user at a terminal sees why the start pauses.
 
     The CA lives beside ``cert_file`` (``ca.pem``, ``ca-key.pem``).
     * cert and key missing: create the CA if it is missing too (reuse it otherwise), then issue
@@ -1935,7 +1966,8 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
         raise CertificateError("invalid extra host: %s" % exc) from None
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
-                                    wanted[0], wanted[1], days, renew_before_days, extra)
+                                    wanted[0], wanted[1], days, renew_before_days, extra,
+                                    progress)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -1944,7 +1976,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                          wanted_ips: List[str], days: int, renew_before_days: int,
-                         extra_hosts: Sequence[str] = ()) -> CertStatus:
+                         extra_hosts: Sequence[str] = (), progress=None) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
@@ -1983,6 +2015,8 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
+            if progress is not None:
+                progress(CA_PROGRESS_MESSAGE)
             create_ca_files(ca_dir, extra_hosts)
             ca_created = True
         elif not all(have_ca):
@@ -2141,6 +2175,16 @@ USAGE_MAX_JSON_BODY = 4 << 20
 USAGE_MAX_LINE = 1 << 20
 # A compressed body stops being parsed once this much has been inflated (zip-bomb guard).
 USAGE_MAX_DECODED = 64 << 20
+# A token count at or above this is no count (no model reads 10^18 tokens): it counts as 0.
+USAGE_MAX_COUNT = 10 ** 18
+# The tap's work on one response is bounded: 4 KB of gzip can inflate to a million tiny JSON lines
+# (seconds of CPU, and every other request slowed with it). Each line split costs one unit, each
+# JSON parse 4 units plus one per 32 bytes; a response may spend USAGE_WORK_BASE units plus one
+# per USAGE_WORK_BYTES bytes received from the backend. Real streams use a tenth of that (a vLLM
+# chunk that carries usage every token: 13 units per 235 bytes). Past it the tap gives up and the
+# usage is "missing"; the client's bytes are not touched.
+USAGE_WORK_BASE = 50000
+USAGE_WORK_BYTES = 8
 
 _USAGE_HEAD_KEEP = 64 << 10
 _USAGE_TAIL_KEEP = 256 << 10
@@ -2414,12 +2458,16 @@ def inject_stream_usage(kind, body, info=None):
 
 def _usage_int(value):
     # type: (Any) -> int
-    """A token count from JSON: ints (not bools) and integral floats; anything else is 0."""
+    """A token count from JSON: ints (not bools) and integral floats below 10**18; else 0.
+
+    Ints are bounded like floats: a backend may report a 4,300-digit count, and such an int
+    cannot become a float (tokens/s) nor, summed, a string (Python 3.11+ caps int digits).
+    """
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return value if value > 0 else 0
-    if isinstance(value, float) and value == value and 0 < value < 1e18:
+        return value if 0 < value < USAGE_MAX_COUNT else 0
+    if isinstance(value, float) and value == value and 0 < value < USAGE_MAX_COUNT:
         return int(value)
     return 0
 
@@ -2510,7 +2558,8 @@ class _UsageSseReader(object):
     """
 
     __slots__ = ("on_event", "max_line", "raw", "partial", "skipping", "skip_lf", "data",
-                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out")
+                 "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out",
+                 "lines")
 
     def __init__(self, on_event, max_line, raw=False):
         self.on_event = on_event
@@ -2528,6 +2577,7 @@ class _UsageSseReader(object):
         self.ev_lines = []           # type: List[bytes]
         self.ev_len = 0
         self.out = []                # type: List[bytes]
+        self.lines = 0               # complete lines split so far (the tap's work bound)
 
     def feed(self, data):
         # type: (bytes) -> None
@@ -2557,6 +2607,7 @@ class _UsageSseReader(object):
             else:
                 seg = data
         lines = seg.splitlines(True)   # bytes.splitlines splits on \n, \r\n and \r only
+        self.lines += len(lines)
         last = lines[-1]
         if last[-1:] == b"\n":
             last = b""
@@ -2816,6 +2867,10 @@ class _UsageJsonBuffer(object):
         return self.size if self.head is None else len(self.head) + len(self.tail)
 
 
+class _UsageOverBudget(Exception):
+    """The tap has done all the parsing one response may cost (see USAGE_WORK_BASE)."""
+
+
 class UsageTap(object):
     """Incremental usage parser for one upstream response body.
 
@@ -2892,6 +2947,10 @@ class UsageTap(object):
         self._strip = False
         self._injected = False
         self._parsing = kind in USAGE_KINDS
+        self._wire = 0                # body bytes received from the backend
+        self._work = 0                # units spent (see USAGE_WORK_BASE)
+        self._lines_charged = 0       # SSE lines already counted in _work
+        self.gave_up = False          # the work bound was reached: usage is "missing"
         if not self._parsing:
             return
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
@@ -2924,6 +2983,7 @@ class UsageTap(object):
 
         Without stripping this is ``data`` itself (same object, no copy).
         """
+        self._wire += len(data)
         if self._strip:
             return self._feed_strip(data)
         if self._parsing and data:
@@ -2932,6 +2992,8 @@ class UsageTap(object):
                     self._inflate(data)
                 else:
                     self._route(data if isinstance(data, bytes) else bytes(data))
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:   # a parser bug must never break the proxied stream
                 log.debug("usage: parser error, usage for this response is lost", exc_info=True)
                 self._parsing = False
@@ -2969,6 +3031,9 @@ class UsageTap(object):
                     self._reader.feed(self._sniffed)
                 if self._reader is not None:
                     self._reader.finish()
+                    self._charge_lines()
+            except _UsageOverBudget:
+                self._give_up()
             except Exception:
                 log.debug("usage: parser error at end of body", exc_info=True)
         self._parsing = False
@@ -3008,6 +3073,7 @@ class UsageTap(object):
         # type: (bytes) -> None
         if self._reader is not None:
             self._reader.feed(data)
+            self._charge_lines()
             return
         # Unknown content type: look at the first non-blank bytes.
         pending = self._sniffed + data if self._sniffed else data
@@ -3027,6 +3093,36 @@ class UsageTap(object):
         else:
             self._start("json")
         self._reader.feed(pending)
+        self._charge_lines()
+
+    # -- the work bound ----------------------------------------------------------------------
+
+    def _charge(self, units):
+        # type: (int) -> None
+        """Count work; raise _UsageOverBudget once this response has used its share."""
+        self._work += units
+        if self._work > USAGE_WORK_BASE + self._wire // USAGE_WORK_BYTES:
+            raise _UsageOverBudget()
+
+    def _charge_lines(self):
+        # type: () -> None
+        lines = getattr(self._reader, "lines", 0)
+        if lines != self._lines_charged:
+            units, self._lines_charged = lines - self._lines_charged, lines
+            self._charge(units)
+
+    def _loads(self, payload):
+        # type: (Any) -> Any
+        """json.loads, paid for from the work bound."""
+        self._charge(4 + len(payload) // 32)
+        return json.loads(payload)
+
+    def _give_up(self):
+        # type: () -> None
+        log.debug("usage: %d units of parsing for %d bytes, giving up on this response",
+                  self._work, self._wire)
+        self.gave_up = True
+        self._parsing = False
 
     def _inflate(self, data):
         # type: (bytes) -> None
@@ -3072,9 +3168,13 @@ class UsageTap(object):
                 log.debug("usage: SSE event too long, injected usage no longer stripped")
                 self._strip = False
                 return reader.take_everything_raw()
+            self._charge_lines()
             return reader.take_output()
-        except Exception:
-            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, _UsageOverBudget):
+                self._give_up()
+            else:
+                log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
             self._strip = False
             self._parsing = False
             return reader.take_everything_raw()
@@ -3147,7 +3247,7 @@ class UsageTap(object):
             # JSON parse, only the byte edit _strip_event makes.
             return self._strip_event({"usage": None}, raw_lines)
         try:
-            obj = json.loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
+            obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
             if name == b"error":
                 self._note_error(payload)
@@ -3175,6 +3275,7 @@ class UsageTap(object):
 
     def _on_ndjson_line(self, line):
         # type: (bytes) -> None
+        self._charge(1)
         line = line.strip()
         if not line:
             return
@@ -3183,7 +3284,7 @@ class UsageTap(object):
             return   # an Ollama token line
         self._probes -= 1
         try:
-            obj = json.loads(line.decode("utf-8"))
+            obj = self._loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
             return
         if isinstance(obj, dict):
@@ -3195,11 +3296,12 @@ class UsageTap(object):
             if not body.strip():
                 return
             try:
-                obj = json.loads(body)
+                obj = json.loads(body)      # one parse, bounded by max_body: not charged
             except (ValueError, RecursionError):
                 obj = None
-                # Several JSON documents, one per line: read them as NDJSON.
-                for line in body.splitlines():
+                # Several JSON documents, one per line: read them as NDJSON (lazily: the work
+                # bound may end it long before the last of a million lines).
+                for line in io.BytesIO(body):
                     self._on_ndjson_line(line)
             if isinstance(obj, dict):
                 self._take(obj, None)
@@ -3223,7 +3325,7 @@ class UsageTap(object):
             if line[:1] != b"{":
                 continue
             try:
-                obj = json.loads(line)
+                obj = self._loads(line)
             except (ValueError, RecursionError):
                 continue
             if isinstance(obj, dict):
@@ -3344,7 +3446,9 @@ class UsageTap(object):
         if self.kind not in USAGE_KINDS:
             source = "none"
         else:
-            if self._anthropic is not None:
+            if self.gave_up:
+                counts = None       # what was seen so far may not be the whole answer's usage
+            elif self._anthropic is not None:
                 counts = _usage_anthropic_counts(self._anthropic)
             elif self._counts is not None:
                 counts = self._counts
@@ -3467,12 +3571,12 @@ def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
 
 def _stats_count(value):
     # type: (Any) -> int
-    """A token count from the tap: a non-negative int, anything else is 0."""
+    """A token count from the tap: a non-negative int below USAGE_MAX_COUNT, anything else is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
-    if isinstance(value, float) and not math.isfinite(value):
+    if not 0 < value < USAGE_MAX_COUNT:     # also NaN; a huge int would overflow float()
         return 0
-    return max(0, int(value))
+    return int(value)
 
 
 def _stats_ms(value):
@@ -4891,12 +4995,22 @@ class UpstreamPool:
                 return conn, True
             conn.close()
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        """Return a connection whose response was read to the end."""
-        with self._lock:
-            if conn.sock is not None and len(self._idle) < self.max_idle:
-                self._idle.append(conn)
-                return
+    def release(self, conn: http.client.HTTPConnection, response: "UpstreamResponse") -> None:
+        """Take a connection back after its response was read to the end.
+
+        It is kept for reuse only when the exchange ended cleanly at a known boundary (see
+        UpstreamResponse.reusable); otherwise it is closed, so that no byte of this exchange can
+        ever be read as the answer to the next client's request.
+        """
+        response.close()            # ends the response; notes any byte the backend sent past it
+        why_not = response.why_not_reusable()
+        if why_not is None:
+            with self._lock:
+                if conn.sock is not None and len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+        elif not response.will_close:
+            log.debug("backend connection closed instead of reused: %s", why_not)
         conn.close()
 
     def close_all(self) -> None:
@@ -4908,6 +5022,7 @@ class UpstreamPool:
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        conn.response_class = UpstreamResponse
         try:
             conn.connect()
         except socket.timeout:
@@ -4925,12 +5040,286 @@ class UpstreamPool:
 
 _OBS_FOLD = re.compile(r"[\r\n]+[ \t]*")
 
+# A backend's response is read by http.client, which is lenient where a proxy cannot be: it reads a
+# header line whose name holds a space as the end of the head, splits a value at a bare CR,
+# accepts "+5" as a Content-Length and " 0x5" as a chunk size, and takes an interim 103 for the
+# final answer. Each of those makes the proxy and the client (or the proxy and the backend) see
+# different messages in the same bytes, and on a pooled connection one user's answer then reaches
+# the next user. So every raw line of the head is checked here (RFC 9112 §4, §5; RFC 9110 §5.5),
+# and chunk framing strictly (RFC 9112 §7.1).
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_BACKEND_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r?\n\Z")
+_LINE_LIMIT = 65536          # http.client's own limit on one line (_MAXLINE)
 
-def _conflicting_content_length(response) -> bool:
-    """True when a response carries differing Content-Length values (RFC 9110 §8.6)."""
-    values = {v.strip() for item in response.msg.get_all("content-length") or ()
+
+class BadResponseHead(http.client.HTTPException):
+    """The backend's response head breaks HTTP/1.1 message syntax; the message says how."""
+
+
+class _HeadRecorder:
+    """Stands in for a response's file while http.client reads the head: keeps every raw line.
+
+    http.client reads a head with readline() only; the lines it parsed are then checked as
+    received, before any of it is believed.
+    """
+
+    __slots__ = ("raw", "lines", "size")
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.lines: List[bytes] = []
+        self.size = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.raw.readline(limit)
+        self.size += len(line)
+        if self.size > MAX_RESPONSE_HEAD_BYTES:
+            raise BadResponseHead("a response head larger than %d bytes" % MAX_RESPONSE_HEAD_BYTES)
+        self.lines.append(line)
+        return line
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def response_head_problem(lines: List[bytes]) -> Optional[str]:
+    """What is wrong with the raw lines of one or more response heads, or None when nothing is.
+
+    Each head is a status line, header lines and an empty line. Names must be tokens, values
+    may not hold NUL, CR, LF or other controls but HTAB (RFC 9110 §5.5), and a folded line
+    (obs-fold) must continue a field; lines may end in CRLF or a bare LF (http.client splits on LF).
+    """
+    at_status = True
+    first_field = False
+    for line in lines:
+        if at_status:
+            if not _STATUS_LINE.match(line):
+                return "a malformed status line"
+            at_status, first_field = False, True
+            continue
+        if line in (b"\r\n", b"\n"):
+            at_status = True
+            continue
+        if not line.endswith(b"\n"):
+            return "a response head cut short"
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if text[:1] in (b" ", b"\t"):
+            if first_field or not text.strip(b" \t"):
+                return "a malformed folded header line"
+            value = text
+        else:
+            name, colon, value = text.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                return "a malformed header line"
+        if _BAD_FIELD_VALUE.search(value):
+            return "a control character in a header value"
+        first_field = False
+    if not at_status:
+        return "a response head cut short"
+    return None
+
+
+def _bytes_waiting(fp, sock) -> bool:
+    """True when a response's buffer or socket holds bytes now, without waiting for any.
+
+    The socket is made non-blocking for one read, so peek() can only return what is there.
+    An error means the connection cannot be trusted either: True.
+    """
+    try:
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return bool(fp.peek(1))
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, made strict where leniency would let two exchanges mix.
+
+    - Interim answers (1xx but 101) are read past and dropped, up to the final status. They
+      are not forwarded: the clients of an LLM API have no use for them (browsers act on 103
+      Early Hints only over HTTP/2), and Python's http.client -- under urllib and requests --
+      would take a 103 for the final answer. A 101 is returned as it is: the caller decides.
+    - Every raw line of the head is checked (response_head_problem): BadResponseHead if bad.
+    - Chunk-size lines must be hex digits, and chunk data must end in CRLF.
+    - Bytes found waiting when the response ends (`overran`) mean the backend and we disagree
+      about where it ended: the connection is then not reused (see reusable()).
+    """
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self._upstream_sock = sock
+        self._poller = None
+        self.overran = False
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        recorder = _HeadRecorder(self.fp)
+        self.fp = recorder
+        try:
+            super().begin()
+        finally:
+            if self.fp is recorder:
+                self.fp = recorder.raw
+        problem = response_head_problem(recorder.lines)
+        if problem:
+            raise BadResponseHead(problem)
+
+    def _read_status(self):
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            self._skip_interim_fields()
+            log.debug("dropped an interim %d answer from the backend", status)
+        raise BadResponseHead("more than %d interim (1xx) answers" % MAX_INTERIM_RESPONSES)
+
+    def _skip_interim_fields(self) -> None:
+        while True:
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise BadResponseHead("an interim (1xx) answer cut short")
+
+    def _get_chunk_left(self):
+        # http.client's own version, except that the CRLF after chunk data is checked instead of
+        # skipped, and the size line is parsed strictly: int(line, 16) takes " +0x5_0".
+        chunk_left = self.chunk_left
+        if not chunk_left:
+            if chunk_left is not None and self._safe_read(2) != b"\r\n":
+                raise http.client.IncompleteRead(b"")
+            line = self.fp.readline(_LINE_LIMIT + 1)
+            match = _BACKEND_CHUNK_SIZE.match(line)
+            if not match:
+                self._close_conn()
+                raise http.client.IncompleteRead(b"")
+            chunk_left = int(match.group(1), 16)
+            if chunk_left == 0:
+                self._read_and_discard_trailer()
+                self._close_conn()
+                chunk_left = None
+            self.chunk_left = chunk_left
+        return chunk_left
+
+    def _close_conn(self):
+        fp = self.fp
+        if fp is not None and not self.will_close and not self.overran:
+            self.overran = _bytes_waiting(fp, self._upstream_sock)
+        super()._close_conn()
+
+    def read_ready(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the body that have already arrived; b"" if none. Never waits.
+
+        http.client's read1() returns one chunk per call, and a stream of tiny chunks then costs a
+        call (and a write) per byte. Here the chunks already in the read buffer are decoded in
+        one go. The socket is polled first, so peek() reads only what is there; the buffer's
+        content is decoded only as far as it holds whole size lines (the last chunk is left to
+        read1(), which also reads the trailer).
+        """
+        fp = self.fp
+        if fp is None or limit <= 0 or not self._socket_readable():
+            return b""
+        try:
+            ahead = fp.peek(1)
+        except (OSError, ValueError):
+            return b""                       # the next read1() reports it
+        if not ahead:
+            return b""
+        if not self.chunked:
+            return self.read1(min(limit, len(ahead)))
+        return self._dechunk_buffered(ahead, limit)
+
+    def _socket_readable(self) -> bool:
+        # One poll object per response: making one per check costs more than the check.
+        poller = self._poller
+        if poller is None:
+            if not hasattr(select, "poll"):
+                return bool(_readable([self._upstream_sock], 0))
+            poller = self._poller = select.poll()
+            poller.register(self._upstream_sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _dechunk_buffered(self, ahead: bytes, limit: int) -> bytes:
+        out = []
+        size = pos = 0
+        left = self.chunk_left               # None: a size line is next; 0: CRLF, then one
+        while size < limit:
+            if left:
+                take = min(left, len(ahead) - pos, limit - size)
+                if take <= 0:
+                    break
+                out.append(ahead[pos:pos + take])
+                pos, left, size = pos + take, left - take, size + take
+                continue
+            line = pos + 2 if left == 0 else pos
+            if left == 0 and ahead[pos:line] != b"\r\n":
+                break
+            end = ahead.find(b"\n", line) + 1
+            if not end or end >= len(ahead):
+                break                        # the size line or the data is not all here yet
+            match = _BACKEND_CHUNK_SIZE.match(ahead, line, end)
+            following = int(match.group(1), 16) if match else 0
+            if not following:
+                break                        # malformed, or the last chunk: read1() reports it
+            left, pos = following, end
+        if pos:
+            self.fp.read(pos)                # all in the buffer: no wait
+            self.chunk_left = left
+        return b"".join(out)
+
+    def announced_body_unread(self) -> bool:
+        """True for an answer without a body (HEAD, 204, 304) whose head announced one.
+
+        A buggy backend may still send that body, perhaps only once the next request arrives:
+        no check for waiting bytes can see it coming, so such a connection is not reused.
+        """
+        if not (self._method == "HEAD" or self.status in (204, 304)):
+            return False
+        return bool(self.chunked) or any(v.strip(" \t") not in ("", "0") for v in
+                                         self.msg.get_all("content-length") or ())
+
+    def why_not_reusable(self) -> Optional[str]:
+        """Why the connection of this (ended) response must not carry another exchange, or None."""
+        if self.will_close:
+            return "the backend closes it"
+        if self.overran:
+            return "the backend sent bytes past the end of its response"
+        if self.announced_body_unread():
+            return "a body the head announced may still follow"
+        if self.chunked and self.msg.get("content-length") is not None:
+            return "Content-Length beside Transfer-Encoding (RFC 9112 §6.1)"
+        return None
+
+    def reusable(self) -> bool:
+        """Whether the exchange ended cleanly at a known boundary, so the connection may be reused."""
+        return self.why_not_reusable() is None
+
+
+def framing_problem(response) -> Optional[str]:
+    """What makes the end of a response's body unknowable, or None (RFC 9112 §6.3).
+
+    Content-Length must be digits (int() also takes "+5", "0_5" and Unicode digits), every
+    value the same (RFC 9110 §8.6); Transfer-Encoding must be exactly chunked, as http.client
+    read it. On any of these a proxy MUST answer 502 and close the connection to the server.
+    """
+    values = {v.strip(" \t") for item in response.msg.get_all("content-length") or ()
               for v in item.split(",")}
-    return len(values) > 1
+    if any(not (v.isascii() and v.isdigit()) or len(v) > 18 for v in values):
+        return "sent a Content-Length that is not a number"
+    if len(values) > 1:
+        return "sent conflicting Content-Length headers"
+    codings = response.msg.get_all("transfer-encoding")
+    if codings:
+        tokens = [t.strip(" \t").lower() for v in codings for t in v.split(",")]
+        if tokens != ["chunked"] or not response.chunked:
+            return "sent a Transfer-Encoding other than chunked"
+    return None
 
 
 def _readable(socks, timeout: float) -> list:
@@ -5674,7 +6063,9 @@ class Exchange:
             lower = name.lower()
             if lower == "x-forwarded-for":
                 forwarded_for.append(value)
-            elif lower not in dropped:
+            elif lower not in dropped and "_" not in name:
+                # Names with "_" are dropped, as nginx does by default: WSGI/CGI backends read
+                # X_Forwarded_For or Content_Length as the dashed header, which we checked or set.
                 headers.append((name, value))
         forwarded_for.append(self.handler.client_ip)
         headers.append(("X-Forwarded-For", ", ".join(forwarded_for)))
@@ -5725,12 +6116,13 @@ class Exchange:
                 sent = True
                 self.wait_for_answer(conn)
                 response = conn.getresponse()
-                if not response.chunked and _conflicting_content_length(response):
-                    # RFC 9110 §8.6: the end of this response is unknowable; a proxy MUST
+                problem = framing_problem(response) or self.unasked_switch(response)
+                if problem:
+                    # RFC 9112 §6.3: the end of this response is unknowable; a proxy MUST
                     # answer 502 and close the connection to the server.
                     conn.close()
-                    raise UpstreamError(502, "The backend at %s sent conflicting Content-Length "
-                                             "headers" % pool.url)
+                    response.close()
+                    raise UpstreamError(502, "The backend at %s %s" % (pool.url, problem))
                 return conn, response
             except (ClientGone, RequestError):
                 conn.close()
@@ -5752,12 +6144,24 @@ class Exchange:
             except http.client.HTTPException as exc:
                 conn.close()
                 raise UpstreamError(502, "The backend at %s sent an invalid HTTP response (%s)"
-                                    % (pool.url, type(exc).__name__)) from None
+                                    % (pool.url, exc if isinstance(exc, BadResponseHead)
+                                       else type(exc).__name__)) from None
             except OSError as exc:
                 conn.close()
                 raise UpstreamError(502, "Error talking to the backend at %s: %s"
                                     % (pool.url, _describe_os_error(exc))) from None
         raise AssertionError("unreachable")
+
+    def unasked_switch(self, response) -> Optional[str]:
+        """Why a 101 Switching Protocols answer is refused; None for any other status.
+
+        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
+        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
+        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        """
+        if response.status != 101:
+            return None
+        return "switched protocols (101) although the request asked for no upgrade"
 
     def wait_for_answer(self, conn) -> None:
         """Wait for the backend's first byte, and give up at once if the client leaves meanwhile.
@@ -5858,15 +6262,13 @@ class Exchange:
             head = b""
         if not self.has_body(response):
             self.ttfb = time.monotonic() - self.started
-            response.close()
-            self.server.upstream.release(conn)
+            self.server.upstream.release(conn, response)
             return
         tap = self.tap
-        read1 = response.read1
         complete = False
         while True:
             try:
-                data = read1(READ_CHUNK)
+                data = self.read_available(response)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -5916,11 +6318,26 @@ class Exchange:
         except OSError:
             self.client_broke(conn)
             return
-        response.close()
-        if response.will_close:
-            conn.close()
-        else:
-            self.server.upstream.release(conn)
+        self.server.upstream.release(conn, response)
+
+    def read_available(self, response) -> bytes:
+        """The next piece of the body, joined with every piece already received behind it.
+
+        Waits only for the first piece, so no SSE event is held back; a burst of tiny chunks
+        (2 million 1-byte chunks took 41 s, one TLS write each) leaves in few writes.
+        """
+        data = response.read1(READ_CHUNK)
+        if not data or len(data) >= COALESCE_BELOW:
+            return data
+        pieces = [data]
+        size = len(data)
+        while size < READ_CHUNK:
+            more = response.read_ready(READ_CHUNK - size)
+            if not more:
+                break
+            pieces.append(more)
+            size += len(more)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def open_tunnel(self, conn, response) -> None:
         """Relay the backend's 101 to a WebSocket handshake, then copy bytes both ways until done.
@@ -7074,8 +7491,16 @@ def daemonize() -> int:
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
-        message = os.read(read_end, 256).decode("utf-8", "replace")
-        print(message or "error: the daemon exited during start-up (see the log file)")
+        pieces = []
+        while True:                 # until the daemon closes its end (or dies)
+            piece = os.read(read_end, 65536)
+            if not piece:
+                break
+            pieces.append(piece)
+        message = b"".join(pieces).decode("utf-8", "replace")
+        # flush: os._exit() skips it, and stdout to a pipe or file (cron) is block-buffered.
+        print(message or "error: the daemon exited during start-up (see the log file)",
+              flush=True)
         os._exit(0 if message.startswith("started") else 1)
     os.close(read_end)
     os.setsid()
@@ -7181,13 +7606,133 @@ def serve(server: "ProxyServer", ready=None) -> int:
 # Command line
 # ==================================================================================================
 
+# --------------------------------------------------------------------------- what clients paste
+
+class ClientFamily(NamedTuple):
+    """One kind of client and the base URL it needs. The banner, the set-up page, --help and
+    README (checked by a test) all read CLIENT_FAMILIES, so the URLs are stated once."""
+    key: str            # id on the set-up page
+    label: str          # who uses it
+    suffix: str         # appended to https://<proxy>:<port>
+    why: str            # why this URL and not another
+    python: str         # copy-paste snippet: {base} is the base URL, {ca} the CA file
+    javascript: str     # the same for Node.js
+
+
+CLIENT_FAMILIES = (
+    ClientFamily(
+        "openai", "OpenAI SDKs and OpenAI-compatible apps", "/v1",
+        "the SDK appends /chat/completions, /models, ... to it",
+        'import ssl, openai\n'
+        '\n'
+        '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
+        'client = openai.OpenAI(\n'
+        '    base_url="{base}",\n'
+        '    api_key="unused",  # or your access key, if the proxy has them\n'
+        '    http_client=openai.DefaultHttpxClient(\n'
+        '        verify=ssl.create_default_context(cafile="{ca}")))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import OpenAI from "openai";\n'
+        '\n'
+        'const client = new OpenAI({\n'
+        '  baseURL: "{base}",\n'
+        '  apiKey: "unused", // or your access key, if the proxy has them\n'
+        '});\n'),
+    ClientFamily(
+        "anthropic", "Anthropic SDKs", "",
+        "the SDK appends /v1/messages itself",
+        'import ssl, anthropic\n'
+        '\n'
+        '# or leave http_client out and run with SSL_CERT_FILE={ca}\n'
+        'client = anthropic.Anthropic(\n'
+        '    base_url="{base}",\n'
+        '    api_key="unused",  # or your access key, if the proxy has them\n'
+        '    http_client=anthropic.DefaultHttpxClient(\n'
+        '        verify=ssl.create_default_context(cafile="{ca}")))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import Anthropic from "@anthropic-ai/sdk";\n'
+        '\n'
+        'const client = new Anthropic({\n'
+        '  baseURL: "{base}",\n'
+        '  apiKey: "unused", // or your access key, if the proxy has them\n'
+        '});\n'),
+    ClientFamily(
+        "ollama", "Ollama clients (native /api)", "",
+        "the client appends /api/chat, /api/tags, ... itself",
+        'import ssl, ollama\n'
+        '\n'
+        'client = ollama.Client(\n'
+        '    host="{base}",\n'
+        '    verify=ssl.create_default_context(cafile="{ca}"))\n',
+        '// run with: NODE_EXTRA_CA_CERTS={ca} node app.mjs\n'
+        'import { Ollama } from "ollama";\n'
+        '\n'
+        'const client = new Ollama({ host: "{base}" });\n'),
+)
+
+# The file name the set-up page saves the CA under; snippets meant for another machine use it.
+CA_DOWNLOAD_NAME = "llm-proxy-ca.pem"
+
+# The proxy's own endpoints, for --help (a test checks this covers INTERNAL_ROUTES).
+PROXY_ENDPOINTS = (
+    ("/_proxy/", "set-up page for a new device: base URLs, CA download, trust steps"),
+    ("/_proxy/dashboard", "usage dashboard"),
+    ("/_proxy/stats", "usage as JSON"),
+    ("/_proxy/reset", "POST: zero the usage figures"),
+    ("/_proxy/metrics", "Prometheus metrics"),
+    ("/_proxy/health", "proxy and backend status as JSON"),
+    ("/_proxy/ca.pem", "the local CA certificate (/_proxy/ca.crt: DER, for phones)"),
+)
+
+
+def client_snippet(family: ClientFamily, language: str, origin: str,
+                   ca_file: str = CA_DOWNLOAD_NAME) -> str:
+    """The family's Python or JavaScript snippet for a proxy at `origin` (https://host:port)."""
+    template = family.python if language == "python" else family.javascript
+    return template.replace("{base}", origin + family.suffix).replace("{ca}", ca_file)
+
+
+def _help_epilog() -> str:
+    width = max(len(name) for name, _ in ENV_OVERRIDES + ((ACCESS_KEY_ENV, ""),))
+    lines = ["environment variables (override the config file):"]
+    lines += ["  %-*s  %s%s" % (width, name, dotted, " (comma-separated)"
+                                if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list) else "")
+              for name, dotted in ENV_OVERRIDES]
+    lines.append("  %-*s  adds one access key named '%s'" % (width, ACCESS_KEY_ENV,
+                                                            ACCESS_KEY_ENV_NAME))
+    lines += ["", "base URLs to give clients:"]
+    width = max(len(f.label) for f in CLIENT_FAMILIES)
+    lines += ["  %-*s  https://<this-machine>:8443%s" % (width, f.label, f.suffix)
+              for f in CLIENT_FAMILIES]
+    lines += ["", "endpoints of the proxy itself (every other path goes to the backend):"]
+    width = max(len(path) for path, _ in PROXY_ENDPOINTS)
+    lines += ["  %-*s  %s" % (width, path, what) for path, what in PROXY_ENDPOINTS]
+    lines += [
+        "",
+        "examples:",
+        "  python3 proxy.py",
+        "      HTTPS on port 8443 for http://127.0.0.1:11434 (Ollama); certificates are made",
+        "      at first start in ./certs",
+        "  TARGET_HOST=192.168.1.42 TARGET_PORT=8080 python3 proxy.py",
+        "      another backend",
+        "  python3 /opt/llm-proxy/proxy.py --dir /opt/llm-proxy --daemon",
+        "      cron: start in the background unless running; state files in /opt/llm-proxy",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of proxy.py."""
     parser = argparse.ArgumentParser(
         prog="proxy.py",
-        description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.")
+        description="HTTPS proxy in front of a plain-HTTP LLM backend, with token tracking.",
+        epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: ./config.json if present, else built-in defaults)")
+    parser.add_argument("--dir", metavar="DIR",
+                        help="folder for config.json (optional), certs/, stats.json and, with "
+                             "--daemon, llm-proxy.pid and llm-proxy.log (default: the current "
+                             "folder); for cron, which starts in $HOME")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="how much to log (default: info, one line per request)")
@@ -7199,9 +7744,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--daemon", action="store_true",
                         help="detach and run in the background (POSIX); safe to repeat from cron")
     parser.add_argument("--stop", action="store_true",
-                        help="stop the daemon named by --pidfile and wait for it to exit")
+                        help="stop the daemon started with the same --dir, --config or "
+                             "--pidfile, and wait for it to exit")
     parser.add_argument("--pidfile", metavar="PATH",
-                        help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the config)")
+                        help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the "
+                             "config, else in --dir or the current folder)")
     parser.add_argument("--healthcheck", action="store_true",
                         help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
                              "used by the Docker HEALTHCHECK")
@@ -7328,7 +7875,8 @@ def add_key(args) -> int:
     print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
           % (secret, base))
     print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
-          "kill -HUP $(cat %s)" % _default_beside_config(config, "llm-proxy.pid"))
+          "kill -HUP $(cat %s)" % (os.path.abspath(args.pidfile) if args.pidfile
+                                   else _default_pidfile(args)))
     return 0
 
 
@@ -7412,10 +7960,6 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     log.propagate = False
 
 
-def _default_beside_config(config: Config, name: str) -> str:
-    return os.path.join(os.path.dirname(config.source) if config.source else os.getcwd(), name)
-
-
 def check_setup(config: Config) -> int:
     """--check: report on the config and certificates without serving. Returns 0 or 2."""
     print("config: %s" % (config.source or "built-in defaults (no config file)"))
@@ -7463,34 +8007,122 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
+def public_host(config: Config, cert_status: "CertStatus") -> str:
+    """The address other devices should use for this proxy, as written in a URL.
+
+    The bound address when the proxy listens on one; else the first tls.hosts entry (in Docker
+    the container's own addresses are useless to other devices: TLS_HOSTS names the host's);
+    else the first LAN address of this machine (IPv4 first); "localhost" when there is none.
+    """
+    bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
+    # A wildcard name is no address to open ("*.lan" covers hosts, it is not one).
+    candidates = [bound] if bound else [h.strip("[]") for h in config.tls_hosts if "*" not in h]
+    if not candidates:
+        current = discover_hosts()
+        lan = [host for host in current if _is_lan_address(host)]
+        lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
+        candidates = lan or [ip for ip in cert_status.ip_addresses if _is_lan_address(ip)]
+    host = candidates[0] if candidates else "localhost"
+    return "[%s]" % host if ":" in host else host
+
+
+def _is_lan_address(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
+    """The start-up banner: what to paste into each kind of client and where a new device
+    gets the CA. Plain text meant for a person (no log prefix); no I/O here."""
+    origin = "https://%s:%d" % (public_host(config, cert_status), port)
+    width = max(len(family.label) for family in CLIENT_FAMILIES)
+    lines = ["llm-proxy %s: %s -> %s" % (VERSION, origin, config.target_url), "",
+             "Base URL to paste into your client:"]
+    lines += ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
+              for family in CLIENT_FAMILIES]
+    lines += ["",
+              "Each new device: open %s/_proxy/ on it (CA download, trust steps, code)." % origin]
+    if cert_status.ca_file:
+        lines.append("CA certificate: %s/_proxy/ca.pem%s" % (
+            origin, "  (NEW: trust it on every device)" if cert_status.ca_created else ""))
+        lines.append("  on this machine: %s" % cert_status.ca_file)
+    lines.append("Dashboard: %s/_proxy/dashboard" % origin)
+    if config.access_keys:
+        lines.append("Access keys required (%s): a client sends its key as the SDK's API key."
+                     % ", ".join(key.name for key in config.access_keys))
+    return "\n".join(lines)
+
+
 def print_banner(config: Config, cert_status: "CertStatus", port: int) -> None:
-    """Tell the user where to point their app, and which CA their devices must trust."""
+    """Log one line for the record, then print the banner as plain text on stdout."""
     log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
              config.bind or "*", port, config.target_url)
-    if config.access_keys:
-        log.info("  access keys required: %s", ", ".join(k.name for k in config.access_keys))
-    for line in cert_status.describe().splitlines():
-        log.info("  %s", line)
-    # Bound to one address, the proxy answers there only: the certificate's other names would
-    # send the user to a closed port.
-    bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else None
-    addresses = [bound] if bound else \
-        [ip for ip in cert_status.ip_addresses if not ipaddress.ip_address(ip).is_loopback]
-    for host in addresses or ["localhost"]:
-        host = "[%s]" % host if ":" in host else host
-        log.info("  endpoint for your apps: https://%s:%d/v1", host, port)
-    local = "[%s]" % bound if bound and ":" in bound else bound or "localhost"
-    log.info("  dashboard: https://%s:%d/_proxy/dashboard  device set-up: "
-             "https://%s:%d/_proxy/", local, port, local, port)
-    if cert_status.ca_created:
-        for line in trust_instructions(cert_status.ca_file).splitlines():
-            log.info("  %s", line)
+    print("\n" + banner_text(config, cert_status, port) + "\n", flush=True)
+
+
+def _state_dir(args) -> str:
+    """The folder that stands in for the current one: --dir, else the current folder."""
+    return os.path.abspath(args.dir) if args.dir else os.getcwd()
+
+
+def _default_pidfile(args) -> str:
+    """Where --daemon and --stop put and look for the pidfile when --pidfile is not given:
+    beside the config file (--config, or config.json in the state folder), else in it."""
+    if args.config:
+        return os.path.join(os.path.dirname(os.path.abspath(args.config)), "llm-proxy.pid")
+    return os.path.join(_state_dir(args), "llm-proxy.pid")
+
+
+def _daemon_log_file(args) -> str:
+    if args.log_file:
+        return os.path.abspath(args.log_file)
+    return os.path.join(os.path.dirname(_default_pidfile(args)), "llm-proxy.log")
+
+
+def _stop_candidates(args) -> List[str]:
+    """Pidfiles --stop tries. With --pidfile, --config or --dir: exactly that one. Without:
+    the current folder's, then the one beside proxy.py (the one-file install in /opt/llm-proxy
+    started by cron with --dir there), so --stop run from $HOME still finds the daemon."""
+    if args.pidfile:
+        return [os.path.abspath(args.pidfile)]
+    first = _default_pidfile(args)
+    if args.config or args.dir or os.path.isfile("config.json"):
+        return [first]
+    beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm-proxy.pid")
+    return [first] if beside_script == first else [first, beside_script]
+
+
+def _report_start_error(message: str, log_file: Optional[str] = None) -> None:
+    """Print a start-up error on stderr. A --daemon start also appends it to its log file:
+    under cron stderr goes to a mail agent that a Raspberry Pi does not have."""
+    print("error: %s" % message, file=sys.stderr)
+    if log_file:
+        try:
+            with open(log_file, "a", encoding="utf-8") as handle:
+                now = datetime.datetime.now()       # the log's own format: asctime, level
+                handle.write("%s,%03d ERROR %s\n" % (now.strftime("%Y-%m-%d %H:%M:%S"),
+                                                     now.microsecond // 1000, message))
+        except OSError:
+            pass        # the error is on stderr; an unwritable log is its own start-up error
 
 
 def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging("warning" if args.quiet else args.log_level)
+    error_log = _daemon_log_file(args) if args.daemon else None
+    if args.dir:
+        if not os.path.isdir(args.dir):
+            _report_start_error("--dir %s: no such folder" % args.dir)
+            return 2
+        # Paths given on the command line keep meaning what they meant where we were started.
+        for name in ("dir", "config", "pidfile", "log_file"):
+            if getattr(args, name):
+                setattr(args, name, os.path.abspath(getattr(args, name)))
+        error_log = _daemon_log_file(args) if args.daemon else None
+        os.chdir(args.dir)
     if args.add_key is not None:
         return add_key(args)
     if args.daily_tokens is not None or args.requests_per_minute is not None:
@@ -7499,25 +8131,20 @@ def main(argv=None) -> int:
         return 2
     if args.remove_key is not None:
         return remove_key(args)
+    if args.stop:
+        return _stop(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
+        _report_start_error(str(exc), error_log)
         return 2
-    pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else \
-        _default_beside_config(config, "llm-proxy.pid")
-    if args.stop:
-        return stop_daemon(pidfile_path)
+    pidfile_path = os.path.abspath(args.pidfile) if args.pidfile else _default_pidfile(args)
     if args.check:
         return check_setup(config)
     if args.list_keys:
         return list_keys(config)
     if args.healthcheck:
         return healthcheck(config)
-    for warning in config.warnings:
-        log.warning(warning)
-    if config.source is None:
-        log.info("no config file given and no ./config.json: running on built-in defaults")
     pidfile = None
     if args.daemon:
         if not hasattr(os, "fork"):
@@ -7528,8 +8155,8 @@ def main(argv=None) -> int:
         try:
             owner = pidfile.acquire()
         except OSError as exc:
-            print("error: cannot create pidfile %s: %s" % (pidfile_path, exc.strerror or exc),
-                  file=sys.stderr)
+            _report_start_error("cannot create pidfile %s: %s" % (
+                pidfile_path, exc.strerror or exc), error_log)
             return 1
         if owner is not None:
             print("already running (pid %d)" % owner)
@@ -7543,12 +8170,23 @@ def main(argv=None) -> int:
             pidfile.release()
 
 
+def _stop(args) -> int:
+    """--stop: find the pidfile the start used; say where we looked when there is none."""
+    candidates = _stop_candidates(args)
+    found = [path for path in candidates if os.path.exists(path)]
+    if found or len(candidates) == 1:
+        return stop_daemon(found[0] if found else candidates[0])
+    print("not running? no pidfile at %s; give --stop the --dir, --config or --pidfile "
+          "the start used" % " or ".join(candidates), file=sys.stderr)
+    return 1
+
+
 def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
-    """Open the log file, make sure of the certificates, listen, detach if asked, serve."""
+    """Open the log file, listen, make sure of the certificates, detach if asked, serve."""
     log_file = None
+    error_log = _daemon_log_file(args) if args.daemon else None
     if args.daemon or args.log_file:
-        log_file = os.path.abspath(args.log_file) if args.log_file else \
-            _default_beside_config(config, "llm-proxy.log")
+        log_file = _daemon_log_file(args)
         try:
             # Opened before detaching: a path we cannot write is reported here, on stderr,
             # instead of killing the daemon after stderr went to /dev/null.
@@ -7557,32 +8195,63 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
             print("error: cannot write log file %s: %s" % (log_file, exc.strerror or exc),
                   file=sys.stderr)
             return 1
+    # Only for a real start (a cron no-op every five minutes says "already running", nothing
+    # else), and after the log file is open, so a daemon's log has them too.
+    for warning in config.warnings:
+        log.warning(warning)
+    if config.source is None:
+        log.info("no config file given and no %s: running on built-in defaults",
+                 os.path.abspath("config.json"))
     try:
-        cert_status = ensure_certificates(config.cert_file, config.key_file,
-                                          extra_hosts=config.tls_hosts)
+        # Listen first, with a context that has no certificate yet (nothing is served before
+        # serve()): a port in use must not leave a freshly made CA behind that nobody uses.
         config = fit_connections_to_fd_limit(config)
-        server = build_server(config)
-    except ProxyError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+        server = build_server(config, ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            print("error: port %d is already in use by another program (set proxy.port or "
-                  "PROXY_PORT)" % config.port, file=sys.stderr)
+            _report_start_error("port %d is already in use by another program (set proxy.port "
+                                "or PROXY_PORT)" % config.port, error_log)
         else:
-            print("error: cannot listen on port %d: %s" % (config.port, exc.strerror or exc),
-                  file=sys.stderr)
+            _report_start_error("cannot listen on port %d: %s" % (
+                config.port, exc.strerror or exc), error_log)
         return 1
+    quiet = args.quiet or args.log_level in ("warning", "error")
+    try:
+        cert_status = ensure_certificates(
+            config.cert_file, config.key_file, extra_hosts=config.tls_hosts,
+            progress=None if quiet else lambda text: print(text, file=sys.stderr, flush=True))
+        server.reload_tls()
+    except ProxyError as exc:
+        server.server_close()
+        _report_start_error(str(exc), error_log)
+        return 2
+    if cert_status.action in ("kept", "external"):     # the others were logged as they happened
+        log.info(cert_status.describe().splitlines()[0])
+    for warning in cert_status.warnings:
+        log.warning(warning)
     server.stats.load()
     ready = None
     if args.daemon:
         report = daemonize()
         pidfile.write(os.getpid())
+        banner = banner_text(config, cert_status, server.server_address[1])
 
         def ready():
-            os.write(report, ("started (pid %d), logging to %s" % (os.getpid(), log_file)).encode())
+            # The banner goes to whoever started us (the first --daemon is usually run by hand:
+            # it says where the CA is and which URL to open) and into the log file.
+            message = "started (pid %d), logging to %s\n\n%s\n" % (os.getpid(), log_file, banner)
+            os.write(report, message.encode("utf-8"))
             os.close(report)
-    print_banner(config, cert_status, server.server_address[1])
+        log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
+                 config.bind or "*", server.server_address[1], config.target_url)
+        for line in banner.splitlines():
+            if line:
+                log.info("  %s", line)
+    elif not args.quiet:
+        print_banner(config, cert_status, server.server_address[1])
+    else:
+        log.info("llm-proxy %s listening on https://%s:%d, forwarding to %s", VERSION,
+                 config.bind or "*", server.server_address[1], config.target_url)
     return serve(server, ready)
 
 
@@ -8728,6 +9397,9 @@ details.os li { margin-bottom: 6px; }
 details.os .note { color: var(--muted); font-size: 13px; margin: 6px 0 0; }
 pre { margin: 6px 0; padding: 8px 10px; background: var(--code-bg); border: 1px solid var(--border); border-radius: 7px; overflow-x: auto; }
 pre code { font-size: 12.5px; }
+.field .why { color: var(--muted); font-size: 12.5px; margin: 3px 0 0; }
+details.code { margin-top: 4px; font-size: 13px; }
+details.code summary { cursor: pointer; color: var(--accent); }
 .path { font-weight: 600; }
 footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 @media (max-width: 560px) {
@@ -8773,14 +9445,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
   <section class="panel" aria-labelledby="h-endpoint">
     <div class="panel-head"><h2 id="h-endpoint"><span class="step">1</span>Point your LLM client here</h2></div>
     <div class="panel-body">
-      <div class="field">
-        <div class="lbl">OpenAI / Anthropic-compatible endpoint</div>
-        <div class="copyrow"><code class="val big" id="ep-v1"></code><button type="button" class="btn primary" data-copy="ep-v1">Copy</button></div>
-      </div>
-      <div class="field">
-        <div class="lbl">Ollama-native base URL</div>
-        <div class="copyrow"><code class="val" id="ep-base"></code><button type="button" class="btn" data-copy="ep-base">Copy</button></div>
-      </div>
+<!--CLIENT_FAMILIES-->
       <p>In Agile-V Studio: <span class="path">Settings &gt; LLM Configuration</span>, choose <span class="path">Custom Local LLM</span> and paste the endpoint ending in <code>/v1</code>. The proxy forwards every path unchanged to the backend.</p>
       <div class="field">
         <div class="lbl">Test from a terminal (after downloading the CA below)</div>
@@ -8903,8 +9568,11 @@ sudo update-ca-certificates</code></pre>
   // ---- endpoint (computed from where this page was loaded) ---------------------
   var host = location.host;
   var base = "https://" + host;
-  byId("ep-v1").textContent = base + "/v1";
-  byId("ep-base").textContent = base;
+  // Base URLs and code snippets come from CLIENT_FAMILIES in proxy.py, with {origin} for us.
+  var templated = document.querySelectorAll("[data-template]");
+  for (var t = 0; t < templated.length; t++) {
+    templated[t].textContent = templated[t].getAttribute("data-template").split("{origin}").join(base);
+  }
   byId("ep-curl").textContent = "curl --cacert llm-proxy-ca.pem " + base + "/v1/models";
 
   function fallbackCopy(text) {
@@ -9083,6 +9751,42 @@ sudo update-ca-certificates</code></pre>
 </body>
 </html>
 """
+
+
+
+def _setup_page_clients() -> str:
+    """The set-up page's base URL fields and snippets, one per CLIENT_FAMILIES row. The page's
+    script puts its own origin where {origin} stands (the host the device reached us by)."""
+    out = []
+    for number, family in enumerate(CLIENT_FAMILIES):
+        big, primary = (" big", " primary") if number == 0 else ("", "")
+        field_id = "ep-" + family.key
+        out.append(
+            '      <div class="field">\n'
+            '        <div class="lbl">%s</div>\n'
+            '        <div class="copyrow"><code class="val%s" id="%s" data-template="%s">%s</code>'
+            '<button type="button" class="btn%s" data-copy="%s">Copy</button></div>\n'
+            '        <p class="why">%s</p>\n'
+            '        <details class="code"><summary>Python and JavaScript</summary>\n'
+            % (_html_escape(family.label), big, field_id,
+               _html_escape("{origin}" + family.suffix),
+               _html_escape("https://<this-proxy>" + family.suffix), primary, field_id,
+               _html_escape("Use this base URL: " + family.why + ".")))
+        for language in ("python", "javascript"):
+            snippet = client_snippet(family, language, "{origin}")
+            out.append('          <pre><code id="%s-%s" data-template="%s">%s</code></pre>\n' % (
+                language, family.key, _html_escape(snippet),
+                _html_escape(snippet.replace("{origin}", "https://<this-proxy>"))))
+        out.append('        </details>\n      </div>\n')
+    return "".join(out).rstrip("\n")
+
+
+def _html_escape(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
+SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ The scenarios (see each bench_* function for how it is measured):
   e  one 256 MiB response: MB/s (10^6 bytes per second)
   f  200 simultaneous streams x 100 events 20 ms apart: failures, per-event p99, peak RSS
   g  idle RSS at start and end, certificate generation time
+  h  one chunked response of h_chunks 1-byte chunks written at once (issue 11): seconds to
+     receive it all; a relay that writes each chunk on its own takes ~40 s for 2 million
 
 Memory is counted with shared pages once (see footprint_mib): for proxy.py that is its VmRSS.
 Each target's CPU use is read from /proc during c, d and f, so a saturated server shows.
@@ -94,13 +96,14 @@ FULL = {
     "d_streams": 20, "d_events": 200, "d_interval_ms": 5.0,
     "e_bytes": 256 * MiB,
     "f_streams": 200, "f_events": 100, "f_interval_ms": 20.0,
+    "h_chunks": 2000000,
     "cert_runs": 3,
 }
 
 # --quick keeps every scenario and its concurrency (200 streams still measure the peak RSS) but
 # shortens counts and durations; 64 MiB instead of 256 MiB is enough to see a throughput.
 QUICK = dict(FULL, rounds=1, a_requests=500, b_requests=50, c_warmup=0.3, c_seconds=1.5,
-             d_events=50, e_bytes=64 * MiB, f_events=25, cert_runs=1)
+             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1)
 
 
 class BenchError(Exception):
@@ -953,6 +956,9 @@ class FakeBackend:
         if path == "/bench/blob":
             self.blob(proto, int(req.query.get("bytes", "0")))
             return
+        if path == "/bench/tiny":
+            self.tiny_chunks(proto, int(req.query.get("chunks", "0")))
+            return
         if path in ("/v1/models", "/api/tags"):
             models = {"object": "list", "data": [{"id": "bench-model", "object": "model",
                                                   "created": 1700000000, "owned_by": "bench"}]}
@@ -1099,6 +1105,26 @@ class FakeBackend:
         proto.start_stream("application/x-ndjson")
         TimedStream(proto, lambda i, now: template % (model, now, i), count, interval,
                     [_json_body(final) + b"\n"], counted).schedule()
+
+    def tiny_chunks(self, proto, count: int) -> None:
+        """`count` chunks of one byte each ("1\\r\\nx\\r\\n"), written as fast as accepted."""
+        proto.start_stream("text/plain")
+        remaining = [count]
+        block = b"1\r\nx\r\n" * 65536
+
+        def pump():
+            while remaining[0] and not proto.paused and not proto.closed:
+                n = min(remaining[0], 65536)
+                proto.transport.write(block if n == 65536 else block[:6 * n])
+                remaining[0] -= n
+            if not remaining[0] and not proto.closed:
+                proto.send(b"0\r\n\r\n")
+                proto.finish()
+            elif proto.closed:
+                proto.finish()
+
+        proto.on_resume = pump
+        pump()
 
     def blob(self, proto, size: int) -> None:
         """`size` bytes with Content-Length, written while the transport accepts them."""
@@ -1633,6 +1659,22 @@ def bench_throughput(target: Target, s: dict) -> dict:
     return {"mb_s": size / elapsed / 1e6, "seconds": elapsed, "framing": framing}
 
 
+def bench_tiny_chunks(target: Target, s: dict) -> dict:
+    """h. One GET answered with h_chunks 1-byte chunks: seconds from request to the last byte."""
+    count = s["h_chunks"]
+    conn = Connection(target, timeout=300)
+    try:
+        started = time.perf_counter()
+        reader = conn.exchange(get_request("/bench/tiny?chunks=%d" % count))
+        elapsed = time.perf_counter() - started
+    finally:
+        conn.close()
+    _check_ok(reader)
+    if reader.body_bytes != count:
+        raise BenchError("received %d of %d bytes" % (reader.body_bytes, count))
+    return {"seconds": elapsed}
+
+
 def idle_rss(target: Target) -> float:
     """Idle memory, shared pages counted once (see footprint_mib)."""
     return footprint_mib(target.pids())
@@ -1642,7 +1684,7 @@ def idle_rss(target: Target) -> float:
 # The run: set up, warm up, the upstream alone first, then interleaved rounds
 # ==================================================================================================
 
-SCENARIOS = "abcdef"
+SCENARIOS = "abcdefh"
 
 
 def warm_up(target: Target, overlap: int = 32) -> None:
@@ -1708,6 +1750,8 @@ def run_scenario(letter: str, target: Target, s: dict, upstream_pid: int, procs:
     if letter == "f":
         return bench_streams(target, s["f_streams"], s["f_events"], s["f_interval_ms"],
                              max(1, min(procs, 4)), sample_rss=True)
+    if letter == "h":
+        return bench_tiny_chunks(target, s)
     raise ValueError(letter)
 
 
@@ -1859,6 +1903,7 @@ ROWS = [
     ("f", "server_cpu_us_per_event", "f   server CPU per event (us)"),
     ("f", "peak_rss_mib", "f peak RSS, shared once (MiB)"),
     ("f", "peak_rss_sum_mib", "f   peak VmRSS summed (MiB)"),
+    ("h", "seconds", "h 1-byte chunks, all received (s)"),
 ]
 
 # (label, scenario, key, comparison of proxy/nginx, limit). The e target is ambiguous: read
@@ -2361,7 +2406,7 @@ def main(argv=None) -> int:
         letters = args.only.replace(",", "").lower()
         bad = sorted(set(letters) - set(SCENARIOS + "g"))
         if bad:
-            print("error: --only: unknown scenario %s (choose from a-g)" % ",".join(bad),
+            print("error: --only: unknown scenario %s (choose from a-h)" % ",".join(bad),
                   file=sys.stderr)
             return 2
         args.only = letters

@@ -308,7 +308,11 @@ class FirstRunTests(ServiceTestCase):
                 self.assertEqual(mode, 0o600, "%s has mode %o" % (name, mode))
             else:
                 self.assertFalse(mode & 0o022, "%s is writable by others: %o" % (name, mode))
-        self.assertIn("CA: %s (NEW" % os.path.join(certs, "ca.pem"), _read(err))
+        banner = err[:-len(".stderr")] + ".stdout"
+        self.assertTrue(wait_until(lambda: "on this machine:" in _read(banner)), _read(banner))
+        self.assertRegex(_read(banner), r"CA certificate: https://\S+:%d/_proxy/ca.pem  \(NEW"
+                         % port)
+        self.assertIn("on this machine: %s" % os.path.join(certs, "ca.pem"), _read(banner))
 
         strict = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
         strict.verify_flags |= ssl.VERIFY_X509_STRICT
@@ -328,7 +332,9 @@ class FirstRunTests(ServiceTestCase):
                   for name in ("ca.pem", "ca-key.pem", "cert.pem", "key.pem")}
         child, port, err = self.start_proxy(cwd=run_dir, env=env)
         self.assertIn("TLS certificate kept", _read(err))
-        self.assertNotIn("(NEW", _read(err))
+        banner = err[:-len(".stderr")] + ".stdout"
+        self.assertTrue(wait_until(lambda: "on this machine:" in _read(banner)), _read(banner))
+        self.assertNotIn("(NEW", _read(banner))
         for name, data in before.items():
             self.assertEqual(_read(os.path.join(certs, name), "rb"), data, "%s changed" % name)
         self.get_tags(port, "localhost", strict)
@@ -863,9 +869,10 @@ class HealthAndLoggingTests(ServiceTestCase):
         # names; telling the user to point their apps there sends them to a closed port.
         child, port, err = self.start_proxy(["--config", self.config])
         self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0)
-        endpoints = re.findall(r"endpoint for your apps: https://(\S+):%d/v1" % port, _read(err))
-        self.assertEqual(endpoints, ["127.0.0.1"], _read(err))
-        self.assertIn("dashboard: https://127.0.0.1:%d/_proxy/dashboard" % port, _read(err))
+        banner = _read(err[:-len(".stderr")] + ".stdout")
+        endpoints = re.findall(r"https://(\S+):%d/v1$" % port, banner, re.M)
+        self.assertEqual(endpoints, ["127.0.0.1"], banner)
+        self.assertIn("Dashboard: https://127.0.0.1:%d/_proxy/dashboard" % port, banner)
 
     def test_under_systemd_log_lines_have_no_second_time_stamp(self):
         child, port, err = self.start_proxy(["--config", self.config],
