@@ -6155,11 +6155,12 @@ class Exchange:
     def unasked_switch(self, response) -> Optional[str]:
         """Why a 101 Switching Protocols answer is refused; None for any other status.
 
-        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
-        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
-        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        The one place that decides. Only a WebSocket handshake asks for an upgrade (the one
+        Upgrade we forward; open_tunnel() then checks the backend switched to WebSocket). Any
+        other 101 means the backend stopped speaking HTTP on a connection we would otherwise
+        pool.
         """
-        if response.status != 101:
+        if response.status != 101 or self.upgrade:
             return None
         return "switched protocols (101) although the request asked for no upgrade"
 
