@@ -5945,6 +5945,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """BaseHTTPRequestHandler's error call, answered the proxy's way (send_proxy_error).
+
+        CPython's version writes an HTML page through send_response()/end_headers(), which need
+        the requestline/command/headers that read_request_head() (replacing the stock parsing)
+        never sets, so it raised AttributeError. Here, as in CPython, `message` defaults to the
+        reason phrase, `explain` is added to it, the connection closes (the request's body may
+        be unread) and 1xx/204/205/304 carry no body; the body is the JSON both SDKs parse.
+        """
+        text = message or http.client.responses.get(code, "Error")
+        if explain:
+            text = "%s: %s" % (text, explain)
+        if code < 200 or code in (204, 205, 304):
+            self.send_local(code, b"", close=True)
+            return
+        self.send_proxy_error(code, text, "invalid_request" if code < 500 else "proxy_error",
+                              close=True)
+
     def _log_local(self, status: int, size: int) -> None:
         head = self.head
         if head is None or getattr(self, "exchange_logs", False):
