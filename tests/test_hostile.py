@@ -1199,6 +1199,31 @@ class BackendResponseHygieneTests(unittest.TestCase):
 # 6. Stats durability: the proxy as a subprocess, killed
 # ==================================================================================================
 
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _main_thread_sleeps_on_a_lock(pid: int) -> bool:
+    """True when the main thread of `pid` sleeps on a futex (a lock or condition wait), read
+    from /proc/PID/task/PID (Linux). Without /proc, True: the caller then checks only that
+    the process is alive."""
+    if not os.path.isdir("/proc/self/task"):
+        return True
+    try:
+        with open("/proc/%d/task/%d/stat" % (pid, pid)) as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+        with open("/proc/%d/task/%d/wchan" % (pid, pid)) as handle:
+            wchan = handle.read()
+    except (OSError, IndexError):
+        return False
+    return state == "S" and "futex" in wchan
+
+
 class ProxyProcess:
     """`python3 proxy.py --config <dir>/config.json --quiet` on a free loopback port.
 
@@ -1476,7 +1501,15 @@ class StatsDurabilityTests(unittest.TestCase):
         self.assertTrue(wait_until(
             lambda: any(r.path == "/v1/slow" for r in self.upstream.requests)))
         process.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # serve() closes the listener, then waits for the request in flight: once connections
+        # are refused and its main thread sleeps on a lock a few looks in a row, it is waiting.
+        self.assertTrue(wait_until(lambda: not _accepts(process.port), 5))
+        streak = [0]
+
+        def waiting():
+            streak[0] = streak[0] + 1 if _main_thread_sleeps_on_a_lock(process.proc.pid) else 0
+            return streak[0] >= 5 or process.proc.poll() is not None
+        self.assertTrue(wait_until(waiting, 5, 0.02))
         self.assertIsNone(process.proc.poll(), "exited with a request in flight")
         release.set()
         released = time.monotonic()
