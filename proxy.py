@@ -62,7 +62,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
-    "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
+    "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config", "config_from",
     "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
 ]
 

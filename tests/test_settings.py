@@ -26,6 +26,8 @@ def readme_table_rows(header: str):
 
 class SettingsTableTests(unittest.TestCase):
 
+    maxDiff = None
+
     def test_readme_tables_are_the_settings_table(self):
         keys, env = proxy.settings_markdown()
         # On a failure, the expected rows are the ones to paste into README.md.
