@@ -62,8 +62,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
-    "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config", "config_from",
-    "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
+    "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
+    "config_from", "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
 ]
 
 VERSION = "1.0.0"
@@ -85,7 +85,8 @@ SECURITY_SECTIONS = ("proxy", "tls", "access")
 # access.keys under this name, replacing a file entry of the same name.
 ACCESS_KEY_ENV = "PROXY_API_KEY"
 ACCESS_KEY_ENV_NAME = "default"
-ACCESS_KEY_ENV_DOC = "adds one access key named `default` to `access.keys` (replacing a `default` entry)"
+ACCESS_KEY_ENV_DOC = ("adds one access key named `default` to `access.keys` (replacing a "
+                      "`default` entry)")
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
 # (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
