@@ -6898,8 +6898,6 @@ class ProxyServer(ThreadingHTTPServer):
         if b"A" <= first <= b"Z":        # a TLS record starts with 0x16; an HTTP method with A-Z
             answer_plain_http(self, request, client_address, local, deadline)
             return
-        # The handshake gets what is left of clientTimeout, so peek + handshake stay bounded.
-        request.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
