@@ -54,6 +54,7 @@ import struct
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ CONFIG_DEFAULTS = {
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
         "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
+        "websocketIdleTimeout": 3600,  # seconds a WebSocket tunnel may carry no byte either way
     },
     "target": {
         "host": "127.0.0.1",
@@ -339,6 +341,7 @@ CONFIG_CHECKS = {
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
     "proxy.maxConnectionsPerClient": _check_connection_share,
+    "proxy.websocketIdleTimeout": _check_positive_number,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
@@ -456,6 +459,7 @@ class Config:
     client_timeout: float = 30.0
     max_connections: int = 512
     max_connections_per_client: int = 0      # 0 = half of max_connections
+    websocket_idle_timeout: float = 3600.0
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -737,6 +741,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
         max_connections_per_client=values["proxy.maxConnectionsPerClient"],
+        websocket_idle_timeout=float(values["proxy.websocketIdleTimeout"]),
         target_host=target_host,
         target_port=target_port,
         connect_timeout=float(values["target.connectTimeout"]),
@@ -4989,6 +4994,11 @@ class _DeadlineReader(io.RawIOBase):
         self._grace = grace
         self.deadline = None
 
+    def stop_deadlines(self) -> None:
+        """No deadline from now on: the connection has become a WebSocket tunnel."""
+        self._min_rate = None
+        self.deadline = None
+
     def readinto(self, buffer):
         if self._min_rate is not None:
             return self._read_body(buffer)
@@ -5567,6 +5577,9 @@ def _describe_os_error(exc: OSError) -> str:
 # Request headers that carry a client's key; never forwarded while keys are checked or a
 # target.apiKey replaces them.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# Browsers cannot set headers on a WebSocket, so the OpenAI Realtime API's browser form carries
+# the key as a Sec-WebSocket-Protocol token: "openai-insecure-api-key.<key>".
+WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."
 RATE_WINDOW_SECONDS = 60.0
 
 
@@ -5608,8 +5621,8 @@ def request_credentials(head: "RequestHead") -> List[str]:
     """The keys a request presents: "Authorization: Bearer <key>" (any case of the scheme;
     OpenAI SDKs and most apps) and "x-api-key: <key>" (Anthropic SDKs), in that order.
 
-    The one place that knows where clients put keys: a tunnel that carries it elsewhere (e.g.
-    a WebSocket's "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>") adds it here.
+    The one place that knows where clients put keys; a WebSocket handshake from a browser may
+    also carry one as a subprotocol, "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>".
     """
     found = []
     for value in head.get_all("authorization"):
@@ -5617,7 +5630,15 @@ def request_credentials(head: "RequestHead") -> List[str]:
         if scheme.lower() == "bearer" and token.strip():
             found.append(token.strip())
     found.extend(v.strip() for v in head.get_all("x-api-key") if v.strip())
+    found.extend(token[len(WEBSOCKET_KEY_PROTOCOL):] for token in websocket_protocols(head)
+                 if token.startswith(WEBSOCKET_KEY_PROTOCOL) and token != WEBSOCKET_KEY_PROTOCOL)
     return found
+
+
+def websocket_protocols(head: "RequestHead") -> List[str]:
+    """The subprotocols a WebSocket handshake offers (Sec-WebSocket-Protocol), in order."""
+    return [token.strip() for value in head.get_all("sec-websocket-protocol")
+            for token in value.split(",") if token.strip()]
 
 
 def authenticate(keyring: KeyRing, head: "RequestHead") -> Optional[AccessKey]:
@@ -6176,6 +6197,9 @@ class Exchange:
         self.streamed = None
         self.body_streamed = False
         self.failure = None              # why the proxy answered with an error itself
+        # A WebSocket handshake is forwarded with its upgrade headers; any other upgrade is not.
+        self.upgrade = websocket_requested(head, body_length)
+        self.tunnel = None
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -6192,6 +6216,9 @@ class Exchange:
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
             raise
+        if self.upgrade and response.status == 101:
+            self.open_tunnel(conn, response)
+            return
         self.relay_response(conn, response)
 
     def read_request_body(self):
@@ -6242,6 +6269,7 @@ class Exchange:
             dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
         if self.keyring.replaces_credentials:
             dropped.update(CREDENTIAL_HEADERS)  # the client's key stays here
+            dropped.add("sec-websocket-protocol")   # offered again below, without a key
         headers = [("Host", self.server.upstream_host_header)]
         forwarded_for = []
         for name, value in head.headers:
@@ -6259,6 +6287,14 @@ class Exchange:
             headers.append(("X-Forwarded-Host", head.get("host")))
         if self.injected:
             headers.append(("Accept-Encoding", "identity"))
+        if self.upgrade:
+            # The one exception to hop-by-hop stripping (RFC 9110 §7.8): asked for explicitly.
+            headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        if self.keyring.replaces_credentials:
+            offered = [p for p in websocket_protocols(head)
+                       if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
+            if offered:
+                headers.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
         if self.keyring.backend_key:
             headers.append(("Authorization", "Bearer " + self.keyring.backend_key))
         if body is not None:
@@ -6332,11 +6368,12 @@ class Exchange:
     def unasked_switch(self, response) -> Optional[str]:
         """Why a 101 Switching Protocols answer is refused; None for any other status.
 
-        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
-        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
-        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        The one place that decides. Only a WebSocket handshake asks for an upgrade (the one
+        Upgrade we forward; open_tunnel() then checks the backend switched to WebSocket). Any
+        other 101 means the backend stopped speaking HTTP on a connection we would otherwise
+        pool.
         """
-        if response.status != 101:
+        if response.status != 101 or self.upgrade:
             return None
         return "switched protocols (101) although the request asked for no upgrade"
 
@@ -6516,6 +6553,65 @@ class Exchange:
             size += len(more)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def open_tunnel(self, conn, response) -> None:
+        """Relay the backend's 101 to a WebSocket handshake, then copy bytes both ways until done.
+
+        The backend's socket leaves the pool for good: after a 101 it speaks WebSocket, not HTTP.
+        """
+        self.status = 101
+        self.ttfb = time.monotonic() - self.started
+        raw = response.getheaders()
+        agreed = [p.strip().lower() for k, v in raw if k.lower() == "upgrade" for p in v.split(",")]
+        backend = conn.sock
+        if backend is None or agreed != ["websocket"]:
+            conn.close()
+            self.fail(502, "The backend at %s answered the WebSocket handshake with 101 but did "
+                           "not switch to WebSocket" % self.server.upstream.url)
+            return
+        dropped = set(HOP_BY_HOP_HEADERS)
+        dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
+        headers = [(k, _OBS_FOLD.sub(" ", v)) for k, v in raw if k.lower() not in dropped]
+        headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        head = "HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % "".join(
+            "%s: %s\r\n" % pair for pair in headers)
+        # Frames the backend sent right behind its 101 may already sit in http.client's buffer.
+        backend.setblocking(False)
+        try:
+            from_backend = response.fp.read1(READ_CHUNK) or b""
+        except OSError:
+            from_backend = b""
+        conn.sock = None
+        response.close()
+        self.handler.close_connection = True
+        client = self.handler.connection
+        try:
+            self.handler.wfile.write(head.encode("latin-1"))
+            # And frames a client sent without waiting for the 101 sit in our request reader
+            # (read without a body deadline, which would put a timeout back on the socket).
+            self.handler.head_reader.stop_deadlines()
+            client.setblocking(False)
+            try:
+                from_client = self.handler.rfile.read1(READ_CHUNK) or b""
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                from_client = b""
+        except OSError:
+            backend.close()
+            raise ClientGone() from None
+        tap = None
+        if self.config.tracking_enabled and self.path.rstrip("/").endswith("/realtime"):
+            # The Realtime API names the model in the URL (?model=...); response.done may not.
+            query = urllib.parse.parse_qs(self.head.target.partition("?")[2])
+            tap = RealtimeUsage(model=(query.get("model") or [None])[0])
+        self.tunnel = Tunnel(client, backend, self.config.websocket_idle_timeout,
+                             self.config.client_timeout, from_client, from_backend, tap)
+        self.server.track_tunnel(self.tunnel, True)
+        try:
+            self.tunnel.run()
+        finally:
+            self.server.track_tunnel(self.tunnel, False)
+            backend.close()
+        self.sent = self.tunnel.down
+
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.
 
@@ -6567,16 +6663,27 @@ class Exchange:
             # The request's own name counts only once the backend accepted it: a client
             # asking for 260 made-up models (404 each) must not push real ones into "(other)".
             model = self.request_info.model
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.tap is not None and tunnel.tap.responses:
+            usage, source, model = tunnel.tap.usage, "reported", tunnel.tap.model or model
         tokens = usage.get("total", 0) if usage else 0
-        # One line per request; a proxy-made error (502/504) is that same line at WARNING, with
-        # the reason, instead of a second line.
-        level = logging.WARNING if self.failure else logging.INFO
-        if log.isEnabledFor(level):
-            log.log(level, "%s %s %s %d %dB %dms%s%s%s", self.handler.client_ip, self.head.method,
-                    self.path, self.status, self.sent, duration * 1000,
-                    " %d tokens" % tokens if tokens else "",
-                    " key=%s" % self.key_name if self.key_name else "",
-                    ": " + self.failure if self.failure else "")
+        if tunnel is not None:
+            # One line per WebSocket, at its end: how long, how much each way, who ended it.
+            log.info("%s %s %s 101 websocket %.1fs up %dB down %dB closed by %s%s%s",
+                     self.handler.client_ip, self.head.method, self.path, duration,
+                     tunnel.up, tunnel.down, tunnel.closed_by,
+                     " %d tokens" % tokens if tokens else "",
+                     " key=%s" % self.key_name if self.key_name else "")
+        else:
+            # One line per request; a proxy-made error (502/504) is that same line at WARNING, with
+            # the reason, instead of a second line.
+            level = logging.WARNING if self.failure else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %s %d %dB %dms%s%s%s", self.handler.client_ip,
+                        self.head.method, self.path, self.status, self.sent, duration * 1000,
+                        " %d tokens" % tokens if tokens else "",
+                        " key=%s" % self.key_name if self.key_name else "",
+                        ": " + self.failure if self.failure else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -6658,6 +6765,418 @@ INTERNAL_ROUTES = {
 # Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
 # when set (the dashboard page itself holds no data; it asks for the token to read stats).
 ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
+
+
+# ==================================================================================================
+# HTTP layer, part 3b: WebSocket tunnels (the one upgrade we forward)
+# ==================================================================================================
+
+# Bytes held per direction while the receiving side is slow: past this we stop reading from the
+# sender, so TCP pushes back on it instead of our memory filling up.
+TUNNEL_BUFFER_LIMIT = 1024 * 1024
+TLS_READ_CHUNK = 65536
+# TCP keepalive on both legs of a tunnel: a tunnel may be silent for an hour legitimately, and a
+# peer that vanished (laptop lid closed, Wi-Fi gone) is found in about idle + interval * count.
+TUNNEL_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
+# Realtime usage: a server->client text message is parsed only when it is at most this big (a
+# response.done event is a few KiB; audio deltas are skipped unparsed).
+REALTIME_MESSAGE_LIMIT = 1024 * 1024
+
+
+def websocket_requested(head: RequestHead, body_length: Optional[int]) -> bool:
+    """True for a WebSocket opening handshake (RFC 6455 §4.1) we forward as an upgrade.
+
+    GET, HTTP/1.1, "upgrade" among the Connection tokens and "websocket" among the Upgrade
+    protocols, and no body. Any other upgrade (h2c, TLS/1.0) is not forwarded: its headers are
+    hop-by-hop, dropped as usual, and the request proceeds as a plain one.
+    """
+    if head.method != "GET" or head.version != "HTTP/1.1" or body_length is not None:
+        return False
+    if "upgrade" not in head.connection_tokens():
+        return False
+    return "websocket" in [p.strip().lower() for value in head.get_all("upgrade")
+                           for p in value.split(",")]
+
+
+def _keepalive(sock) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in TUNNEL_KEEPALIVE:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
+
+
+class _Wait:
+    """Wait for readiness of two sockets: poll() where it exists, else select()."""
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+        self.poller = select.poll() if hasattr(select, "poll") else None
+
+    def wait(self, wants, timeout: float):
+        """wants: per socket (read?, write?). Returns per socket (readable, writable)."""
+        if self.poller is not None:
+            poller = self.poller
+            for sock, (r, w) in zip(self.sockets, wants):
+                mask = (select.POLLIN if r else 0) | (select.POLLOUT if w else 0)
+                if mask:
+                    poller.register(sock, mask)
+                else:
+                    # Registered with no events, a hung-up socket would still report POLLHUP
+                    # at once, every time: a busy loop while the other direction drains.
+                    try:
+                        poller.unregister(sock)
+                    except KeyError:
+                        pass
+            events = dict(poller.poll(max(0.0, timeout) * 1000.0))
+            result = []
+            for sock, (r, w) in zip(self.sockets, wants):
+                ev = events.get(sock.fileno(), 0)
+                broken = ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                result.append((bool(ev & select.POLLIN) or bool(broken and r),
+                               bool(ev & select.POLLOUT) or bool(broken and w)))
+            return result
+        rlist = [s for s, (r, _) in zip(self.sockets, wants) if r]
+        wlist = [s for s, (_, w) in zip(self.sockets, wants) if w]
+        readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        return [(s in readable, s in writable) for s in self.sockets]
+
+
+class RealtimeUsage:
+    """Reads the backend->client frames of an OpenAI Realtime tunnel for response.done usage.
+
+    Fed a copy of the bytes (never changes them). Server frames are unmasked (RFC 6455 §5.1);
+    text messages may be fragmented; compressed (RSV1) or oversized messages are skipped.
+    """
+
+    def __init__(self, model: Optional[str] = None):
+        self._buf = bytearray()
+        self._message = bytearray()
+        self._in_text = False
+        self._skip_message = False
+        self._payload_left = 0     # bytes of the current frame still to come
+        self._collect = False      # whether the current frame's payload belongs to a text message
+        self._fin = False
+        self.responses = 0
+        self.usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        self.model = model
+
+    def feed(self, data) -> None:
+        """Take the next bytes the backend sent (a copy: nothing is changed or held back)."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        while True:                               # iterative: a hostile run of tiny frames
+            if self._payload_left:                # must not be able to recurse us to death
+                take = min(self._payload_left, len(buf) - pos)
+                if not take:
+                    break
+                if self._collect and not self._skip_message:
+                    if len(self._message) + take > REALTIME_MESSAGE_LIMIT:
+                        self._skip_message, self._message = True, bytearray()
+                    else:
+                        self._message += buf[pos:pos + take]
+                pos += take
+                self._payload_left -= take
+                if not self._payload_left:
+                    self._end_frame()
+                continue
+            after = self._parse_header(buf, pos)
+            if after is None:
+                break
+            pos = after
+        del buf[:pos]
+
+    def _parse_header(self, buf, pos):
+        """Read one frame header at buf[pos:]; returns the position after it, or None if cut."""
+        if len(buf) - pos < 2:
+            return None
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, offset = b1 & 0x7F, pos + 2
+        if length == 126:
+            if len(buf) < offset + 2:
+                return None
+            length, offset = struct.unpack_from("!H", buf, offset)[0], offset + 2
+        elif length == 127:
+            if len(buf) < offset + 8:
+                return None
+            length, offset = struct.unpack_from("!Q", buf, offset)[0], offset + 8
+        masked = bool(b1 & 0x80)
+        if masked:
+            offset += 4                       # a masked server frame is a protocol error
+            if len(buf) < offset:
+                return None
+        opcode, self._fin = b0 & 0x0F, bool(b0 & 0x80)
+        self._collect = False
+        if opcode == 0x1:                     # a text message starts
+            self._in_text, self._message = True, bytearray()
+            # RSV1 set: permessage-deflate; masked: not a server frame. Neither is read.
+            self._skip_message = bool(b0 & 0x40) or masked
+            self._collect = True
+        elif opcode == 0x0 and self._in_text:     # its continuation
+            self._collect = True
+        elif opcode == 0x2:                   # a binary message ends any text bookkeeping
+            self._in_text = False
+        self._payload_left = length
+        if not length:
+            self._end_frame()
+        return offset
+
+    def _end_frame(self) -> None:
+        if self._collect and self._fin:
+            self._in_text = False
+            if not self._skip_message and b"response.done" in self._message:
+                self._take(bytes(self._message))
+            self._message = bytearray()
+            self._skip_message = False
+        self._collect = False
+
+    def _take(self, text: bytes) -> None:
+        try:
+            event = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(event, dict) or event.get("type") != "response.done":
+            return
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return
+        prompt = _usage_int(usage.get("input_tokens"))
+        completion = _usage_int(usage.get("output_tokens"))
+        total = _usage_int(usage.get("total_tokens")) or prompt + completion
+        self.responses += 1
+        self.usage["prompt"] += prompt
+        self.usage["completion"] += completion
+        self.usage["total"] += total
+        self.usage["cacheRead"] += _usage_int(_usage_dig(usage, "input_token_details",
+                                                         "cached_tokens"))
+        self.usage["reasoning"] += _usage_int(_usage_dig(usage, "output_token_details",
+                                                         "reasoning_tokens"))
+        if isinstance(response.get("model"), str):
+            self.model = response["model"]
+
+
+class _Outbox:
+    """Bytes waiting to be written to one side, kept as the pieces they were read in (no copy).
+
+    A TLS write that could not finish must be repeated with the same piece (OpenSSL's SSL_write
+    retry rule); the head piece stays in place until written, so it is.
+    """
+
+    def __init__(self, first: bytes = b""):
+        self.pieces = collections.deque()
+        self.size = 0
+        if first:
+            self.put(first)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def put(self, data) -> None:
+        """Queue one piece."""
+        self.pieces.append(data)
+        self.size += len(data)
+
+    def head(self):
+        """The piece to write next."""
+        return self.pieces[0]
+
+    def consumed(self, n: int) -> None:
+        """Drop the first n bytes of the head piece (all of it when n is its length)."""
+        head = self.pieces[0]
+        if n >= len(head):
+            self.pieces.popleft()
+        else:
+            self.pieces[0] = memoryview(head)[n:]
+        self.size -= n
+
+
+class Tunnel:
+    """Copies bytes both ways between a client (TLS) and the backend (TCP) after a 101.
+
+    One poll loop in the handler's own thread, no extra thread: an SSLSocket must not be read
+    and written from two threads at once (OpenSSL objects are not thread-safe). Both sockets are
+    non-blocking; each direction holds at most TUNNEL_BUFFER_LIMIT bytes, so a slow reader
+    slows its sender instead of growing memory, and one stalled direction never blocks the other.
+    An end of stream on one side is passed on as a half-close (close_notify + FIN to the client,
+    FIN to the backend); once both directions have ended, both sockets close.
+
+    For the caller: run() -> who closed ("client", "backend", "idle", "shutdown", "error");
+    stop() from another thread; up/down hold the bytes copied each way.
+    """
+
+    def __init__(self, client, backend, idle_timeout: float, end_timeout: float,
+                 from_client: bytes = b"", from_backend: bytes = b"", tap=None):
+        self.client = client
+        self.backend = backend
+        self.idle_timeout = idle_timeout
+        self.end_timeout = end_timeout   # how long the other side may linger after a half-close
+        self.to_backend = _Outbox(from_client)
+        self.to_client = _Outbox(from_backend)
+        self.tap = tap
+        self.up = len(from_client)        # bytes client -> backend
+        self.down = len(from_backend)     # bytes backend -> client
+        if tap is not None and from_backend:
+            self._feed_tap(from_backend)
+        self.closed_by = None
+        self._stopped = False
+        self._client_read_wants_write = False
+        self._client_unwrapped = False    # both close_notify exchanged: no TLS layer left to read
+
+    def _feed_tap(self, data) -> None:
+        # The tap only reads a copy; a bug in it must cost the usage count, never the tunnel.
+        try:
+            self.tap.feed(data)
+        except Exception:                 # noqa: BLE001 - see above
+            log.exception("websocket usage reader failed; usage of this tunnel not counted")
+            self.tap = None
+
+    def stop(self) -> None:
+        """End the tunnel from another thread (shutdown): wakes the loop by shutting both sockets."""
+        self._stopped = True
+        for sock in (self.client, self.backend):
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def run(self) -> str:
+        """Copy until both directions have ended (or idle/stop/error). Returns who closed."""
+        client, backend = self.client, self.backend
+        to_backend, to_client = self.to_backend, self.to_client
+        _keepalive(client)
+        _keepalive(backend)
+        client.setblocking(False)
+        backend.setblocking(False)
+        waiter = _Wait([client, backend])
+        client_eof = backend_eof = False      # read side ended
+        client_shut = backend_shut = False    # our half-close sent to that side
+        last_activity = time.monotonic()
+        while True:
+            if backend_eof and not to_client.size and not client_shut:
+                client_shut = self._half_close_client()
+                # Where unwrap() completes at once (Python 3.9), no TLS layer is left to read.
+                client_eof = client_eof or self._client_unwrapped
+            if client_eof and not to_backend.size and not backend_shut:
+                backend_shut = True
+                try:
+                    backend.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            if client_shut and backend_shut or self._stopped:
+                break
+            read_client = not client_eof and to_backend.size < TUNNEL_BUFFER_LIMIT
+            read_backend = not backend_eof and to_client.size < TUNNEL_BUFFER_LIMIT
+            # Decrypted bytes OpenSSL holds already are invisible to poll(): read them first.
+            pending = read_client and client.pending()
+            timeout = self.end_timeout if (client_eof or backend_eof) else self.idle_timeout
+            remaining = last_activity + timeout - time.monotonic()
+            if remaining <= 0:
+                self.closed_by = self.closed_by or "idle"
+                break
+            wants = [
+                (read_client, bool(to_client.size) or self._client_read_wants_write
+                 or (backend_eof and not client_shut)),
+                (read_backend, bool(to_backend.size)),
+            ]
+            ((c_read, c_write), (b_read, _)) = waiter.wait(wants, 0 if pending else remaining)
+            if self._stopped:
+                break
+            c_read = c_read or pending or (self._client_read_wants_write and c_write)
+            moved = False
+            side = "client"
+            try:
+                if c_read and read_client:
+                    got = self._read_client()
+                    if got is None:
+                        client_eof = True
+                        self.closed_by = self.closed_by or "client"
+                    moved = bool(got)
+                side = "backend"
+                if b_read and read_backend:
+                    data = backend.recv(READ_CHUNK)
+                    if data:
+                        to_client.put(data)
+                        self.down += len(data)
+                        if self.tap is not None:
+                            self._feed_tap(data)
+                        moved = True
+                    else:
+                        backend_eof = True
+                        self.closed_by = self.closed_by or "backend"
+                # Write at once what was just read, without waiting for poll() to call the
+                # socket writable (it nearly always is): one poll() per message, not two.
+                while to_backend.size:
+                    try:
+                        sent = backend.send(to_backend.head())
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    to_backend.consumed(sent)
+                    moved = True
+                side = "client"
+                while to_client.size:
+                    try:
+                        # All or nothing: Python's SSLSocket never enables partial writes.
+                        sent = client.send(to_client.head())
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        break                 # retried later with the same piece
+                    to_client.consumed(sent)
+                    moved = True
+            except OSError as exc:
+                # A reset, a TLS error, or a write to a side that is gone: nothing more can be
+                # delivered either way.
+                log.debug("websocket tunnel: %s side: %s", side, exc)
+                self.closed_by = self.closed_by or side
+                break
+            if moved:
+                last_activity = time.monotonic()
+        if self._stopped:
+            self.closed_by = "shutdown"
+        return self.closed_by or "error"
+
+    def _read_client(self):
+        """Read what the client's TLS layer has: number of bytes, 0 for none yet, None at its end."""
+        client = self.client
+        self._client_read_wants_write = False
+        total = 0
+        while self.to_backend.size < TUNNEL_BUFFER_LIMIT:
+            try:
+                # A TLS record carries at most 16 KiB: a bigger buffer would only be allocated
+                # and shrunk again on every read.
+                data = client.recv(TLS_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return total
+            except ssl.SSLWantWriteError:
+                self._client_read_wants_write = True
+                return total
+            if not data:
+                return None if not total else total   # the end is seen again on the next read
+            self.to_backend.put(data)
+            self.up += len(data)
+            total += len(data)
+        return total
+
+    def _half_close_client(self) -> bool:
+        """Tell the client the backend has finished: TLS close_notify, then a TCP FIN."""
+        try:
+            # Non-blocking, unwrap() sends close_notify and then reports that the client's own
+            # close_notify has not come yet (SSLWantReadError); the client may still send.
+            self.client.unwrap()
+            self._client_unwrapped = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:
+            return False                  # the socket buffer is full: try again when writable
+        except (OSError, ValueError):
+            pass
+        try:
+            socket.socket.shutdown(self.client, socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
 
 
 # ==================================================================================================
@@ -6786,6 +7305,8 @@ class ProxyServer(ThreadingHTTPServer):
         self._active = 0
         self._active_changed = threading.Condition()
         self.slots = ClientSlots(config.max_connections, config.max_connections_per_client)
+        self._tunnels = set()                 # open WebSocket tunnels, closed at shutdown
+        self._tunnels_lock = threading.Lock()
         self._last_refusal_log = -1e9
         self._accept_delay = 0.0
         self._last_accept_error_log = -1e9
@@ -6959,6 +7480,22 @@ class ProxyServer(ThreadingHTTPServer):
         with self._active_changed:
             self._active -= 1
             self._active_changed.notify_all()
+
+    def track_tunnel(self, tunnel, is_open: bool) -> None:
+        """Note a WebSocket tunnel opening (True) or ending (False), for close_tunnels()."""
+        with self._tunnels_lock:
+            if is_open:
+                self._tunnels.add(tunnel)
+            else:
+                self._tunnels.discard(tunnel)
+
+    def close_tunnels(self) -> int:
+        """End every open WebSocket tunnel (shutdown, after the grace period); returns how many."""
+        with self._tunnels_lock:
+            tunnels = list(self._tunnels)
+        for tunnel in tunnels:
+            tunnel.stop()
+        return len(tunnels)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error while serving %s", client_address[0])
@@ -7408,7 +7945,12 @@ def serve(server: "ProxyServer", ready=None) -> int:
     finally:
         maintenance.stopped.set()
         server.server_close()
-        if not server.wait_for_requests(SHUTDOWN_GRACE_SECONDS):
+        drained = server.wait_for_requests(SHUTDOWN_GRACE_SECONDS)
+        if not drained and server.close_tunnels():
+            # WebSockets do not end by themselves: past the grace period they are closed (and
+            # recorded) like any request still running.
+            drained = server.wait_for_requests(1.0)
+        if not drained:
             log.warning("stopping with requests still in flight after %gs", SHUTDOWN_GRACE_SECONDS)
         server.stats.stop_autosave()
         server.upstream.close_all()
