@@ -152,6 +152,36 @@ class MessagesTests(TunnelTestCase):
         ws = wsbackend.WebSocket(sock, rfile, client=True)
         self.assertEqual(ws.recv(), (OP_TEXT, b"eager"))
 
+    def test_a_keep_alive_connection_upgrades_and_the_switched_backend_never_returns_to_the_pool(self):
+        sock = tls_socket(self.proxy)
+        self.addCleanup(sock.close)
+        rfile = sock.makefile("rb")
+        sock.sendall(("GET /plain HTTP/1.1\r\nHost: %s\r\n\r\n" % self.host).encode())
+        self.assertIn(b" 200 ", rfile.readline())
+        length = 0
+        while True:
+            line = rfile.readline()
+            if line == b"\r\n":
+                break
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.assertEqual(rfile.read(length), b"not a websocket request")
+        # The same client connection now asks for a WebSocket; the pooled backend connection
+        # that served /plain carries the handshake and then belongs to the tunnel.
+        answer = handshake(sock, self.host, "/ws")
+        self.assertEqual(answer.status, 101)
+        answer.ws.send_text("same connection")
+        self.assertEqual(answer.ws.recv(), (OP_TEXT, b"same connection"))
+        self.assertEqual(self.backend.connections, 1)
+        # Meanwhile another request needs a backend connection of its own.
+        other = tls_socket(self.proxy)
+        self.addCleanup(other.close)
+        other.sendall(("GET /plain HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                       % self.host).encode())
+        self.assertTrue(other.recv(65536).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.backend.connections, 2)
+        self.close_ws(answer.ws)
+
     def test_subprotocol_is_negotiated_end_to_end(self):
         answer = self.connect(headers=[("Sec-WebSocket-Protocol", "chat, superchat")])
         self.assertEqual(answer.status, 101)

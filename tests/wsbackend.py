@@ -185,7 +185,8 @@ class _Handler(socketserver.StreamRequestHandler):
             server.connections += 1
             server.open += 1
         try:
-            self._handle()
+            while self._handle():     # keep-alive for plain requests, as a real server
+                pass
         except (OSError, EOFError, ProtocolError, ValueError):
             pass
         finally:
@@ -193,11 +194,12 @@ class _Handler(socketserver.StreamRequestHandler):
                 server.open -= 1
                 server.changed.notify_all()
 
-    def _handle(self):
+    def _handle(self) -> bool:
+        """One request; True when the connection stays open for another."""
         server = self.server
         line = self.rfile.readline(65537).decode("latin-1").rstrip("\r\n")
         if not line:
-            return
+            return False
         headers = []
         while True:
             raw = self.rfile.readline(65537)
@@ -211,17 +213,17 @@ class _Handler(socketserver.StreamRequestHandler):
         get = {k.lower(): v for k, v in headers}
         if server.raw_answer is not None:
             self.wfile.write(server.raw_answer)
-            return
+            return False
         if server.refuse is not None:
             status, body = server.refuse
             body = json.dumps(body).encode()
             self.wfile.write(("HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
                               "Content-Length: %d\r\n\r\n" % (status, len(body))).encode() + body)
-            return
+            return False
         if "websocket" not in get.get("upgrade", "").lower() or "sec-websocket-key" not in get:
             body = b"not a websocket request"
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            return
+            return get.get("connection", "").lower() != "close"
         lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
                  "Sec-WebSocket-Accept: " + accept_key(get["sec-websocket-key"])]
         offered = [p.strip() for p in get.get("sec-websocket-protocol", "").split(",") if p.strip()]
@@ -234,6 +236,7 @@ class _Handler(socketserver.StreamRequestHandler):
         self.wfile.write(head + greeting)
         ws = WebSocket(self.connection, self.rfile, client=False)
         self._session(ws)
+        return False
 
     def _session(self, ws):
         server = self.server
