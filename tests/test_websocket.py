@@ -446,6 +446,19 @@ class AccountingTests(TunnelTestCase):
         self.assert_ended(ws)
         self.assertIn("closed by shutdown", LOG_BUFFER.getvalue())
 
+    def test_realtime_usage_is_counted_through_permessage_deflate(self):
+        self.backend.deflate = True
+        ws = self.open_ws("/v1/realtime?model=m", headers=[
+            ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        self.assertTrue(ws.deflate)
+        ws.send_text("cmd:realtime")
+        while True:
+            opcode, payload = ws.recv()
+            if opcode == OP_TEXT and json.loads(payload)["type"] == "script.end":
+                break
+        self.close_ws(ws)
+        self.assertEqual(settled_stats(self.proxy)["tokens"]["total"], 225)
+
     def test_realtime_response_done_usage_is_counted(self):
         ws = self.open_ws("/v1/realtime?model=gpt-realtime-mini")
         ws.send_text("cmd:realtime")
@@ -631,6 +644,44 @@ class RealtimeUsageUnitTests(unittest.TestCase):
         tap.feed(wsbackend.encode_frame(OP_BINARY, b"x") * 100000
                  + wsbackend.encode_frame(OP_TEXT, done))
         self.assertEqual((tap.responses, tap.usage["total"]), (1, 3))
+
+    def test_permessage_deflate_messages_are_inflated_across_the_shared_window(self):
+        import zlib
+        stream = b"".join(wsbackend.realtime_script(compressor=zlib.compressobj(wbits=-15)))
+        for step in (1, 100, len(stream)):
+            tap = proxy.RealtimeUsage(deflate=False)
+            for i in range(0, len(stream), step):
+                tap.feed(stream[i:i + step])
+            self.assertEqual((tap.responses, tap.usage["total"]), (2, 225), step)
+        # Without the extension agreed, compressed messages cannot be read.
+        tap = proxy.RealtimeUsage()
+        tap.feed(stream)
+        self.assertEqual(tap.responses, 0)
+
+    def test_server_no_context_takeover_resets_the_window_each_message(self):
+        import zlib
+        frames = [wsbackend.compressed_frame(zlib.compressobj(wbits=-15), opcode, payload)
+                  for opcode, payload in wsbackend._whole_messages(wsbackend.realtime_script())
+                  if opcode in (OP_TEXT, OP_BINARY)]
+        self.assertIs(proxy.permessage_deflate(
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits"), True)
+        self.assertIs(proxy.permessage_deflate("permessage-deflate"), False)
+        self.assertIsNone(proxy.permessage_deflate("x-webkit-deflate-frame"))
+        tap = proxy.RealtimeUsage(deflate=True)
+        tap.feed(b"".join(frames))
+        self.assertEqual((tap.responses, tap.usage["total"]), (2, 225))
+
+    def test_a_deflate_bomb_is_inflated_in_bounded_steps_and_skipped(self):
+        import zlib
+        compressor = zlib.compressobj(wbits=-15)
+        bomb = wsbackend.compressed_frame(compressor, OP_TEXT, b" " * (64 * 1024 * 1024))
+        self.assertLess(len(bomb), 128 * 1024)
+        done = json.dumps({"type": "response.done", "response": {"usage": {
+            "input_tokens": 2, "output_tokens": 3}}}).encode()
+        tap = proxy.RealtimeUsage(deflate=False)
+        tap.feed(bomb + wsbackend.compressed_frame(compressor, OP_TEXT, done))
+        self.assertEqual((tap.responses, tap.usage["total"]), (1, 5))
+        self.assertEqual(len(tap._message), 0)
 
     def test_the_model_comes_from_the_url_when_response_done_has_none(self):
         done = json.dumps({"type": "response.done", "response": {"usage": {
