@@ -500,6 +500,22 @@ CHROMIUM_WS_SCRIPT = """new Promise((resolve) => {
 })"""
 
 
+# A Realtime-style session in the page: ask for the script, list the event types to its end.
+CHROMIUM_REALTIME_SCRIPT = """new Promise((resolve) => {
+  const out = {types: [], code: null, extensions: null};
+  const ws = new WebSocket(%s);
+  ws.onopen = () => { out.extensions = ws.extensions; ws.send("cmd:realtime"); };
+  ws.onmessage = (e) => {
+    if (typeof e.data !== "string") return;
+    const type = JSON.parse(e.data).type;
+    out.types.push(type);
+    if (type === "script.end") ws.close(1000);
+  };
+  ws.onclose = (e) => { out.code = e.code; resolve(out); };
+  setTimeout(() => resolve(Object.assign(out, {timeout: true})), 8000);
+})"""
+
+
 @unittest.skipIf(test_browser.missing_tools(), test_browser.missing_tools())
 class ChromiumTests(unittest.TestCase):
     """Headless Chromium, trusting the test CA through NSS, opens wss:// to the proxy."""
@@ -527,6 +543,23 @@ class ChromiumTests(unittest.TestCase):
             return tab.evaluate(script, await_promise=True)
         finally:
             tab.close()
+
+    def test_realtime_usage_is_counted_for_chromium_with_permessage_deflate(self):
+        self.backend.deflate = True
+        url = "wss://localhost:%d/v1/realtime?model=m" % self.proxy.server_address[1]
+        with browser.Browser(browser.make_trust_home(ca_file(), self.home)) as chromium:
+            tab = chromium.new_tab()
+            try:
+                self.assertIsNone(tab.navigate(self.page_origin + "/page"))
+                self.assertTrue(tab.wait_for("document.readyState === 'complete'"))
+                result = tab.evaluate(CHROMIUM_REALTIME_SCRIPT % json.dumps(url),
+                                      await_promise=True)
+            finally:
+                tab.close()
+        self.assertEqual(result["extensions"], "permessage-deflate", result)
+        self.assertEqual(result["types"].count("response.done"), 2, result)
+        self.assertEqual(result["code"], 1000, result)
+        self.assertEqual(settled_stats(self.proxy)["tokens"]["total"], 225)
 
     def test_chromium_sends_an_access_key_the_realtime_way(self):
         keyed = start_proxy(self, self.backend.port, allowed_origins=(self.page_origin,),

@@ -97,10 +97,11 @@ class WebSocket:
         self.rfile = rfile
         self.client = client
         # permessage-deflate (RFC 7692) with context takeover: the server compresses what it
-        # sends, the client inflates it (the client itself sends uncompressed, which is allowed).
+        # sends (this client sends uncompressed, which is allowed); both inflate what comes in
+        # compressed (Chromium compresses its messages too).
         self.deflate = deflate
         self._compressor = zlib.compressobj(wbits=-15) if deflate and not client else None
-        self._inflater = zlib.decompressobj(-15) if deflate and client else None
+        self._inflater = zlib.decompressobj(-15) if deflate else None
         self._compressed = False
         self.fragments_seen = 0
         self._opcode, self._parts = None, []
