@@ -6336,6 +6336,85 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def response_has_body(method: str, status: int) -> bool:
+    """Whether an answer to ``method`` with ``status`` has a body (RFC 9110 §6.4.1)."""
+    return not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+class Framing(NamedTuple):
+    """How one answer's body travels to the client, decided once from the backend's head."""
+
+    has_body: bool
+    """False for HEAD, 204, 304 and 1xx: the head is all there is."""
+    streamed: bool
+    """An SSE or NDJSON stream (its pieces may be minutes apart)."""
+    reframed: bool
+    """The backend's Content-Length is not passed on: it is unknown, chunked, or the body may
+    be edited on the way (injected usage)."""
+    chunked: bool
+    """We send the body chunked (a re-framed body to an HTTP/1.1 client); a re-framed body to
+    an HTTP/1.0 client ends with the connection's close instead."""
+    hold_head: bool
+    """The head waits for the first piece so both leave in one write (see plan_framing)."""
+
+
+def plan_framing(response, request_method: str, client_version: str,
+                 body_edited: bool = False) -> Framing:
+    """Decide, from the backend's head alone, how the body is framed and when the head goes.
+
+    A Content-Length body was complete when the backend sent its head, and its first piece
+    comes in the same read or right after: the head waits for it and both leave in one write,
+    one TLS record and one syscall less per answer. Streams and chunked bodies, whose next
+    bytes may be minutes away, get their head at once.
+    """
+    content_type = response.getheader("content-type", "")
+    streamed = "event-stream" in content_type or "ndjson" in content_type
+    has_body = response_has_body(request_method, response.status)
+    reframed = has_body and (response.chunked or response.length is None or body_edited)
+    chunked = reframed and client_version == "HTTP/1.1"
+    hold_head = has_body and bool(response.length) and not chunked and not streamed
+    return Framing(has_body, streamed, reframed, chunked, hold_head)
+
+
+class BodyPipe:
+    """The backend's body on its way to the client, as the relay loop sees it.
+
+    ``read()`` gives the next bytes for the client (b"" at the end of the body): every piece
+    from ``read_piece`` is first read by the usage ``tap`` as it came from the backend, then
+    edited by the ``stripper`` (which may hold part of it back).  ``finish(complete)`` ends
+    both and returns what the stripper still held.  Neither of them ever raises.
+    """
+
+    __slots__ = ("read_piece", "tap", "stripper")
+
+    def __init__(self, read_piece, tap: Optional["UsageTap"],
+                 stripper: Optional["InjectedUsageStripper"]):
+        self.read_piece = read_piece
+        self.tap = tap
+        self.stripper = stripper
+
+    def read(self) -> bytes:
+        """The next bytes for the client; b"" only at the end of the backend's body."""
+        while True:
+            data = self.read_piece()
+            if not data:
+                return data
+            if self.tap is not None:
+                self.tap.feed(data)
+            if self.stripper is None:
+                return data
+            data = self.stripper.feed(data)
+            if data:
+                return data
+
+    def finish(self, complete: bool) -> bytes:
+        """End of the body (``complete``: it ended normally): the bytes still to send."""
+        tail = self.stripper.finish() if self.stripper is not None else b""
+        if self.tap is not None:
+            self.tap.finish(complete)
+        return tail
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
@@ -6580,14 +6659,12 @@ class Exchange:
             send(b"%x\r\n%s\r\n" % (len(data), data))
         send(b"0\r\n\r\n")
 
-    def response_headers(self, response, body_kept: bool) -> Tuple[List[Tuple[str, str]], bool]:
-        """The backend's headers to pass on, and whether we frame the body as chunked."""
+    def response_headers(self, response, framing: "Framing") -> List[Tuple[str, str]]:
+        """The backend's headers to pass on, with our framing headers and the CORS ones."""
         raw = response.getheaders()
         dropped = set(HOP_BY_HOP_HEADERS)
         dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
-        reframed = self.has_body(response) and (
-            response.chunked or response.length is None or not body_kept)
-        if reframed or response.chunked:
+        if framing.reframed or response.chunked:
             # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a proxy MUST remove
             # Content-Length before forwarding; a body we re-frame carries our framing only
             # (http.client also gives length None for an unparsable Content-Length).
@@ -6601,59 +6678,63 @@ class Exchange:
                 dropped.add(lower)          # identical repeats (checked already): send one
             # RFC 9112 §5.2: replace obs-fold (CRLF + whitespace) by SP before forwarding.
             headers.append((k, _OBS_FOLD.sub(" ", v)))
-        chunked = False
-        if self.has_body(response):
-            if response.chunked or response.length is None or not body_kept:
-                if self.head.version == "HTTP/1.1":
-                    headers.append(("Transfer-Encoding", "chunked"))
-                    chunked = True
-                else:
-                    self.handler.close_connection = True   # HTTP/1.0: the close ends the body
+        if framing.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif framing.reframed:
+            self.handler.close_connection = True   # HTTP/1.0: the close ends the body
         headers.extend(self.handler.cors_response_headers([k for k, _ in headers]))
-        return headers, chunked
+        return headers
 
     def has_body(self, response) -> bool:
-        status = response.status
-        return not (self.head.method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+        return response_has_body(self.head.method, response.status)
 
     def relay_response(self, conn, response) -> None:
-        """Copy status, headers and body to the client, each piece as soon as it arrives."""
+        """Copy status, headers and body to the client, each piece as soon as it arrives.
+
+        Framing is planned once (plan_framing); the body reaches the copy loop through a
+        BodyPipe, where the usage tap reads it and the stripper takes out injected usage.
+        """
         self.status = response.status
         content_type = response.getheader("content-type", "")
-        self.streamed = "event-stream" in content_type or "ndjson" in content_type
+        encoding = response.getheader("content-encoding", "")
         stripper = None
         if self.kind and 200 <= response.status < 300:
-            encoding = response.getheader("content-encoding", "")
             self.tap = UsageTap(self.kind, self.request_info, content_type, encoding,
                                 injected=self.injected)
             if InjectedUsageStripper.wanted(self.injected, content_type, encoding):
                 stripper = InjectedUsageStripper()
-        body_kept = not (self.tap is not None and self.injected)
-        headers, chunked = self.response_headers(response, body_kept)
+        # An injected request's body may be edited, so its length is not passed on.
+        framing = plan_framing(response, self.head.method, self.head.version,
+                               body_edited=self.tap is not None and self.injected)
+        self.streamed = framing.streamed
+        headers = self.response_headers(response, framing)
         write = self.handler.wfile.write
         reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
         head = self.handler.format_head(response.status, reason, headers)
-        # A Content-Length body was complete when the backend sent its head, and its first piece
-        # comes in the same read or right after: the head waits for it and both leave in one
-        # write, one TLS record and one syscall less per answer. Streams and chunked bodies,
-        # whose next bytes may be minutes away, get their head at once.
-        if not (self.has_body(response) and response.length and not chunked
-                and not self.streamed):
+        if not framing.hold_head:
             try:
                 write(head)
             except OSError:
                 conn.close()
                 raise ClientGone() from None
             head = b""
-        if not self.has_body(response):
+        if not framing.has_body:
             self.ttfb = time.monotonic() - self.started
             self.server.upstream.release(conn, response)
             return
-        tap = self.tap
+
+        def read_piece() -> bytes:
+            data = self.read_available(response)
+            if self.ttfb is None:
+                self.ttfb = time.monotonic() - self.started
+            return data
+
+        body = BodyPipe(read_piece, self.tap, stripper)
+        chunked = framing.chunked
         complete = False
         while True:
             try:
-                data = self.read_available(response)
+                data = body.read()
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -6664,8 +6745,6 @@ class Exchange:
                     return
                 self.upstream_broke(conn, exc)
                 return
-            if self.ttfb is None:
-                self.ttfb = time.monotonic() - self.started
             if not data:
                 if response.length:
                     # HTTPResponse.read1() reports a Content-Length body cut short by a clean
@@ -6675,12 +6754,6 @@ class Exchange:
                     return
                 complete = True
                 break
-            if tap is not None:
-                tap.feed(data)
-            if stripper is not None:
-                data = stripper.feed(data)   # takes out the usage the proxy injected
-                if not data:
-                    continue
             self.sent += len(data)
             try:
                 if head:
@@ -6691,11 +6764,7 @@ class Exchange:
             except OSError:
                 self.client_broke(conn)
                 return
-        tail = b""
-        if stripper is not None:
-            tail = stripper.finish()
-        if tap is not None:
-            tap.finish(complete)
+        tail = body.finish(complete)
         try:
             if head:                      # the body ended before its first byte
                 write(head)
