@@ -2394,9 +2394,6 @@ _usage_json_decoder = json.JSONDecoder()
 # data line without its line ending, so the whitespace classes never cross a line.
 _USAGE_NULL_MEMBER = re.compile(rb'"usage"[ \t]*:[ \t]*null')
 _USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
-_USAGE_TAIL_USAGE = re.compile(r'"usage"\s*:\s*\{')
-_USAGE_TAIL_MODEL = re.compile(r'"model"\s*:\s*("(?:[^"\\]|\\.){1,512}")')
-_USAGE_TAIL_OLLAMA = re.compile(r'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,15})\b')
 _USAGE_BOM = b"\xef\xbb\xbf"
 
 
@@ -2829,6 +2826,10 @@ class ApiFormat(NamedTuple):
     event_prefix: bytes = b""
     events: frozenset = frozenset()
     """SSE event names starting with ``event_prefix`` are parsed only when listed here."""
+    tail_keys: Tuple[str, ...] = ("usage", "prompt_eval_count", "eval_count")
+    """Members looked for (their last value) in the tail of a body too big to parse whole."""
+    model_key: str = "model"
+    """The member naming the model, looked for in the head and tail of such a body."""
     counts: Any = _counts_compatible
     """Normalises a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
     extract: Any = _extract_compatible
@@ -2920,6 +2921,28 @@ def _usage_null_is_last_member(payload):
     """
     return (payload[:1] == b"{" and payload.endswith(b',"usage":null}')
             and payload.count(b'"usage"') == 1)
+
+
+def _usage_member_value(text, key, last):
+    # type: (str, str, bool) -> Any
+    """The value of the last ``"key":`` member in ``text`` (``last``), or the first string value.
+
+    None when there is none or it does not decode.  Used on the head and tail of a body too
+    big to parse whole: outside JSON strings a quoted key cannot be faked (quotes inside strings
+    are escaped), and such bodies hold numbers and base64, so the last match is the top-level
+    member.
+    """
+    starts = [m.end() for m in re.finditer(r'"%s"\s*:\s*' % re.escape(key), text)]
+    if last:
+        starts = starts[-1:]
+    for start in starts:
+        try:
+            value = _usage_json_decoder.raw_decode(text, start)[0]
+        except (ValueError, RecursionError):
+            continue
+        if last or isinstance(value, str):
+            return value
+    return None
 
 
 class _UsageSseReader(object):
@@ -3615,10 +3638,9 @@ class UsageTap(object):
         """Best effort for a body above the buffer bound (e.g. a large embeddings batch).
 
         Every API puts usage last: parse the complete lines of the tail (NDJSON), else find the
-        last ``"usage": {...}`` object and Ollama's count fields in the tail and the model in
-        head or tail.  Outside JSON strings a quoted key cannot be faked (quotes inside strings
-        are escaped), and these bodies hold numbers and base64, so the last match is the
-        top-level member.
+        last value of each of the format's ``tail_keys`` in the tail and its model (first
+        string value of ``model_key``) in head or tail (see _usage_member_value), and read them
+        as one object.
         """
         found = False
         for line in tail.split(b"\n")[1:]:   # the first piece is probably a cut line
@@ -3636,23 +3658,15 @@ class UsageTap(object):
             return
         text = tail.decode("utf-8", "replace")
         fragment = {}  # type: Dict[str, Any]
-        last = None
-        for last in _USAGE_TAIL_USAGE.finditer(text):
-            pass
-        if last is not None:
-            try:
-                fragment["usage"] = _usage_json_decoder.raw_decode(text, last.end() - 1)[0]
-            except ValueError:
-                pass
-        for match in _USAGE_TAIL_OLLAMA.finditer(text):
-            fragment[match.group(1)] = int(match.group(2))
+        api = self._api
+        for key in api.tail_keys:
+            value = _usage_member_value(text, key, last=True)
+            if value is not None:
+                fragment[key] = value
         for source in (head.decode("utf-8", "replace"), text):
-            match = _USAGE_TAIL_MODEL.search(source)
-            if match:
-                try:
-                    fragment["model"] = json.loads(match.group(1))
-                except ValueError:
-                    pass
+            model = _usage_member_value(source, api.model_key, last=False)
+            if isinstance(model, str):
+                fragment[api.model_key] = model
                 break
         if fragment:
             self._take(fragment, None)
