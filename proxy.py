@@ -2819,7 +2819,7 @@ class ApiFormat(NamedTuple):
     contains one of these (checked on the bytes, no parse); the first few events are parsed
     anyway while looking for the model."""
     empty_member: bytes = b""
-    """A member that, when it is the payload's only use of its key, makes it hold nothing
+    """A member that makes a payload hold nothing when its key (a marker) occurs only there
     (include_usage's ``"usage":null`` on every chunk)."""
     skip_events: frozenset = frozenset()
     """SSE event names (the `event:` field) that never hold usage, model or errors."""
@@ -2836,10 +2836,11 @@ class ApiFormat(NamedTuple):
     """``extract(found, obj, event)`` learns from one parsed JSON object (body, event or line)."""
 
 
-# Bytes that announce usage, errors or llama.cpp's final counts in OpenAI-compatible chunks.
-_COMPATIBLE_MARKERS = (b"usage", b"error", b'"type"', b"timings", b'"stop":true', b"eval_count",
-                       b'"done":true')
-_OLLAMA_MARKERS = (b"eval_count", b"error", b'"done":true', b'"done": true', b"usage")
+# Bytes that announce usage, errors or llama.cpp's final counts in OpenAI-compatible chunks
+# ("usage" first: it is also the key of their empty_member).
+_COMPATIBLE_MARKERS = (b"usage", b"error", b'"type"', b"timings", b'"stop":true')
+# Ollama's token lines say "done":false and nothing else of interest.
+_OLLAMA_MARKERS = (b"eval_count", b"error", b'"done":true', b'"done": true')
 
 API_FORMATS = (
     ApiFormat("openai_chat", ("/chat/completions",), True, inject_usage=True,
@@ -3328,6 +3329,10 @@ class UsageTap(object):
         self._found = UsageFindings(self._api.counts if self._api else _counts_compatible)
         self._final = None            # type: Optional[Dict[str, Any]]
         self._probes = _USAGE_MODEL_PROBES
+        # The row's byte pre-filter, copied here: it runs on every event.
+        self._markers = self._api.markers if self._api else ()
+        self._empty = self._api.empty_member if self._api else b""
+        self._empty_key = self._empty.split(b'"')[1] if self._empty else None
         self._max_body = max_body
         self._max_line = max_line
         self._reader = None           # type: Any
@@ -3564,7 +3569,9 @@ class UsageTap(object):
                 return
             if api.event_prefix and name.startswith(api.event_prefix) and name not in api.events:
                 return
-        elif not self._probing() and not self._worth_parsing(payload):
+        elif self._probes > 0:   # the first few events: parsed whatever they hold
+            self._probes -= 1
+        elif not self._worth_parsing(payload):
             return
         try:
             obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
@@ -3575,14 +3582,6 @@ class UsageTap(object):
         if isinstance(obj, dict):
             self._take(obj, name.decode("latin-1") if name is not None else None)
 
-    def _probing(self):
-        # type: () -> bool
-        """The first few events are parsed whatever they hold, until one names the model."""
-        if self._probes > 0 and self._found.model is None:
-            self._probes -= 1
-            return True
-        return False
-
     def _worth_parsing(self, payload):
         # type: (bytes) -> bool
         """Cheap byte test from the format's row: can this payload hold usage or an error?
@@ -3590,13 +3589,11 @@ class UsageTap(object):
         Plain content chunks are skipped without a JSON parse.  False positives (a marker in
         generated text) only cost a parse.
         """
-        api = self._api
-        empty = api.empty_member
-        if empty and empty in payload and payload.count(empty[:empty.index(b":")]) == 1:
-            return False   # include_usage puts "usage":null in every chunk
-        for marker in api.markers:
+        for marker in self._markers:
             if marker in payload:
-                return True
+                # include_usage puts "usage":null in every chunk: that alone is nothing.
+                return not (marker == self._empty_key and payload.count(marker) == 1
+                            and self._empty in payload)
         return False
 
     def _on_ndjson_line(self, line):
@@ -3605,7 +3602,9 @@ class UsageTap(object):
         line = line.strip()
         if not line:
             return
-        if not self._probing() and not self._worth_parsing(line):
+        if self._probes > 0:
+            self._probes -= 1
+        elif not self._worth_parsing(line):
             return
         try:
             obj = self._loads(line.decode("utf-8"))
@@ -3682,6 +3681,8 @@ class UsageTap(object):
         elif obj.get("type", event) == "error":
             found.note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
         self._api.extract(found, obj, event)
+        if found.model is not None:
+            self._probes = 0   # the model is known: no more parsing just to look for it
 
     def _build_usage(self):
         # type: () -> Dict[str, Any]
