@@ -2403,10 +2403,9 @@ def classify_endpoint(path):
 
     ``path`` is the request path without its query string (a query is tolerated and ignored).
     Matching is by suffix, so a prefix in front still counts ("/ollama/v1/chat/completions"), and a
-    trailing slash is tolerated.  Kinds: openai_chat, openai_completions, openai_embeddings,
-    openai_responses, anthropic_messages, anthropic_count_tokens, ollama_generate, ollama_chat,
-    ollama_embed, llamacpp_completion.  Only POST requests should be classified: a GET of the
-    same path (e.g. listing) creates no usage.
+    trailing slash is tolerated; the longest matching suffix of API_FORMATS names the kind.
+    Only POST requests should be classified: a GET of the same path (e.g. listing) creates no
+    usage.
     """
     if not path:
         return None
