@@ -2429,52 +2429,6 @@ _USAGE_TAIL_KEEP = 256 << 10
 _USAGE_INFLATE_CHUNK = 64 << 10
 _USAGE_MODEL_PROBES = 3   # stream events parsed unconditionally while looking for the model name
 
-# Path suffix -> kind.  First match wins, so more specific suffixes come first ("/api/embeddings"
-# before "/embeddings", "/chat/completions" before "/completions").  Suffixes start with "/" so
-# only whole path segments match ("/v1/messagesX" is not "/messages").
-USAGE_ENDPOINT_SUFFIXES = (
-    ("/messages/count_tokens", "anthropic_count_tokens"),
-    ("/chat/completions", "openai_chat"),
-    ("/api/generate", "ollama_generate"),
-    ("/api/chat", "ollama_chat"),
-    ("/api/embed", "ollama_embed"),
-    ("/api/embeddings", "ollama_embed"),          # legacy Ollama endpoint (reports no counts)
-    ("/embeddings", "openai_embeddings"),
-    ("/completions", "openai_completions"),
-    ("/responses", "openai_responses"),
-    ("/messages", "anthropic_messages"),
-    ("/completion", "llamacpp_completion"),
-    ("/infill", "llamacpp_completion"),           # llama.cpp: same response shape as /completion
-)
-
-# Kinds whose responses carry token usage (count_tokens returns a count, not usage).
-USAGE_KINDS = frozenset((
-    "openai_chat", "openai_completions", "openai_embeddings", "openai_responses",
-    "anthropic_messages", "ollama_generate", "ollama_chat", "ollama_embed", "llamacpp_completion",
-))
-# Kinds that count as a "completion" in the stats (embeddings use tokens but complete nothing).
-USAGE_COMPLETION_KINDS = frozenset((
-    "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
-    "ollama_generate", "ollama_chat", "llamacpp_completion",
-))
-_USAGE_INJECT_KINDS = frozenset(("openai_chat", "openai_completions"))
-_USAGE_OLLAMA_STREAMING_KINDS = frozenset(("ollama_generate", "ollama_chat"))
-
-# SSE event names (the `event:` field) that never carry usage, model or errors: skipped unparsed.
-# They are the bulk of Anthropic and Responses streams.
-_USAGE_SSE_SKIP_EVENTS = frozenset((
-    b"ping", b"content_block_start", b"content_block_delta", b"content_block_stop", b"message_stop",
-))
-# Of the many "response.*" events of the OpenAI Responses API only these matter.
-_USAGE_RESPONSES_EVENTS = frozenset((
-    b"response.created", b"response.in_progress", b"response.completed",
-    b"response.incomplete", b"response.failed",
-))
-_USAGE_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_USAGE_ANTHROPIC_FIELDS = (
-    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
-)
-
 _USAGE_JSON_WS = re.compile(r"[ \t\n\r]*")
 _usage_json_decoder = json.JSONDecoder()
 # The `"usage":null` member OpenAI adds to every chunk once include_usage is on.  Matched at a
@@ -2482,9 +2436,6 @@ _usage_json_decoder = json.JSONDecoder()
 # data line without its line ending, so the whitespace classes never cross a line.
 _USAGE_NULL_MEMBER = re.compile(rb'"usage"[ \t]*:[ \t]*null')
 _USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
-_USAGE_TAIL_USAGE = re.compile(r'"usage"\s*:\s*\{')
-_USAGE_TAIL_MODEL = re.compile(r'"model"\s*:\s*("(?:[^"\\]|\\.){1,512}")')
-_USAGE_TAIL_OLLAMA = re.compile(r'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,15})\b')
 _USAGE_BOM = b"\xef\xbb\xbf"
 
 
@@ -2494,10 +2445,9 @@ def classify_endpoint(path):
 
     ``path`` is the request path without its query string (a query is tolerated and ignored).
     Matching is by suffix, so a prefix in front still counts ("/ollama/v1/chat/completions"), and a
-    trailing slash is tolerated.  Kinds: openai_chat, openai_completions, openai_embeddings,
-    openai_responses, anthropic_messages, anthropic_count_tokens, ollama_generate, ollama_chat,
-    ollama_embed, llamacpp_completion.  Only POST requests should be classified: a GET of the
-    same path (e.g. listing) creates no usage.
+    trailing slash is tolerated; the longest matching suffix of API_FORMATS names the kind.
+    Only POST requests should be classified: a GET of the same path (e.g. listing) creates no
+    usage.
     """
     if not path:
         return None
@@ -2725,22 +2675,257 @@ def _usage_anthropic_counts(u):
     return prompt, _usage_int(u.get("output_tokens")), cache_read, cache_write, 0
 
 
-def _usage_counts(u, kind):
-    # type: (Dict[str, Any], Optional[str]) -> Tuple[int, int, int, int, int]
-    """Normalise a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
-    if "prompt_tokens" in u or "completion_tokens" in u:
-        # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
-        return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
-                _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
-                _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
-    responses = kind == "openai_responses" or (
-        kind != "anthropic_messages" and ("input_tokens_details" in u or "output_tokens_details" in u))
-    if responses:
-        # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
-        return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
-                _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
-                _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
+def _usage_openai_counts(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
+    return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
+            _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
+            _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
+
+
+def _usage_responses_counts(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
+    return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
+            _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
+            _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
+
+
+def _usage_is_openai(u):
+    # type: (Dict[str, Any]) -> bool
+    return "prompt_tokens" in u or "completion_tokens" in u
+
+
+def _counts_compatible(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    """A ``usage`` object of an OpenAI-compatible API, whichever of the three shapes it has.
+
+    Local servers answer on OpenAI paths with OpenAI, Responses or Anthropic-style objects.
+    """
+    if _usage_is_openai(u):
+        return _usage_openai_counts(u)
+    if "input_tokens_details" in u or "output_tokens_details" in u:
+        return _usage_responses_counts(u)
     return _usage_anthropic_counts(u)
+
+
+def _counts_anthropic(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_anthropic_counts(u)
+
+
+def _counts_responses(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_responses_counts(u)
+
+
+class UsageFindings:
+    """What one response has told about itself so far; the extractors write here.
+
+    ``counts`` is (prompt, completion, cacheRead, cacheWrite, reasoning) or None; ``final`` says
+    they came from a usage report the API means as final (llama.cpp's running counts are not);
+    ``state`` is scratch space for an extractor that must combine several events.
+    """
+
+    __slots__ = ("counts_of", "model", "counts", "final", "error", "state")
+
+    def __init__(self, counts_of):
+        self.counts_of = counts_of   # the format's normaliser of a `usage` object
+        self.model = None            # type: Optional[str]
+        self.counts = None           # type: Optional[Tuple[int, int, int, int, int]]
+        self.final = False
+        self.error = None            # type: Optional[str]
+        self.state = {}              # type: Dict[str, Any]
+
+    def see_model(self, model):
+        # type: (Any) -> None
+        """Keep the first non-empty model name the response states."""
+        if self.model is None and isinstance(model, str) and model:
+            self.model = model
+
+    def report(self, counts, final=True):
+        # type: (Tuple[int, int, int, int, int], bool) -> None
+        """Counts from the response; a later report replaces an earlier one (cumulative)."""
+        self.counts = counts
+        self.final = self.final or final
+
+    def note_error(self, err):
+        # type: (Any) -> None
+        """Remember the first error: it is the cause, later ones are consequences."""
+        if self.error is None:
+            self.error = _usage_describe_error(err)
+
+
+def _extract_compatible(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """OpenAI-compatible bodies and chunks, with the shapes Ollama and llama.cpp add to them."""
+    found.see_model(obj.get("model"))
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        # OpenAI (also vLLM's per-chunk cumulative usage: the last one wins), Anthropic and
+        # Responses bodies.
+        found.report(found.counts_of(usage))
+        return
+    if "prompt_eval_count" in obj or "eval_count" in obj or obj.get("done") is True:
+        # Ollama: the final done:true object, or an /api/embed body.  Zero counts are omitted.
+        found.report((_usage_int(obj.get("prompt_eval_count")),
+                      _usage_int(obj.get("eval_count")), 0, 0, 0))
+        return
+    if found.final or obj.get("stop") is False:
+        return   # llama.cpp partial chunks repeat running counts: only the final one counts
+    timings = obj.get("timings")
+    if not isinstance(timings, dict):
+        timings = {}
+    if "tokens_evaluated" in obj or "tokens_predicted" in obj or timings:
+        # llama.cpp /completion final object (or `timings` on an OpenAI-style last chunk).
+        prompt = obj.get("tokens_evaluated", timings.get("prompt_n"))
+        completion = obj.get("tokens_predicted", timings.get("predicted_n"))
+        found.report((_usage_int(prompt), _usage_int(completion), 0, 0, 0), final=False)
+
+
+def _extract_anthropic(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """Anthropic Messages: usage in message_start (input, cache) and message_delta (output).
+
+    Both are cumulative, so each field keeps its last value; a cut stream counts what they said.
+    """
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        kind = event
+    if kind == "message_start":
+        message = obj.get("message")
+        if not isinstance(message, dict):
+            return
+        found.see_model(message.get("model"))
+        usage = message.get("usage")
+    elif kind == "message_delta":
+        usage = obj.get("usage")
+    else:
+        _extract_compatible(found, obj, event)   # a whole (non-streaming) message body
+        return
+    if isinstance(usage, dict):
+        merged = found.state.setdefault("anthropic", {})
+        for key in _USAGE_ANTHROPIC_FIELDS:
+            if usage.get(key) is not None:   # cumulative: replace, never add
+                merged[key] = usage[key]
+        found.report(_usage_anthropic_counts(merged))
+
+
+def _extract_responses(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """OpenAI Responses: the model in every response.* event, usage in the terminal ones."""
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        kind = event
+    if kind is None or not kind.startswith("response."):
+        _extract_compatible(found, obj, event)   # a whole (non-streaming) response body
+        return
+    response = obj.get("response")
+    if not isinstance(response, dict):
+        return
+    found.see_model(response.get("model"))
+    if kind in _USAGE_RESPONSES_TERMINAL:
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            found.report(found.counts_of(usage))
+        if kind == "response.failed":
+            found.note_error(response.get("error") or "response.failed")
+
+
+_USAGE_ANTHROPIC_FIELDS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+)
+_USAGE_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+class ApiFormat(NamedTuple):
+    """One API the proxy reads token usage from: a row of API_FORMATS, all it knows about it."""
+
+    kind: str
+    """Its name in the stats (byEndpoint) and the logs."""
+    suffixes: Tuple[str, ...]
+    """Request path endings, lower case, starting with "/" or ":" so that only whole segments
+    match ("/v1/messagesX" is not "/messages"); the longest matching suffix of all rows wins."""
+    completion: bool
+    """Counted as a completion in the stats (embeddings use tokens but complete nothing)."""
+    usage: bool = True
+    """Its responses carry token usage (count_tokens returns a count, not usage)."""
+    default_wire: Optional[str] = None
+    """How a body without an SSE or JSON content type is read unless the request said
+    ``"stream": false`` ("ndjson": Ollama streams by default); None: sniffed from its bytes."""
+    inject_usage: bool = False
+    """A streaming request may get ``stream_options.include_usage`` added (then stripped)."""
+    markers: Tuple[bytes, ...] = ()
+    """An unnamed SSE event or an NDJSON line holds usage, a model or an error only if it
+    contains one of these (checked on the bytes, no parse); the first few events are parsed
+    anyway while looking for the model."""
+    empty_member: bytes = b""
+    """A member that makes a payload hold nothing when its key (a marker) occurs only there
+    (include_usage's ``"usage":null`` on every chunk)."""
+    skip_events: frozenset = frozenset()
+    """SSE event names (the `event:` field) that never hold usage, model or errors."""
+    event_prefix: bytes = b""
+    events: frozenset = frozenset()
+    """SSE event names starting with ``event_prefix`` are parsed only when listed here."""
+    tail_keys: Tuple[str, ...] = ("usage", "prompt_eval_count", "eval_count")
+    """Members looked for (their last value) in the tail of a body too big to parse whole."""
+    model_key: str = "model"
+    """The member naming the model, looked for in the head and tail of such a body."""
+    counts: Any = _counts_compatible
+    """Normalises a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
+    extract: Any = _extract_compatible
+    """``extract(found, obj, event)`` learns from one parsed JSON object (body, event or line)."""
+
+
+# Bytes that announce usage, errors or llama.cpp's final counts in OpenAI-compatible chunks
+# ("usage" first: it is also the key of their empty_member).
+_COMPATIBLE_MARKERS = (b"usage", b"error", b'"type"', b"timings", b'"stop":true')
+# Ollama's token lines say "done":false and nothing else of interest.
+_OLLAMA_MARKERS = (b"eval_count", b"error", b'"done":true', b'"done": true')
+
+API_FORMATS = (
+    ApiFormat("openai_chat", ("/chat/completions",), True, inject_usage=True,
+              markers=_COMPATIBLE_MARKERS, empty_member=b'"usage":null'),
+    ApiFormat("openai_completions", ("/completions",), True, inject_usage=True,
+              markers=_COMPATIBLE_MARKERS, empty_member=b'"usage":null'),
+    ApiFormat("openai_embeddings", ("/embeddings",), False, markers=_COMPATIBLE_MARKERS),
+    ApiFormat("openai_responses", ("/responses",), True, markers=_COMPATIBLE_MARKERS,
+              event_prefix=b"response.", events=frozenset((
+                  b"response.created", b"response.in_progress", b"response.completed",
+                  b"response.incomplete", b"response.failed")),
+              counts=_counts_responses, extract=_extract_responses),
+    # Anthropic's ping and content_block_* events are the bulk of its streams.
+    ApiFormat("anthropic_messages", ("/messages",), True, markers=_COMPATIBLE_MARKERS,
+              skip_events=frozenset((b"ping", b"content_block_start", b"content_block_delta",
+                                     b"content_block_stop", b"message_stop")),
+              counts=_counts_anthropic, extract=_extract_anthropic),
+    ApiFormat("anthropic_count_tokens", ("/messages/count_tokens",), False, usage=False),
+    ApiFormat("ollama_generate", ("/api/generate",), True, default_wire="ndjson",
+              markers=_OLLAMA_MARKERS),
+    ApiFormat("ollama_chat", ("/api/chat",), True, default_wire="ndjson", markers=_OLLAMA_MARKERS),
+    # /api/embeddings is the legacy Ollama endpoint (it reports no counts).
+    ApiFormat("ollama_embed", ("/api/embed", "/api/embeddings"), False, markers=_OLLAMA_MARKERS),
+    # llama.cpp /infill answers in the same shape as /completion.
+    ApiFormat("llamacpp_completion", ("/completion", "/infill"), True,
+              markers=_COMPATIBLE_MARKERS),
+)
+_API_FORMAT_BY_KIND = {f.kind: f for f in API_FORMATS}
+
+# Derived from API_FORMATS (kept for the callers and tests that use them).
+# Path suffix -> kind, longest first: the most specific suffix wins ("/api/embeddings" over
+# "/embeddings", "/chat/completions" over "/completions" over "/completion").
+USAGE_ENDPOINT_SUFFIXES = tuple(sorted(
+    ((suffix, f.kind) for f in API_FORMATS for suffix in f.suffixes),
+    key=lambda pair: -len(pair[0])))
+USAGE_KINDS = frozenset(f.kind for f in API_FORMATS if f.usage)
+USAGE_COMPLETION_KINDS = frozenset(f.kind for f in API_FORMATS if f.completion)
+_USAGE_INJECT_KINDS = frozenset(f.kind for f in API_FORMATS if f.inject_usage)
+
+
+def api_format(kind):
+    # type: (Optional[str]) -> Optional[ApiFormat]
+    """The row of API_FORMATS for ``kind``, or None (no kind, or a kind that is not a format)."""
+    return _API_FORMAT_BY_KIND.get(kind) if kind else None
 
 
 def _usage_describe_error(err):
@@ -2778,6 +2963,28 @@ def _usage_null_is_last_member(payload):
     """
     return (payload[:1] == b"{" and payload.endswith(b',"usage":null}')
             and payload.count(b'"usage"') == 1)
+
+
+def _usage_member_value(text, key, last):
+    # type: (str, str, bool) -> Any
+    """The value of the last ``"key":`` member in ``text`` (``last``), or the first string value.
+
+    None when there is none or it does not decode.  Used on the head and tail of a body too
+    big to parse whole: outside JSON strings a quoted key cannot be faked (quotes inside strings
+    are escaped), and such bodies hold numbers and base64, so the last match is the top-level
+    member.
+    """
+    starts = [m.end() for m in re.finditer(r'"%s"\s*:\s*' % re.escape(key), text)]
+    if last:
+        starts = starts[-1:]
+    for start in starts:
+        try:
+            value = _usage_json_decoder.raw_decode(text, start)[0]
+        except (ValueError, RecursionError):
+            continue
+        if last or isinstance(value, str):
+            return value
+    return None
 
 
 class _UsageSseReader(object):
@@ -3110,33 +3317,26 @@ class _UsageOverBudget(Exception):
 
 
 class UsageTap(object):
-    """Incremental usage parser for one upstream response body.
+    """Incremental usage reader for one upstream response body; it never changes the body.
 
     Create it once the response headers of a 2xx answer for a usage kind are known, pass every
     piece of the body through ``feed`` and call ``finish`` at the end::
 
-        tap = UsageTap(kind, info, content_type, content_encoding, strip_injected_usage=injected)
-        out = tap.feed(data)            # write `out` to the client (may be b"" when stripping)
-        leftover, usage = tap.finish(complete)
+        tap = UsageTap(kind, info, content_type, content_encoding, injected=injected)
+        tap.feed(data)                  # returns `data` itself
+        _, usage = tap.finish(complete)
 
-    Format by content type: ``text/event-stream`` is SSE; ``application/x-ndjson`` is NDJSON;
-    ``application/json`` is buffered as one JSON body (bounded; several JSON lines are read as
-    NDJSON).  Without a JSON or SSE content type, Ollama /api/chat and /api/generate are read as
-    NDJSON unless the request said ``"stream": false`` (Ollama streams by default), and anything
-    else is sniffed: a body starting like SSE is SSE, otherwise JSON.  gzip and deflate bodies
-    are inflated on a copy; other encodings (br, zstd...) are passed on unparsed (usage
-    "missing").
+    What it reads comes from the kind's row of API_FORMATS: the tap itself knows wires (SSE,
+    NDJSON, one JSON body), encodings and its work bound, not APIs.  Wire by content type:
+    ``text/event-stream`` is SSE; ``application/x-ndjson`` is NDJSON; ``application/json`` is
+    buffered as one JSON body (bounded; several JSON lines are read as NDJSON).  Without a JSON
+    or SSE content type, a format with a ``default_wire`` is read that way unless the request
+    said ``"stream": false`` (Ollama streams NDJSON by default), and anything else is sniffed: a
+    body starting like SSE is SSE, otherwise JSON.  gzip and deflate bodies are inflated on a
+    copy; other encodings (br, zstd...) are passed on unparsed (usage "missing").
 
-    ``feed`` never raises and, unless stripping, returns the very ``data`` object it was given.
-
-    Stripping (``strip_injected_usage=True``, for an OpenAI SSE stream whose request the proxy
-    changed with ``inject_stream_usage``): ``feed`` returns what the client would have received
-    without the injection -- the usage-only chunk (``"choices": []`` with a usage object) is
-    removed with its whole event, and the ``"usage":null`` member is cut out of every other chunk
-    by a byte edit that leaves everything else identical.  An incomplete event is held back until
-    its blank line arrives (comments between events are not held).  Stripping needs an
-    uncompressed body: with a Content-Encoding the bytes are passed on unchanged.  If a single
-    event grows beyond the line bound, the held bytes are released unchanged and stripping stops.
+    ``feed`` never raises and returns the very ``data`` object it was given.  Editing the
+    client's stream (the usage the proxy injected) is InjectedUsageStripper's job.
 
     Usage (``usage`` property, and what ``finish`` returns) is a dict::
 
@@ -3147,7 +3347,8 @@ class UsageTap(object):
     completion; reasoning is informational (already part of completion).  source: "reported"
     (the backend sent usage on its own), "injected" (usage exists only because the proxy asked
     for it), "missing" (a usage kind that ended without usage: stream without include_usage,
-    interrupted stream, unparseable body) or "none" (not a usage kind: count_tokens, None).
+    interrupted stream, unparseable body, or a reader failure -- then ``failed`` is True and
+    ``usage_reader_failures`` counts it) or "none" (not a usage kind: count_tokens, None).
     error: a short text when the body carried an error (Anthropic ``event: error`` in a 200,
     Ollama ``{"error": ...}``, Responses ``response.failed`` / ``error``, OpenAI-style
     ``data: {"error": ...}``), else None.
@@ -3160,18 +3361,19 @@ class UsageTap(object):
     """
 
     def __init__(self, kind, info=None, content_type=None, content_encoding=None,
-                 strip_injected_usage=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
+                 injected=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
         # type: (Optional[str], Optional[RequestInfo], Optional[str], Optional[str], bool, int, int) -> None  # noqa: E501
         self.kind = kind
         self.complete = None          # type: Optional[bool]  # set by finish()
+        self._api = api_format(kind)
         self._request_model = getattr(info, "model", None)
-        self._model = None            # type: Optional[str]
-        self._counts = None           # type: Optional[Tuple[int, int, int, int, int]]
-        self._counts_from_usage = False
-        self._anthropic = None        # type: Optional[Dict[str, Any]]
-        self._error = None            # type: Optional[str]
+        self._found = UsageFindings(self._api.counts if self._api else _counts_compatible)
         self._final = None            # type: Optional[Dict[str, Any]]
         self._probes = _USAGE_MODEL_PROBES
+        # The row's byte pre-filter, copied here: it runs on every event.
+        self._markers = self._api.markers if self._api else ()
+        self._empty = self._api.empty_member if self._api else b""
+        self._empty_key = self._empty.split(b'"')[1] if self._empty else None
         self._max_body = max_body
         self._max_line = max_line
         self._reader = None           # type: Any
@@ -3181,14 +3383,14 @@ class UsageTap(object):
         self._inflate_deflate = False  # deflate: zlib or raw is decided on the first two bytes
         self._inflate_pending = b""
         self._decoded = 0
-        self._want_strip = bool(strip_injected_usage)
-        self._strip = False
+        self._want_injected = bool(injected)
         self._injected = False
-        self._parsing = kind in USAGE_KINDS
+        self._parsing = self._api is not None and self._api.usage
         self._wire = 0                # body bytes received from the backend
         self._work = 0                # units spent (see USAGE_WORK_BASE)
         self._lines_charged = 0       # SSE lines already counted in _work
         self.gave_up = False          # the work bound was reached: usage is "missing"
+        self.failed = False           # the reader broke (a bug or a shape it cannot read)
         if not self._parsing:
             return
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
@@ -3204,26 +3406,21 @@ class UsageTap(object):
                 return
         ctype = (content_type or "").split(";", 1)[0].strip().lower()
         if "event-stream" in ctype:
-            self._start("sse", strip=self._want_strip and not codings)
+            self._start("sse")
         elif "ndjson" in ctype or "jsonl" in ctype or "json-seq" in ctype:
             self._start("ndjson")
         elif "json" in ctype:
             self._start("json")
-        elif kind in _USAGE_OLLAMA_STREAMING_KINDS and getattr(info, "stream", None) is not False:
-            self._start("ndjson")   # Ollama streams NDJSON by default when "stream" is absent
+        elif self._api.default_wire and getattr(info, "stream", None) is not False:
+            self._start(self._api.default_wire)
         # else: decided from the first bytes of the body (_route)
 
     # -- public ---------------------------------------------------------------------------
 
     def feed(self, data):
         # type: (bytes) -> bytes
-        """Take one piece of the upstream body; return the bytes to send to the client.
-
-        Without stripping this is ``data`` itself (same object, no copy).
-        """
+        """Take one piece of the upstream body; return it (same object, no copy)."""
         self._wire += len(data)
-        if self._strip:
-            return self._feed_strip(data)
         if self._parsing and data:
             try:
                 if self._inflater is not None or self._inflate_deflate:
@@ -3232,33 +3429,23 @@ class UsageTap(object):
                     self._route(data if isinstance(data, bytes) else bytes(data))
             except _UsageOverBudget:
                 self._give_up()
-            except Exception:   # a parser bug must never break the proxied stream
-                log.debug("usage: parser error, usage for this response is lost", exc_info=True)
-                self._parsing = False
+            except Exception as exc:   # a parser bug must never break the proxied stream
+                self._fail(exc)
         return data
 
     def finish(self, complete=True):
         # type: (bool) -> Tuple[bytes, Dict[str, Any]]
-        """End of body.  Returns ``(leftover, usage)``.
+        """End of body.  Returns ``(b"", usage)``.
 
         ``complete`` says whether the upstream body ended normally; it is recorded as
         ``self.complete``.  A truncated JSON body is never guessed at (its tail is not searched),
-        and a cut stream counts only what it reported (see the class docstring).  ``leftover``
-        is held-back bytes still to send (only ever non-empty when stripping).  Calling finish
-        again returns ``(b"", usage)``.
+        and a cut stream counts only what it reported (see the class docstring).  Calling finish
+        again returns the same usage.
         """
         if self._final is not None:
             return b"", dict(self._final)
         self.complete = bool(complete)
-        leftover = b""
-        if self._strip:
-            try:
-                leftover = self._reader.finish()
-            except Exception:
-                log.debug("usage: strip error at end of stream", exc_info=True)
-                leftover = self._reader.take_everything_raw()
-            self._strip = False
-        elif self._parsing:
+        if self._parsing:
             try:
                 if self._inflater is not None:
                     rest = self._inflater.flush()
@@ -3272,11 +3459,11 @@ class UsageTap(object):
                     self._charge_lines()
             except _UsageOverBudget:
                 self._give_up()
-            except Exception:
-                log.debug("usage: parser error at end of body", exc_info=True)
+            except Exception as exc:
+                self._fail(exc)
         self._parsing = False
         self._final = self._build_usage()
-        return leftover, dict(self._final)
+        return b"", dict(self._final)
 
     @property
     def usage(self):
@@ -3295,13 +3482,12 @@ class UsageTap(object):
 
     # -- format selection and decoding ---------------------------------------------------
 
-    def _start(self, fmt, strip=False):
-        # type: (str, bool) -> None
+    def _start(self, fmt):
+        # type: (str) -> None
         self._format = fmt
         if fmt == "sse":
-            self._reader = _UsageSseReader(self._on_sse_event, self._max_line, raw=strip)
-            self._strip = strip
-            self._injected = self._want_strip
+            self._reader = _UsageSseReader(self._on_sse_event, self._max_line)
+            self._injected = self._want_injected
         elif fmt == "ndjson":
             self._reader = _UsageLineReader(self._on_ndjson_line, self._max_line)
         else:
@@ -3394,122 +3580,62 @@ class UsageTap(object):
             log.debug("usage: cannot inflate body, not parsed")
             self._parsing = False
 
-    # -- stripping -------------------------------------------------------------------------
 
-    def _feed_strip(self, data):
-        # type: (bytes) -> bytes
-        reader = self._reader
-        try:
-            reader.feed(data if isinstance(data, bytes) else bytes(data))
-            if len(reader.held) > self._max_line:
-                # One event too big to hold: send everything unchanged and stop stripping.
-                log.debug("usage: SSE event too long, injected usage no longer stripped")
-                self._strip = False
-                return reader.take_everything_raw()
-            self._charge_lines()
-            return reader.take_output()
-        except Exception as exc:
-            if isinstance(exc, _UsageOverBudget):
-                self._give_up()
-            else:
-                log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
-            self._strip = False
-            self._parsing = False
-            return reader.take_everything_raw()
+    def _fail(self, exc):
+        # type: (BaseException) -> None
+        """The reader broke: warn once per format (a bug to report), count it, read no further.
 
-    def _strip_event(self, obj, raw_lines):
-        # type: (Dict[str, Any], List[bytes]) -> Optional[bytes]
-        """The bytes to send instead of one chunk of an OpenAI stream we injected usage into."""
-        if "usage" not in obj:
-            return None
-        usage = obj["usage"]
-        if isinstance(usage, dict):
-            choices = obj.get("choices")
-            if isinstance(choices, list) and not choices:
-                return b""   # the usage-only chunk before [DONE]: drop the whole event
-            return None
-        if usage is not None:
-            return None
-        # Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
-        # inside JSON strings are escaped, so a match in valid JSON is a real key; one match and a
-        # top-level usage of null means it is that one).  Removing it with one adjacent comma
-        # leaves valid JSON.
-        hit = None
-        data_lines = 0
-        for index, raw_line in enumerate(raw_lines):
-            if raw_line[:1] != b"d":
-                continue
-            data_lines += 1
-            if data_lines > 1:
-                return None   # JSON split over data lines: the comma may sit on another line
-            body = raw_line.rstrip(b"\r\n")
-            pos = body.find(b'"usage"')
-            while pos >= 0:
-                match = _USAGE_NULL_MEMBER.match(body, pos)
-                if match is not None:
-                    if hit is not None:
-                        return None
-                    hit = (index, body, pos, match.end())
-                pos = body.find(b'"usage"', pos + 7)
-        if hit is None:
-            return None
-        index, body, start, end = hit
-        before = body[:start].rstrip(b" \t")
-        if before[-1:] == b",":        # `,"usage":null` -- drop the comma before it
-            edited = before[:-1] + body[end:]
-        else:                          # `"usage":null,` or the only member
-            after = _USAGE_COMMA_AFTER.match(body, end)
-            edited = body[:start] + body[after.end() if after else end:]
-        raw_line = raw_lines[index]
-        lines = list(raw_lines)
-        lines[index] = edited + raw_line[len(body):]
-        return b"".join(lines)
+        The message names the exception type only: its text may quote the body.
+        """
+        self.failed = True
+        self._parsing = False
+        kind = self.kind or "?"
+        with _usage_failures_lock:
+            usage_reader_failures[kind] = usage_reader_failures.get(kind, 0) + 1
+            first = usage_reader_failures[kind] == 1
+        if first:
+            log.warning("usage: the %s reader failed (%s); usage of this response is lost "
+                        "(said once per format; please report it)", kind, type(exc).__name__)
+        log.debug("usage: reader failure", exc_info=True)
 
     # -- parsers' callbacks ----------------------------------------------------------------
 
     def _on_sse_event(self, name, payload, raw_lines):
-        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> Optional[bytes]
+        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> None
         if payload[:1] == b"[" and payload.strip() == b"[DONE]":
-            return None
+            return
         if name is not None and name != b"message":
-            if name in _USAGE_SSE_SKIP_EVENTS:
-                return None
-            if name[:9] == b"response." and name not in _USAGE_RESPONSES_EVENTS:
-                return None
-        elif self._probes > 0:
+            api = self._api
+            if name in api.skip_events:
+                return
+            if api.event_prefix and name.startswith(api.event_prefix) and name not in api.events:
+                return
+        elif self._probes > 0:   # the first few events: parsed whatever they hold
             self._probes -= 1
         elif not self._worth_parsing(payload):
-            return None
-        elif raw_lines is not None and _usage_null_is_last_member(payload):
-            # The hot path of a stream we asked for usage: a chunk that carries none needs no
-            # JSON parse, only the byte edit _strip_event makes.
-            return self._strip_event({"usage": None}, raw_lines)
+            return
         try:
             obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
             if name == b"error":
-                self._note_error(payload)
-            return None
-        if not isinstance(obj, dict):
-            return None
-        event = name.decode("latin-1") if name is not None else None
-        self._take(obj, event)
-        if raw_lines is not None:
-            return self._strip_event(obj, raw_lines)
-        return None
+                self._found.note_error(payload)
+            return
+        if isinstance(obj, dict):
+            self._take(obj, name.decode("latin-1") if name is not None else None)
 
     def _worth_parsing(self, payload):
         # type: (bytes) -> bool
-        """Cheap byte test: can this data payload (no event name) hold usage or an error?
+        """Cheap byte test from the format's row: can this payload hold usage or an error?
 
-        Plain OpenAI-style content chunks are skipped without a JSON parse.  False positives
-        (the word in generated text) only cost a parse.
+        Plain content chunks are skipped without a JSON parse.  False positives (a marker in
+        generated text) only cost a parse.
         """
-        if b"usage" in payload:
-            # include_usage puts "usage":null in every chunk: not interesting unless stripping.
-            return self._strip or payload.count(b"usage") != 1 or b'"usage":null' not in payload
-        return (b"error" in payload or b'"type"' in payload or b"timings" in payload
-                or b'"stop":true' in payload)
+        for marker in self._markers:
+            if marker in payload:
+                # include_usage puts "usage":null in every chunk: that alone is nothing.
+                return not (marker == self._empty_key and payload.count(marker) == 1
+                            and self._empty in payload)
+        return False
 
     def _on_ndjson_line(self, line):
         # type: (bytes) -> None
@@ -3517,10 +3643,10 @@ class UsageTap(object):
         line = line.strip()
         if not line:
             return
-        if (self._probes <= 0 and b'"done":false' in line and b"eval_count" not in line
-                and b"error" not in line):
-            return   # an Ollama token line
-        self._probes -= 1
+        if self._probes > 0:
+            self._probes -= 1
+        elif not self._worth_parsing(line):
+            return
         try:
             obj = self._loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
@@ -3552,10 +3678,9 @@ class UsageTap(object):
         """Best effort for a body above the buffer bound (e.g. a large embeddings batch).
 
         Every API puts usage last: parse the complete lines of the tail (NDJSON), else find the
-        last ``"usage": {...}`` object and Ollama's count fields in the tail and the model in
-        head or tail.  Outside JSON strings a quoted key cannot be faked (quotes inside strings
-        are escaped), and these bodies hold numbers and base64, so the last match is the
-        top-level member.
+        last value of each of the format's ``tail_keys`` in the tail and its model (first
+        string value of ``model_key``) in head or tail (see _usage_member_value), and read them
+        as one object.
         """
         found = False
         for line in tail.split(b"\n")[1:]:   # the first piece is probably a cut line
@@ -3573,23 +3698,15 @@ class UsageTap(object):
             return
         text = tail.decode("utf-8", "replace")
         fragment = {}  # type: Dict[str, Any]
-        last = None
-        for last in _USAGE_TAIL_USAGE.finditer(text):
-            pass
-        if last is not None:
-            try:
-                fragment["usage"] = _usage_json_decoder.raw_decode(text, last.end() - 1)[0]
-            except ValueError:
-                pass
-        for match in _USAGE_TAIL_OLLAMA.finditer(text):
-            fragment[match.group(1)] = int(match.group(2))
+        api = self._api
+        for key in api.tail_keys:
+            value = _usage_member_value(text, key, last=True)
+            if value is not None:
+                fragment[key] = value
         for source in (head.decode("utf-8", "replace"), text):
-            match = _USAGE_TAIL_MODEL.search(source)
-            if match:
-                try:
-                    fragment["model"] = json.loads(match.group(1))
-                except ValueError:
-                    pass
+            model = _usage_member_value(source, api.model_key, last=False)
+            if isinstance(model, str):
+                fragment[api.model_key] = model
                 break
         if fragment:
             self._take(fragment, None)
@@ -3599,97 +3716,25 @@ class UsageTap(object):
     def _take(self, obj, event):
         # type: (Dict[str, Any], Optional[str]) -> None
         """Learn model, usage and errors from one parsed JSON object (body, event or line)."""
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            kind = event
-        err = obj.get("error")
-        if err:
-            self._note_error(obj)
-        elif kind == "error":
-            self._note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
-
-        if kind == "message_start":            # Anthropic stream
-            message = obj.get("message")
-            if isinstance(message, dict):
-                self._see_model(message.get("model"))
-                self._merge_anthropic(message.get("usage"))
-            return
-        if kind == "message_delta":            # Anthropic: cumulative usage, last value wins
-            self._merge_anthropic(obj.get("usage"))
-            return
-        if kind is not None and kind.startswith("response."):   # OpenAI Responses stream
-            response = obj.get("response")
-            if isinstance(response, dict):
-                self._see_model(response.get("model"))
-                if kind in _USAGE_RESPONSES_TERMINAL:
-                    usage = response.get("usage")
-                    if isinstance(usage, dict):
-                        self._counts = _usage_counts(usage, self.kind)
-                        self._counts_from_usage = True
-                    if kind == "response.failed":
-                        self._note_error(response.get("error") or "response.failed")
-            return
-
-        self._see_model(obj.get("model"))
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            # OpenAI (also vLLM's per-chunk cumulative usage: the last one wins), Anthropic and
-            # Responses bodies.
-            self._counts = _usage_counts(usage, self.kind)
-            self._counts_from_usage = True
-            return
-        if "prompt_eval_count" in obj or "eval_count" in obj or obj.get("done") is True:
-            # Ollama: the final done:true object, or an /api/embed body.  Zero counts are omitted.
-            self._counts = (_usage_int(obj.get("prompt_eval_count")),
-                            _usage_int(obj.get("eval_count")), 0, 0, 0)
-            self._counts_from_usage = True
-            return
-        if self._counts_from_usage or obj.get("stop") is False:
-            return   # llama.cpp partial chunks repeat running counts: only the final one counts
-        timings = obj.get("timings")
-        if not isinstance(timings, dict):
-            timings = {}
-        if "tokens_evaluated" in obj or "tokens_predicted" in obj or timings:
-            # llama.cpp /completion final object (or `timings` on an OpenAI-style last chunk).
-            prompt = obj.get("tokens_evaluated", timings.get("prompt_n"))
-            completion = obj.get("tokens_predicted", timings.get("predicted_n"))
-            self._counts = (_usage_int(prompt), _usage_int(completion), 0, 0, 0)
-
-    def _see_model(self, model):
-        # type: (Any) -> None
-        if self._model is None and isinstance(model, str) and model:
-            self._model = model
-            self._probes = 0
-
-    def _merge_anthropic(self, usage):
-        # type: (Any) -> None
-        if not isinstance(usage, dict):
-            return
-        if self._anthropic is None:
-            self._anthropic = {}
-        for key in _USAGE_ANTHROPIC_FIELDS:
-            value = usage.get(key)
-            if value is not None:   # cumulative: replace, never add
-                self._anthropic[key] = value
-
-    def _note_error(self, err):
-        # type: (Any) -> None
-        if self._error is None:   # the first error is the cause; later ones are consequences
-            self._error = _usage_describe_error(err)
+        found = self._found
+        if obj.get("error"):
+            found.note_error(obj)
+        elif obj.get("type", event) == "error":
+            found.note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
+        self._api.extract(found, obj, event)
+        if found.model is not None:
+            self._probes = 0   # the model is known: no more parsing just to look for it
 
     def _build_usage(self):
         # type: () -> Dict[str, Any]
-        model = self._model or self._request_model
+        found = self._found
+        model = found.model or self._request_model
         counts = None
         if self.kind not in USAGE_KINDS:
             source = "none"
         else:
-            if self.gave_up:
-                counts = None       # what was seen so far may not be the whole answer's usage
-            elif self._anthropic is not None:
-                counts = _usage_anthropic_counts(self._anthropic)
-            elif self._counts is not None:
-                counts = self._counts
+            if not self.gave_up:    # else what was seen may not be the whole answer's usage
+                counts = found.counts
             if counts is None:
                 source = "missing"
             else:
@@ -3704,8 +3749,145 @@ class UsageTap(object):
             "cacheWrite": cache_write,
             "reasoning": reasoning,
             "source": source,
-            "error": self._error,
+            "error": found.error,
         }
+
+
+# Reader failures per kind since start (a failure is a bug, not "the backend reported nothing").
+usage_reader_failures = {}  # type: Dict[str, int]
+_usage_failures_lock = threading.Lock()
+
+
+class InjectedUsageStripper:
+    """Gives the client the SSE stream it asked for when the proxy added include_usage to it.
+
+    For an OpenAI stream whose request ``inject_stream_usage`` changed: the usage-only chunk
+    (``"choices": []`` with a usage object) is removed with its whole event, and the
+    ``"usage":null`` member is cut out of every other chunk by a byte edit that leaves
+    everything else identical.  An incomplete event is held back until its blank line arrives
+    (comments between events are not held).  If one event grows beyond ``max_line``, or
+    anything goes wrong, the held bytes are released unchanged and the rest passes through.
+    Reading the usage is the UsageTap's job, on the backend's bytes.
+    """
+
+    __slots__ = ("reader", "active", "max_line")
+
+    def __init__(self, max_line=USAGE_MAX_LINE):
+        # type: (int) -> None
+        self.max_line = max_line
+        self.reader = _UsageSseReader(self._on_event, max_line, raw=True)
+        self.active = True
+
+    @staticmethod
+    def wanted(injected, content_type, content_encoding):
+        # type: (bool, Optional[str], Optional[str]) -> bool
+        """Whether a 2xx answer needs stripping: the proxy injected, and the body is plain SSE."""
+        coding = (content_encoding or "").strip().lower()
+        return bool(injected) and "event-stream" in (content_type or "").lower() \
+            and coding in ("", "identity")
+
+    def feed(self, data):
+        # type: (bytes) -> bytes
+        """Take one piece of the backend's body; return the bytes for the client (maybe b"")."""
+        if not self.active:
+            return data
+        reader = self.reader
+        try:
+            reader.feed(data if isinstance(data, bytes) else bytes(data))
+            if len(reader.held) > self.max_line:
+                log.debug("usage: SSE event too long, injected usage no longer stripped")
+                return self._give_up()
+            return reader.take_output()
+        except Exception:
+            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+            return self._give_up()
+
+    def finish(self):
+        # type: () -> bytes
+        """End of body: the bytes still held back (an unterminated last event)."""
+        if not self.active:
+            return b""
+        self.active = False
+        try:
+            return self.reader.finish()
+        except Exception:
+            log.debug("usage: strip error at end of stream", exc_info=True)
+            return self.reader.take_everything_raw()
+
+    @property
+    def held_bytes(self):
+        # type: () -> int
+        """Bytes held back from the client (tests)."""
+        return self.reader.held_bytes() if self.active else 0
+
+    def _give_up(self):
+        # type: () -> bytes
+        self.active = False
+        return self.reader.take_everything_raw()
+
+    def _on_event(self, name, payload, raw_lines):
+        # type: (Optional[bytes], bytes, List[bytes]) -> Optional[bytes]
+        if b'"usage"' not in payload:
+            return None
+        if _usage_null_is_last_member(payload):
+            # The hot path: a chunk that carries no usage needs no JSON parse, only the edit.
+            return _strip_null_usage(raw_lines)
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return None
+        usage = obj["usage"]
+        if isinstance(usage, dict):
+            choices = obj.get("choices")
+            if isinstance(choices, list) and not choices:
+                return b""   # the usage-only chunk before [DONE]: drop the whole event
+            return None
+        if usage is not None:
+            return None
+        return _strip_null_usage(raw_lines)
+
+
+def _strip_null_usage(raw_lines):
+    # type: (List[bytes]) -> Optional[bytes]
+    """The event's lines without its top-level ``"usage":null`` member, or None to keep them.
+
+    Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
+    inside JSON strings are escaped, so a match in valid JSON is a real key; one match and a
+    top-level usage of null means it is that one).  Removing it with one adjacent comma leaves
+    valid JSON.
+    """
+    hit = None
+    data_lines = 0
+    for index, raw_line in enumerate(raw_lines):
+        if raw_line[:1] != b"d":
+            continue
+        data_lines += 1
+        if data_lines > 1:
+            return None   # JSON split over data lines: the comma may sit on another line
+        body = raw_line.rstrip(b"\r\n")
+        pos = body.find(b'"usage"')
+        while pos >= 0:
+            match = _USAGE_NULL_MEMBER.match(body, pos)
+            if match is not None:
+                if hit is not None:
+                    return None
+                hit = (index, body, pos, match.end())
+            pos = body.find(b'"usage"', pos + 7)
+    if hit is None:
+        return None
+    index, body, start, end = hit
+    before = body[:start].rstrip(b" \t")
+    if before[-1:] == b",":        # `,"usage":null` -- drop the comma before it
+        edited = before[:-1] + body[end:]
+    else:                          # `"usage":null,` or the only member
+        after = _USAGE_COMMA_AFTER.match(body, end)
+        edited = body[:start] + body[after.end() if after else end:]
+    raw_line = raw_lines[index]
+    lines = list(raw_lines)
+    lines[index] = edited + raw_line[len(body):]
+    return b"".join(lines)
 
 
 # ==================================================================================================
@@ -6229,6 +6411,85 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def response_has_body(method: str, status: int) -> bool:
+    """Whether an answer to ``method`` with ``status`` has a body (RFC 9110 §6.4.1)."""
+    return not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+class Framing(NamedTuple):
+    """How one answer's body travels to the client, decided once from the backend's head."""
+
+    has_body: bool
+    """False for HEAD, 204, 304 and 1xx: the head is all there is."""
+    streamed: bool
+    """An SSE or NDJSON stream (its pieces may be minutes apart)."""
+    reframed: bool
+    """The backend's Content-Length is not passed on: it is unknown, chunked, or the body may
+    be edited on the way (injected usage)."""
+    chunked: bool
+    """We send the body chunked (a re-framed body to an HTTP/1.1 client); a re-framed body to
+    an HTTP/1.0 client ends with the connection's close instead."""
+    hold_head: bool
+    """The head waits for the first piece so both leave in one write (see plan_framing)."""
+
+
+def plan_framing(response, request_method: str, client_version: str,
+                 body_edited: bool = False) -> Framing:
+    """Decide, from the backend's head alone, how the body is framed and when the head goes.
+
+    A Content-Length body was complete when the backend sent its head, and its first piece
+    comes in the same read or right after: the head waits for it and both leave in one write,
+    one TLS record and one syscall less per answer. Streams and chunked bodies, whose next
+    bytes may be minutes away, get their head at once.
+    """
+    content_type = response.getheader("content-type", "")
+    streamed = "event-stream" in content_type or "ndjson" in content_type
+    has_body = response_has_body(request_method, response.status)
+    reframed = has_body and (response.chunked or response.length is None or body_edited)
+    chunked = reframed and client_version == "HTTP/1.1"
+    hold_head = has_body and bool(response.length) and not chunked and not streamed
+    return Framing(has_body, streamed, reframed, chunked, hold_head)
+
+
+class BodyPipe:
+    """The backend's body on its way to the client, as the relay loop sees it.
+
+    ``read()`` gives the next bytes for the client (b"" at the end of the body): every piece
+    from ``read_piece`` is first read by the usage ``tap`` as it came from the backend, then
+    edited by the ``stripper`` (which may hold part of it back).  ``finish(complete)`` ends
+    both and returns what the stripper still held.  Neither of them ever raises.
+    """
+
+    __slots__ = ("read_piece", "tap", "stripper")
+
+    def __init__(self, read_piece, tap: Optional["UsageTap"],
+                 stripper: Optional["InjectedUsageStripper"]):
+        self.read_piece = read_piece
+        self.tap = tap
+        self.stripper = stripper
+
+    def read(self) -> bytes:
+        """The next bytes for the client; b"" only at the end of the backend's body."""
+        while True:
+            data = self.read_piece()
+            if not data:
+                return data
+            if self.tap is not None:
+                self.tap.feed(data)
+            if self.stripper is None:
+                return data
+            data = self.stripper.feed(data)
+            if data:
+                return data
+
+    def finish(self, complete: bool) -> bytes:
+        """End of the body (``complete``: it ended normally): the bytes still to send."""
+        tail = self.stripper.finish() if self.stripper is not None else b""
+        if self.tap is not None:
+            self.tap.finish(complete)
+        return tail
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
@@ -6473,14 +6734,12 @@ class Exchange:
             send(b"%x\r\n%s\r\n" % (len(data), data))
         send(b"0\r\n\r\n")
 
-    def response_headers(self, response, body_kept: bool) -> Tuple[List[Tuple[str, str]], bool]:
-        """The backend's headers to pass on, and whether we frame the body as chunked."""
+    def response_headers(self, response, framing: "Framing") -> List[Tuple[str, str]]:
+        """The backend's headers to pass on, with our framing headers and the CORS ones."""
         raw = response.getheaders()
         dropped = set(HOP_BY_HOP_HEADERS)
         dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
-        reframed = self.has_body(response) and (
-            response.chunked or response.length is None or not body_kept)
-        if reframed or response.chunked:
+        if framing.reframed or response.chunked:
             # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a proxy MUST remove
             # Content-Length before forwarding; a body we re-frame carries our framing only
             # (http.client also gives length None for an unparsable Content-Length).
@@ -6494,56 +6753,63 @@ class Exchange:
                 dropped.add(lower)          # identical repeats (checked already): send one
             # RFC 9112 §5.2: replace obs-fold (CRLF + whitespace) by SP before forwarding.
             headers.append((k, _OBS_FOLD.sub(" ", v)))
-        chunked = False
-        if self.has_body(response):
-            if response.chunked or response.length is None or not body_kept:
-                if self.head.version == "HTTP/1.1":
-                    headers.append(("Transfer-Encoding", "chunked"))
-                    chunked = True
-                else:
-                    self.handler.close_connection = True   # HTTP/1.0: the close ends the body
+        if framing.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif framing.reframed:
+            self.handler.close_connection = True   # HTTP/1.0: the close ends the body
         headers.extend(self.handler.cors_response_headers([k for k, _ in headers]))
-        return headers, chunked
+        return headers
 
     def has_body(self, response) -> bool:
-        status = response.status
-        return not (self.head.method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+        return response_has_body(self.head.method, response.status)
 
     def relay_response(self, conn, response) -> None:
-        """Copy status, headers and body to the client, each piece as soon as it arrives."""
+        """Copy status, headers and body to the client, each piece as soon as it arrives.
+
+        Framing is planned once (plan_framing); the body reaches the copy loop through a
+        BodyPipe, where the usage tap reads it and the stripper takes out injected usage.
+        """
         self.status = response.status
         content_type = response.getheader("content-type", "")
-        self.streamed = "event-stream" in content_type or "ndjson" in content_type
+        encoding = response.getheader("content-encoding", "")
+        stripper = None
         if self.kind and 200 <= response.status < 300:
-            self.tap = UsageTap(self.kind, self.request_info, content_type,
-                                response.getheader("content-encoding", ""),
-                                strip_injected_usage=self.injected)
-        body_kept = not (self.tap is not None and self.injected)
-        headers, chunked = self.response_headers(response, body_kept)
+            self.tap = UsageTap(self.kind, self.request_info, content_type, encoding,
+                                injected=self.injected)
+            if InjectedUsageStripper.wanted(self.injected, content_type, encoding):
+                stripper = InjectedUsageStripper()
+        # An injected request's body may be edited, so its length is not passed on.
+        framing = plan_framing(response, self.head.method, self.head.version,
+                               body_edited=self.tap is not None and self.injected)
+        self.streamed = framing.streamed
+        headers = self.response_headers(response, framing)
         write = self.handler.wfile.write
         reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
         head = self.handler.format_head(response.status, reason, headers)
-        # A Content-Length body was complete when the backend sent its head, and its first piece
-        # comes in the same read or right after: the head waits for it and both leave in one
-        # write, one TLS record and one syscall less per answer. Streams and chunked bodies,
-        # whose next bytes may be minutes away, get their head at once.
-        if not (self.has_body(response) and response.length and not chunked
-                and not self.streamed):
+        if not framing.hold_head:
             try:
                 write(head)
             except OSError:
                 conn.close()
                 raise ClientGone() from None
             head = b""
-        if not self.has_body(response):
+        if not framing.has_body:
             self.ttfb = time.monotonic() - self.started
             self.server.upstream.release(conn, response)
             return
-        tap = self.tap
+
+        def read_piece() -> bytes:
+            data = self.read_available(response)
+            if self.ttfb is None:
+                self.ttfb = time.monotonic() - self.started
+            return data
+
+        body = BodyPipe(read_piece, self.tap, stripper)
+        chunked = framing.chunked
         complete = False
         while True:
             try:
-                data = self.read_available(response)
+                data = body.read()
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -6554,8 +6820,6 @@ class Exchange:
                     return
                 self.upstream_broke(conn, exc)
                 return
-            if self.ttfb is None:
-                self.ttfb = time.monotonic() - self.started
             if not data:
                 if response.length:
                     # HTTPResponse.read1() reports a Content-Length body cut short by a clean
@@ -6565,10 +6829,6 @@ class Exchange:
                     return
                 complete = True
                 break
-            if tap is not None:
-                data = tap.feed(data)
-                if not data:
-                    continue
             self.sent += len(data)
             try:
                 if head:
@@ -6579,9 +6839,7 @@ class Exchange:
             except OSError:
                 self.client_broke(conn)
                 return
-        tail = b""
-        if tap is not None:
-            tail, _ = tap.finish(complete)
+        tail = body.finish(complete)
         try:
             if head:                      # the body ended before its first byte
                 write(head)
