@@ -1919,15 +1919,20 @@ def _make_private_dirs(directory: str) -> None:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
-    readers see the old or the new file, never half of one. mkstemp() creates the temp file with
-    mode 0600, so a private key is never readable by others, not even for a moment; public files
-    are widened to 0644 before they take their name."""
+def _write_file_atomic(path: str, data: bytes, private: bool, make_dirs: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers (and a power cut) see the old or the new
+    file, never half of one: a temp file in the same directory, fsync, os.replace, then fsync of
+    the directory (POSIX) so the rename itself is durable. The one writer of certificates, keys,
+    stats.json and the config file --add-key edits.
+
+    mkstemp() creates the temp file with mode 0600, so a ``private`` file (a key, a config with
+    keys) is never readable by others, not even for a moment; other files are widened to 0644
+    before they take their name. ``make_dirs`` creates missing folders 0700 first (stats.json
+    does not: a missing folder is reported, as a wrong path should be)."""
     directory = os.path.dirname(os.path.abspath(path))
-    _make_private_dirs(directory)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    if make_dirs:
+        _make_private_dirs(directory)
+    fd, tmp = tempfile.mkstemp(prefix=_atomic_temp_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -1947,15 +1952,39 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
         except OSError:
             pass
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX only)
+    if os.name == "posix":  # make the rename durable
         try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError:
-            pass
+            pass  # best effort: some filesystems refuse fsync on directories
+
+
+def _atomic_temp_prefix(path: str) -> str:
+    """How _write_file_atomic() names its temp files: ".<name>.<random>.tmp" beside ``path``."""
+    return "." + os.path.basename(path) + "."
+
+
+def remove_stale_temp_files(path: str) -> None:
+    """Delete the temp files of _write_file_atomic() that a killed process left beside ``path``
+    mid-write. Call it only where one process owns the file (at start-up): it would also
+    remove the temp file of a write under way in another process."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _atomic_temp_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                log.info("removed %s, left by an interrupted write", name)
+            except OSError:
+                pass
 
 
 def _check_still_ours(tmp: str, fd: int) -> None:
@@ -4307,7 +4336,7 @@ class StatsStore(object):
         if not self._persistence_enabled():
             return False
         path = self.path
-        _stats_remove_stale_temp_files(path)
+        remove_stale_temp_files(path)
         try:
             with open(path, "rb") as f:
                 data = f.read(_STATS_FILE_MAX_BYTES + 1)
@@ -4413,7 +4442,7 @@ class StatsStore(object):
             try:
                 data = json.dumps(doc, ensure_ascii=True, allow_nan=False,
                                   separators=(",", ":")).encode("ascii")
-                _stats_atomic_write(self.path, data)
+                _write_file_atomic(self.path, data, private=False, make_dirs=False)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
@@ -4469,67 +4498,6 @@ class StatsStore(object):
             thread.join(timeout)
         self._autosave_stop = self._autosave_thread = None
         return self.save()
-
-
-def _stats_remove_stale_temp_files(path):
-    # type: (str) -> None
-    """Delete temp files a killed process left behind mid-save (one proxy per stats file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = "." + os.path.basename(path) + "."
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                log.info("removed %s, left by an interrupted save", name)
-            except OSError:
-                pass
-
-
-def _stats_atomic_write(path, data):
-    # type: (str, bytes) -> None
-    """Replace `path` with `data` so that readers (and a power cut) see either
-    the old or the new file, never a torn one: temp file in the same
-    directory, fsync, os.replace, then fsync the directory (POSIX) so the
-    rename itself is durable."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
-            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
-            # is caught before os.replace() would put it in place of stats.json.
-            try:
-                if hasattr(os, "fchmod"):
-                    os.fchmod(f.fileno(), 0o644)
-                else:
-                    os.chmod(tmp, 0o644)
-            except OSError:
-                pass
-            _check_still_ours(tmp, f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if os.name == "posix":
-        try:
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # best effort: some filesystems refuse fsync on directories
 
 
 # -- stats.json validation ---------------------------------------------
