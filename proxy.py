@@ -3882,6 +3882,76 @@ def _stats_breakdown_view(entry):
             "avgTtfbMs": avg_ttfb, "tokensPerSecond": tps}
 
 
+@dataclass
+class RequestRecord:
+    """One finished forwarded request (or WebSocket), as the HTTP layer hands it to
+    StatsStore.record(): the whole contract between the two. The store trusts it, so the
+    values are made safe here, once, when the record is built (__post_init__): strings
+    bounded and free of lone surrogates, counts clamped to [0, USAGE_MAX_COUNT), odd numbers
+    dropped to 0 or None. Never raises on odd values: the backend controls some of them."""
+
+    # When the request started, epoch seconds (wall clock); None: when the store records it.
+    time: Optional[float] = None
+    # The request's method ("POST"), cut to 16 characters.
+    method: str = ""
+    # The request path without its query string (queries may carry secrets).
+    path: str = ""
+    # The client's IP address, as the request log shows it.
+    client: str = ""
+    # The status sent to the client (101 for a WebSocket); 0 if none was sent.
+    status: int = 0
+    # True for a completion endpoint (chat, messages, ...): counted once it answered 2xx.
+    completion: bool = False
+    # The model that answered (or the one asked for, once the backend accepted it); None: unknown.
+    model: Optional[str] = None
+    # Token counts by STATS_TOKEN_FIELDS (total filled in from prompt + completion when
+    # missing); None when the response reported no usage.
+    usage: Optional[Dict[str, int]] = None
+    # Where the usage came from: "reported", "injected" (we asked for it), "missing"; or None.
+    usage_source: Optional[str] = None
+    # True for a failed request: 4xx/5xx, a proxy-made error, a backend error in the stream.
+    error: bool = False
+    # Milliseconds to the first response byte; None if none arrived.
+    ttfb_ms: Optional[float] = None
+    # Milliseconds from the request's start to the end of the response.
+    duration_ms: Optional[float] = None
+    # Body bytes sent to the client.
+    bytes: int = 0
+    # Whether the response was streamed; None: unknown (see StatsStore._generation_seconds()).
+    streamed: Optional[bool] = None
+    # The access key's name; None while the proxy is open (no keys configured).
+    key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        when = self.time
+        if isinstance(when, bool) or not isinstance(when, (int, float)) \
+                or not math.isfinite(when):
+            self.time = None
+        status = self.status
+        self.status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+        self.method = _stats_clean_key(self.method or "", 16)
+        self.path = _stats_clean_key(self.path or "")
+        self.client = _stats_clean_key(self.client or "")
+        self.completion = bool(self.completion)
+        model = self.model
+        self.model = _stats_clean_key(model) if isinstance(model, str) and model else None
+        if isinstance(self.usage, dict):
+            usage = {f: _stats_count(self.usage.get(f)) for f in STATS_TOKEN_FIELDS}
+            if not usage["total"]:
+                usage["total"] = usage["prompt"] + usage["completion"]
+            self.usage = usage
+        else:
+            self.usage = None
+        if self.usage_source not in STATS_USAGE_SOURCES:
+            self.usage_source = None
+        self.error = bool(self.error)
+        self.ttfb_ms = _stats_ms(self.ttfb_ms)
+        self.duration_ms = _stats_ms(self.duration_ms)
+        self.bytes = _stats_count(self.bytes)
+        key = self.key
+        self.key = _stats_clean_key(key) if isinstance(key, str) and key else None
+
+
 class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
@@ -3891,19 +3961,13 @@ class StatsStore(object):
 
     Methods for the HTTP layer:
       request_started() / request_finished() -- around every forwarded request
-      record(rec)        -- once per forwarded request, with the dict below
+      record(rec)        -- once per forwarded request, with a RequestRecord
       snapshot()         -- the /_proxy/stats JSON (a fresh dict)
       reset()            -- zero everything (POST /_proxy/reset)
     Methods for start-up / shutdown:
       load()             -- read stats.json once at start
       save()             -- write stats.json atomically if anything changed
       start_autosave(interval) / stop_autosave() -- background saver thread
-
-    ``rec`` keys: time (epoch s, request start), method, path (no query),
-    client, status, completion (bool), model (str|None), usage (dict of
-    STATS_TOKEN_FIELDS ints |None), usageSource ("reported"|"injected"|"missing"|
-    None), error (bool), ttfbMs (float|None), durationMs (float), bytes (int);
-    optional: streamed (bool) -- see _generation_seconds().
 
     One lock guards all state; it is never held during disk I/O.  No thread
     is started by the constructor.  With enabled=False (tracking disabled in
@@ -4091,43 +4155,26 @@ class StatsStore(object):
                 self._in_flight -= 1
 
     def record(self, rec):
-        # type: (Dict[str, Any]) -> None
-        """Add one finished forwarded request (see the class docstring for
-        the keys).  Never raises on odd values: bad numbers count as 0/None."""
+        # type: (RequestRecord) -> None
+        """Add one finished forwarded request. The record's values are already safe (see
+        RequestRecord); here they are only counted."""
         now = self._clock()
-        when = rec.get("time")
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-            when = now
-        status = rec.get("status")
-        status = status if isinstance(status, int) and not isinstance(status, bool) else 0
-        is_error = bool(rec.get("error"))
-        is_completion = bool(rec.get("completion")) and 200 <= status < 300
-        raw_usage = rec.get("usage")
-        usage = None  # type: Optional[Dict[str, int]]
-        if isinstance(raw_usage, dict):
-            usage = {f: _stats_count(raw_usage.get(f)) for f in STATS_TOKEN_FIELDS}
-            if not usage["total"]:
-                usage["total"] = usage["prompt"] + usage["completion"]
-        zero_usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        u = usage or zero_usage
-        source = rec.get("usageSource")
-        model = rec.get("model")
-        model_key = None  # type: Optional[str]
-        if isinstance(model, str) and model:
-            model_key = _stats_clean_key(model)
-        elif usage is not None:
+        when = rec.time if rec.time is not None else now
+        status = rec.status
+        is_error = rec.error
+        is_completion = rec.completion and 200 <= status < 300
+        usage = rec.usage
+        u = usage or dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        source = rec.usage_source
+        model_key = rec.model                   # type: Optional[str]
+        if model_key is None and usage is not None:
             model_key = STATS_UNKNOWN_MODEL
-        path = _stats_clean_key(rec.get("path") or "")
-        client = _stats_clean_key(rec.get("client") or "")
-        method = _stats_clean_key(rec.get("method") or "", 16)
-        ttfb_ms = _stats_ms(rec.get("ttfbMs"))
-        duration_ms = _stats_ms(rec.get("durationMs"))
-        nbytes = _stats_count(rec.get("bytes"))
-        key_name = rec.get("key")
-        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
+        path, client, method = rec.path, rec.client, rec.method
+        ttfb_ms, duration_ms, nbytes = rec.ttfb_ms, rec.duration_ms, rec.bytes
+        key_name = rec.key
         gen_s = None  # type: Optional[float]
         if u["completion"] > 0:
-            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
+            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.streamed)
         tps = round(u["completion"] / gen_s, 1) if gen_s else None
 
         entry = {
@@ -4141,7 +4188,7 @@ class StatsStore(object):
             "durationMs": round(duration_ms, 1) if duration_ms is not None else None,
             "ttfbMs": round(ttfb_ms, 1) if ttfb_ms is not None else None,
             "tokensPerSecond": tps,
-            "usage": source if source in STATS_USAGE_SOURCES else None,
+            "usage": source,
             "error": is_error,
         }
         if key_name is not None:
@@ -4155,7 +4202,7 @@ class StatsStore(object):
             self._bytes += nbytes
             for f in STATS_TOKEN_FIELDS:
                 self._tokens[f] += u[f]
-            if source in STATS_USAGE_SOURCES:
+            if source is not None:
                 self._usage_reports[source] += 1
             targets = [self._breakdown_entry(self._by_endpoint, path),
                        self._breakdown_entry(self._by_client, client)]
@@ -6652,15 +6699,15 @@ class Exchange:
                         " %d tokens" % tokens if tokens else "",
                         " key=%s" % self.key_name if self.key_name else "",
                         ": " + self.failure if self.failure else "")
-        self.server.stats.record({
-            "time": self.started_wall, "method": self.head.method, "path": self.path,
-            "client": self.handler.client_ip, "status": self.status,
-            "completion": bool(self.kind) and is_completion_kind(self.kind),
-            "model": model, "usage": usage, "usageSource": source, "error": self.error,
-            "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
-            "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
-            "key": self.key_name,
-        })
+        self.server.stats.record(RequestRecord(
+            time=self.started_wall, method=self.head.method, path=self.path,
+            client=self.handler.client_ip, status=self.status,
+            completion=bool(self.kind) and is_completion_kind(self.kind),
+            model=model, usage=usage, usage_source=source, error=self.error,
+            ttfb_ms=None if self.ttfb is None else self.ttfb * 1000,
+            duration_ms=duration * 1000, bytes=self.sent, streamed=self.streamed,
+            key=self.key_name,
+        ))
 
 
 LINGER_SECONDS = 2.0

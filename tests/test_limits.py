@@ -411,13 +411,13 @@ class DescriptorTests(unittest.TestCase):
         with self.assertLogs("llm-proxy", level="INFO") as captured:
             with mock.patch.object(proxy, "_write_file_atomic", side_effect=fail):
                 for n in range(5):
-                    store.record({"time": time.time(), "path": "/p%d" % n, "status": 200})
+                    store.record(proxy.RequestRecord(time=time.time(), path="/p%d" % n, status=200))
                     self.assertFalse(store.save())
                 last_error = store.snapshot()["persistence"]["lastError"]
-            store.record({"time": time.time(), "path": "/ok", "status": 200})
+            store.record(proxy.RequestRecord(time=time.time(), path="/ok", status=200))
             self.assertTrue(store.save())
             with mock.patch.object(proxy, "_write_file_atomic", side_effect=fail):
-                store.record({"time": time.time(), "path": "/again", "status": 200})
+                store.record(proxy.RequestRecord(time=time.time(), path="/again", status=200))
                 self.assertFalse(store.save())
         warnings = [m for m in captured.output if "cannot save stats" in m]
         self.assertEqual(len(warnings), 2, captured.output)     # one per failing spell

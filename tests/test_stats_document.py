@@ -1,8 +1,9 @@
 """Issue 13 items 3, 4 and 7 (part): the request record handed to stats, the stats document
 (whose JSON is stats.json, loaded in one walk), and the one atomic writer."""
 
-from support import proxy
+from support import proxy, FakeLLM, https, start_proxy, start_upstream, wait_until
 
+import dataclasses
 import json
 import os
 import shutil
@@ -72,6 +73,60 @@ class TestOneAtomicWriter(unittest.TestCase):
         proxy.remove_stale_temp_files(path)
         self.assertEqual(sorted(os.listdir(directory)), [".key.pem.abc.tmp"])
         self.assertIs(os.replace, real_replace)
+
+
+class TestRequestRecord(unittest.TestCase):
+    """Item 3: the HTTP layer hands stats a typed RequestRecord; values are made safe once, there."""
+
+    def test_every_field_is_documented_by_a_comment(self):
+        import inspect
+        source = inspect.getsource(proxy.RequestRecord).splitlines()
+        for f in dataclasses.fields(proxy.RequestRecord):
+            line = next(i for i, text in enumerate(source)
+                        if text.strip().startswith(f.name + ":"))
+            self.assertTrue(source[line - 1].strip().startswith("#"), f.name)
+
+    def test_values_are_made_safe_when_built(self):
+        r = proxy.RequestRecord(time=float("nan"), method="X" * 40, path="/p" + "a" * 500,
+                                status=True, model="bad\ud800", usage={"prompt": 10 ** 5000,
+                                "completion": 7, "total": -1}, usage_source="made-up",
+                                ttfb_ms=float("inf"), duration_ms=-3, bytes=2.5e300, key="")
+        self.assertIsNone(r.time)
+        self.assertEqual(len(r.method), 16)
+        self.assertLessEqual(len(r.path), 200)
+        self.assertEqual(r.status, 0)
+        self.assertEqual(r.model, "bad?")
+        self.assertEqual(r.usage, {"prompt": 0, "completion": 7, "total": 7, "cacheRead": 0,
+                                   "cacheWrite": 0, "reasoning": 0})
+        self.assertIsNone(r.usage_source)
+        self.assertIsNone(r.ttfb_ms)
+        self.assertIsNone(r.duration_ms)
+        self.assertEqual(r.bytes, 0)
+        self.assertIsNone(r.key)
+
+    def test_the_http_layer_hands_over_a_request_record(self):
+        llm = FakeLLM()
+        upstream = start_upstream(self, llm)
+        server = start_proxy(self, upstream.port)
+        handed = []
+        real = server.stats.record
+        server.stats.record = lambda rec: (handed.append(rec), real(rec))
+        conn = https(server)
+        body = json.dumps({"model": "qwen3:8b", "messages": [{"role": "user", "content": "hi"}]})
+        conn.request("POST", "/v1/chat/completions?secret=1", body,
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        self.assertEqual(response.status, 200)
+        self.assertTrue(wait_until(lambda: handed))
+        rec = handed[0]
+        self.assertIsInstance(rec, proxy.RequestRecord)
+        self.assertEqual((rec.method, rec.path, rec.status, rec.completion, rec.client),
+                         ("POST", "/v1/chat/completions", 200, True, "127.0.0.1"))
+        self.assertEqual(rec.usage_source, "reported")
+        self.assertGreater(rec.usage["total"], 0)
+        self.assertGreater(rec.bytes, 0)
 
 
 if __name__ == "__main__":
