@@ -3952,6 +3952,234 @@ class RequestRecord:
         self.key = _stats_clean_key(key) if isinstance(key, str) and key else None
 
 
+# -- the stats document --------------------------------------------------
+# The store keeps its counters in one JSON-shaped document that save() writes as stats.json
+# and load() reads back. _STATS_SHAPE is that document's shape: from it come the empty
+# document (zero counters) and the check of a loaded file, in one walk. A persisted counter
+# is one line in it (plus where it is counted and shown). A plain value in the shape stands
+# for its type (0: a non-negative integer, 0.0: a non-negative number, "": a string, False:
+# true/false, a dict: an object with those keys); the classes below stand for the rest.
+# A key a file lacks takes its empty value: files written before that key existed
+# (byKey, refused and keyDays came with access keys) load as they are.
+
+
+class _StatsOptional(NamedTuple):
+    """null or a value of `types` (a number must be finite); `omit`: absent rather than null."""
+    types: Tuple[type, ...]
+    omit: bool = False
+
+
+class _StatsMapOf(NamedTuple):
+    """An object with any keys (bounded by _stats_clean_key()), each value of shape `entry`."""
+    entry: Any
+
+
+class _StatsListOf(NamedTuple):
+    """A list whose items have shape `item`."""
+    item: Any
+
+
+class _StatsOneOf(NamedTuple):
+    """null or one of `values`."""
+    values: Tuple[str, ...]
+
+
+class _StatsText(NamedTuple):
+    """A string, cut to `max_len` (and matching `pattern` if given)."""
+    max_len: int = _STATS_KEY_MAX_LEN
+    pattern: Any = None
+
+
+class _StatsConst(NamedTuple):
+    """Exactly `value` (the format marker and its version)."""
+    value: Any
+
+
+class _StatsHistogram(NamedTuple):
+    """A latency histogram with these bucket bounds (see _stats_new_histogram())."""
+    bounds: Tuple[float, ...]
+
+
+_STATS_BREAKDOWN_SHAPE = dict(dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0),
+                              **dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
+_STATS_NUMBER = (int, float)
+
+_STATS_SHAPE = {
+    "format": _StatsConst(STATS_FILE_FORMAT),
+    "formatVersion": _StatsConst(STATS_FILE_VERSION),
+    "version": _StatsOptional((str,)),
+    "savedAt": _StatsOptional(_STATS_NUMBER),             # filled in by save()
+    "since": 0.0,                                          # epoch s of the last reset
+    "requests": 0,
+    "completions": 0,
+    "errors": 0,
+    "bytes": 0,
+    "tokens": dict.fromkeys(STATS_TOKEN_FIELDS, 0),
+    "usageReports": dict.fromkeys(STATS_USAGE_SOURCES, 0),
+    # Per-key sums; snapshot() derives averages from them.
+    "byModel": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byEndpoint": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byClient": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    # A breakdown entry plus refusals (401/429, never forwarded) and the last use.
+    "byKey": _StatsMapOf(dict(_STATS_BREAKDOWN_SHAPE, refused=0,
+                              lastUsed=_StatsOptional(_STATS_NUMBER))),
+    "refused": 0,
+    # Tokens per access key on its current local day: the daily budgets. A stats reset keeps
+    # them, so it does not hand out a fresh budget; save() writes only today's.
+    "keyDays": _StatsMapOf({"day": _StatsText(10, _STATS_DAY_FORMAT), "tokens": 0}),
+    # The last history_size requests, oldest first.
+    "recent": _StatsListOf({
+        "time": _StatsText(), "method": _StatsText(16), "path": _StatsText(),
+        "model": _StatsOptional((str,)), "status": 0, "client": _StatsText(),
+        "tokens": dict.fromkeys(_STATS_RECENT_TOKEN_FIELDS, 0),
+        "durationMs": _StatsOptional(_STATS_NUMBER), "ttfbMs": _StatsOptional(_STATS_NUMBER),
+        "tokensPerSecond": _StatsOptional(_STATS_NUMBER),
+        "usage": _StatsOneOf(STATS_USAGE_SOURCES), "error": False,
+        "key": _StatsOptional((str,), omit=True),   # absent while the proxy is open
+    }),
+    # Chart buckets, oldest first; start: epoch s (UTC hour / day).
+    "hourly": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "daily": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "histograms": {"duration": _StatsHistogram(DURATION_BUCKETS),
+                   "ttfb": _StatsHistogram(TTFB_BUCKETS)},
+}  # type: Dict[str, Any]
+
+
+def _stats_empty(shape):
+    # type: (Any) -> Any
+    """The empty value of `shape`: zero counters, empty maps and lists."""
+    if isinstance(shape, dict):
+        return {k: _stats_empty(v) for k, v in shape.items()
+                if not (isinstance(v, _StatsOptional) and v.omit)}
+    if isinstance(shape, _StatsMapOf):
+        return {}
+    if isinstance(shape, _StatsListOf):
+        return []
+    if isinstance(shape, _StatsHistogram):
+        return _stats_new_histogram(shape.bounds)
+    if isinstance(shape, (_StatsOptional, _StatsOneOf)):
+        return None
+    if isinstance(shape, _StatsText):
+        return ""
+    if isinstance(shape, _StatsConst):
+        return shape.value
+    return shape        # 0, 0.0, False
+
+
+def _stats_copy(value):
+    # type: (Any) -> Any
+    """A deep copy of a stats document (dicts, lists and plain values only)."""
+    if isinstance(value, dict):
+        return {k: _stats_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stats_copy(v) for v in value]
+    return value
+
+
+def _stats_empty_document(since, version):
+    # type: (float, str) -> Dict[str, Any]
+    """A fresh stats document (the store's state and stats.json's content) starting at `since`."""
+    doc = _stats_empty(_STATS_SHAPE)
+    doc.update(since=since, version=version)
+    return doc
+
+
+def _stats_conform(value, shape, where):
+    # type: (Any, Any, str) -> Any
+    """Check a decoded stats.json value against `shape` and return a safe copy: strings and
+    map keys bounded (_stats_clean_key()), unknown keys dropped, missing keys empty. Raises
+    StatsFileError naming the first bad field."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        out = {}
+        for key, sub in shape.items():
+            if key not in value or value[key] is None and isinstance(sub, _StatsOptional):
+                if not (isinstance(sub, _StatsOptional) and sub.omit):
+                    out[key] = _stats_empty(sub)
+                continue
+            out[key] = _stats_conform(value[key], sub, "%s.%s" % (where, key))
+        return out
+    if isinstance(shape, _StatsMapOf):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        return {_stats_clean_key(k): _stats_conform(v, shape.entry, "%s[%r]" % (where, k[:40]))
+                for k, v in value.items()}
+    if isinstance(shape, _StatsListOf):
+        if not isinstance(value, list):
+            raise StatsFileError("%s: expected a list" % where)
+        return [_stats_conform(v, shape.item, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if isinstance(shape, _StatsHistogram):
+        return _stats_conform_histogram(value, shape.bounds, where)
+    if isinstance(shape, _StatsOptional):
+        if isinstance(value, bool) or not isinstance(value, shape.types) or \
+                isinstance(value, float) and not math.isfinite(value):
+            raise StatsFileError("%s: wrong type" % where)
+        return _stats_clean_key(value) if isinstance(value, str) else value
+    if isinstance(shape, _StatsOneOf):
+        if value is not None and value not in shape.values:
+            raise StatsFileError("%s: expected one of %s" % (where, ", ".join(shape.values)))
+        return value
+    if isinstance(shape, _StatsText):
+        if not isinstance(value, str) or shape.pattern and not shape.pattern.match(value):
+            raise StatsFileError("%s: expected a string%s" % (
+                where, " like %s" % shape.pattern.pattern if shape.pattern else ""))
+        return _stats_clean_key(value, shape.max_len)
+    if isinstance(shape, bool):
+        if not isinstance(value, bool):
+            raise StatsFileError("%s: expected true/false" % where)
+        return value
+    if isinstance(shape, _StatsConst):      # the format marker and its version
+        if value != shape.value:
+            raise StatsFileError("%s: expected %r" % (where, shape.value))
+        return value
+    if isinstance(shape, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StatsFileError("%s: expected a non-negative integer" % where)
+        return value
+    if isinstance(shape, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise StatsFileError("%s: expected a non-negative number" % where)
+        return float(value)
+    raise AssertionError("unknown shape %r at %s" % (shape, where))
+
+
+def _stats_conform_histogram(value, bounds, where):
+    # type: (Any, Tuple[float, ...], str) -> Dict[str, Any]
+    hist = _stats_conform(value, {"buckets": _StatsListOf(0.0), "counts": _StatsListOf(0),
+                                  "sum": 0.0, "count": 0}, where)
+    if len(hist["counts"]) != len(hist["buckets"]) + 1:
+        raise StatsFileError("%s: counts do not match buckets" % where)
+    if hist["buckets"] != [float(b) for b in bounds]:
+        # Written with other bucket bounds (another version): the counts cannot
+        # be re-binned, so restart this histogram rather than reject the file.
+        log.info("stats file %s uses other buckets; restarting that histogram", where)
+        return _stats_new_histogram(bounds)
+    hist["buckets"] = list(bounds)
+    return hist
+
+
+def _stats_parse_document(doc, history_size):
+    # type: (Any, int) -> Dict[str, Any]
+    """Check a decoded stats.json and return it as the store's document (one walk against
+    _STATS_SHAPE). Raises StatsFileError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise StatsFileError("not a JSON object")
+    if doc.get("format") != STATS_FILE_FORMAT:
+        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
+    fv = doc.get("formatVersion")
+    if fv != STATS_FILE_VERSION:
+        raise StatsFileError("has formatVersion %r, this version reads %d"
+                             % (fv, STATS_FILE_VERSION))
+    state = _stats_conform(doc, _STATS_SHAPE, "file")
+    state["recent"] = state["recent"][-history_size:] if history_size else []
+    for name in ("hourly", "daily"):    # one bucket per start, oldest first
+        state[name] = sorted({b["start"]: b for b in state[name]}.values(),
+                             key=lambda b: b["start"])
+    return state
+
+
 class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
@@ -4000,33 +4228,17 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
-        # Tokens per access key on its current local day: the daily budgets. Kept apart from
-        # the stats so a stats reset does not hand out a fresh budget.
-        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
-        self._zero(self._started_at)
+        # Every persisted counter: the stats.json document (see _STATS_SHAPE).
+        self._doc = _stats_empty_document(self._started_at, self.version)
 
     # -- state ---------------------------------------------------------
 
     def _zero(self, since):
         # type: (float) -> None
-        """Reset every persisted counter (caller holds the lock or owns self)."""
-        self._since = since
-        self._requests = 0
-        self._completions = 0
-        self._errors = 0
-        self._bytes = 0
-        self._tokens = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        self._usage_reports = dict.fromkeys(STATS_USAGE_SOURCES, 0)
-        self._by_model = {}     # type: Dict[str, Dict[str, Any]]
-        self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
-        self._by_client = {}    # type: Dict[str, Dict[str, Any]]
-        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
-        self._refused = 0
-        self._recent = collections.deque(maxlen=self.history_size)  # oldest first
-        self._hourly = {}  # type: Dict[int, Dict[str, int]]
-        self._daily = {}   # type: Dict[int, Dict[str, int]]
-        self._duration_hist = _stats_new_histogram(DURATION_BUCKETS)
-        self._ttfb_hist = _stats_new_histogram(TTFB_BUCKETS)
+        """Reset every persisted counter but today's key budgets (caller holds the lock)."""
+        key_days = self._doc["keyDays"]
+        self._doc = _stats_empty_document(since, self.version)
+        self._doc["keyDays"] = key_days
 
     def _breakdown_entry(self, table, key):
         # type: (Dict[str, Dict[str, Any]], str) -> Dict[str, Any]
@@ -4045,22 +4257,23 @@ class StatsStore(object):
         # type: (str) -> Dict[str, Any]
         """The byKey entry for name (caller holds the lock). Names come from the config, and
         are bounded like the other tables all the same."""
-        entry = self._by_key.get(name)
+        by_key = self._doc["byKey"]
+        entry = by_key.get(name)
         if entry is None:
-            if len(self._by_key) >= self.max_keys - 1:
+            if len(by_key) >= self.max_keys - 1:
                 name = STATS_OTHER_KEY
-                entry = self._by_key.get(name)
+                entry = by_key.get(name)
             if entry is None:
-                entry = self._by_key[name] = _stats_new_key_entry()
+                entry = by_key[name] = _stats_new_key_entry()
         return entry
 
     def _key_day(self, name, now):
         # type: (str, float) -> Dict[str, Any]
         """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
         today = _stats_local_day(now)
-        day = self._key_days.get(name)
+        day = self._doc["keyDays"].get(name)
         if day is None or day["day"] != today:
-            day = self._key_days[name] = {"day": today, "tokens": 0}
+            day = self._doc["keyDays"][name] = {"day": today, "tokens": 0}
         return day
 
     def key_tokens_today(self, name):
@@ -4068,7 +4281,7 @@ class StatsStore(object):
         """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
         now = self._clock()
         with self._lock:
-            day = self._key_days.get(name)
+            day = self._doc["keyDays"].get(name)
             used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
         return used, _stats_seconds_to_midnight(now)
 
@@ -4078,7 +4291,7 @@ class StatsStore(object):
         of key `name` used up. Never counted as a request: the backend never saw it."""
         with self._lock:
             self._change_gen += 1
-            self._refused += 1
+            self._doc["refused"] += 1
             self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
@@ -4100,19 +4313,25 @@ class StatsStore(object):
         # type: (float) -> None
         hour_cut = int(now // _STATS_HOUR) * _STATS_HOUR - (_STATS_HOURLY_KEEP - 1) * _STATS_HOUR
         day_cut = int(now // _STATS_DAY) * _STATS_DAY - (_STATS_DAILY_KEEP - 1) * _STATS_DAY
-        for start in [s for s in self._hourly if s < hour_cut]:
-            del self._hourly[start]
-        for start in [s for s in self._daily if s < day_cut]:
-            del self._daily[start]
+        for name, cut in (("hourly", hour_cut), ("daily", day_cut)):
+            buckets = self._doc[name]
+            if buckets and buckets[0]["start"] < cut:
+                buckets[:] = [b for b in buckets if b["start"] >= cut]
 
-    def _bucket_add(self, table, size, keep, when, now, errors, usage):
-        # type: (Dict[int, Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
+    def _bucket_add(self, buckets, size, keep, when, now, errors, usage):
+        # type: (List[Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
         start = int(when // size) * size
         if start < int(now // size) * size - (keep - 1) * size:
             return  # older than the chart window: nothing to show it in
-        bucket = table.get(start)
-        if bucket is None:
-            bucket = table[start] = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+        i = len(buckets)                    # oldest first: the bucket is nearly always the last
+        while i > 0 and buckets[i - 1]["start"] > start:
+            i -= 1
+        if i > 0 and buckets[i - 1]["start"] == start:
+            bucket = buckets[i - 1]
+        else:
+            bucket = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+            bucket["start"] = start
+            buckets.insert(i, bucket)
             self._prune_buckets(now)  # a new hour/day began: drop the oldest
         bucket["requests"] += 1
         bucket["errors"] += errors
@@ -4195,19 +4414,20 @@ class StatsStore(object):
             entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
+            doc = self._doc
             self._change_gen += 1
-            self._requests += 1
-            self._completions += is_completion
-            self._errors += is_error
-            self._bytes += nbytes
+            doc["requests"] += 1
+            doc["completions"] += is_completion
+            doc["errors"] += is_error
+            doc["bytes"] += nbytes
             for f in STATS_TOKEN_FIELDS:
-                self._tokens[f] += u[f]
+                doc["tokens"][f] += u[f]
             if source is not None:
-                self._usage_reports[source] += 1
-            targets = [self._breakdown_entry(self._by_endpoint, path),
-                       self._breakdown_entry(self._by_client, client)]
+                doc["usageReports"][source] += 1
+            targets = [self._breakdown_entry(doc["byEndpoint"], path),
+                       self._breakdown_entry(doc["byClient"], client)]
             if model_key is not None:
-                targets.append(self._breakdown_entry(self._by_model, model_key))
+                targets.append(self._breakdown_entry(doc["byModel"], model_key))
             if key_name is not None:
                 key_entry = self._key_entry(key_name)
                 key_entry["lastUsed"] = now
@@ -4224,13 +4444,16 @@ class StatsStore(object):
                 if gen_s:
                     b["genTokens"] += u["completion"]
                     b["genSeconds"] += gen_s
-            self._recent.append(entry)
-            self._bucket_add(self._hourly, _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
-            self._bucket_add(self._daily, _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
+            recent = doc["recent"]
+            recent.append(entry)
+            if len(recent) > self.history_size:
+                del recent[:len(recent) - self.history_size]
+            self._bucket_add(doc["hourly"], _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
+            self._bucket_add(doc["daily"], _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
             if duration_ms is not None:
-                _stats_histogram_observe(self._duration_hist, duration_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["duration"], duration_ms / 1000.0)
             if ttfb_ms is not None:
-                _stats_histogram_observe(self._ttfb_hist, ttfb_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["ttfb"], ttfb_ms / 1000.0)
 
     def reset(self):
         # type: () -> None
@@ -4252,8 +4475,9 @@ class StatsStore(object):
         now = self._clock()
         today = _stats_local_day(now)
         with self._lock:
+            doc = self._doc
             by_key = {}  # type: Dict[str, Dict[str, Any]]
-            for name, entry in self._by_key.items():
+            for name, entry in doc["byKey"].items():
                 view = _stats_breakdown_view(entry)
                 view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
                 by_key[name] = view
@@ -4265,33 +4489,37 @@ class StatsStore(object):
                 by_key[key.name].update(dailyTokens=key.daily_tokens,
                                         requestsPerMinute=key.requests_per_minute)
             for name, view in by_key.items():
-                day = self._key_days.get(name)
+                day = doc["keyDays"].get(name)
                 view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
-            tokens = dict(self._tokens)  # type: Dict[str, Any]
+            tokens = dict(doc["tokens"])  # type: Dict[str, Any]
             tokens["formatted"] = format_tokens(tokens["total"])
+
+            def chart(buckets):
+                return [dict({f: b[f] for f in _STATS_BUCKET_FIELDS}, start=iso_utc(b["start"]))
+                        for b in buckets]
             snap = {
                 "version": self.version,
                 "uptime": format_uptime(uptime),
                 "uptimeSeconds": uptime,
                 "startedAt": iso_utc(self._started_at),
-                "since": iso_utc(self._since),
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
+                "since": iso_utc(doc["since"]),
+                "requests": doc["requests"],
+                "completions": doc["completions"],
+                "errors": doc["errors"],
                 "inFlight": self._in_flight,
-                "bytes": self._bytes,
+                "bytes": doc["bytes"],
                 "tokens": tokens,
-                "usageReports": dict(self._usage_reports),
-                "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
-                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
-                "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "usageReports": dict(doc["usageReports"]),
+                "byModel": {k: _stats_breakdown_view(v) for k, v in doc["byModel"].items()},
+                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in doc["byEndpoint"].items()},
+                "byClient": {k: _stats_breakdown_view(v) for k, v in doc["byClient"].items()},
                 "byKey": by_key,
-                "refused": self._refused,
-                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
-                "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
-                "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
+                "refused": doc["refused"],
+                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(doc["recent"])],
+                "hourly": chart(doc["hourly"]),
+                "daily": chart(doc["daily"]),
                 "persistence": {
                     "enabled": self._persistence_enabled(),
                     # The name only: stats readers need not learn the server's directories.
@@ -4307,27 +4535,29 @@ class StatsStore(object):
         """Copy of what render_metrics() needs, taken under the lock."""
         now = self._clock()
         with self._lock:
+            doc = self._doc
+
             def copy_map(table):
                 return {k: dict(v) for k, v in table.items()}
             return {
                 "version": self.version,
                 "uptime": max(0.0, now - self._started_at),
                 "inFlight": self._in_flight,
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
-                "tokens": dict(self._tokens),
-                "usageReports": dict(self._usage_reports),
-                "byModel": copy_map(self._by_model),
-                "byEndpoint": copy_map(self._by_endpoint),
-                "byClient": copy_map(self._by_client),
-                "byKey": copy_map(self._by_key),
-                "refused": self._refused,
-                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
+                "requests": doc["requests"],
+                "completions": doc["completions"],
+                "errors": doc["errors"],
+                "tokens": dict(doc["tokens"]),
+                "usageReports": dict(doc["usageReports"]),
+                "byModel": copy_map(doc["byModel"]),
+                "byEndpoint": copy_map(doc["byEndpoint"]),
+                "byClient": copy_map(doc["byClient"]),
+                "byKey": copy_map(doc["byKey"]),
+                "refused": doc["refused"],
+                "keyToday": {k: d["tokens"] for k, d in doc["keyDays"].items()
                              if d["day"] == _stats_local_day(now)},
-                    "bytes": self._bytes,
-                "duration": _stats_copy_histogram(self._duration_hist),
-                "ttfb": _stats_copy_histogram(self._ttfb_hist),
+                "bytes": doc["bytes"],
+                "duration": _stats_copy_histogram(doc["histograms"]["duration"]),
+                "ttfb": _stats_copy_histogram(doc["histograms"]["ttfb"]),
             }
 
     # -- persistence ---------------------------------------------------
@@ -4338,37 +4568,13 @@ class StatsStore(object):
 
     def _to_file_state(self):
         # type: () -> Dict[str, Any]
-        """The stats.json document (caller holds the lock).  Only counters,
-        paths, model names and client IPs: never headers or bodies."""
-        def copy_map(table):
-            return {k: dict(v) for k, v in table.items()}
-
-        return {
-            "format": STATS_FILE_FORMAT,
-            "formatVersion": STATS_FILE_VERSION,
-            "version": self.version,
-            "savedAt": None,  # filled in by save()
-            "since": self._since,
-            "requests": self._requests,
-            "completions": self._completions,
-            "errors": self._errors,
-            "bytes": self._bytes,
-            "tokens": dict(self._tokens),
-            "usageReports": dict(self._usage_reports),
-            "byModel": copy_map(self._by_model),
-            "byEndpoint": copy_map(self._by_endpoint),
-            "byClient": copy_map(self._by_client),
-            "byKey": copy_map(self._by_key),
-            "refused": self._refused,
-            # Only today's counters: yesterday's budget use no longer limits anything.
-            "keyDays": {k: dict(d) for k, d in self._key_days.items()
-                        if d["day"] == _stats_local_day(self._clock())},
-            "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
-            "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
-            "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
-            "histograms": {"duration": _stats_copy_histogram(self._duration_hist),
-                           "ttfb": _stats_copy_histogram(self._ttfb_hist)},
-        }
+        """A copy of the document to write as stats.json (caller holds the lock).  Only
+        counters, paths, model names and client IPs: never headers or bodies."""
+        doc = _stats_copy(self._doc)                # save() encodes it unlocked
+        # Only today's counters: yesterday's budget use no longer limits anything.
+        today = _stats_local_day(self._clock())
+        doc["keyDays"] = {k: d for k, d in doc["keyDays"].items() if d["day"] == today}
+        return doc
 
     def load(self):
         # type: () -> bool
@@ -4409,31 +4615,18 @@ class StatsStore(object):
                 doc = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise StatsFileError("not valid JSON: %s" % exc)
-            state = _stats_parse_file(doc, self.history_size)
+            state = _stats_parse_document(doc, self.history_size)
         except StatsFileError as exc:
             self._set_aside(path, str(exc))
             return False
+        # max_keys may have been lowered since the file was written.
+        for name in ("byModel", "byEndpoint", "byClient"):
+            state[name] = self._fold_table(state[name])
+        saved_at = state["savedAt"]
+        state.update(version=self.version, savedAt=None)
         with self._lock:
-            self._since = state["since"]
-            self._requests = state["requests"]
-            self._completions = state["completions"]
-            self._errors = state["errors"]
-            self._bytes = state["bytes"]
-            self._tokens = state["tokens"]
-            self._usage_reports = state["usageReports"]
-            # max_keys may have been lowered since the file was written.
-            self._by_model = self._fold_table(state["byModel"])
-            self._by_endpoint = self._fold_table(state["byEndpoint"])
-            self._by_client = self._fold_table(state["byClient"])
-            self._by_key = state["byKey"]
-            self._refused = state["refused"]
-            self._key_days = state["keyDays"]
-            self._recent = collections.deque(state["recent"], maxlen=self.history_size)
-            self._hourly = state["hourly"]
-            self._daily = state["daily"]
-            self._duration_hist = state["duration"]
-            self._ttfb_hist = state["ttfb"]
-            self._last_saved = state["savedAt"]
+            self._doc = state
+            self._last_saved = float(saved_at) if saved_at is not None else None
             self._prune_buckets(self._clock())
             self._saved_gen = self._change_gen  # memory == disk
         log.info("loaded stats from %s (%d requests since %s)",
@@ -4545,174 +4738,6 @@ class StatsStore(object):
             thread.join(timeout)
         self._autosave_stop = self._autosave_thread = None
         return self.save()
-
-
-# -- stats.json validation ---------------------------------------------
-
-def _statsfile_int(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> int
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative integer" % (where, key))
-    return v
-
-
-def _statsfile_num(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> float
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative number" % (where, key))
-    return float(v)
-
-
-def _statsfile_dict(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> Dict[str, Any]
-    v = obj.get(key)
-    if not isinstance(v, dict):
-        raise StatsFileError("%s.%s: expected an object" % (where, key))
-    return v
-
-
-def _statsfile_list(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> List[Any]
-    v = obj.get(key)
-    if not isinstance(v, list):
-        raise StatsFileError("%s.%s: expected a list" % (where, key))
-    return v
-
-
-def _statsfile_optional(obj, key, where, types):
-    # type: (Dict[str, Any], str, str, Tuple[type, ...]) -> Any
-    v = obj.get(key)
-    if v is not None and (isinstance(v, bool) and bool not in types or not isinstance(v, types)):
-        raise StatsFileError("%s.%s: wrong type" % (where, key))
-    return v
-
-
-def _statsfile_histogram(obj, where, bounds):
-    # type: (Any, str, Tuple[float, ...]) -> Dict[str, Any]
-    if not isinstance(obj, dict):
-        raise StatsFileError("%s: expected an object" % where)
-    counts = _statsfile_list(obj, "counts", where)
-    saved_bounds = _statsfile_list(obj, "buckets", where)
-    for c in counts:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise StatsFileError("%s.counts: expected non-negative integers" % where)
-    if len(counts) != len(saved_bounds) + 1:
-        raise StatsFileError("%s: counts do not match buckets" % where)
-    hist = {"buckets": list(bounds), "counts": list(counts),
-            "sum": _statsfile_num(obj, "sum", where), "count": _statsfile_int(obj, "count", where)}
-    if [float(b) for b in saved_bounds] != [float(b) for b in bounds]:
-        # Written with other bucket bounds (another version): the counts cannot
-        # be re-binned, so restart this histogram rather than reject the file.
-        log.info("stats file %s uses other buckets; restarting that histogram", where)
-        return _stats_new_histogram(bounds)
-    return hist
-
-
-def _stats_parse_file(doc, history_size):
-    # type: (Any, int) -> Dict[str, Any]
-    """Validate a decoded stats.json document and return internal state.
-    Raises StatsFileError naming the first bad field."""
-    if not isinstance(doc, dict):
-        raise StatsFileError("not a JSON object")
-    if doc.get("format") != STATS_FILE_FORMAT:
-        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
-    fv = doc.get("formatVersion")
-    if fv != STATS_FILE_VERSION:
-        raise StatsFileError("has formatVersion %r, this version reads %d"
-                             % (fv, STATS_FILE_VERSION))
-    st = {}  # type: Dict[str, Any]
-    st["since"] = _statsfile_num(doc, "since", "file")
-    saved_at = _statsfile_optional(doc, "savedAt", "file", (int, float))
-    st["savedAt"] = float(saved_at) if saved_at is not None else None
-    for k in ("requests", "completions", "errors", "bytes"):
-        st[k] = _statsfile_int(doc, k, "file")
-    tokens = _statsfile_dict(doc, "tokens", "file")
-    st["tokens"] = {f: _statsfile_int(tokens, f, "tokens") for f in STATS_TOKEN_FIELDS}
-    reports = _statsfile_dict(doc, "usageReports", "file")
-    st["usageReports"] = {f: _statsfile_int(reports, f, "usageReports")
-                          for f in STATS_USAGE_SOURCES}
-    for name in ("byModel", "byEndpoint", "byClient"):
-        table = {}
-        for key, entry in _statsfile_dict(doc, name, "file").items():
-            where = "%s[%r]" % (name, key[:40])
-            if not isinstance(entry, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            clean = {f: _statsfile_int(entry, f, where) for f in _STATS_BREAKDOWN_SUM_FIELDS}
-            clean.update({f: _statsfile_num(entry, f, where)
-                          for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-            table[_stats_clean_key(key)] = clean
-        st[name] = table
-    # byKey, refused and keyDays came with access keys; files written before have none.
-    by_key = {}
-    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
-        where = "byKey[%r]" % key[:40]
-        if not isinstance(entry, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        clean = {f: _statsfile_int(entry, f, where)
-                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
-        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
-        clean["lastUsed"] = float(last) if last is not None else None
-        by_key[_stats_clean_key(key)] = clean
-    st["byKey"] = by_key
-    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
-    key_days = {}
-    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
-        where = "keyDays[%r]" % key[:40]
-        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
-                or not _STATS_DAY_FORMAT.match(day["day"]):
-            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
-        key_days[_stats_clean_key(key)] = {"day": day["day"],
-                                           "tokens": _statsfile_int(day, "tokens", where)}
-    st["keyDays"] = key_days
-    recent = []
-    saved_recent = _statsfile_list(doc, "recent", "file")
-    for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
-        where = "recent[%d]" % i
-        if not isinstance(e, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        for k in ("time", "method", "path", "client"):
-            if not isinstance(e.get(k), str):
-                raise StatsFileError("%s.%s: expected a string" % (where, k))
-        tok = _statsfile_dict(e, "tokens", where)
-        usage = e.get("usage")
-        if usage is not None and usage not in STATS_USAGE_SOURCES:
-            raise StatsFileError("%s.usage: unknown source" % where)
-        if not isinstance(e.get("error"), bool):
-            raise StatsFileError("%s.error: expected true/false" % where)
-        recent.append({
-            "time": e["time"], "method": _stats_clean_key(e["method"], 16),
-            "path": _stats_clean_key(e["path"]),
-            "model": _statsfile_optional(e, "model", where, (str,)),
-            "status": _statsfile_int(e, "status", where),
-            "client": _stats_clean_key(e["client"]),
-            "tokens": {f: _statsfile_int(tok, f, where + ".tokens")
-                       for f in _STATS_RECENT_TOKEN_FIELDS},
-            "durationMs": _statsfile_optional(e, "durationMs", where, (int, float)),
-            "ttfbMs": _statsfile_optional(e, "ttfbMs", where, (int, float)),
-            "tokensPerSecond": _statsfile_optional(e, "tokensPerSecond", where, (int, float)),
-            "usage": usage,
-            "error": e["error"],
-        })
-        if _statsfile_optional(e, "key", where, (str,)) is not None:
-            recent[-1]["key"] = _stats_clean_key(e["key"])
-    st["recent"] = recent
-    for name in ("hourly", "daily"):
-        table = {}
-        for i, b in enumerate(_statsfile_list(doc, name, "file")):
-            where = "%s[%d]" % (name, i)
-            if not isinstance(b, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            start = _statsfile_int(b, "start", where)
-            table[start] = {f: _statsfile_int(b, f, where) for f in _STATS_BUCKET_FIELDS}
-        st[name] = table
-    hists = _statsfile_dict(doc, "histograms", "file")
-    st["duration"] = _statsfile_histogram(hists.get("duration"), "histograms.duration",
-                                          DURATION_BUCKETS)
-    st["ttfb"] = _statsfile_histogram(hists.get("ttfb"), "histograms.ttfb", TTFB_BUCKETS)
-    return st
 
 
 # ==================================================================================================
@@ -8292,7 +8317,7 @@ def list_keys(config: Config) -> int:
     by_key, days = {}, {}
     try:
         with open(config.stats_file, "rb") as handle:
-            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+            state = _stats_parse_document(json.loads(handle.read().decode("utf-8")), 0)
         by_key, days = state["byKey"], state["keyDays"]
     except (OSError, ValueError):
         pass                                 # no stats yet (or unreadable): show the budgets

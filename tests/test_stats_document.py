@@ -129,5 +129,128 @@ class TestRequestRecord(unittest.TestCase):
         self.assertGreater(rec.bytes, 0)
 
 
+DATA = os.path.join(HERE, "data")
+# Both files were written at this fake time (2026-09-02T05:00:00Z).
+WRITTEN_AT = 86400 * 20698 + 5 * 3600
+
+
+class TestStatsDocument(unittest.TestCase):
+    """Item 4: the store holds one document whose JSON is stats.json, loaded in one walk."""
+
+    def load(self, name):
+        directory = _tmpdir(self)
+        path = os.path.join(directory, "stats.json")
+        shutil.copy(os.path.join(DATA, name), path)
+        with open(path) as handle:
+            original = json.load(handle)
+        store = proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT, version="now")
+        self.assertTrue(store.load())
+        return store, original, path
+
+    def test_a_file_of_the_previous_release_loads(self):
+        # tests/data/stats-previous-release.json: written by `git show 6deee52:proxy.py` (the
+        # release before access keys), so it has no byKey, refused or keyDays.
+        store, original, path = self.load("stats-previous-release.json")
+        for key in ("byKey", "refused", "keyDays"):
+            self.assertNotIn(key, original)
+        snap = store.snapshot()
+        self.assertEqual((snap["requests"], snap["completions"], snap["errors"], snap["bytes"]),
+                         (3, 1, 1, 1280))
+        self.assertEqual(snap["tokens"]["total"], 150)
+        self.assertEqual(snap["usageReports"], {"reported": 1, "injected": 0, "missing": 1})
+        self.assertEqual(snap["byModel"]["qwen3:8b"]["tokensPerSecond"], 51.0)
+        self.assertEqual(snap["byModel"]["qwen3:8b"]["avgTtfbMs"], 120.0)
+        self.assertEqual([r["path"] for r in snap["recent"]],
+                         ["/v1/models", "/v1/messages", "/v1/chat/completions"])
+        self.assertNotIn("key", snap["recent"][0])
+        self.assertEqual((snap["byKey"], snap["refused"]), ({}, 0))
+        self.assertEqual(sum(b["requests"] for b in snap["hourly"]), 3)
+        self.assertEqual(snap["persistence"]["lastSaved"], "2026-09-02T05:00:00Z")
+        metrics = proxy.render_metrics(store)
+        self.assertIn("llm_proxy_requests_total 3", metrics)
+        self.assertIn("llm_proxy_request_duration_seconds_count 3", metrics)
+        # Saved again, it is the same document plus the access-key fields.
+        store.record_refusal(None)
+        self.assertTrue(store.save())
+        with open(path) as handle:
+            again = json.load(handle)
+        self.assertEqual(again["refused"], 1)
+        for key in ("version", "savedAt", "byKey", "refused", "keyDays"):
+            again.pop(key)
+            original.pop(key, None)
+        self.assertEqual(again, original)
+
+    def test_a_file_of_main_before_this_change_round_trips(self):
+        # tests/data/stats-main-before-issue13.json: written by main's StatsStore just before
+        # this change, with access keys (byKey, refused, keyDays, recent[].key).
+        store, original, path = self.load("stats-main-before-issue13.json")
+        snap = store.snapshot()
+        self.assertEqual(snap["byKey"]["alice"]["refused"], 1)
+        self.assertEqual(snap["byKey"]["(no valid key)"]["refused"], 1)
+        self.assertEqual(snap["refused"], 2)
+        self.assertEqual(snap["recent"][-1]["key"], "alice")
+        store.record_refusal(None)
+        self.assertTrue(store.save())
+        with open(path) as handle:
+            again = json.load(handle)
+        self.assertEqual(again["refused"], 3)
+        self.assertEqual(again["byKey"]["(no valid key)"]["refused"], 2)
+        today = proxy._stats_local_day(WRITTEN_AT)
+        original["keyDays"] = {k: d for k, d in original["keyDays"].items() if d["day"] == today}
+        for doc in (again, original):
+            for key in ("version", "savedAt", "refused"):
+                doc.pop(key)
+            doc["byKey"].pop("(no valid key)")
+        self.assertEqual(again, original)
+        self.assertEqual(list(again), list(original))          # same key order too
+
+    def test_the_document_is_the_file(self):
+        # What the store holds is what stats.json holds: the file has exactly the empty
+        # document's keys, and a fresh store saves the empty document.
+        path = os.path.join(_tmpdir(self), "stats.json")
+        store = proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT, version="now")
+        store.reset()
+        self.assertTrue(store.save())
+        with open(path) as handle:
+            saved = json.load(handle)
+        empty = proxy._stats_empty_document(WRITTEN_AT, "now")
+        empty["savedAt"] = WRITTEN_AT
+        self.assertEqual(saved, empty)
+
+    def test_one_bad_field_anywhere_names_itself_and_moves_the_file_aside(self):
+        with open(os.path.join(DATA, "stats-main-before-issue13.json")) as handle:
+            good = json.load(handle)
+        cases = [
+            (("byKey", "alice", "lastUsed"), "yesterday", "byKey['alice'].lastUsed"),
+            (("keyDays", "alice", "day"), "02/09/2026", "keyDays['alice'].day"),
+            (("recent", 0, "usage"), "guessed", "recent[0].usage"),
+            (("recent", 1, "error"), 0, "recent[1].error"),
+            (("histograms", "ttfb", "counts"), [1, 2], "histograms.ttfb"),
+            (("hourly", 0, "start"), -1, "hourly[0].start"),
+            (("since",), float("inf"), "file.since"),
+        ]
+        for where, value, named in cases:
+            with self.subTest(named):
+                doc = json.loads(json.dumps(good))
+                target = doc
+                for step in where[:-1]:
+                    target = target[step]
+                target[where[-1]] = value
+                directory = _tmpdir(self)
+                path = os.path.join(directory, "stats.json")
+                with open(path, "w") as handle:
+                    json.dump(doc, handle)
+                store = proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT)
+                with self.assertLogs("llm-proxy", level="WARNING") as logs:
+                    self.assertFalse(store.load())
+                self.assertIn(named, "\n".join(logs.output))
+                self.assertEqual(len([n for n in os.listdir(directory) if ".corrupt-" in n]), 1)
+                self.assertEqual(store.snapshot()["requests"], 0)
+
+    def test_the_old_parser_and_its_helpers_are_gone(self):
+        for name in ("_stats_parse_file", "_statsfile_int", "_statsfile_histogram"):
+            self.assertFalse(hasattr(proxy, name), name)
+
+
 if __name__ == "__main__":
     unittest.main()
