@@ -4532,33 +4532,20 @@ class StatsStore(object):
 
     def _metrics_state(self):
         # type: () -> Dict[str, Any]
-        """Copy of what render_metrics() needs, taken under the lock."""
+        """What render_metrics() needs, taken under the lock: a copy of the document, plus
+        the gauges that are not persisted."""
         now = self._clock()
         with self._lock:
-            doc = self._doc
-
-            def copy_map(table):
-                return {k: dict(v) for k, v in table.items()}
-            return {
-                "version": self.version,
-                "uptime": max(0.0, now - self._started_at),
-                "inFlight": self._in_flight,
-                "requests": doc["requests"],
-                "completions": doc["completions"],
-                "errors": doc["errors"],
-                "tokens": dict(doc["tokens"]),
-                "usageReports": dict(doc["usageReports"]),
-                "byModel": copy_map(doc["byModel"]),
-                "byEndpoint": copy_map(doc["byEndpoint"]),
-                "byClient": copy_map(doc["byClient"]),
-                "byKey": copy_map(doc["byKey"]),
-                "refused": doc["refused"],
-                "keyToday": {k: d["tokens"] for k, d in doc["keyDays"].items()
-                             if d["day"] == _stats_local_day(now)},
-                "bytes": doc["bytes"],
-                "duration": _stats_copy_histogram(doc["histograms"]["duration"]),
-                "ttfb": _stats_copy_histogram(doc["histograms"]["ttfb"]),
-            }
+            state = _stats_copy(self._doc)
+            state.update(
+                version=self.version,
+                uptime=max(0.0, now - self._started_at),
+                inFlight=self._in_flight,
+                keyToday={k: d["tokens"] for k, d in state["keyDays"].items()
+                          if d["day"] == _stats_local_day(now)},
+                duration=state["histograms"]["duration"],
+                ttfb=state["histograms"]["ttfb"])
+            return state
 
     # -- persistence ---------------------------------------------------
 
