@@ -3817,9 +3817,8 @@ def _stats_ms(value):
 
 def _stats_new_breakdown():
     # type: () -> Dict[str, Any]
-    entry = dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0)  # type: Dict[str, Any]
-    entry.update(dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
-    return entry
+    """An empty byModel/byEndpoint/byClient entry (its shape: _STATS_BREAKDOWN_SHAPE)."""
+    return _stats_empty(_STATS_BREAKDOWN_SHAPE)
 
 
 def _stats_new_histogram(bounds):
@@ -3847,9 +3846,8 @@ def _stats_histogram_observe(hist, value):
 
 def _stats_new_key_entry():
     # type: () -> Dict[str, Any]
-    entry = _stats_new_breakdown()
-    entry.update(refused=0, lastUsed=None)
-    return entry
+    """An empty byKey entry (its shape: _STATS_SHAPE["byKey"])."""
+    return _stats_empty(_STATS_SHAPE["byKey"].entry)
 
 
 def _stats_local_day(ts):
