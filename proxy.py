@@ -4002,7 +4002,7 @@ _STATS_BREAKDOWN_SHAPE = dict(dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0),
                               **dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
 _STATS_NUMBER = (int, float)
 
-_STATS_SHAPE = {
+_STATS_SHAPE: Dict[str, Any] = {
     "format": _StatsConst(STATS_FILE_FORMAT),
     "formatVersion": _StatsConst(STATS_FILE_VERSION),
     "version": _StatsOptional((str,)),
@@ -4040,11 +4040,10 @@ _STATS_SHAPE = {
     "daily": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
     "histograms": {"duration": _StatsHistogram(DURATION_BUCKETS),
                    "ttfb": _StatsHistogram(TTFB_BUCKETS)},
-}  # type: Dict[str, Any]
+}
 
 
-def _stats_empty(shape):
-    # type: (Any) -> Any
+def _stats_empty(shape: Any) -> Any:
     """The empty value of `shape`: zero counters, empty maps and lists."""
     if isinstance(shape, dict):
         return {k: _stats_empty(v) for k, v in shape.items()
@@ -4064,9 +4063,8 @@ def _stats_empty(shape):
     return shape        # 0, 0.0, False
 
 
-def _stats_copy(value):
-    # type: (Any) -> Any
-    """A deep copy of a stats document or part of it (dicts, lists and plain values only)."""
+def _stats_copy(value: Any) -> Any:
+    """A deep copy of a stats document or a part of it (dicts, lists, plain values)."""
     out = value.copy()          # C speed for the leaves; recurse only into containers
     for k, v in (value.items() if type(value) is dict else enumerate(value)):
         if type(v) is dict or type(v) is list:
@@ -4074,16 +4072,14 @@ def _stats_copy(value):
     return out
 
 
-def _stats_empty_document(since, version):
-    # type: (float, str) -> Dict[str, Any]
+def _stats_empty_document(since: float, version: str) -> Dict[str, Any]:
     """A fresh stats document (the store's state and stats.json's content) starting at `since`."""
     doc = _stats_empty(_STATS_SHAPE)
     doc.update(since=since, version=version)
     return doc
 
 
-def _stats_conform(value, shape, where):
-    # type: (Any, Any, str) -> Any
+def _stats_conform(value: Any, shape: Any, where: str) -> Any:
     """Check a decoded stats.json value against `shape` and return a safe copy: strings and
     map keys bounded (_stats_clean_key()), unknown keys dropped, missing keys empty. Raises
     StatsFileError naming the first bad field."""
@@ -4143,8 +4139,8 @@ def _stats_conform(value, shape, where):
     raise AssertionError("unknown shape %r at %s" % (shape, where))
 
 
-def _stats_conform_histogram(value, bounds, where):
-    # type: (Any, Tuple[float, ...], str) -> Dict[str, Any]
+def _stats_conform_histogram(value: Any, bounds: Tuple[float, ...],
+                             where: str) -> Dict[str, Any]:
     hist = _stats_conform(value, {"buckets": _StatsListOf(0.0), "counts": _StatsListOf(0),
                                   "sum": 0.0, "count": 0}, where)
     if len(hist["counts"]) != len(hist["buckets"]) + 1:
@@ -4158,8 +4154,7 @@ def _stats_conform_histogram(value, bounds, where):
     return hist
 
 
-def _stats_parse_document(doc, history_size):
-    # type: (Any, int) -> Dict[str, Any]
+def _stats_parse_document(doc: Any, history_size: int) -> Dict[str, Any]:
     """Check a decoded stats.json and return it as the store's document (one walk against
     _STATS_SHAPE). Raises StatsFileError naming the first bad field."""
     if not isinstance(doc, dict):
@@ -4231,8 +4226,7 @@ class StatsStore(object):
 
     # -- state ---------------------------------------------------------
 
-    def _zero(self, since):
-        # type: (float) -> None
+    def _zero(self, since: float) -> None:
         """Reset every persisted counter but today's key budgets (caller holds the lock)."""
         key_days = self._doc["keyDays"]
         self._doc = _stats_empty_document(since, self.version)
@@ -4371,8 +4365,7 @@ class StatsStore(object):
             if self._in_flight > 0:
                 self._in_flight -= 1
 
-    def record(self, rec):
-        # type: (RequestRecord) -> None
+    def record(self, rec: RequestRecord) -> None:
         """Add one finished forwarded request. The record's values are already safe (see
         RequestRecord); here they are only counted."""
         now = self._clock()
@@ -4383,13 +4376,13 @@ class StatsStore(object):
         usage = rec.usage
         u = usage or dict.fromkeys(STATS_TOKEN_FIELDS, 0)
         source = rec.usage_source
-        model_key = rec.model                   # type: Optional[str]
+        model_key: Optional[str] = rec.model
         if model_key is None and usage is not None:
             model_key = STATS_UNKNOWN_MODEL
         path, client, method = rec.path, rec.client, rec.method
         ttfb_ms, duration_ms, nbytes = rec.ttfb_ms, rec.duration_ms, rec.bytes
         key_name = rec.key
-        gen_s = None  # type: Optional[float]
+        gen_s: Optional[float] = None
         if u["completion"] > 0:
             gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.streamed)
         tps = round(u["completion"] / gen_s, 1) if gen_s else None
@@ -4528,8 +4521,7 @@ class StatsStore(object):
             }
         return snap
 
-    def _metrics_state(self):
-        # type: () -> Dict[str, Any]
+    def _metrics_state(self) -> Dict[str, Any]:
         """What render_metrics() needs, taken under the lock: a copy of the document, plus
         the gauges that are not persisted."""
         now = self._clock()
@@ -4552,8 +4544,7 @@ class StatsStore(object):
         # type: () -> bool
         return self.enabled and bool(self.path)
 
-    def _to_file_state(self):
-        # type: () -> Dict[str, Any]
+    def _to_file_state(self) -> Dict[str, Any]:
         """A copy of the document to write as stats.json (caller holds the lock).  Only
         counters, paths, model names and client IPs: never headers or bodies."""
         doc = _stats_copy(self._doc)                # save() encodes it unlocked
