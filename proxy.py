@@ -1940,11 +1940,15 @@ def _write_file_atomic(path: str, data: bytes, private: bool, make_dirs: bool = 
             os.fsync(handle.fileno())
             # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
             # for the temp file; and such a swap is found before it is renamed into place.
-            if not private and hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), 0o644)
+            if not private:
+                try:
+                    if hasattr(os, "fchmod"):
+                        os.fchmod(handle.fileno(), 0o644)
+                    else:
+                        os.chmod(tmp, 0o644)  # Windows: no symlinks planted by others to fear
+                except OSError:
+                    pass  # a filesystem that keeps no modes (CIFS, some FUSE): stays 0600, no wider
             _check_still_ours(tmp, handle.fileno())
-        if not private and not hasattr(os, "fchmod"):
-            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:

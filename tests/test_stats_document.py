@@ -45,6 +45,15 @@ class TestOneAtomicWriter(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.dirname(path)))
         self.assertIn("cannot save stats", store.snapshot()["persistence"]["lastError"])
 
+    def test_a_filesystem_that_refuses_modes_still_saves_stats(self):
+        # As _stats_atomic_write did: widening to 0644 is best effort; the file stays 0600.
+        path = os.path.join(_tmpdir(self), "stats.json")
+        store = proxy.StatsStore(path=path)
+        store.reset()
+        with mock.patch.object(proxy.os, "fchmod", side_effect=PermissionError(1, "refused")):
+            self.assertTrue(store.save())
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
     def test_add_key_config_goes_through_the_one_writer(self):
         config = os.path.join(_tmpdir(self), "config.json")
         real = proxy._write_file_atomic
