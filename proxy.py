@@ -1961,15 +1961,20 @@ def _make_private_dirs(directory: str) -> None:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
-    readers see the old or the new file, never half of one. mkstemp() creates the temp file with
-    mode 0600, so a private key is never readable by others, not even for a moment; public files
-    are widened to 0644 before they take their name."""
+def _write_file_atomic(path: str, data: bytes, private: bool, make_dirs: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers (and a power cut) see the old or the new
+    file, never half of one: a temp file in the same directory, fsync, os.replace, then fsync of
+    the directory (POSIX) so the rename itself is durable. The one writer of certificates, keys,
+    stats.json and the config file --add-key edits.
+
+    mkstemp() creates the temp file with mode 0600, so a ``private`` file (a key, a config with
+    keys) is never readable by others, not even for a moment; other files are widened to 0644
+    before they take their name. ``make_dirs`` creates missing folders 0700 first (stats.json
+    does not: a missing folder is reported, as a wrong path should be)."""
     directory = os.path.dirname(os.path.abspath(path))
-    _make_private_dirs(directory)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    if make_dirs:
+        _make_private_dirs(directory)
+    fd, tmp = tempfile.mkstemp(prefix=_atomic_temp_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -1977,11 +1982,15 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             os.fsync(handle.fileno())
             # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
             # for the temp file; and such a swap is found before it is renamed into place.
-            if not private and hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), 0o644)
+            if not private:
+                try:
+                    if hasattr(os, "fchmod"):
+                        os.fchmod(handle.fileno(), 0o644)
+                    else:
+                        os.chmod(tmp, 0o644)  # Windows: no symlinks planted by others to fear
+                except OSError:
+                    pass  # a filesystem that keeps no modes (CIFS, some FUSE): stays 0600, no wider
             _check_still_ours(tmp, handle.fileno())
-        if not private and not hasattr(os, "fchmod"):
-            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1989,15 +1998,39 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
         except OSError:
             pass
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX only)
+    if os.name == "posix":  # make the rename durable
         try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError:
-            pass
+            pass  # best effort: some filesystems refuse fsync on directories
+
+
+def _atomic_temp_prefix(path: str) -> str:
+    """How _write_file_atomic() names its temp files: ".<name>.<random>.tmp" beside ``path``."""
+    return "." + os.path.basename(path) + "."
+
+
+def remove_stale_temp_files(path: str) -> None:
+    """Delete the temp files of _write_file_atomic() that a killed process left beside ``path``
+    mid-write. Call it only where one process owns the file (at start-up): it would also
+    remove the temp file of a write under way in another process."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _atomic_temp_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                log.info("removed %s, left by an interrupted write", name)
+            except OSError:
+                pass
 
 
 def _check_still_ours(tmp: str, fd: int) -> None:
@@ -4012,9 +4045,8 @@ def _stats_ms(value):
 
 def _stats_new_breakdown():
     # type: () -> Dict[str, Any]
-    entry = dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0)  # type: Dict[str, Any]
-    entry.update(dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
-    return entry
+    """An empty byModel/byEndpoint/byClient entry (its shape: _STATS_BREAKDOWN_SHAPE)."""
+    return _stats_empty(_STATS_BREAKDOWN_SHAPE)
 
 
 def _stats_new_histogram(bounds):
@@ -4042,9 +4074,8 @@ def _stats_histogram_observe(hist, value):
 
 def _stats_new_key_entry():
     # type: () -> Dict[str, Any]
-    entry = _stats_new_breakdown()
-    entry.update(refused=0, lastUsed=None)
-    return entry
+    """An empty byKey entry (its shape: _STATS_SHAPE["byKey"])."""
+    return _stats_empty(_STATS_SHAPE["byKey"].entry)
 
 
 def _stats_local_day(ts):
@@ -4077,6 +4108,299 @@ def _stats_breakdown_view(entry):
             "avgTtfbMs": avg_ttfb, "tokensPerSecond": tps}
 
 
+@dataclass
+class RequestRecord:
+    """One finished forwarded request (or WebSocket), as the HTTP layer hands it to
+    StatsStore.record(): the whole contract between the two. The store trusts it, so the
+    values are made safe here, once, when the record is built (__post_init__): strings
+    bounded and free of lone surrogates, counts clamped to [0, USAGE_MAX_COUNT), odd numbers
+    dropped to 0 or None. Never raises on odd values: the backend controls some of them."""
+
+    # When the request started, epoch seconds (wall clock); None: when the store records it.
+    time: Optional[float] = None
+    # The request's method ("POST"), cut to 16 characters.
+    method: str = ""
+    # The request path without its query string (queries may carry secrets).
+    path: str = ""
+    # The client's IP address, as the request log shows it.
+    client: str = ""
+    # The status sent to the client (101 for a WebSocket); 0 if none was sent.
+    status: int = 0
+    # True for a completion endpoint (chat, messages, ...): counted once it answered 2xx.
+    completion: bool = False
+    # The model that answered (or the one asked for, once the backend accepted it); None: unknown.
+    model: Optional[str] = None
+    # Token counts by STATS_TOKEN_FIELDS (total filled in from prompt + completion when
+    # missing); None when the response reported no usage.
+    usage: Optional[Dict[str, int]] = None
+    # Where the usage came from: "reported", "injected" (we asked for it), "missing"; or None.
+    usage_source: Optional[str] = None
+    # True for a failed request: 4xx/5xx, a proxy-made error, a backend error in the stream.
+    error: bool = False
+    # Milliseconds to the first response byte; None if none arrived.
+    ttfb_ms: Optional[float] = None
+    # Milliseconds from the request's start to the end of the response.
+    duration_ms: Optional[float] = None
+    # Body bytes sent to the client.
+    bytes: int = 0
+    # Whether the response was streamed; None: unknown (see StatsStore._generation_seconds()).
+    streamed: Optional[bool] = None
+    # The access key's name; None while the proxy is open (no keys configured).
+    key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        when = self.time
+        if isinstance(when, bool) or not isinstance(when, (int, float)) \
+                or not math.isfinite(when):
+            self.time = None
+        status = self.status
+        self.status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+        self.method = _stats_clean_key(self.method or "", 16)
+        self.path = _stats_clean_key(self.path or "")
+        self.client = _stats_clean_key(self.client or "")
+        self.completion = bool(self.completion)
+        model = self.model
+        self.model = _stats_clean_key(model) if isinstance(model, str) and model else None
+        if isinstance(self.usage, dict):
+            usage = {f: _stats_count(self.usage.get(f)) for f in STATS_TOKEN_FIELDS}
+            if not usage["total"]:
+                usage["total"] = usage["prompt"] + usage["completion"]
+            self.usage = usage
+        else:
+            self.usage = None
+        if self.usage_source not in STATS_USAGE_SOURCES:
+            self.usage_source = None
+        self.error = bool(self.error)
+        self.ttfb_ms = _stats_ms(self.ttfb_ms)
+        self.duration_ms = _stats_ms(self.duration_ms)
+        self.bytes = _stats_count(self.bytes)
+        key = self.key
+        self.key = _stats_clean_key(key) if isinstance(key, str) and key else None
+
+
+# -- the stats document --------------------------------------------------
+# The store keeps its counters in one JSON-shaped document that save() writes as stats.json
+# and load() reads back. _STATS_SHAPE is that document's shape: from it come the empty
+# document (zero counters) and the check of a loaded file, in one walk. A persisted counter
+# is one line in it (plus where it is counted and shown). A plain value in the shape stands
+# for its type (0: a non-negative integer, 0.0: a non-negative number, "": a string, False:
+# true/false, a dict: an object with those keys); the classes below stand for the rest.
+# A key a file lacks takes its empty value: files written before that key existed
+# (byKey, refused and keyDays came with access keys) load as they are.
+
+
+class _StatsOptional(NamedTuple):
+    """null or a value of `types` (a number must be finite); `omit`: absent rather than null."""
+    types: Tuple[type, ...]
+    omit: bool = False
+
+
+class _StatsMapOf(NamedTuple):
+    """An object with any keys (bounded by _stats_clean_key()), each value of shape `entry`."""
+    entry: Any
+
+
+class _StatsListOf(NamedTuple):
+    """A list whose items have shape `item`."""
+    item: Any
+
+
+class _StatsOneOf(NamedTuple):
+    """null or one of `values`."""
+    values: Tuple[str, ...]
+
+
+class _StatsText(NamedTuple):
+    """A string, cut to `max_len` (and matching `pattern` if given)."""
+    max_len: int = _STATS_KEY_MAX_LEN
+    pattern: Any = None
+
+
+class _StatsConst(NamedTuple):
+    """Exactly `value` (the format marker and its version)."""
+    value: Any
+
+
+class _StatsHistogram(NamedTuple):
+    """A latency histogram with these bucket bounds (see _stats_new_histogram())."""
+    bounds: Tuple[float, ...]
+
+
+_STATS_BREAKDOWN_SHAPE = dict(dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0),
+                              **dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
+_STATS_NUMBER = (int, float)
+
+_STATS_SHAPE: Dict[str, Any] = {
+    "format": _StatsConst(STATS_FILE_FORMAT),
+    "formatVersion": _StatsConst(STATS_FILE_VERSION),
+    "version": _StatsOptional((str,)),
+    "savedAt": _StatsOptional(_STATS_NUMBER),             # filled in by save()
+    "since": 0.0,                                          # epoch s of the last reset
+    "requests": 0,
+    "completions": 0,
+    "errors": 0,
+    "bytes": 0,
+    "tokens": dict.fromkeys(STATS_TOKEN_FIELDS, 0),
+    "usageReports": dict.fromkeys(STATS_USAGE_SOURCES, 0),
+    # Per-key sums; snapshot() derives averages from them.
+    "byModel": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byEndpoint": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byClient": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    # A breakdown entry plus refusals (401/429, never forwarded) and the last use.
+    "byKey": _StatsMapOf(dict(_STATS_BREAKDOWN_SHAPE, refused=0,
+                              lastUsed=_StatsOptional(_STATS_NUMBER))),
+    "refused": 0,
+    # Tokens per access key on its current local day: the daily budgets. A stats reset keeps
+    # them, so it does not hand out a fresh budget; save() writes only today's.
+    "keyDays": _StatsMapOf({"day": _StatsText(10, _STATS_DAY_FORMAT), "tokens": 0}),
+    # The last history_size requests, oldest first.
+    "recent": _StatsListOf({
+        "time": _StatsText(), "method": _StatsText(16), "path": _StatsText(),
+        "model": _StatsOptional((str,)), "status": 0, "client": _StatsText(),
+        "tokens": dict.fromkeys(_STATS_RECENT_TOKEN_FIELDS, 0),
+        "durationMs": _StatsOptional(_STATS_NUMBER), "ttfbMs": _StatsOptional(_STATS_NUMBER),
+        "tokensPerSecond": _StatsOptional(_STATS_NUMBER),
+        "usage": _StatsOneOf(STATS_USAGE_SOURCES), "error": False,
+        "key": _StatsOptional((str,), omit=True),   # absent while the proxy is open
+    }),
+    # Chart buckets, oldest first; start: epoch s (UTC hour / day).
+    "hourly": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "daily": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "histograms": {"duration": _StatsHistogram(DURATION_BUCKETS),
+                   "ttfb": _StatsHistogram(TTFB_BUCKETS)},
+}
+
+
+def _stats_empty(shape: Any) -> Any:
+    """The empty value of `shape`: zero counters, empty maps and lists."""
+    if isinstance(shape, dict):
+        return {k: _stats_empty(v) for k, v in shape.items()
+                if not (isinstance(v, _StatsOptional) and v.omit)}
+    if isinstance(shape, _StatsMapOf):
+        return {}
+    if isinstance(shape, _StatsListOf):
+        return []
+    if isinstance(shape, _StatsHistogram):
+        return _stats_new_histogram(shape.bounds)
+    if isinstance(shape, (_StatsOptional, _StatsOneOf)):
+        return None
+    if isinstance(shape, _StatsText):
+        return ""
+    if isinstance(shape, _StatsConst):
+        return shape.value
+    return shape        # 0, 0.0, False
+
+
+def _stats_copy(value: Any) -> Any:
+    """A deep copy of a stats document or a part of it (dicts, lists, plain values)."""
+    out = value.copy()          # C speed for the leaves; recurse only into containers
+    for k, v in (value.items() if type(value) is dict else enumerate(value)):
+        if type(v) is dict or type(v) is list:
+            out[k] = _stats_copy(v)
+    return out
+
+
+def _stats_empty_document(since: float, version: str) -> Dict[str, Any]:
+    """A fresh stats document (the store's state and stats.json's content) starting at `since`."""
+    doc = _stats_empty(_STATS_SHAPE)
+    doc.update(since=since, version=version)
+    return doc
+
+
+def _stats_conform(value: Any, shape: Any, where: str) -> Any:
+    """Check a decoded stats.json value against `shape` and return a safe copy: strings and
+    map keys bounded (_stats_clean_key()), unknown keys dropped, missing keys empty. Raises
+    StatsFileError naming the first bad field."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        out = {}
+        for key, sub in shape.items():
+            if key not in value or value[key] is None and isinstance(sub, _StatsOptional):
+                if not (isinstance(sub, _StatsOptional) and sub.omit):
+                    out[key] = _stats_empty(sub)
+                continue
+            out[key] = _stats_conform(value[key], sub, "%s.%s" % (where, key))
+        return out
+    if isinstance(shape, _StatsMapOf):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        return {_stats_clean_key(k): _stats_conform(v, shape.entry, "%s[%r]" % (where, k[:40]))
+                for k, v in value.items()}
+    if isinstance(shape, _StatsListOf):
+        if not isinstance(value, list):
+            raise StatsFileError("%s: expected a list" % where)
+        return [_stats_conform(v, shape.item, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if isinstance(shape, _StatsHistogram):
+        return _stats_conform_histogram(value, shape.bounds, where)
+    if isinstance(shape, _StatsOptional):
+        if isinstance(value, bool) or not isinstance(value, shape.types) or \
+                isinstance(value, float) and not math.isfinite(value):
+            raise StatsFileError("%s: wrong type" % where)
+        return _stats_clean_key(value) if isinstance(value, str) else value
+    if isinstance(shape, _StatsOneOf):
+        if value is not None and value not in shape.values:
+            raise StatsFileError("%s: expected one of %s" % (where, ", ".join(shape.values)))
+        return value
+    if isinstance(shape, _StatsText):
+        if not isinstance(value, str) or shape.pattern and not shape.pattern.match(value):
+            raise StatsFileError("%s: expected a string%s" % (
+                where, " like %s" % shape.pattern.pattern if shape.pattern else ""))
+        return _stats_clean_key(value, shape.max_len)
+    if isinstance(shape, bool):
+        if not isinstance(value, bool):
+            raise StatsFileError("%s: expected true/false" % where)
+        return value
+    if isinstance(shape, _StatsConst):      # the format marker and its version
+        if value != shape.value:
+            raise StatsFileError("%s: expected %r" % (where, shape.value))
+        return value
+    if isinstance(shape, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StatsFileError("%s: expected a non-negative integer" % where)
+        return value
+    if isinstance(shape, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise StatsFileError("%s: expected a non-negative number" % where)
+        return float(value)
+    raise AssertionError("unknown shape %r at %s" % (shape, where))
+
+
+def _stats_conform_histogram(value: Any, bounds: Tuple[float, ...],
+                             where: str) -> Dict[str, Any]:
+    hist = _stats_conform(value, {"buckets": _StatsListOf(0.0), "counts": _StatsListOf(0),
+                                  "sum": 0.0, "count": 0}, where)
+    if len(hist["counts"]) != len(hist["buckets"]) + 1:
+        raise StatsFileError("%s: counts do not match buckets" % where)
+    if hist["buckets"] != [float(b) for b in bounds]:
+        # Written with other bucket bounds (another version): the counts cannot
+        # be re-binned, so restart this histogram rather than reject the file.
+        log.info("stats file %s uses other buckets; restarting that histogram", where)
+        return _stats_new_histogram(bounds)
+    hist["buckets"] = list(bounds)
+    return hist
+
+
+def _stats_parse_document(doc: Any, history_size: int) -> Dict[str, Any]:
+    """Check a decoded stats.json and return it as the store's document (one walk against
+    _STATS_SHAPE). Raises StatsFileError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise StatsFileError("not a JSON object")
+    if doc.get("format") != STATS_FILE_FORMAT:
+        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
+    fv = doc.get("formatVersion")
+    if fv != STATS_FILE_VERSION:
+        raise StatsFileError("has formatVersion %r, this version reads %d"
+                             % (fv, STATS_FILE_VERSION))
+    state = _stats_conform(doc, _STATS_SHAPE, "file")
+    state["recent"] = state["recent"][-history_size:] if history_size else []
+    for name in ("hourly", "daily"):    # one bucket per start, oldest first
+        state[name] = sorted({b["start"]: b for b in state[name]}.values(),
+                             key=lambda b: b["start"])
+    return state
+
+
 class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
@@ -4086,19 +4410,13 @@ class StatsStore(object):
 
     Methods for the HTTP layer:
       request_started() / request_finished() -- around every forwarded request
-      record(rec)        -- once per forwarded request, with the dict below
+      record(rec)        -- once per forwarded request, with a RequestRecord
       snapshot()         -- the /_proxy/stats JSON (a fresh dict)
       reset()            -- zero everything (POST /_proxy/reset)
     Methods for start-up / shutdown:
       load()             -- read stats.json once at start
       save()             -- write stats.json atomically if anything changed
       start_autosave(interval) / stop_autosave() -- background saver thread
-
-    ``rec`` keys: time (epoch s, request start), method, path (no query),
-    client, status, completion (bool), model (str|None), usage (dict of
-    STATS_TOKEN_FIELDS ints |None), usageSource ("reported"|"injected"|"missing"|
-    None), error (bool), ttfbMs (float|None), durationMs (float), bytes (int);
-    optional: streamed (bool) -- see _generation_seconds().
 
     One lock guards all state; it is never held during disk I/O.  No thread
     is started by the constructor.  With enabled=False (tracking disabled in
@@ -4131,33 +4449,16 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
-        # Tokens per access key on its current local day: the daily budgets. Kept apart from
-        # the stats so a stats reset does not hand out a fresh budget.
-        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
-        self._zero(self._started_at)
+        # Every persisted counter: the stats.json document (see _STATS_SHAPE).
+        self._doc = _stats_empty_document(self._started_at, self.version)
 
     # -- state ---------------------------------------------------------
 
-    def _zero(self, since):
-        # type: (float) -> None
-        """Reset every persisted counter (caller holds the lock or owns self)."""
-        self._since = since
-        self._requests = 0
-        self._completions = 0
-        self._errors = 0
-        self._bytes = 0
-        self._tokens = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        self._usage_reports = dict.fromkeys(STATS_USAGE_SOURCES, 0)
-        self._by_model = {}     # type: Dict[str, Dict[str, Any]]
-        self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
-        self._by_client = {}    # type: Dict[str, Dict[str, Any]]
-        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
-        self._refused = 0
-        self._recent = collections.deque(maxlen=self.history_size)  # oldest first
-        self._hourly = {}  # type: Dict[int, Dict[str, int]]
-        self._daily = {}   # type: Dict[int, Dict[str, int]]
-        self._duration_hist = _stats_new_histogram(DURATION_BUCKETS)
-        self._ttfb_hist = _stats_new_histogram(TTFB_BUCKETS)
+    def _zero(self, since: float) -> None:
+        """Reset every persisted counter but today's key budgets (caller holds the lock)."""
+        key_days = self._doc["keyDays"]
+        self._doc = _stats_empty_document(since, self.version)
+        self._doc["keyDays"] = key_days
 
     def _breakdown_entry(self, table, key):
         # type: (Dict[str, Dict[str, Any]], str) -> Dict[str, Any]
@@ -4176,22 +4477,23 @@ class StatsStore(object):
         # type: (str) -> Dict[str, Any]
         """The byKey entry for name (caller holds the lock). Names come from the config, and
         are bounded like the other tables all the same."""
-        entry = self._by_key.get(name)
+        by_key = self._doc["byKey"]
+        entry = by_key.get(name)
         if entry is None:
-            if len(self._by_key) >= self.max_keys - 1:
+            if len(by_key) >= self.max_keys - 1:
                 name = STATS_OTHER_KEY
-                entry = self._by_key.get(name)
+                entry = by_key.get(name)
             if entry is None:
-                entry = self._by_key[name] = _stats_new_key_entry()
+                entry = by_key[name] = _stats_new_key_entry()
         return entry
 
     def _key_day(self, name, now):
         # type: (str, float) -> Dict[str, Any]
         """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
         today = _stats_local_day(now)
-        day = self._key_days.get(name)
+        day = self._doc["keyDays"].get(name)
         if day is None or day["day"] != today:
-            day = self._key_days[name] = {"day": today, "tokens": 0}
+            day = self._doc["keyDays"][name] = {"day": today, "tokens": 0}
         return day
 
     def key_tokens_today(self, name):
@@ -4199,7 +4501,7 @@ class StatsStore(object):
         """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
         now = self._clock()
         with self._lock:
-            day = self._key_days.get(name)
+            day = self._doc["keyDays"].get(name)
             used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
         return used, _stats_seconds_to_midnight(now)
 
@@ -4209,7 +4511,7 @@ class StatsStore(object):
         of key `name` used up. Never counted as a request: the backend never saw it."""
         with self._lock:
             self._change_gen += 1
-            self._refused += 1
+            self._doc["refused"] += 1
             self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
@@ -4231,19 +4533,25 @@ class StatsStore(object):
         # type: (float) -> None
         hour_cut = int(now // _STATS_HOUR) * _STATS_HOUR - (_STATS_HOURLY_KEEP - 1) * _STATS_HOUR
         day_cut = int(now // _STATS_DAY) * _STATS_DAY - (_STATS_DAILY_KEEP - 1) * _STATS_DAY
-        for start in [s for s in self._hourly if s < hour_cut]:
-            del self._hourly[start]
-        for start in [s for s in self._daily if s < day_cut]:
-            del self._daily[start]
+        for name, cut in (("hourly", hour_cut), ("daily", day_cut)):
+            buckets = self._doc[name]
+            if buckets and buckets[0]["start"] < cut:
+                buckets[:] = [b for b in buckets if b["start"] >= cut]
 
-    def _bucket_add(self, table, size, keep, when, now, errors, usage):
-        # type: (Dict[int, Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
+    def _bucket_add(self, buckets, size, keep, when, now, errors, usage):
+        # type: (List[Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
         start = int(when // size) * size
         if start < int(now // size) * size - (keep - 1) * size:
             return  # older than the chart window: nothing to show it in
-        bucket = table.get(start)
-        if bucket is None:
-            bucket = table[start] = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+        i = len(buckets)                    # oldest first: the bucket is nearly always the last
+        while i > 0 and buckets[i - 1]["start"] > start:
+            i -= 1
+        if i > 0 and buckets[i - 1]["start"] == start:
+            bucket = buckets[i - 1]
+        else:
+            bucket = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+            bucket["start"] = start
+            buckets.insert(i, bucket)
             self._prune_buckets(now)  # a new hour/day began: drop the oldest
         bucket["requests"] += 1
         bucket["errors"] += errors
@@ -4285,44 +4593,26 @@ class StatsStore(object):
             if self._in_flight > 0:
                 self._in_flight -= 1
 
-    def record(self, rec):
-        # type: (Dict[str, Any]) -> None
-        """Add one finished forwarded request (see the class docstring for
-        the keys).  Never raises on odd values: bad numbers count as 0/None."""
+    def record(self, rec: RequestRecord) -> None:
+        """Add one finished forwarded request. The record's values are already safe (see
+        RequestRecord); here they are only counted."""
         now = self._clock()
-        when = rec.get("time")
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-            when = now
-        status = rec.get("status")
-        status = status if isinstance(status, int) and not isinstance(status, bool) else 0
-        is_error = bool(rec.get("error"))
-        is_completion = bool(rec.get("completion")) and 200 <= status < 300
-        raw_usage = rec.get("usage")
-        usage = None  # type: Optional[Dict[str, int]]
-        if isinstance(raw_usage, dict):
-            usage = {f: _stats_count(raw_usage.get(f)) for f in STATS_TOKEN_FIELDS}
-            if not usage["total"]:
-                usage["total"] = usage["prompt"] + usage["completion"]
-        zero_usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        u = usage or zero_usage
-        source = rec.get("usageSource")
-        model = rec.get("model")
-        model_key = None  # type: Optional[str]
-        if isinstance(model, str) and model:
-            model_key = _stats_clean_key(model)
-        elif usage is not None:
+        when = rec.time if rec.time is not None else now
+        status = rec.status
+        is_error = rec.error
+        is_completion = rec.completion and 200 <= status < 300
+        usage = rec.usage
+        u = usage or dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        source = rec.usage_source
+        model_key: Optional[str] = rec.model
+        if model_key is None and usage is not None:
             model_key = STATS_UNKNOWN_MODEL
-        path = _stats_clean_key(rec.get("path") or "")
-        client = _stats_clean_key(rec.get("client") or "")
-        method = _stats_clean_key(rec.get("method") or "", 16)
-        ttfb_ms = _stats_ms(rec.get("ttfbMs"))
-        duration_ms = _stats_ms(rec.get("durationMs"))
-        nbytes = _stats_count(rec.get("bytes"))
-        key_name = rec.get("key")
-        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
-        gen_s = None  # type: Optional[float]
+        path, client, method = rec.path, rec.client, rec.method
+        ttfb_ms, duration_ms, nbytes = rec.ttfb_ms, rec.duration_ms, rec.bytes
+        key_name = rec.key
+        gen_s: Optional[float] = None
         if u["completion"] > 0:
-            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
+            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.streamed)
         tps = round(u["completion"] / gen_s, 1) if gen_s else None
 
         entry = {
@@ -4336,26 +4626,27 @@ class StatsStore(object):
             "durationMs": round(duration_ms, 1) if duration_ms is not None else None,
             "ttfbMs": round(ttfb_ms, 1) if ttfb_ms is not None else None,
             "tokensPerSecond": tps,
-            "usage": source if source in STATS_USAGE_SOURCES else None,
+            "usage": source,
             "error": is_error,
         }
         if key_name is not None:
             entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
+            doc = self._doc
             self._change_gen += 1
-            self._requests += 1
-            self._completions += is_completion
-            self._errors += is_error
-            self._bytes += nbytes
+            doc["requests"] += 1
+            doc["completions"] += is_completion
+            doc["errors"] += is_error
+            doc["bytes"] += nbytes
             for f in STATS_TOKEN_FIELDS:
-                self._tokens[f] += u[f]
-            if source in STATS_USAGE_SOURCES:
-                self._usage_reports[source] += 1
-            targets = [self._breakdown_entry(self._by_endpoint, path),
-                       self._breakdown_entry(self._by_client, client)]
+                doc["tokens"][f] += u[f]
+            if source is not None:
+                doc["usageReports"][source] += 1
+            targets = [self._breakdown_entry(doc["byEndpoint"], path),
+                       self._breakdown_entry(doc["byClient"], client)]
             if model_key is not None:
-                targets.append(self._breakdown_entry(self._by_model, model_key))
+                targets.append(self._breakdown_entry(doc["byModel"], model_key))
             if key_name is not None:
                 key_entry = self._key_entry(key_name)
                 key_entry["lastUsed"] = now
@@ -4372,13 +4663,16 @@ class StatsStore(object):
                 if gen_s:
                     b["genTokens"] += u["completion"]
                     b["genSeconds"] += gen_s
-            self._recent.append(entry)
-            self._bucket_add(self._hourly, _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
-            self._bucket_add(self._daily, _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
+            recent = doc["recent"]
+            recent.append(entry)
+            if len(recent) > self.history_size:
+                del recent[:len(recent) - self.history_size]
+            self._bucket_add(doc["hourly"], _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
+            self._bucket_add(doc["daily"], _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
             if duration_ms is not None:
-                _stats_histogram_observe(self._duration_hist, duration_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["duration"], duration_ms / 1000.0)
             if ttfb_ms is not None:
-                _stats_histogram_observe(self._ttfb_hist, ttfb_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["ttfb"], ttfb_ms / 1000.0)
 
     def reset(self):
         # type: () -> None
@@ -4400,8 +4694,9 @@ class StatsStore(object):
         now = self._clock()
         today = _stats_local_day(now)
         with self._lock:
+            doc = self._doc
             by_key = {}  # type: Dict[str, Dict[str, Any]]
-            for name, entry in self._by_key.items():
+            for name, entry in doc["byKey"].items():
                 view = _stats_breakdown_view(entry)
                 view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
                 by_key[name] = view
@@ -4413,33 +4708,37 @@ class StatsStore(object):
                 by_key[key.name].update(dailyTokens=key.daily_tokens,
                                         requestsPerMinute=key.requests_per_minute)
             for name, view in by_key.items():
-                day = self._key_days.get(name)
+                day = doc["keyDays"].get(name)
                 view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
-            tokens = dict(self._tokens)  # type: Dict[str, Any]
+            tokens = dict(doc["tokens"])  # type: Dict[str, Any]
             tokens["formatted"] = format_tokens(tokens["total"])
+
+            def chart(buckets):
+                return [dict({f: b[f] for f in _STATS_BUCKET_FIELDS}, start=iso_utc(b["start"]))
+                        for b in buckets]
             snap = {
                 "version": self.version,
                 "uptime": format_uptime(uptime),
                 "uptimeSeconds": uptime,
                 "startedAt": iso_utc(self._started_at),
-                "since": iso_utc(self._since),
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
+                "since": iso_utc(doc["since"]),
+                "requests": doc["requests"],
+                "completions": doc["completions"],
+                "errors": doc["errors"],
                 "inFlight": self._in_flight,
-                "bytes": self._bytes,
+                "bytes": doc["bytes"],
                 "tokens": tokens,
-                "usageReports": dict(self._usage_reports),
-                "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
-                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
-                "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "usageReports": dict(doc["usageReports"]),
+                "byModel": {k: _stats_breakdown_view(v) for k, v in doc["byModel"].items()},
+                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in doc["byEndpoint"].items()},
+                "byClient": {k: _stats_breakdown_view(v) for k, v in doc["byClient"].items()},
                 "byKey": by_key,
-                "refused": self._refused,
-                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
-                "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
-                "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
+                "refused": doc["refused"],
+                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(doc["recent"])],
+                "hourly": chart(doc["hourly"]),
+                "daily": chart(doc["daily"]),
                 "persistence": {
                     "enabled": self._persistence_enabled(),
                     # The name only: stats readers need not learn the server's directories.
@@ -4450,33 +4749,22 @@ class StatsStore(object):
             }
         return snap
 
-    def _metrics_state(self):
-        # type: () -> Dict[str, Any]
-        """Copy of what render_metrics() needs, taken under the lock."""
+    def _metrics_state(self) -> Dict[str, Any]:
+        """What render_metrics() needs, taken under the lock: a copy of the document, plus
+        the gauges that are not persisted."""
         now = self._clock()
         with self._lock:
-            def copy_map(table):
-                return {k: dict(v) for k, v in table.items()}
-            return {
-                "version": self.version,
-                "uptime": max(0.0, now - self._started_at),
-                "inFlight": self._in_flight,
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
-                "tokens": dict(self._tokens),
-                "usageReports": dict(self._usage_reports),
-                "byModel": copy_map(self._by_model),
-                "byEndpoint": copy_map(self._by_endpoint),
-                "byClient": copy_map(self._by_client),
-                "byKey": copy_map(self._by_key),
-                "refused": self._refused,
-                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
-                             if d["day"] == _stats_local_day(now)},
-                    "bytes": self._bytes,
-                "duration": _stats_copy_histogram(self._duration_hist),
-                "ttfb": _stats_copy_histogram(self._ttfb_hist),
-            }
+            # All but the recent requests, which no metric shows.
+            state = _stats_copy({k: v for k, v in self._doc.items() if k != "recent"})
+            state.update(
+                version=self.version,
+                uptime=max(0.0, now - self._started_at),
+                inFlight=self._in_flight,
+                keyToday={k: d["tokens"] for k, d in state["keyDays"].items()
+                          if d["day"] == _stats_local_day(now)},
+                duration=state["histograms"]["duration"],
+                ttfb=state["histograms"]["ttfb"])
+            return state
 
     # -- persistence ---------------------------------------------------
 
@@ -4484,39 +4772,14 @@ class StatsStore(object):
         # type: () -> bool
         return self.enabled and bool(self.path)
 
-    def _to_file_state(self):
-        # type: () -> Dict[str, Any]
-        """The stats.json document (caller holds the lock).  Only counters,
-        paths, model names and client IPs: never headers or bodies."""
-        def copy_map(table):
-            return {k: dict(v) for k, v in table.items()}
-
-        return {
-            "format": STATS_FILE_FORMAT,
-            "formatVersion": STATS_FILE_VERSION,
-            "version": self.version,
-            "savedAt": None,  # filled in by save()
-            "since": self._since,
-            "requests": self._requests,
-            "completions": self._completions,
-            "errors": self._errors,
-            "bytes": self._bytes,
-            "tokens": dict(self._tokens),
-            "usageReports": dict(self._usage_reports),
-            "byModel": copy_map(self._by_model),
-            "byEndpoint": copy_map(self._by_endpoint),
-            "byClient": copy_map(self._by_client),
-            "byKey": copy_map(self._by_key),
-            "refused": self._refused,
-            # Only today's counters: yesterday's budget use no longer limits anything.
-            "keyDays": {k: dict(d) for k, d in self._key_days.items()
-                        if d["day"] == _stats_local_day(self._clock())},
-            "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
-            "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
-            "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
-            "histograms": {"duration": _stats_copy_histogram(self._duration_hist),
-                           "ttfb": _stats_copy_histogram(self._ttfb_hist)},
-        }
+    def _to_file_state(self) -> Dict[str, Any]:
+        """A copy of the document to write as stats.json (caller holds the lock).  Only
+        counters, paths, model names and client IPs: never headers or bodies."""
+        doc = _stats_copy(self._doc)                # save() encodes it unlocked
+        # Only today's counters: yesterday's budget use no longer limits anything.
+        today = _stats_local_day(self._clock())
+        doc["keyDays"] = {k: d for k, d in doc["keyDays"].items() if d["day"] == today}
+        return doc
 
     def load(self):
         # type: () -> bool
@@ -4531,7 +4794,7 @@ class StatsStore(object):
         if not self._persistence_enabled():
             return False
         path = self.path
-        _stats_remove_stale_temp_files(path)
+        remove_stale_temp_files(path)
         try:
             with open(path, "rb") as f:
                 data = f.read(_STATS_FILE_MAX_BYTES + 1)
@@ -4557,31 +4820,18 @@ class StatsStore(object):
                 doc = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise StatsFileError("not valid JSON: %s" % exc)
-            state = _stats_parse_file(doc, self.history_size)
+            state = _stats_parse_document(doc, self.history_size)
         except StatsFileError as exc:
             self._set_aside(path, str(exc))
             return False
+        # max_keys may have been lowered since the file was written.
+        for name in ("byModel", "byEndpoint", "byClient"):
+            state[name] = self._fold_table(state[name])
+        saved_at = state["savedAt"]
+        state.update(version=self.version, savedAt=None)
         with self._lock:
-            self._since = state["since"]
-            self._requests = state["requests"]
-            self._completions = state["completions"]
-            self._errors = state["errors"]
-            self._bytes = state["bytes"]
-            self._tokens = state["tokens"]
-            self._usage_reports = state["usageReports"]
-            # max_keys may have been lowered since the file was written.
-            self._by_model = self._fold_table(state["byModel"])
-            self._by_endpoint = self._fold_table(state["byEndpoint"])
-            self._by_client = self._fold_table(state["byClient"])
-            self._by_key = state["byKey"]
-            self._refused = state["refused"]
-            self._key_days = state["keyDays"]
-            self._recent = collections.deque(state["recent"], maxlen=self.history_size)
-            self._hourly = state["hourly"]
-            self._daily = state["daily"]
-            self._duration_hist = state["duration"]
-            self._ttfb_hist = state["ttfb"]
-            self._last_saved = state["savedAt"]
+            self._doc = state
+            self._last_saved = float(saved_at) if saved_at is not None else None
             self._prune_buckets(self._clock())
             self._saved_gen = self._change_gen  # memory == disk
         log.info("loaded stats from %s (%d requests since %s)",
@@ -4637,7 +4887,7 @@ class StatsStore(object):
             try:
                 data = json.dumps(doc, ensure_ascii=True, allow_nan=False,
                                   separators=(",", ":")).encode("ascii")
-                _stats_atomic_write(self.path, data)
+                _write_file_atomic(self.path, data, private=False, make_dirs=False)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
@@ -4693,235 +4943,6 @@ class StatsStore(object):
             thread.join(timeout)
         self._autosave_stop = self._autosave_thread = None
         return self.save()
-
-
-def _stats_remove_stale_temp_files(path):
-    # type: (str) -> None
-    """Delete temp files a killed process left behind mid-save (one proxy per stats file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = "." + os.path.basename(path) + "."
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                log.info("removed %s, left by an interrupted save", name)
-            except OSError:
-                pass
-
-
-def _stats_atomic_write(path, data):
-    # type: (str, bytes) -> None
-    """Replace `path` with `data` so that readers (and a power cut) see either
-    the old or the new file, never a torn one: temp file in the same
-    directory, fsync, os.replace, then fsync the directory (POSIX) so the
-    rename itself is durable."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
-            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
-            # is caught before os.replace() would put it in place of stats.json.
-            try:
-                if hasattr(os, "fchmod"):
-                    os.fchmod(f.fileno(), 0o644)
-                else:
-                    os.chmod(tmp, 0o644)
-            except OSError:
-                pass
-            _check_still_ours(tmp, f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if os.name == "posix":
-        try:
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # best effort: some filesystems refuse fsync on directories
-
-
-# -- stats.json validation ---------------------------------------------
-
-def _statsfile_int(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> int
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative integer" % (where, key))
-    return v
-
-
-def _statsfile_num(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> float
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative number" % (where, key))
-    return float(v)
-
-
-def _statsfile_dict(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> Dict[str, Any]
-    v = obj.get(key)
-    if not isinstance(v, dict):
-        raise StatsFileError("%s.%s: expected an object" % (where, key))
-    return v
-
-
-def _statsfile_list(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> List[Any]
-    v = obj.get(key)
-    if not isinstance(v, list):
-        raise StatsFileError("%s.%s: expected a list" % (where, key))
-    return v
-
-
-def _statsfile_optional(obj, key, where, types):
-    # type: (Dict[str, Any], str, str, Tuple[type, ...]) -> Any
-    v = obj.get(key)
-    if v is not None and (isinstance(v, bool) and bool not in types or not isinstance(v, types)):
-        raise StatsFileError("%s.%s: wrong type" % (where, key))
-    return v
-
-
-def _statsfile_histogram(obj, where, bounds):
-    # type: (Any, str, Tuple[float, ...]) -> Dict[str, Any]
-    if not isinstance(obj, dict):
-        raise StatsFileError("%s: expected an object" % where)
-    counts = _statsfile_list(obj, "counts", where)
-    saved_bounds = _statsfile_list(obj, "buckets", where)
-    for c in counts:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise StatsFileError("%s.counts: expected non-negative integers" % where)
-    if len(counts) != len(saved_bounds) + 1:
-        raise StatsFileError("%s: counts do not match buckets" % where)
-    hist = {"buckets": list(bounds), "counts": list(counts),
-            "sum": _statsfile_num(obj, "sum", where), "count": _statsfile_int(obj, "count", where)}
-    if [float(b) for b in saved_bounds] != [float(b) for b in bounds]:
-        # Written with other bucket bounds (another version): the counts cannot
-        # be re-binned, so restart this histogram rather than reject the file.
-        log.info("stats file %s uses other buckets; restarting that histogram", where)
-        return _stats_new_histogram(bounds)
-    return hist
-
-
-def _stats_parse_file(doc, history_size):
-    # type: (Any, int) -> Dict[str, Any]
-    """Validate a decoded stats.json document and return internal state.
-    Raises StatsFileError naming the first bad field."""
-    if not isinstance(doc, dict):
-        raise StatsFileError("not a JSON object")
-    if doc.get("format") != STATS_FILE_FORMAT:
-        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
-    fv = doc.get("formatVersion")
-    if fv != STATS_FILE_VERSION:
-        raise StatsFileError("has formatVersion %r, this version reads %d"
-                             % (fv, STATS_FILE_VERSION))
-    st = {}  # type: Dict[str, Any]
-    st["since"] = _statsfile_num(doc, "since", "file")
-    saved_at = _statsfile_optional(doc, "savedAt", "file", (int, float))
-    st["savedAt"] = float(saved_at) if saved_at is not None else None
-    for k in ("requests", "completions", "errors", "bytes"):
-        st[k] = _statsfile_int(doc, k, "file")
-    tokens = _statsfile_dict(doc, "tokens", "file")
-    st["tokens"] = {f: _statsfile_int(tokens, f, "tokens") for f in STATS_TOKEN_FIELDS}
-    reports = _statsfile_dict(doc, "usageReports", "file")
-    st["usageReports"] = {f: _statsfile_int(reports, f, "usageReports")
-                          for f in STATS_USAGE_SOURCES}
-    for name in ("byModel", "byEndpoint", "byClient"):
-        table = {}
-        for key, entry in _statsfile_dict(doc, name, "file").items():
-            where = "%s[%r]" % (name, key[:40])
-            if not isinstance(entry, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            clean = {f: _statsfile_int(entry, f, where) for f in _STATS_BREAKDOWN_SUM_FIELDS}
-            clean.update({f: _statsfile_num(entry, f, where)
-                          for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-            table[_stats_clean_key(key)] = clean
-        st[name] = table
-    # byKey, refused and keyDays came with access keys; files written before have none.
-    by_key = {}
-    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
-        where = "byKey[%r]" % key[:40]
-        if not isinstance(entry, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        clean = {f: _statsfile_int(entry, f, where)
-                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
-        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
-        clean["lastUsed"] = float(last) if last is not None else None
-        by_key[_stats_clean_key(key)] = clean
-    st["byKey"] = by_key
-    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
-    key_days = {}
-    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
-        where = "keyDays[%r]" % key[:40]
-        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
-                or not _STATS_DAY_FORMAT.match(day["day"]):
-            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
-        key_days[_stats_clean_key(key)] = {"day": day["day"],
-                                           "tokens": _statsfile_int(day, "tokens", where)}
-    st["keyDays"] = key_days
-    recent = []
-    saved_recent = _statsfile_list(doc, "recent", "file")
-    for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
-        where = "recent[%d]" % i
-        if not isinstance(e, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        for k in ("time", "method", "path", "client"):
-            if not isinstance(e.get(k), str):
-                raise StatsFileError("%s.%s: expected a string" % (where, k))
-        tok = _statsfile_dict(e, "tokens", where)
-        usage = e.get("usage")
-        if usage is not None and usage not in STATS_USAGE_SOURCES:
-            raise StatsFileError("%s.usage: unknown source" % where)
-        if not isinstance(e.get("error"), bool):
-            raise StatsFileError("%s.error: expected true/false" % where)
-        recent.append({
-            "time": e["time"], "method": _stats_clean_key(e["method"], 16),
-            "path": _stats_clean_key(e["path"]),
-            "model": _statsfile_optional(e, "model", where, (str,)),
-            "status": _statsfile_int(e, "status", where),
-            "client": _stats_clean_key(e["client"]),
-            "tokens": {f: _statsfile_int(tok, f, where + ".tokens")
-                       for f in _STATS_RECENT_TOKEN_FIELDS},
-            "durationMs": _statsfile_optional(e, "durationMs", where, (int, float)),
-            "ttfbMs": _statsfile_optional(e, "ttfbMs", where, (int, float)),
-            "tokensPerSecond": _statsfile_optional(e, "tokensPerSecond", where, (int, float)),
-            "usage": usage,
-            "error": e["error"],
-        })
-        if _statsfile_optional(e, "key", where, (str,)) is not None:
-            recent[-1]["key"] = _stats_clean_key(e["key"])
-    st["recent"] = recent
-    for name in ("hourly", "daily"):
-        table = {}
-        for i, b in enumerate(_statsfile_list(doc, name, "file")):
-            where = "%s[%d]" % (name, i)
-            if not isinstance(b, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            start = _statsfile_int(b, "start", where)
-            table[start] = {f: _statsfile_int(b, f, where) for f in _STATS_BUCKET_FIELDS}
-        st[name] = table
-    hists = _statsfile_dict(doc, "histograms", "file")
-    st["duration"] = _statsfile_histogram(hists.get("duration"), "histograms.duration",
-                                          DURATION_BUCKETS)
-    st["ttfb"] = _statsfile_histogram(hists.get("ttfb"), "histograms.ttfb", TTFB_BUCKETS)
-    return st
 
 
 # ==================================================================================================
@@ -7004,15 +7025,15 @@ class Exchange:
                         " %d tokens" % tokens if tokens else "",
                         " key=%s" % self.key_name if self.key_name else "",
                         ": " + self.failure if self.failure else "")
-        self.server.stats.record({
-            "time": self.started_wall, "method": self.head.method, "path": self.path,
-            "client": self.handler.client_ip, "status": self.status,
-            "completion": bool(self.kind) and is_completion_kind(self.kind),
-            "model": model, "usage": usage, "usageSource": source, "error": self.error,
-            "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
-            "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
-            "key": self.key_name,
-        })
+        self.server.stats.record(RequestRecord(
+            time=self.started_wall, method=self.head.method, path=self.path,
+            client=self.handler.client_ip, status=self.status,
+            completion=bool(self.kind) and is_completion_kind(self.kind),
+            model=model, usage=usage, usage_source=source, error=self.error,
+            ttfb_ms=None if self.ttfb is None else self.ttfb * 1000,
+            duration_ms=duration * 1000, bytes=self.sent, streamed=self.streamed,
+            key=self.key_name,
+        ))
 
 
 LINGER_SECONDS = 2.0
@@ -8640,7 +8661,7 @@ def list_keys(config: Config) -> int:
     by_key, days = {}, {}
     try:
         with open(config.stats_file, "rb") as handle:
-            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+            state = _stats_parse_document(json.loads(handle.read().decode("utf-8")), 0)
         by_key, days = state["byKey"], state["keyDays"]
     except (OSError, ValueError):
         pass                                 # no stats yet (or unreadable): show the budgets
