@@ -15,6 +15,16 @@ HTTP layer that receives and forwards, usage extraction and the stats store that
 passed, the command line, and last the embedded web pages.
 """
 
+import sys
+
+# First of all, before anything newer than the running Python can fail with a traceback deep in
+# certificate creation (Raspberry Pi OS Buster ships 3.7, Ubuntu 20.04 ships 3.8). Everything
+# above and up to here must keep parsing on 3.7 for this line to be reached (tests check it).
+if sys.version_info < (3, 9):
+    sys.stderr.write("error: local-llm-proxy needs Python 3.9 or newer (this is %d.%d.%d)\n"
+                     % tuple(sys.version_info[:3]))
+    sys.exit(2)
+
 
 def _rerun_from_bytecode_cache(script: str) -> None:
     """`python3 proxy.py`: run this file again from its bytecode cache, in this same process.
@@ -123,10 +133,10 @@ import socketserver
 import ssl
 import stat
 import struct
-import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -158,6 +168,7 @@ CONFIG_DEFAULTS = {
         "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
         "maxConnections": 512,       # open client connections (one thread each); more are refused
         "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
+        "websocketIdleTimeout": 3600,  # seconds a WebSocket tunnel may carry no byte either way
     },
     "target": {
         "host": "127.0.0.1",
@@ -183,6 +194,10 @@ CONFIG_DEFAULTS = {
         "keys": {},                  # name -> key or {"key", "dailyTokens", "requestsPerMinute"}; {} = open
     },
 }
+
+# Sections whose keys guard who may use the proxy (origins, admin token, access keys) and with
+# which certificate: an unknown (probably misspelt) key in them is an error, not a warning.
+SECURITY_SECTIONS = ("proxy", "tls", "access")
 
 # Environment variables take precedence over the config file (names from the original README).
 ENV_OVERRIDES = (
@@ -256,6 +271,8 @@ MAX_INTERIM_RESPONSES = 20
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+# How many (client address / origin) keys the "explain it once" log memory holds.
+SAY_ONCE_MEMORY = 4096
 HEALTH_CACHE_SECONDS = 3.0
 
 # A request body must arrive at this average rate once clientTimeout has passed: each byte
@@ -360,9 +377,30 @@ def _check_host_list(value):
 
 
 def _check_origins(value):
-    if isinstance(value, str) or _check_string_list(value) is None:
+    if not (isinstance(value, str) or _check_string_list(value) is None):
+        return 'a string ("*" or a comma-separated list of origins) or a list of origins'
+    for origin in _parse_origins(value):
+        problem = _origin_problem(origin)
+        if problem:
+            return 'a list of origins like "https://studio.example.com" (scheme://host[:port]); ' \
+                   + problem
+    return None
+
+
+def _origin_problem(origin: str) -> Optional[str]:
+    """Why `origin` (as parsed by _parse_origins) can never match a browser's Origin header."""
+    if origin in ("*", "null"):
         return None
-    return 'a string ("*" or a comma-separated list of origins) or a list of origins'
+    scheme, sep, rest = origin.partition("://")
+    if not sep:
+        return '"%s" has no scheme: write "https://%s" (or http:// for a page served over ' \
+               'plain HTTP)' % (origin, origin)
+    if scheme not in ("http", "https") or not rest:
+        return '"%s" is not an http(s) origin' % origin
+    if "/" in rest or "?" in rest or "#" in rest:
+        return '"%s" has a path: an origin is only scheme://host[:port], so write "%s://%s"' % (
+            origin, scheme, re.split(r"[/?#]", rest, 1)[0])
+    return None
 
 
 def _check_header_token(value):
@@ -385,6 +423,7 @@ CONFIG_CHECKS = {
     "proxy.clientTimeout": _check_positive_number,
     "proxy.maxConnections": _check_connection_limit,
     "proxy.maxConnectionsPerClient": _check_connection_share,
+    "proxy.websocketIdleTimeout": _check_positive_number,
     "target.host": _check_nonempty_string,
     "target.port": _check_port,
     "target.connectTimeout": _check_positive_number,
@@ -502,6 +541,7 @@ class Config:
     client_timeout: float = 30.0
     max_connections: int = 512
     max_connections_per_client: int = 0      # 0 = half of max_connections
+    websocket_idle_timeout: float = 3600.0
     target_host: str = "127.0.0.1"
     target_port: int = 11434
     connect_timeout: float = 10.0
@@ -510,6 +550,7 @@ class Config:
     cert_file: str = "certs/cert.pem"
     key_file: str = "certs/key.pem"
     tls_hosts: Tuple[str, ...] = ()
+    tls_managed: bool = True                # cert/key at the default paths: we may create them
     tracking_enabled: bool = True
     stats_file: str = "stats.json"
     persist_interval: float = 30.0
@@ -581,7 +622,15 @@ def _read_config_file(path: str) -> Tuple[dict, List[str]]:
             dotted = "%s.%s" % (section, key)
             if dotted not in CONFIG_CHECKS:
                 choices = ["%s.%s" % (section, k) for k in CONFIG_DEFAULTS[section]]
-                warnings.append(_unknown_key_warning(path, dotted, choices))
+                warning = _unknown_key_warning(path, dotted, choices)
+                if section in SECURITY_SECTIONS:
+                    # A misspelt allowedOrigins/adminToken/cert would silently leave its
+                    # default in force (allowedOrigins "*": every website may call the proxy).
+                    raise ConfigError(
+                        warning.replace(" ignored", "", 1) + "; the %s section holds security "
+                        "settings, so an unknown key there stops the start instead of leaving "
+                        "a default in force: fix the name or remove the key" % section)
+                warnings.append(warning)
                 continue
             flat[dotted] = value
     return flat, warnings
@@ -606,7 +655,68 @@ def _env_value(name: str, dotted: str, raw: str):
     return raw
 
 
-def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True) -> Config:
+def parse_target(value: str, default_port: int, what: str = "target.host") -> Tuple[str, int]:
+    """(host, port) of a backend written as a host, host:port or http://host[:port].
+
+    A value without a port keeps `default_port` (target.port). Raises ValueError with the fix
+    for https:// (the backend must be plain HTTP), other schemes, paths, and bad ports.
+    """
+    text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    scheme = scheme.lower()
+    if scheme == "https":
+        raise ValueError("%s %s: the backend must be plain HTTP (this proxy adds the TLS); "
+                         "use http:// and the backend's HTTP port" % (what, json.dumps(value)))
+    if scheme not in ("", "http"):
+        raise ValueError("%s %s: unsupported scheme %s://; write http://HOST:PORT"
+                         % (what, json.dumps(value), scheme))
+    hostport, _, tail = rest.partition("/")
+    if tail.strip("/") or "?" in hostport or "#" in hostport:
+        raise ValueError("%s %s: give only the host and port; the proxy forwards every path as "
+                         "the client sent it (so clients keep /v1 in their base URL)"
+                         % (what, json.dumps(value)))
+    if hostport.startswith("["):
+        host, _, after = hostport[1:].partition("]")
+        port_text = after[1:] if after.startswith(":") else None
+        if after and port_text is None:
+            raise ValueError("%s %s is not a host or http://HOST:PORT" % (what, json.dumps(value)))
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+    else:
+        host, port_text = hostport, None     # a name, an IPv4 address or a bare IPv6 address
+    if not host or any(c in host for c in " /@"):
+        raise ValueError("%s %s is not a host or http://HOST:PORT" % (what, json.dumps(value)))
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("%s %s: the port must be an integer from 1 to 65535"
+                         % (what, json.dumps(value)))
+    return host, int(port_text)
+
+
+def _is_own_address(host: str) -> bool:
+    """True when `host` names this machine (loopback, an interface address or our hostname)."""
+    name = host.lower().strip("[]")
+    if name in ("localhost", "0.0.0.0", "::", socket.gethostname().lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name.endswith(".localhost")
+    if address.is_loopback or address.is_unspecified:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return name in _linux_ipv4_addresses()
+    except (OSError, ImportError):
+        return False
+
+
+def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = True,
+                overrides: Optional[Dict[str, Tuple[str, object]]] = None) -> Config:
     """Build the Config from defaults, an optional JSON file and environment overrides.
 
     With no `path`, ./config.json is used when it exists, else the defaults. With a config file,
@@ -614,6 +724,7 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
     file's directory, like the pidfile and log of --daemon (cron starts programs in $HOME);
     without one they resolve against the current directory. Paths from the environment
     always resolve against the current directory.
+    `overrides` ({dotted key: (where, value)}, e.g. from --port) win over file and environment.
     Raises ConfigError naming the file (or variable), the key and the value.
     """
     environ = os.environ if environ is None else environ
@@ -634,6 +745,9 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         if raw is not None and raw != "":
             values[dotted] = _env_value(name, dotted, raw)
             origin_of[dotted] = "environment variable " + name
+    for dotted, (where, value) in (overrides or {}).items():
+        values[dotted] = value
+        origin_of[dotted] = where
     for dotted, check in CONFIG_CHECKS.items():
         problem = check(values[dotted])
         if problem:
@@ -664,6 +778,43 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         relative_to = os.getcwd() if from_environment else base_dir
         return os.path.normpath(os.path.join(relative_to, value))
 
+    # target.host written as a URL or host:port (a silent 502 on every request would otherwise
+    # be the only sign): its port counts as set where the host was set, so the usual
+    # precedence (default < file < environment < command line) decides against target.port.
+    try:
+        target_host, url_port = parse_target(values["target.host"], 0)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (origin_of["target.host"] or "default", exc)) from None
+
+    def rank(where) -> int:
+        return 0 if where is None else 1 if where == path else \
+            2 if where.startswith("environment") else 3
+
+    target_port = values["target.port"]
+    if url_port and url_port != target_port:
+        host_rank, port_rank = rank(origin_of["target.host"]), rank(origin_of["target.port"])
+        if host_rank == port_rank:
+            raise ConfigError("%s: target.host %s names port %d but target.port is %d; keep "
+                              "only one of them" % (origin_of["target.host"],
+                                                   json.dumps(values["target.host"]), url_port,
+                                                   target_port))
+        if host_rank > port_rank:
+            target_port = url_port
+    target_host = target_host.strip("[]")
+    if values["proxy.port"] and target_port == values["proxy.port"] and (
+            _is_own_address(target_host) or target_host == values["proxy.bind"].strip("[]")):
+        raise ConfigError(
+            "target %s is this proxy itself (proxy.port %d): every request would loop back "
+            "into it; point target.host/target.port at the LLM backend (Ollama listens on "
+            "127.0.0.1:11434)" % (authority(target_host, target_port), values["proxy.port"]))
+    # Only the default certificate location is ours to create files in: a configured path
+    # that does not exist is a typo or a missing mount, never a place to generate a CA into.
+    default_values = _flatten(CONFIG_DEFAULTS)
+    tls_managed = all(
+        origin_of[key] is None or resolve(key) == os.path.normpath(
+            os.path.join(base_dir, default_values[key]))
+        for key in ("tls.cert", "tls.key"))
+
     return Config(
         port=values["proxy.port"],
         bind=values["proxy.bind"].strip(),
@@ -672,14 +823,16 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         client_timeout=float(values["proxy.clientTimeout"]),
         max_connections=values["proxy.maxConnections"],
         max_connections_per_client=values["proxy.maxConnectionsPerClient"],
-        target_host=values["target.host"].strip().strip("[]"),
-        target_port=values["target.port"],
+        websocket_idle_timeout=float(values["proxy.websocketIdleTimeout"]),
+        target_host=target_host,
+        target_port=target_port,
         connect_timeout=float(values["target.connectTimeout"]),
         read_timeout=float(values["target.readTimeout"]),
         forward_origin=values["target.forwardOrigin"],
         cert_file=resolve("tls.cert"),
         key_file=resolve("tls.key"),
         tls_hosts=tuple(h.strip() for h in values["tls.hosts"]),
+        tls_managed=tls_managed,
         tracking_enabled=values["tracking.enabled"],
         stats_file=resolve("tracking.statsFile"),
         persist_interval=float(values["tracking.persistInterval"]),
@@ -2011,7 +2164,7 @@ class CertStatus(NamedTuple):
 def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str] = (),
                         days: int = SERVER_CERT_DEFAULT_DAYS,
                         renew_before_days: int = CERT_RENEW_BEFORE_DAYS,
-                        progress=None) -> CertStatus:
+                        progress=None, dry_run: bool = False) -> CertStatus:
     """Make sure a usable server certificate exists; return what was done.
 
     ``progress(text)``, when given, is called before the slow step (a new CA: seconds of RSA key
@@ -2031,6 +2184,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
     * cert not issued by our CA: never touched, only reported (with warnings).
     * only one of cert/key present, key not matching cert, or half a CA: CertificateError, so
       that nothing the user made is overwritten silently.
+    With ``dry_run`` nothing is written: the status says what a start would do (--check).
     Raises CertificateError only (also for an invalid extra host or ``days``, and for files that
     cannot be written)."""
     if not 1 <= days <= SERVER_CERT_MAX_DAYS:
@@ -2044,7 +2198,7 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
     try:
         return _ensure_certificates(os.path.abspath(cert_file), os.path.abspath(key_file),
                                     wanted[0], wanted[1], days, renew_before_days, extra,
-                                    progress)
+                                    progress, dry_run)
     except OSError as exc:
         raise CertificateError("cannot write %s: %s" % (
             exc.filename or os.path.dirname(os.path.abspath(cert_file)),
@@ -2053,7 +2207,8 @@ def ensure_certificates(cert_file: str, key_file: str, extra_hosts: Iterable[str
 
 def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                          wanted_ips: List[str], days: int, renew_before_days: int,
-                         extra_hosts: Sequence[str] = (), progress=None) -> CertStatus:
+                         extra_hosts: Sequence[str] = (), progress=None,
+                         dry_run: bool = False) -> CertStatus:
     ca_dir = os.path.dirname(cert_file)
     ca_cert_path, ca_key_path = ca_paths(ca_dir)
     combined_path = _combined_path(cert_file)
@@ -2077,6 +2232,9 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                                                           ca_dir),)
 
     def issue(action: str, reasons: List[str], hosts: List[str], ca_created: bool) -> CertStatus:
+        if dry_run:
+            return CertStatus(action, cert_file, key_file, combined_path, ca_cert_path,
+                              ca_created, (), (), None, None, tuple(reasons), ())
         ca_info = read_certificate_info(ca_cert_path)
         hosts, dropped = split_permitted(ca_info, hosts)
         info = issue_server_files(cert_file, key_file, hosts, days, ca_dir)
@@ -2092,9 +2250,10 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         ca_created = False
         have_ca = [os.path.exists(path) for path in (ca_cert_path, ca_key_path)]
         if not any(have_ca):
-            if progress is not None:
-                progress(CA_PROGRESS_MESSAGE)
-            create_ca_files(ca_dir, extra_hosts)
+            if not dry_run:
+                if progress is not None:
+                    progress(CA_PROGRESS_MESSAGE)
+                create_ca_files(ca_dir, extra_hosts)
             ca_created = True
         elif not all(have_ca):
             raise CertificateError(
@@ -2165,7 +2324,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if reasons:
         warnings.append("certificate %s, but %s is missing so it cannot be renewed"
                         % ("; ".join(reasons), ca_key_path))
-    if key is not None and not os.path.exists(combined_path):
+    if key is not None and not os.path.exists(combined_path) and not dry_run:
         # combined.pem is derived from the other two; recreate it if someone removed it.
         with open(cert_file, "rb") as handle:
             cert_pem = handle.read()
@@ -2229,14 +2388,56 @@ def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     check_trusted_file(cert_file, "certificate")  # at start, on SIGHUP and for the file watcher
     check_trusted_file(key_file, "key")
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        # load_cert_chain's own errors name no file ("certificate file missing: None") or
+        # only say "PEM lib": name the file and the fix first.
+        if not os.path.exists(path):
+            raise CertificateError("%s file missing: %s" % (what, path))
+        problem = _pem_problem(path, what)
+        if problem:
+            raise CertificateError(problem)
     try:
         context.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise CertificateError("certificate file missing: %s" % exc.filename) from None
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError("cannot load certificate %s with key %s: %s"
                                % (cert_file, key_file, exc)) from None
     return context
+
+
+def _pem_problem(path: str, what: str) -> Optional[str]:
+    """Why `path` cannot be the PEM file Python's ssl module needs (DER, empty...), or None."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+    except OSError as exc:
+        return "cannot read %s %s: %s" % (what, path, exc.strerror or exc)
+    if b"-----BEGIN " in data:
+        return None
+    if not data.strip():
+        return "%s file %s is empty" % (what, path)
+    if data[:1] == b"\x30":
+        tool = "x509" if what == "certificate" else "pkey"
+        return ("%s %s is in DER (binary) form, but PEM (text, -----BEGIN ...) is needed; "
+                "convert it: openssl %s -inform der -in %s -out %s.pem, and point the config "
+                "at the .pem file" % (what, path, tool, path, os.path.splitext(path)[0]))
+    return "%s %s is not a PEM file (no -----BEGIN line)" % (what, path)
+
+
+def check_configured_certificate(config) -> None:
+    """Refuse a configured (non-default) tls.cert/tls.key that does not exist.
+
+    Only the default location is ours to create a CA and certificate in; a configured path
+    that is missing is a typo or an unmounted volume, and generating into it would put a new
+    CA into the user's own certificate folder. Raises CertificateError naming the fix."""
+    if config.tls_managed:
+        return
+    missing = [path for path in (config.cert_file, config.key_file) if not os.path.exists(path)]
+    if missing:
+        raise CertificateError(
+            "%s not exist (set by tls.cert/tls.key or CERT_FILE/KEY_FILE); the proxy "
+            "creates certificates only in its default place, never at a configured path: fix "
+            "the path, or remove tls.cert and tls.key to use the proxy's own certificate"
+            % (" and ".join(missing) + (" do" if len(missing) > 1 else " does")))
 
 
 # ==================================================================================================
@@ -4875,6 +5076,11 @@ class _DeadlineReader(io.RawIOBase):
         self._grace = grace
         self.deadline = None
 
+    def stop_deadlines(self) -> None:
+        """No deadline from now on: the connection has become a WebSocket tunnel."""
+        self._min_rate = None
+        self.deadline = None
+
     def readinto(self, buffer):
         if self._min_rate is not None:
             return self._read_body(buffer)
@@ -5453,6 +5659,9 @@ def _describe_os_error(exc: OSError) -> str:
 # Request headers that carry a client's key; never forwarded while keys are checked or a
 # target.apiKey replaces them.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# Browsers cannot set headers on a WebSocket, so the OpenAI Realtime API's browser form carries
+# the key as a Sec-WebSocket-Protocol token: "openai-insecure-api-key.<key>".
+WEBSOCKET_KEY_PROTOCOL = "openai-insecure-api-key."
 RATE_WINDOW_SECONDS = 60.0
 
 
@@ -5494,8 +5703,8 @@ def request_credentials(head: "RequestHead") -> List[str]:
     """The keys a request presents: "Authorization: Bearer <key>" (any case of the scheme;
     OpenAI SDKs and most apps) and "x-api-key: <key>" (Anthropic SDKs), in that order.
 
-    The one place that knows where clients put keys: a tunnel that carries it elsewhere (e.g.
-    a WebSocket's "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>") adds it here.
+    The one place that knows where clients put keys; a WebSocket handshake from a browser may
+    also carry one as a subprotocol, "Sec-WebSocket-Protocol: openai-insecure-api-key.<key>".
     """
     found = []
     for value in head.get_all("authorization"):
@@ -5503,7 +5712,15 @@ def request_credentials(head: "RequestHead") -> List[str]:
         if scheme.lower() == "bearer" and token.strip():
             found.append(token.strip())
     found.extend(v.strip() for v in head.get_all("x-api-key") if v.strip())
+    found.extend(token[len(WEBSOCKET_KEY_PROTOCOL):] for token in websocket_protocols(head)
+                 if token.startswith(WEBSOCKET_KEY_PROTOCOL) and token != WEBSOCKET_KEY_PROTOCOL)
     return found
+
+
+def websocket_protocols(head: "RequestHead") -> List[str]:
+    """The subprotocols a WebSocket handshake offers (Sec-WebSocket-Protocol), in order."""
+    return [token.strip() for value in head.get_all("sec-websocket-protocol")
+            for token in value.split(",") if token.strip()]
 
 
 def authenticate(keyring: KeyRing, head: "RequestHead") -> Optional[AccessKey]:
@@ -5630,6 +5847,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.head = None
         self.admin_route = False
+        # Set once a forwarded request's Exchange owns the log line (finish() writes it), so a
+        # proxy-made error on that request is not logged a second time by send_local.
+        self.exchange_logs = False
         self.head_reader.start_head(self.client_timeout)
         try:
             head = read_request_head(self.rfile)
@@ -5768,9 +5988,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _log_local(self, status: int, size: int) -> None:
         head = self.head
-        if head is not None and log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB", self.client_ip, head.method,
-                     head.target.split("?", 1)[0], status, size)
+        if head is None or getattr(self, "exchange_logs", False):
+            return
+        path = head.target.split("?", 1)[0]
+        # The dashboard polls its JSON every few seconds per open tab (~720 lines an hour onto a
+        # Raspberry Pi's SD card): successful reads of the proxy's own endpoints are DEBUG.
+        level = logging.DEBUG if (status < 400 and head.method in ("GET", "HEAD")
+                                  and path.startswith("/_proxy/")) else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %s %d %dB", self.client_ip, head.method, path, status, size)
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.client_ip, format % args)
@@ -5834,9 +6060,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         origin = head.get("origin")
         if not self.server.config.origin_allowed(origin):
-            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
-                                  "origin_not_allowed")
-            return
+            # Answered like an allowed preflight on purpose: a failed preflight gives the web app
+            # only an opaque "Failed to fetch", while the actual request then gets a 403 that it
+            # can read (see forward()). Nothing from this origin is ever forwarded.
+            self.server.note_refused_origin(origin)
         headers = [
             ("Access-Control-Allow-Origin", origin),
             ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
@@ -5964,9 +6191,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The forwarding pipeline: refuse foreign origins, send upstream, stream the answer back."""
         origin = head.get("origin")
         if origin and not self.server.config.origin_allowed(origin):
-            # The browser would hide our answer anyway; refusing also spares the backend the work.
-            self.send_proxy_error(403, "origin %s is not in proxy.allowedOrigins" % origin,
-                                  "origin_not_allowed")
+            # Refused here, never forwarded: the backend is spared the work. The refusal itself
+            # carries Access-Control-Allow-Origin so the web app can show the user this message
+            # instead of an opaque CORS error; it reveals nothing but the setting to change.
+            self.server.note_refused_origin(origin)
+            self.send_proxy_error(
+                403, "origin %s is not allowed by this proxy: add it to proxy.allowedOrigins in "
+                     "the config (or ALLOWED_ORIGINS)" % origin, "origin_not_allowed",
+                extra=[("Access-Control-Allow-Origin", origin), ("Vary", "Origin")])
             return
         keyring = self.server.keys      # read once: a SIGHUP swap cannot mix two tables
         key = None
@@ -5978,6 +6210,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.refuse(head, body_length, refusal)
                 return
         exchange = Exchange(self, head, path, body_length, key, keyring)
+        self.exchange_logs = True
         self.server.request_started()
         try:
             exchange.run()
@@ -6045,6 +6278,10 @@ class Exchange:
         self.injected = False
         self.streamed = None
         self.body_streamed = False
+        self.failure = None              # why the proxy answered with an error itself
+        # A WebSocket handshake is forwarded with its upgrade headers; any other upgrade is not.
+        self.upgrade = websocket_requested(head, body_length)
+        self.tunnel = None
 
     # The steps, in order --------------------------------------------------------------------
 
@@ -6061,6 +6298,9 @@ class Exchange:
         except ClientGone:
             self.status, self.error = 499, True     # nginx's "client closed request"
             raise
+        if self.upgrade and response.status == 101:
+            self.open_tunnel(conn, response)
+            return
         self.relay_response(conn, response)
 
     def read_request_body(self):
@@ -6111,6 +6351,7 @@ class Exchange:
             dropped.add("accept-encoding")     # the stream is edited: it must arrive uncompressed
         if self.keyring.replaces_credentials:
             dropped.update(CREDENTIAL_HEADERS)  # the client's key stays here
+            dropped.add("sec-websocket-protocol")   # offered again below, without a key
         headers = [("Host", self.server.upstream_host_header)]
         forwarded_for = []
         for name, value in head.headers:
@@ -6128,6 +6369,14 @@ class Exchange:
             headers.append(("X-Forwarded-Host", head.get("host")))
         if self.injected:
             headers.append(("Accept-Encoding", "identity"))
+        if self.upgrade:
+            # The one exception to hop-by-hop stripping (RFC 9110 §7.8): asked for explicitly.
+            headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        if self.keyring.replaces_credentials:
+            offered = [p for p in websocket_protocols(head)
+                       if not p.startswith(WEBSOCKET_KEY_PROTOCOL)]
+            if offered:
+                headers.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
         if self.keyring.backend_key:
             headers.append(("Authorization", "Bearer " + self.keyring.backend_key))
         if body is not None:
@@ -6201,11 +6450,12 @@ class Exchange:
     def unasked_switch(self, response) -> Optional[str]:
         """Why a 101 Switching Protocols answer is refused; None for any other status.
 
-        The one place that decides. No request asks for an upgrade today (Upgrade is hop-by-hop
-        and never forwarded), so a 101 means the backend stopped speaking HTTP on a connection
-        we would otherwise pool. Forwarding WebSocket upgrades will allow the switch it asked for.
+        The one place that decides. Only a WebSocket handshake asks for an upgrade (the one
+        Upgrade we forward; open_tunnel() then checks the backend switched to WebSocket). Any
+        other 101 means the backend stopped speaking HTTP on a connection we would otherwise
+        pool.
         """
-        if response.status != 101:
+        if response.status != 101 or self.upgrade:
             return None
         return "switched protocols (101) although the request asked for no upgrade"
 
@@ -6385,14 +6635,74 @@ class Exchange:
             size += len(more)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def open_tunnel(self, conn, response) -> None:
+        """Relay the backend's 101 to a WebSocket handshake, then copy bytes both ways until done.
+
+        The backend's socket leaves the pool for good: after a 101 it speaks WebSocket, not HTTP.
+        """
+        self.status = 101
+        self.ttfb = time.monotonic() - self.started
+        raw = response.getheaders()
+        agreed = [p.strip().lower() for k, v in raw if k.lower() == "upgrade" for p in v.split(",")]
+        backend = conn.sock
+        if backend is None or agreed != ["websocket"]:
+            conn.close()
+            self.fail(502, "The backend at %s answered the WebSocket handshake with 101 but did "
+                           "not switch to WebSocket" % self.server.upstream.url)
+            return
+        dropped = set(HOP_BY_HOP_HEADERS)
+        dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
+        headers = [(k, _OBS_FOLD.sub(" ", v)) for k, v in raw if k.lower() not in dropped]
+        headers.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
+        head = "HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % "".join(
+            "%s: %s\r\n" % pair for pair in headers)
+        # Frames the backend sent right behind its 101 may already sit in http.client's buffer.
+        backend.setblocking(False)
+        try:
+            from_backend = response.fp.read1(READ_CHUNK) or b""
+        except OSError:
+            from_backend = b""
+        conn.sock = None
+        response.close()
+        self.handler.close_connection = True
+        client = self.handler.connection
+        try:
+            self.handler.wfile.write(head.encode("latin-1"))
+            # And frames a client sent without waiting for the 101 sit in our request reader
+            # (read without a body deadline, which would put a timeout back on the socket).
+            self.handler.head_reader.stop_deadlines()
+            client.setblocking(False)
+            try:
+                from_client = self.handler.rfile.read1(READ_CHUNK) or b""
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                from_client = b""
+        except OSError:
+            backend.close()
+            raise ClientGone() from None
+        tap = None
+        if self.config.tracking_enabled and self.path.rstrip("/").endswith("/realtime"):
+            # The Realtime API names the model in the URL (?model=...); response.done may not.
+            query = urllib.parse.parse_qs(self.head.target.partition("?")[2])
+            tap = RealtimeUsage(model=(query.get("model") or [None])[0])
+        self.tunnel = Tunnel(client, backend, self.config.websocket_idle_timeout,
+                             self.config.client_timeout, from_client, from_backend, tap)
+        self.server.track_tunnel(self.tunnel, True)
+        try:
+            self.tunnel.run()
+        finally:
+            self.server.track_tunnel(self.tunnel, False)
+            backend.close()
+        self.sent = self.tunnel.down
+
     def upstream_broke(self, conn, exc) -> None:
         """The backend failed mid-body: all we can do is abort the client connection too.
 
         A clean chunked end would look like success to the client, so we close without it.
         """
-        log.warning("backend %s broke off the response to %s %s: %s", self.server.upstream.url,
-                    self.head.method, self.path, _describe_os_error(exc)
-                    if isinstance(exc, OSError) else type(exc).__name__)
+        # Said on the request's one log line (finish()), not on a second one.
+        self.failure = "backend %s broke off the response: %s" % (
+            self.server.upstream.url,
+            _describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__)
         conn.close()
         self.error = True
         self.handler.close_connection = True
@@ -6410,7 +6720,7 @@ class Exchange:
     def fail(self, status: int, message: str) -> None:
         """Answer with a proxy-made error (502/504); keep the client connection when possible."""
         self.status, self.error = status, True
-        log.warning("%s %s -> %d: %s", self.head.method, self.path, status, message)
+        self.failure = message           # finish() logs it, on the request's one line
         # A streamed body may be half read: then the connection is out of step and must close.
         self.handler.send_proxy_error(status, message, "proxy_error", close=self.body_streamed)
 
@@ -6435,12 +6745,27 @@ class Exchange:
             # The request's own name counts only once the backend accepted it: a client
             # asking for 260 made-up models (404 each) must not push real ones into "(other)".
             model = self.request_info.model
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.tap is not None and tunnel.tap.responses:
+            usage, source, model = tunnel.tap.usage, "reported", tunnel.tap.model or model
         tokens = usage.get("total", 0) if usage else 0
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %dB %dms%s%s", self.handler.client_ip, self.head.method,
-                     self.path, self.status, self.sent, duration * 1000,
+        if tunnel is not None:
+            # One line per WebSocket, at its end: how long, how much each way, who ended it.
+            log.info("%s %s %s 101 websocket %.1fs up %dB down %dB closed by %s%s%s",
+                     self.handler.client_ip, self.head.method, self.path, duration,
+                     tunnel.up, tunnel.down, tunnel.closed_by,
                      " %d tokens" % tokens if tokens else "",
                      " key=%s" % self.key_name if self.key_name else "")
+        else:
+            # One line per request; a proxy-made error (502/504) is that same line at WARNING, with
+            # the reason, instead of a second line.
+            level = logging.WARNING if self.failure else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %s %d %dB %dms%s%s%s", self.handler.client_ip,
+                        self.head.method, self.path, self.status, self.sent, duration * 1000,
+                        " %d tokens" % tokens if tokens else "",
+                        " key=%s" % self.key_name if self.key_name else "",
+                        ": " + self.failure if self.failure else "")
         self.server.stats.record({
             "time": self.started_wall, "method": self.head.method, "path": self.path,
             "client": self.handler.client_ip, "status": self.status,
@@ -6522,6 +6847,418 @@ INTERNAL_ROUTES = {
 # Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
 # when set (the dashboard page itself holds no data; it asks for the token to read stats).
 ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
+
+
+# ==================================================================================================
+# HTTP layer, part 3b: WebSocket tunnels (the one upgrade we forward)
+# ==================================================================================================
+
+# Bytes held per direction while the receiving side is slow: past this we stop reading from the
+# sender, so TCP pushes back on it instead of our memory filling up.
+TUNNEL_BUFFER_LIMIT = 1024 * 1024
+TLS_READ_CHUNK = 65536
+# TCP keepalive on both legs of a tunnel: a tunnel may be silent for an hour legitimately, and a
+# peer that vanished (laptop lid closed, Wi-Fi gone) is found in about idle + interval * count.
+TUNNEL_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
+# Realtime usage: a server->client text message is parsed only when it is at most this big (a
+# response.done event is a few KiB; audio deltas are skipped unparsed).
+REALTIME_MESSAGE_LIMIT = 1024 * 1024
+
+
+def websocket_requested(head: RequestHead, body_length: Optional[int]) -> bool:
+    """True for a WebSocket opening handshake (RFC 6455 §4.1) we forward as an upgrade.
+
+    GET, HTTP/1.1, "upgrade" among the Connection tokens and "websocket" among the Upgrade
+    protocols, and no body. Any other upgrade (h2c, TLS/1.0) is not forwarded: its headers are
+    hop-by-hop, dropped as usual, and the request proceeds as a plain one.
+    """
+    if head.method != "GET" or head.version != "HTTP/1.1" or body_length is not None:
+        return False
+    if "upgrade" not in head.connection_tokens():
+        return False
+    return "websocket" in [p.strip().lower() for value in head.get_all("upgrade")
+                           for p in value.split(",")]
+
+
+def _keepalive(sock) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in TUNNEL_KEEPALIVE:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
+
+
+class _Wait:
+    """Wait for readiness of two sockets: poll() where it exists, else select()."""
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+        self.poller = select.poll() if hasattr(select, "poll") else None
+
+    def wait(self, wants, timeout: float):
+        """wants: per socket (read?, write?). Returns per socket (readable, writable)."""
+        if self.poller is not None:
+            poller = self.poller
+            for sock, (r, w) in zip(self.sockets, wants):
+                mask = (select.POLLIN if r else 0) | (select.POLLOUT if w else 0)
+                if mask:
+                    poller.register(sock, mask)
+                else:
+                    # Registered with no events, a hung-up socket would still report POLLHUP
+                    # at once, every time: a busy loop while the other direction drains.
+                    try:
+                        poller.unregister(sock)
+                    except KeyError:
+                        pass
+            events = dict(poller.poll(max(0.0, timeout) * 1000.0))
+            result = []
+            for sock, (r, w) in zip(self.sockets, wants):
+                ev = events.get(sock.fileno(), 0)
+                broken = ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                result.append((bool(ev & select.POLLIN) or bool(broken and r),
+                               bool(ev & select.POLLOUT) or bool(broken and w)))
+            return result
+        rlist = [s for s, (r, _) in zip(self.sockets, wants) if r]
+        wlist = [s for s, (_, w) in zip(self.sockets, wants) if w]
+        readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        return [(s in readable, s in writable) for s in self.sockets]
+
+
+class RealtimeUsage:
+    """Reads the backend->client frames of an OpenAI Realtime tunnel for response.done usage.
+
+    Fed a copy of the bytes (never changes them). Server frames are unmasked (RFC 6455 §5.1);
+    text messages may be fragmented; compressed (RSV1) or oversized messages are skipped.
+    """
+
+    def __init__(self, model: Optional[str] = None):
+        self._buf = bytearray()
+        self._message = bytearray()
+        self._in_text = False
+        self._skip_message = False
+        self._payload_left = 0     # bytes of the current frame still to come
+        self._collect = False      # whether the current frame's payload belongs to a text message
+        self._fin = False
+        self.responses = 0
+        self.usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        self.model = model
+
+    def feed(self, data) -> None:
+        """Take the next bytes the backend sent (a copy: nothing is changed or held back)."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        while True:                               # iterative: a hostile run of tiny frames
+            if self._payload_left:                # must not be able to recurse us to death
+                take = min(self._payload_left, len(buf) - pos)
+                if not take:
+                    break
+                if self._collect and not self._skip_message:
+                    if len(self._message) + take > REALTIME_MESSAGE_LIMIT:
+                        self._skip_message, self._message = True, bytearray()
+                    else:
+                        self._message += buf[pos:pos + take]
+                pos += take
+                self._payload_left -= take
+                if not self._payload_left:
+                    self._end_frame()
+                continue
+            after = self._parse_header(buf, pos)
+            if after is None:
+                break
+            pos = after
+        del buf[:pos]
+
+    def _parse_header(self, buf, pos):
+        """Read one frame header at buf[pos:]; returns the position after it, or None if cut."""
+        if len(buf) - pos < 2:
+            return None
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, offset = b1 & 0x7F, pos + 2
+        if length == 126:
+            if len(buf) < offset + 2:
+                return None
+            length, offset = struct.unpack_from("!H", buf, offset)[0], offset + 2
+        elif length == 127:
+            if len(buf) < offset + 8:
+                return None
+            length, offset = struct.unpack_from("!Q", buf, offset)[0], offset + 8
+        masked = bool(b1 & 0x80)
+        if masked:
+            offset += 4                       # a masked server frame is a protocol error
+            if len(buf) < offset:
+                return None
+        opcode, self._fin = b0 & 0x0F, bool(b0 & 0x80)
+        self._collect = False
+        if opcode == 0x1:                     # a text message starts
+            self._in_text, self._message = True, bytearray()
+            # RSV1 set: permessage-deflate; masked: not a server frame. Neither is read.
+            self._skip_message = bool(b0 & 0x40) or masked
+            self._collect = True
+        elif opcode == 0x0 and self._in_text:     # its continuation
+            self._collect = True
+        elif opcode == 0x2:                   # a binary message ends any text bookkeeping
+            self._in_text = False
+        self._payload_left = length
+        if not length:
+            self._end_frame()
+        return offset
+
+    def _end_frame(self) -> None:
+        if self._collect and self._fin:
+            self._in_text = False
+            if not self._skip_message and b"response.done" in self._message:
+                self._take(bytes(self._message))
+            self._message = bytearray()
+            self._skip_message = False
+        self._collect = False
+
+    def _take(self, text: bytes) -> None:
+        try:
+            event = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(event, dict) or event.get("type") != "response.done":
+            return
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return
+        prompt = _usage_int(usage.get("input_tokens"))
+        completion = _usage_int(usage.get("output_tokens"))
+        total = _usage_int(usage.get("total_tokens")) or prompt + completion
+        self.responses += 1
+        self.usage["prompt"] += prompt
+        self.usage["completion"] += completion
+        self.usage["total"] += total
+        self.usage["cacheRead"] += _usage_int(_usage_dig(usage, "input_token_details",
+                                                         "cached_tokens"))
+        self.usage["reasoning"] += _usage_int(_usage_dig(usage, "output_token_details",
+                                                         "reasoning_tokens"))
+        if isinstance(response.get("model"), str):
+            self.model = response["model"]
+
+
+class _Outbox:
+    """Bytes waiting to be written to one side, kept as the pieces they were read in (no copy).
+
+    A TLS write that could not finish must be repeated with the same piece (OpenSSL's SSL_write
+    retry rule); the head piece stays in place until written, so it is.
+    """
+
+    def __init__(self, first: bytes = b""):
+        self.pieces = collections.deque()
+        self.size = 0
+        if first:
+            self.put(first)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def put(self, data) -> None:
+        """Queue one piece."""
+        self.pieces.append(data)
+        self.size += len(data)
+
+    def head(self):
+        """The piece to write next."""
+        return self.pieces[0]
+
+    def consumed(self, n: int) -> None:
+        """Drop the first n bytes of the head piece (all of it when n is its length)."""
+        head = self.pieces[0]
+        if n >= len(head):
+            self.pieces.popleft()
+        else:
+            self.pieces[0] = memoryview(head)[n:]
+        self.size -= n
+
+
+class Tunnel:
+    """Copies bytes both ways between a client (TLS) and the backend (TCP) after a 101.
+
+    One poll loop in the handler's own thread, no extra thread: an SSLSocket must not be read
+    and written from two threads at once (OpenSSL objects are not thread-safe). Both sockets are
+    non-blocking; each direction holds at most TUNNEL_BUFFER_LIMIT bytes, so a slow reader
+    slows its sender instead of growing memory, and one stalled direction never blocks the other.
+    An end of stream on one side is passed on as a half-close (close_notify + FIN to the client,
+    FIN to the backend); once both directions have ended, both sockets close.
+
+    For the caller: run() -> who closed ("client", "backend", "idle", "shutdown", "error");
+    stop() from another thread; up/down hold the bytes copied each way.
+    """
+
+    def __init__(self, client, backend, idle_timeout: float, end_timeout: float,
+                 from_client: bytes = b"", from_backend: bytes = b"", tap=None):
+        self.client = client
+        self.backend = backend
+        self.idle_timeout = idle_timeout
+        self.end_timeout = end_timeout   # how long the other side may linger after a half-close
+        self.to_backend = _Outbox(from_client)
+        self.to_client = _Outbox(from_backend)
+        self.tap = tap
+        self.up = len(from_client)        # bytes client -> backend
+        self.down = len(from_backend)     # bytes backend -> client
+        if tap is not None and from_backend:
+            self._feed_tap(from_backend)
+        self.closed_by = None
+        self._stopped = False
+        self._client_read_wants_write = False
+        self._client_unwrapped = False    # both close_notify exchanged: no TLS layer left to read
+
+    def _feed_tap(self, data) -> None:
+        # The tap only reads a copy; a bug in it must cost the usage count, never the tunnel.
+        try:
+            self.tap.feed(data)
+        except Exception:                 # noqa: BLE001 - see above
+            log.exception("websocket usage reader failed; usage of this tunnel not counted")
+            self.tap = None
+
+    def stop(self) -> None:
+        """End the tunnel from another thread (shutdown): wakes the loop by shutting both sockets."""
+        self._stopped = True
+        for sock in (self.client, self.backend):
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def run(self) -> str:
+        """Copy until both directions have ended (or idle/stop/error). Returns who closed."""
+        client, backend = self.client, self.backend
+        to_backend, to_client = self.to_backend, self.to_client
+        _keepalive(client)
+        _keepalive(backend)
+        client.setblocking(False)
+        backend.setblocking(False)
+        waiter = _Wait([client, backend])
+        client_eof = backend_eof = False      # read side ended
+        client_shut = backend_shut = False    # our half-close sent to that side
+        last_activity = time.monotonic()
+        while True:
+            if backend_eof and not to_client.size and not client_shut:
+                client_shut = self._half_close_client()
+                # Where unwrap() completes at once (Python 3.9), no TLS layer is left to read.
+                client_eof = client_eof or self._client_unwrapped
+            if client_eof and not to_backend.size and not backend_shut:
+                backend_shut = True
+                try:
+                    backend.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            if client_shut and backend_shut or self._stopped:
+                break
+            read_client = not client_eof and to_backend.size < TUNNEL_BUFFER_LIMIT
+            read_backend = not backend_eof and to_client.size < TUNNEL_BUFFER_LIMIT
+            # Decrypted bytes OpenSSL holds already are invisible to poll(): read them first.
+            pending = read_client and client.pending()
+            timeout = self.end_timeout if (client_eof or backend_eof) else self.idle_timeout
+            remaining = last_activity + timeout - time.monotonic()
+            if remaining <= 0:
+                self.closed_by = self.closed_by or "idle"
+                break
+            wants = [
+                (read_client, bool(to_client.size) or self._client_read_wants_write
+                 or (backend_eof and not client_shut)),
+                (read_backend, bool(to_backend.size)),
+            ]
+            ((c_read, c_write), (b_read, _)) = waiter.wait(wants, 0 if pending else remaining)
+            if self._stopped:
+                break
+            c_read = c_read or pending or (self._client_read_wants_write and c_write)
+            moved = False
+            side = "client"
+            try:
+                if c_read and read_client:
+                    got = self._read_client()
+                    if got is None:
+                        client_eof = True
+                        self.closed_by = self.closed_by or "client"
+                    moved = bool(got)
+                side = "backend"
+                if b_read and read_backend:
+                    data = backend.recv(READ_CHUNK)
+                    if data:
+                        to_client.put(data)
+                        self.down += len(data)
+                        if self.tap is not None:
+                            self._feed_tap(data)
+                        moved = True
+                    else:
+                        backend_eof = True
+                        self.closed_by = self.closed_by or "backend"
+                # Write at once what was just read, without waiting for poll() to call the
+                # socket writable (it nearly always is): one poll() per message, not two.
+                while to_backend.size:
+                    try:
+                        sent = backend.send(to_backend.head())
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    to_backend.consumed(sent)
+                    moved = True
+                side = "client"
+                while to_client.size:
+                    try:
+                        # All or nothing: Python's SSLSocket never enables partial writes.
+                        sent = client.send(to_client.head())
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        break                 # retried later with the same piece
+                    to_client.consumed(sent)
+                    moved = True
+            except OSError as exc:
+                # A reset, a TLS error, or a write to a side that is gone: nothing more can be
+                # delivered either way.
+                log.debug("websocket tunnel: %s side: %s", side, exc)
+                self.closed_by = self.closed_by or side
+                break
+            if moved:
+                last_activity = time.monotonic()
+        if self._stopped:
+            self.closed_by = "shutdown"
+        return self.closed_by or "error"
+
+    def _read_client(self):
+        """Read what the client's TLS layer has: number of bytes, 0 for none yet, None at its end."""
+        client = self.client
+        self._client_read_wants_write = False
+        total = 0
+        while self.to_backend.size < TUNNEL_BUFFER_LIMIT:
+            try:
+                # A TLS record carries at most 16 KiB: a bigger buffer would only be allocated
+                # and shrunk again on every read.
+                data = client.recv(TLS_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return total
+            except ssl.SSLWantWriteError:
+                self._client_read_wants_write = True
+                return total
+            if not data:
+                return None if not total else total   # the end is seen again on the next read
+            self.to_backend.put(data)
+            self.up += len(data)
+            total += len(data)
+        return total
+
+    def _half_close_client(self) -> bool:
+        """Tell the client the backend has finished: TLS close_notify, then a TCP FIN."""
+        try:
+            # Non-blocking, unwrap() sends close_notify and then reports that the client's own
+            # close_notify has not come yet (SSLWantReadError); the client may still send.
+            self.client.unwrap()
+            self._client_unwrapped = True
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:
+            return False                  # the socket buffer is full: try again when writable
+        except (OSError, ValueError):
+            pass
+        try:
+            socket.socket.shutdown(self.client, socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
 
 
 # ==================================================================================================
@@ -6650,9 +7387,14 @@ class ProxyServer(ThreadingHTTPServer):
         self._active = 0
         self._active_changed = threading.Condition()
         self.slots = ClientSlots(config.max_connections, config.max_connections_per_client)
+        self._tunnels = set()                 # open WebSocket tunnels, closed at shutdown
+        self._tunnels_lock = threading.Lock()
         self._last_refusal_log = -1e9
         self._accept_delay = 0.0
         self._last_accept_error_log = -1e9
+        # Per-client-address or per-origin "say it once" memory for explanatory log lines.
+        self._said = {}                  # (topic, key) -> monotonic time it was last logged
+        self._said_lock = threading.Lock()
         family, address = _listen_address(config.bind, config.port)
         self.address_family = family
         super().__init__(address, ProxyHandler, bind_and_activate=False)
@@ -6740,10 +7482,27 @@ class ProxyServer(ThreadingHTTPServer):
                 slot.release()
 
     def finish_request(self, request, client_address, slot=None):
-        """Handshake in this worker thread (bounded by clientTimeout), then serve the connection."""
+        """Handshake in this worker thread (bounded by clientTimeout), then serve the connection.
+
+        The first byte is peeked at first, as nginx does: a plain-HTTP request on this HTTPS
+        port gets a short 400 naming the https:// URL instead of a TLS error or a reset."""
         reserve = slot is not None and slot.reserve
-        request.settimeout(min(self.config.client_timeout, RESERVE_CLIENT_TIMEOUT) if reserve
-                           else self.config.client_timeout)
+        timeout = min(self.config.client_timeout, RESERVE_CLIENT_TIMEOUT) if reserve \
+            else self.config.client_timeout
+        deadline = time.monotonic() + timeout
+        request.settimeout(timeout)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+            local = request.getsockname()
+        except OSError:
+            return
+        if not first:
+            return
+        if b"A" <= first <= b"Z":        # a TLS record starts with 0x16; an HTTP method with A-Z
+            answer_plain_http(self, request, client_address, local, deadline)
+            return
+        # The handshake gets what is left of clientTimeout, so peek + handshake stay bounded.
+        request.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)
@@ -6753,6 +7512,13 @@ class ProxyServer(ThreadingHTTPServer):
             tls.do_handshake()
         except (OSError, ValueError) as exc:
             log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            if _is_untrusted_certificate_alert(exc):
+                ip = _plain_ip(client_address[0])
+                if self.say_once("untrusted", ip, EXPLAIN_AGAIN_SECONDS):
+                    log.info("%s does not trust this proxy's certificate (%s): open %s on that "
+                             "device to install the CA (logged once per %d min per address)",
+                             ip, getattr(exc, "reason", None) or "rejected",
+                             _url_of(local, "/_proxy/"), EXPLAIN_AGAIN_SECONDS // 60)
             tls.close()
             return
         try:
@@ -6765,6 +7531,28 @@ class ProxyServer(ThreadingHTTPServer):
             except OSError:
                 pass
 
+    def say_once(self, topic: str, key: str, interval: Optional[float] = None) -> bool:
+        """True when a log line about (topic, key) is due: the first time, or again after
+        `interval` seconds (None: only once per run). The memory is bounded, so a flood of
+        distinct keys cannot grow it without limit (it then simply starts over)."""
+        now = time.monotonic()
+        with self._said_lock:
+            last = self._said.get((topic, key))
+            if last is not None and (interval is None or now - last < interval):
+                return False
+            if len(self._said) >= SAY_ONCE_MEMORY:
+                self._said.clear()
+            self._said[(topic, key)] = now
+            return True
+
+    def note_refused_origin(self, origin: str) -> None:
+        """Log, once per origin, that a web page's origin was refused and which setting allows it."""
+        origin = origin[:200]
+        if self.say_once("origin", origin.lower()):
+            log.warning("refused requests from origin %s: it is not in proxy.allowedOrigins "
+                        "(config file) or ALLOWED_ORIGINS; add it there to allow that web app "
+                        "(logged once per origin)", origin)
+
     def request_started(self) -> None:
         """Count a forwarded request as in flight (shutdown waits for these, not idle clients)."""
         with self._active_changed:
@@ -6776,6 +7564,22 @@ class ProxyServer(ThreadingHTTPServer):
         with self._active_changed:
             self._active -= 1
             self._active_changed.notify_all()
+
+    def track_tunnel(self, tunnel, is_open: bool) -> None:
+        """Note a WebSocket tunnel opening (True) or ending (False), for close_tunnels()."""
+        with self._tunnels_lock:
+            if is_open:
+                self._tunnels.add(tunnel)
+            else:
+                self._tunnels.discard(tunnel)
+
+    def close_tunnels(self) -> int:
+        """End every open WebSocket tunnel (shutdown, after the grace period); returns how many."""
+        with self._tunnels_lock:
+            tunnels = list(self._tunnels)
+        for tunnel in tunnels:
+            tunnel.stop()
+        return len(tunnels)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error while serving %s", client_address[0])
@@ -6806,16 +7610,26 @@ class ProxyServer(ThreadingHTTPServer):
         return self.keys
 
     def health(self) -> dict:
-        """Proxy status and whether the backend accepts a TCP connection (cached a few seconds)."""
+        """Proxy status and whether the backend accepts a TCP connection (cached a few seconds).
+
+        "status" is "ok", or "degraded" with a "reason" when the backend does not accept
+        connections. The HTTP status stays 200 either way: the proxy itself is alive, and a
+        liveness check (Docker's HEALTHCHECK, --healthcheck) must not restart it for a backend
+        that is down; monitoring that cares about the backend reads "status"."""
         with self._health_lock:
             checked, backend = self._health_cache
             if backend is None or time.monotonic() - checked > HEALTH_CACHE_SECONDS:
                 backend = self._probe_backend()
                 self._health_cache = (time.monotonic(), backend)
         snapshot_uptime = time.monotonic() - START_MONOTONIC
-        return {"status": "ok", "version": VERSION, "uptime": format_uptime(snapshot_uptime),
-                "uptimeSeconds": int(snapshot_uptime), "backend": backend,
-                "accessKeys": self.keys.required}
+        result = {"status": "ok" if backend["reachable"] else "degraded", "version": VERSION,
+                  "uptime": format_uptime(snapshot_uptime),
+                  "uptimeSeconds": int(snapshot_uptime), "backend": backend,
+                  "accessKeys": self.keys.required}
+        if not backend["reachable"]:
+            result["reason"] = "backend %s is not reachable: %s" % (backend["url"],
+                                                                   backend["error"])
+        return result
 
     def _probe_backend(self) -> dict:
         started = time.monotonic()
@@ -6833,6 +7647,85 @@ class ProxyServer(ThreadingHTTPServer):
 
 
 START_MONOTONIC = time.monotonic()
+
+# TLS alerts a client sends when it does not trust our certificate (RFC 8446 §6.2: unknown_ca
+# from OpenSSL/curl/Python, bad_certificate and certificate_unknown from browsers and others).
+UNTRUSTED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")
+# Explanations of a client's mistake are repeated at most this often per client address.
+EXPLAIN_AGAIN_SECONDS = 600
+PLAIN_HTTP_HEAD_LIMIT = 16384
+
+
+def _is_untrusted_certificate_alert(exc: BaseException) -> bool:
+    reason = (getattr(exc, "reason", None) or str(exc)).upper()
+    return isinstance(exc, ssl.SSLError) and any(a in reason for a in UNTRUSTED_CERT_ALERTS)
+
+
+def _plain_ip(host: str) -> str:
+    """An address as people write it (IPv4-mapped IPv6 shown as plain IPv4)."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def _url_of(local_address, path: str, host: Optional[str] = None) -> str:
+    """https:// URL of this proxy as a client reached it (the socket's local address)."""
+    if host is None:
+        ip = _plain_ip(local_address[0])
+        host = authority(ip, local_address[1])
+    return "https://%s%s" % (host, path)
+
+
+_PLAIN_HOST = re.compile(rb"(?im)^host:[ \t]*([A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|"
+                         rb"\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?)[ \t]*\r?$")
+
+
+def answer_plain_http(server, sock, client_address, local, deadline: float) -> None:
+    """Answer a plain-HTTP request sent to the HTTPS port with a 400 that names the https://
+    URL (as nginx does), and log it in words, rate-limited per client address.
+
+    The request head is read first (bounded in size and by clientTimeout) and the connection
+    is shut down gently, so the client gets the answer instead of a reset."""
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head and b"\n\n" not in head \
+                and len(head) < PLAIN_HTTP_HEAD_LIMIT:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(PLAIN_HTTP_HEAD_LIMIT - len(head))
+            if not data:
+                break
+            head += data
+    except OSError:
+        pass
+    match = _PLAIN_HOST.search(head)
+    host = match.group(1).decode("ascii") if match else None
+    if host is not None and (host.endswith("]") or ":" not in host):
+        # No port: the client wrote http://name/ and something forwarded port 80 here. With a
+        # port, http://name:port/ reached this very port: https://name:port/ is the answer, also
+        # behind a port mapping (Docker 9443:8443) that our own socket knows nothing about.
+        host = "%s:%d" % (host, local[1]) if local[1] != 443 else host
+    url = _url_of(local, "/", host)
+    ip = _plain_ip(client_address[0])
+    if server.say_once("plain-http", ip, EXPLAIN_AGAIN_SECONDS):
+        log.info("%s sent plain HTTP to this HTTPS port; told it to use %s (logged once per "
+                 "%d min per address)", ip, url, EXPLAIN_AGAIN_SECONDS // 60)
+    body = ("400 Bad Request: this port speaks HTTPS only. Use %s\n" % url).encode("ascii")
+    response = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nX-Content-Type-Options: nosniff\r\n"
+                b"Connection: close\r\n\r\n" % len(body)) + body
+    try:
+        sock.settimeout(max(0.01, min(2.0, deadline - time.monotonic())))
+        sock.sendall(response)
+        sock.shutdown(socket.SHUT_WR)
+        # Read what else the client sent (a body) before closing: closing with unread data
+        # makes the kernel send a reset, which can destroy our answer in flight.
+        drained, until = 0, time.monotonic() + 1.0
+        while drained < 1 << 20 and time.monotonic() < until:
+            sock.settimeout(max(0.01, until - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
 
 
 
@@ -7136,7 +8029,12 @@ def serve(server: "ProxyServer", ready=None) -> int:
     finally:
         maintenance.stopped.set()
         server.server_close()
-        if not server.wait_for_requests(SHUTDOWN_GRACE_SECONDS):
+        drained = server.wait_for_requests(SHUTDOWN_GRACE_SECONDS)
+        if not drained and server.close_tunnels():
+            # WebSockets do not end by themselves: past the grace period they are closed (and
+            # recorded) like any request still running.
+            drained = server.wait_for_requests(1.0)
+        if not drained:
             log.warning("stopping with requests still in flight after %gs", SHUTDOWN_GRACE_SECONDS)
         server.stats.stop_autosave()
         server.upstream.close_all()
@@ -7275,6 +8173,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for config.json (optional), certs/, stats.json and, with "
                              "--daemon, llm-proxy.pid and llm-proxy.log (default: the current "
                              "folder); for cron, which starts in $HOME")
+    parser.add_argument("--port", type=int, metavar="N",
+                        help="HTTPS port to listen on (overrides proxy.port and PROXY_PORT)")
+    parser.add_argument("--target", metavar="URL",
+                        help="backend as http://HOST:PORT, HOST:PORT or HOST (overrides "
+                             "target.host/target.port and TARGET_HOST/TARGET_PORT)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="how much to log (default: info, one line per request)")
@@ -7292,8 +8195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pidfile for --daemon/--stop (default: llm-proxy.pid beside the "
                              "config, else in --dir or the current folder)")
     parser.add_argument("--healthcheck", action="store_true",
-                        help="ask a running proxy's /_proxy/health (exit 0 healthy, 1 not); "
-                             "used by the Docker HEALTHCHECK")
+                        help="ask a running proxy's /_proxy/health: exit 0 while it answers, "
+                             "also when it reports the backend down (\"degraded\"), 1 when it "
+                             "does not answer; used by the Docker HEALTHCHECK")
     keys = parser.add_argument_group("access keys (see README, Access keys)")
     keys.add_argument("--add-key", metavar="NAME",
                       help="make a random access key NAME, add it to the config file (created "
@@ -7512,16 +8416,38 @@ def check_setup(config: Config) -> int:
     print("access: %s" % ("%d key(s): %s" % (len(config.access_keys),
                                               ", ".join(k.name for k in config.access_keys))
                           if config.access_keys else "open (no access.keys)"))
-    have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
-    if not have_cert and not have_key:
-        print("certificate: %s will be created at first start" % config.cert_file)
-        return 0
     try:
-        make_server_ssl_context(config.cert_file, config.key_file)
+        probe = socket.create_connection((config.target_host, config.target_port),
+                                         timeout=min(3.0, config.connect_timeout))
+        probe.close()
+        print("backend: accepts connections")
+    except OSError as exc:
+        # Not an error: the backend may simply start later. But say it, and how to look.
+        print("warning: backend %s does not accept connections (%s); requests will get 502 "
+              "until it does. Test it from this machine: curl %s/" % (
+                  config.target_url, _describe_os_error(exc), config.target_url))
+    try:
+        check_configured_certificate(config)
+        have_cert, have_key = os.path.exists(config.cert_file), os.path.exists(config.key_file)
+        if have_cert or have_key:
+            make_server_ssl_context(config.cert_file, config.key_file)
+        # What the next start would do, without doing it: a certificate it re-issues is not ok.
+        status = ensure_certificates(config.cert_file, config.key_file,
+                                     extra_hosts=config.tls_hosts, dry_run=True)
     except CertificateError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
-    print("certificate: %s (ok)" % config.cert_file)
+    if status.action == "created":
+        print("certificate: %s will be created at first start%s" % (
+            config.cert_file, " (with a new local CA)" if status.ca_created else ""))
+    elif status.action == "renewed":
+        print("certificate: %s will be re-issued at the next start: %s" % (
+            config.cert_file, "; ".join(status.reasons)))
+    else:
+        print("certificate: %s (ok%s)" % (config.cert_file, ", not issued by this proxy's CA"
+                                         if status.action == "external" else ""))
+    for warning in status.warnings:
+        print("warning: certificate %s" % warning)
     return 0
 
 
@@ -7546,6 +8472,8 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     finally:
         conn.close()
     print(body.decode("utf-8", "replace"))
+    # 0 for a proxy that answers, also when it reports "degraded" (backend down): restarting the
+    # proxy would not bring the backend back. The reason is in the JSON printed above.
     return 0 if response.status == 200 else 1
 
 
@@ -7650,6 +8578,25 @@ def _report_start_error(message: str, log_file: Optional[str] = None) -> None:
             pass        # the error is on stderr; an unwritable log is its own start-up error
 
 
+def command_line_overrides(args) -> Dict[str, Tuple[str, object]]:
+    """The config keys set by --port and --target, for load_config(overrides=...).
+
+    Precedence: command line > environment > config file > defaults. --target without a port
+    keeps target.port. Raises ConfigError for a --target that is not an http:// backend."""
+    overrides = {}  # type: Dict[str, Tuple[str, object]]
+    if args.port is not None:
+        overrides["proxy.port"] = ("command line --port", args.port)
+    if args.target is not None:
+        try:
+            host, port = parse_target(args.target, 0, "--target")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        overrides["target.host"] = ("command line --target", host)
+        if port:
+            overrides["target.port"] = ("command line --target", port)
+    return overrides
+
+
 def main(argv=None) -> int:
     """Run the proxy (or --check / --daemon / --stop). Returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -7676,7 +8623,7 @@ def main(argv=None) -> int:
     if args.stop:
         return _stop(args)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, overrides=command_line_overrides(args))
     except ConfigError as exc:
         _report_start_error(str(exc), error_log)
         return 2
@@ -7701,6 +8648,8 @@ def main(argv=None) -> int:
                 pidfile_path, exc.strerror or exc), error_log)
             return 1
         if owner is not None:
+            # cron repeats this every few minutes: one line, and no warnings already given
+            # by the start that is running.
             print("already running (pid %d)" % owner)
             return 0
     try:
@@ -7759,6 +8708,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
         return 1
     quiet = args.quiet or args.log_level in ("warning", "error")
     try:
+        check_configured_certificate(config)
         cert_status = ensure_certificates(
             config.cert_file, config.key_file, extra_hosts=config.tls_hosts,
             progress=None if quiet else lambda text: print(text, file=sys.stderr, flush=True))
@@ -7963,8 +8913,9 @@ th { font-size: 11.5px; text-transform: uppercase; letter-spacing: 0.04em; color
 th.n, td.n { text-align: right; }
 tbody tr:hover td { background: var(--hover); }
 tbody tr:last-child td { border-bottom: 0; }
-td.name { min-width: 180px; max-width: 360px; white-space: normal; overflow-wrap: anywhere; }
-td.name .txt { font-weight: 550; }
+td.name { min-width: 180px; max-width: 360px; white-space: normal; }
+/* A model name is never broken mid-word: one line, an ellipsis, the full name in its title. */
+td.name .txt { font-weight: 550; display: block; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 td.muted, .muted { color: var(--faint); }
 .share { height: 3px; background: var(--grid); border-radius: 2px; margin-top: 4px; overflow: hidden; }
 .share i { display: block; height: 100%; background: var(--accent); border-radius: 2px; opacity: 0.7; }
@@ -7991,12 +8942,24 @@ footer.foot .err { color: var(--err); }
   .card { padding: 12px; }
   .card .value { font-size: 23px; }
   .cards { gap: 10px; }
+  /* Room for the usage card's explanation; uptime beside it would leave a hole. */
+  .card.usage, .card.uptime { grid-column: 1 / -1; }
   .panel-head { padding: 10px 12px; }
   .panel-body { padding: 10px 12px 12px; }
-  th, td { padding: 7px 10px; }
-  /* Keep the row's name visible while the numbers scroll sideways. */
-  td.name, table.breakdown th:first-child { position: sticky; left: 0; z-index: 1; background: var(--card); min-width: 150px; max-width: 190px; box-shadow: 1px 0 0 var(--border); }
-  tbody tr:hover td.name { background: var(--hover); }
+  /* Phones: every table row becomes a small card of "label  value" lines (labels from the
+     column headings, see labelCells), so Total, Status and Tokens are never off to the side. */
+  .table-wrap { overflow-x: visible; }
+  .table-wrap table, .table-wrap tbody, .table-wrap tr, .table-wrap td { display: block; width: 100%; }
+  .table-wrap thead { display: none; }
+  .table-wrap tr { padding: 8px 12px; border-bottom: 1px solid var(--border); }
+  .table-wrap tbody tr:last-child { border-bottom: 0; }
+  .table-wrap td { padding: 2px 0; border: 0; text-align: right; white-space: normal; overflow-wrap: break-word; max-width: none; min-width: 0; }
+  .table-wrap td::before { content: attr(data-label); float: left; margin-right: 12px; color: var(--muted); font-size: 12px; text-align: left; }
+  .table-wrap td.name { text-align: left; padding-bottom: 4px; }
+  .table-wrap td.name::before, .table-wrap td.empty::before { content: none; }
+  .table-wrap td.empty { text-align: center; padding: 18px 0; }
+  .table-wrap td.opt { display: none; }
+  tbody tr:hover td { background: transparent; }
 }
 </style>
 </head>
@@ -8021,7 +8984,7 @@ footer.foot .err { color: var(--err); }
   <section class="cards" aria-label="Totals">
     <div class="card wide">
       <div class="label">Total tokens</div>
-      <div class="total-row"><div class="value" id="c-total">&ndash;</div><div class="exact" id="c-total-exact"></div></div>
+      <div class="total-row"><div class="value" id="c-total">&ndash;</div></div>
       <div class="parts">
         <div class="part"><div class="k"><span class="sw prompt"></span>Prompt</div><div class="v" id="c-prompt">&ndash;</div></div>
         <div class="part"><div class="k"><span class="sw completion"></span>Completion</div><div class="v" id="c-completion">&ndash;</div></div>
@@ -8033,12 +8996,13 @@ footer.foot .err { color: var(--err); }
     <div class="card"><div class="label">Completions</div><div class="value" id="c-completions">&ndash;</div><div class="hint" id="c-completions-hint">&nbsp;</div></div>
     <div class="card"><div class="label">Errors</div><div class="value" id="c-errors">&ndash;</div><div class="hint" id="c-errors-hint">&nbsp;</div></div>
     <div class="card"><div class="label">In flight</div><div class="value" id="c-inflight">&ndash;</div><div class="hint">requests in progress</div></div>
-    <div class="card"><div class="label">Uptime</div><div class="value" id="c-uptime">&ndash;</div><div class="hint" id="c-uptime-hint">&nbsp;</div></div>
-    <div class="card" title="Reported: the backend's response carried usage. Injected: the proxy asked the backend to include usage (e.g. stream_options.include_usage). Missing: no usage could be found.">
+    <div class="card uptime"><div class="label">Uptime</div><div class="value" id="c-uptime">&ndash;</div><div class="hint" id="c-uptime-hint">&nbsp;</div></div>
+    <div class="card usage">
       <div class="label">Usage reporting</div>
-      <div class="kv"><span class="k">Reported</span><span class="v" id="c-u-reported">&ndash;</span></div>
-      <div class="kv"><span class="k">Injected</span><span class="v" id="c-u-injected">&ndash;</span></div>
-      <div class="kv"><span class="k">Missing</span><span class="v" id="c-u-missing">&ndash;</span></div>
+      <div class="hint">Where the token counts of completions came from:</div>
+      <div class="kv"><span class="k">Sent by the backend</span><span class="v" id="c-u-reported">&ndash;</span></div>
+      <div class="kv"><span class="k">Asked for by the proxy</span><span class="v" id="c-u-injected">&ndash;</span></div>
+      <div class="kv"><span class="k">Missing (not counted)</span><span class="v" id="c-u-missing">&ndash;</span></div>
     </div>
   </section>
 
@@ -8079,7 +9043,7 @@ footer.foot .err { color: var(--err); }
   <section class="panel" aria-labelledby="t-recent-title">
     <div class="panel-head"><h2 id="t-recent-title">Recent requests<span class="count" id="t-recent-count"></span></h2></div>
     <div class="table-wrap"><table>
-      <thead><tr><th>Time</th><th>Model</th><th>Request</th><th class="n">Status</th><th class="n">Tokens</th><th class="n">Duration</th><th class="n">TTFB</th><th class="n">Tokens/s</th><th>Client</th><th>Usage</th></tr></thead>
+      <thead><tr><th>Time</th><th>Model</th><th>Request</th><th class="n">Status</th><th class="n">Tokens</th><th class="n">Duration</th><th class="n opt">TTFB</th><th class="n opt">Tokens/s</th><th class="opt">Client</th><th>Usage</th></tr></thead>
       <tbody id="t-recent"></tbody>
     </table></div>
   </section>
@@ -8231,8 +9195,8 @@ footer.foot .err { color: var(--err); }
   function renderCards(d) {
     var t = obj(d.tokens);
     var total = isNum(t.total) ? t.total : num(t.prompt) + num(t.completion);
-    setText("c-total", fmtCompact(total)).setAttribute("title", fmtInt(total) + " tokens");
-    setText("c-total-exact", fmtInt(total) + " tokens");
+    // One figure, exact (the compact form is in the title): the same number twice read as two.
+    setText("c-total", fmtInt(total)).setAttribute("title", fmtCompact(total) + " tokens");
     setText("c-prompt", fmtInt(num(t.prompt)));
     setText("c-completion", fmtInt(num(t.completion)));
     setText("c-cache-read", fmtInt(num(t.cacheRead)));
@@ -8481,6 +9445,18 @@ footer.foot .err { color: var(--err); }
     return td;
   }
 
+  // Phones show each row as "label  value" lines: every cell carries its column heading.
+  function labelCells(tbody) {
+    var heads = tbody.parentNode.querySelectorAll("thead th");
+    for (var i = 0; i < tbody.rows.length; i++) {
+      var cells = tbody.rows[i].cells;
+      for (var j = 0; j < cells.length && j < heads.length; j++) {
+        cells[j].setAttribute("data-label", heads[j].textContent);
+        if (heads[j].className.indexOf("opt") >= 0) { cells[j].className += " opt"; }
+      }
+    }
+  }
+
   function emptyRow(tbody, cols, text) {
     var tr = el("tr");
     var td = el("td", "empty", text);
@@ -8513,6 +9489,7 @@ footer.foot .err { color: var(--err); }
       var shown = label === "" || label === "null" ? "(unknown)" : label;
       var placeholder = shown === "(unknown)" || shown === "(other)";
       var txt = el("span", "txt" + (placeholder ? " muted" : ""), shown);
+      txt.setAttribute("title", shown);
       name.appendChild(txt);
       var share = pct(num(r.total), grand);
       if (share !== null) {
@@ -8542,6 +9519,7 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(errs);
       tbody.appendChild(tr);
     }
+    labelCells(tbody);
   }
 
   // Access keys: names only (the stats never hold a key), today's tokens against the budget.
@@ -8644,6 +9622,7 @@ footer.foot .err { color: var(--err); }
       tr.appendChild(el("td", "tag" + (usage === "missing" ? " warn" : ""), usage || DASH));
       tbody.appendChild(tr);
     }
+    labelCells(tbody);
   }
 
   function renderFooter(d) {
@@ -8655,8 +9634,9 @@ footer.foot .err { color: var(--err); }
       box.textContent = "Persistence off (stats are lost on restart)";
     } else if (p.enabled === true) {
       var saved = parseTime(p.lastSaved);
-      box.appendChild(document.createTextNode("Saved to " + (str(p.file) || "stats file") +
-        (saved !== null ? " at " + fmtWhen(saved) : " (not yet)")));
+      // Never the server's file path: it means nothing on the phone reading this.
+      box.appendChild(document.createTextNode(saved !== null ? "Stats saved at " + fmtWhen(saved)
+        : "Stats not saved yet"));
       if (p.lastError) { box.appendChild(el("span", "err", DOT + "save failed: " + str(p.lastError))); }
     }
   }
@@ -8988,7 +9968,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
     <div class="panel-head"><h2 id="h-endpoint"><span class="step">1</span>Point your LLM client here</h2></div>
     <div class="panel-body">
 <!--CLIENT_FAMILIES-->
-      <p>In Agile-V Studio: <span class="path">Settings &gt; LLM Configuration</span>, choose <span class="path">Custom Local LLM</span> and paste the endpoint ending in <code>/v1</code>. The proxy forwards every path unchanged to the backend.</p>
+      <p>In your app's LLM settings, pick its custom or self-hosted provider (often called &ldquo;OpenAI-compatible&rdquo;) and paste the endpoint ending in <code>/v1</code> as its base URL. The proxy forwards every path unchanged to the backend.</p>
       <div class="field">
         <div class="lbl">Test from a terminal (after downloading the CA below)</div>
         <div class="copyrow"><code class="val" id="ep-curl"></code><button type="button" class="btn" data-copy="ep-curl">Copy</button></div>
@@ -9224,7 +10204,9 @@ sudo update-ca-certificates</code></pre>
       var parts = [];
       if (version) { parts.push("version " + version); }
       if (uptime) { parts.push("up " + uptime); }
-      setRow("s-proxy", h.status === "ok" || !h.status ? "ok" : "warn", h.status === "ok" || !h.status ? "running" : str(h.status), parts.join(DOT));
+      // "degraded" means the backend is down, which the Backend row shows: the proxy runs.
+      var running = h.status === "ok" || h.status === "degraded" || !h.status;
+      setRow("s-proxy", running ? "ok" : "warn", running ? "running" : str(h.status), parts.join(DOT));
       byId("f-version").textContent = "local-llm-proxy" + (version ? " v" + version : "");
       if (h.accessKeys === true) {
         // The proxy wants an access key: the snippet must send one (--add-key makes it).

@@ -462,7 +462,7 @@ def check_reset(browser: Browser, base_url: str, admin_token: Optional[str] = No
         errors = [e for e in tab.console_errors
                   if not ("/_proxy/reset" in e and ("status of 401" in e or "status of 403" in e))]
         return {"notice": notice, "dialogs": list(tab.dialogs), "errors": errors,
-                "total_after": tab.evaluate("document.getElementById('c-total-exact').textContent")}
+                "total_after": tab.evaluate("document.getElementById('c-total').textContent")}
     finally:
         tab.close()
 

@@ -2,7 +2,9 @@
 """Run the test suite with nothing but python3: `python3 tests/run.py [-v] [name ...]`.
 
 Plain unittest discovery (pytest also runs these files); the proxy's request log of a failing
-test is printed with its traceback, and the last line counts passed, failed and skipped tests.
+test is printed with its traceback. Progress shows as [done/total] after every row of dots;
+at the end every skipped test is listed with its reason, and the last line counts passed,
+failed and skipped tests. LLM_PROXY_SOAK=1 adds the soak tests (.ci/run sets it).
 """
 
 import os
@@ -17,8 +19,21 @@ sys.path.insert(0, HERE)
 import support  # noqa: E402  (configures the proxy's logger to write into a buffer)
 
 
+PROGRESS_EVERY = 50
+
+
 class LogOnFailureResult(unittest.TextTestResult):
-    """Appends the proxy's log lines to the report of each failing test, and only to those."""
+    """Appends the proxy's log lines to the report of each failing test, and only to those;
+    prints [done/total] after every PROGRESS_EVERY tests (total set by main())."""
+
+    total = 0
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        if self.dots and self.total and (self.testsRun % PROGRESS_EVERY == 0
+                                         or self.testsRun == self.total):
+            self.stream.write(" [%d/%d]\n" % (self.testsRun, self.total))
+            self.stream.flush()
 
     def startTest(self, test):
         support.LOG_BUFFER.seek(0)
@@ -46,9 +61,14 @@ def main(argv):
     warnings.simplefilter("ignore", ResourceWarning)
     loader = unittest.TestLoader()
     suite = loader.loadTestsFromNames(names) if names else loader.discover(HERE, pattern="test_*.py")
+    LogOnFailureResult.total = suite.countTestCases()
     runner = unittest.TextTestRunner(verbosity=verbosity, resultclass=LogOnFailureResult)
     started = time.monotonic()
     result = runner.run(suite)
+    if result.skipped:
+        print("skipped, and why:")
+        for test, reason in result.skipped:
+            print("  %s: %s" % (test.id(), reason))
     # Count tests, not reports: one test with several failing subtests is one failed test.
     failed = len({getattr(test, "test_case", test).id()
                   for test, _ in result.failures + result.errors}) + len(result.unexpectedSuccesses)

@@ -96,11 +96,12 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("environment variable PROXY_PORT: proxy.port", str(caught.exception))
 
     def test_unknown_keys_warn_with_a_suggestion(self):
-        path = self.write({"proxy": {"prot": 1}, "trackng": {}})
+        # (Unknown keys in the proxy and tls sections are errors: test_mistakes.py.)
+        path = self.write({"target": {"prot": 1}, "trackng": {}})
         config = proxy.load_config(path, environ={})
         self.assertEqual(len(config.warnings), 2)
-        self.assertIn("'proxy.prot'", config.warnings[0])
-        self.assertIn("did you mean 'proxy.port'", config.warnings[0])
+        self.assertIn("'target.prot'", config.warnings[0])
+        self.assertIn("did you mean 'target.port'", config.warnings[0])
         self.assertIn("did you mean 'tracking'", config.warnings[1])
 
     def test_missing_explicit_config_file_is_an_error(self):

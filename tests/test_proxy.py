@@ -418,15 +418,17 @@ class CorsTests(unittest.TestCase):
         self.assertIn("Origin", response.getheader("Vary"))
         self.assertEqual(self.upstream.requests, [])
 
-    def test_disallowed_origin_gets_no_allow_headers_and_is_not_forwarded(self):
+    def test_disallowed_origin_is_refused_readably_and_not_forwarded(self):
+        # Issue 12 item 5: the refusal is readable by the web app (it can show "add your origin
+        # to proxy.allowedOrigins" instead of an opaque CORS error), and still never forwarded.
         server = start_proxy(self, self.upstream.port, allowed_origins=("https://studio.example",))
         response, _ = self.preflight(server, "https://evil.example")
-        self.assertIsNone(response.getheader("Access-Control-Allow-Origin"))
-        self.assertIsNone(response.getheader("Access-Control-Allow-Headers"))
-        response, _ = request(server, "POST", "/v1/messages", body=b"{}",
-                              headers={"Origin": "https://evil.example"})
+        self.assertEqual(response.status, 204)
+        response, body = request(server, "POST", "/v1/messages", body=b"{}",
+                                 headers={"Origin": "https://evil.example"})
         self.assertEqual(response.status, 403)
-        self.assertIsNone(response.getheader("Access-Control-Allow-Origin"))
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "https://evil.example")
+        self.assertIn("proxy.allowedOrigins", json.loads(body)["error"]["message"])
         self.assertEqual(self.upstream.requests, [])
         response, _ = self.preflight(server, "https://studio.example")
         self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "https://studio.example")
