@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmark proxy.py against nginx and a direct connection (issue 7), and soak-test it (issue 8).
+"""Benchmark proxy.py against nginx and a direct connection (issue 7), against the bare shape of
+its own design and proxy-py (issue 16), and soak-test it (issue 8).
 
     python3 tests/bench.py              full run: every scenario, 3 interleaved rounds, minutes
-    python3 tests/bench.py --quick      smoke run of about 20 s: 1 round, smaller counts
+    python3 tests/bench.py --quick      smoke run of 1-2 minutes: 1 round, smaller counts
     python3 tests/bench.py --json       the same figures, machine-readable on stdout
     python3 tests/bench.py --soak [S]   bounded soak of proxy.py alone (default 60 s)
     python3 tests/bench.py --proxy P    measure another copy of proxy.py (e.g. with a patch applied)
@@ -46,9 +47,20 @@ The scenarios (see each bench_* function for how it is measured):
 Memory is counted with shared pages once (see footprint_mib): for proxy.py that is its VmRSS.
 Each target's CPU use is read from /proc during c, d and f, so a saturated server shows.
 
-Every scenario runs against direct, nginx and proxy.py in the same run, interleaved: each round
-rotates the order, so slow drift of the machine spreads over all three. Figures are medians over
-the rounds.
+Every scenario runs against direct, nginx, bare, proxy-py and proxy.py in the same run,
+interleaved: each round rotates the order, so slow drift of the machine spreads over all of them.
+Figures are medians over the rounds.
+
+  bare      tests/bare_proxy.py (issue 16): ThreadingHTTPServer + ssl + http.client, read1()
+            streaming, one upstream connection per client connection, nothing else: the floor
+            of proxy.py's own design. Issue 16's table gives every figure as a ratio to nginx
+            and to it.
+  proxy-py  When `pip install proxy.py` (the PyPI name of proxy-py) has been done: its defaults
+            with the catch-all reverse-proxy plugin of tests/proxypy_plugin.py; --no-proxypy
+            leaves it out.
+  start     proxy.py restarted with the same config: start to first answer and VmRSS, both as it
+            starts now (re-run from its bytecode cache) and with LLM_PROXY_NO_RERUN=1 (as a plain
+            script), interleaved.
 """
 
 import argparse
@@ -104,7 +116,7 @@ FULL = {
 # --quick keeps every scenario and its concurrency (200 streams still measure the peak RSS) but
 # shortens counts and durations; 64 MiB instead of 256 MiB is enough to see a throughput.
 QUICK = dict(FULL, rounds=1, a_requests=500, b_requests=50, c_warmup=0.3, c_seconds=1.5,
-             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1, startup_runs=2)
+             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1, startup_runs=1)
 
 
 class BenchError(Exception):
