@@ -116,7 +116,8 @@ FULL = {
 # --quick keeps every scenario and its concurrency (200 streams still measure the peak RSS) but
 # shortens counts and durations; 64 MiB instead of 256 MiB is enough to see a throughput.
 QUICK = dict(FULL, rounds=1, a_requests=500, b_requests=50, c_warmup=0.3, c_seconds=1.5,
-             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1, startup_runs=1)
+             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1,
+             startup_runs=1)
 
 
 class BenchError(Exception):
@@ -2246,7 +2247,8 @@ def render_issue16(rows: List[dict]) -> List[str]:
     """Issue 16's table: x nginx for each peer, x bare for proxy.py and proxy-py, the verdict."""
     out = ["issue 16 table (ratios to nginx and to the bare shape, same run; RSS rows in MiB)"]
     head = "%-42s%9s%9s%9s%9s%10s%9s%9s  %s" % (
-        "metric", "nginx", "bare", "proxy.py", "proxy-py", "ours/bare", "ppy/bare", "ours", "target")
+        "metric", "nginx", "bare", "proxy.py", "proxy-py", "ours/bare", "ppy/bare", "ours",
+        "target")
     out.append(head)
     out.append("-" * len(head))
     for row in rows:
