@@ -59,12 +59,18 @@ def _rerun_from_bytecode_cache(script: str) -> None:
     try:
         with open(cache, "rb") as handle:
             header = handle.read(16)
+            # Code we are about to run: only from a cache (and folder) nobody else could have
+            # planted, the same rule as for key files (cron often runs this as root).
+            trusted = all(st.st_uid in (0, os.getuid()) and not st.st_mode & 0o022
+                          for st in (os.fstat(handle.fileno()), os.stat(os.path.dirname(cache))))
         # The header importlib checks: magic, flags 0 (timestamp-based), source mtime and size.
         fresh = (header[:4] == importlib.util.MAGIC_NUMBER and header[4:8] == bytes(4)
                  and int.from_bytes(header[8:12], "little") == int(source.st_mtime) & 0xFFFFFFFF
                  and int.from_bytes(header[12:16], "little") == source.st_size & 0xFFFFFFFF)
     except OSError:
-        fresh = False
+        trusted, fresh = True, False
+    if not trusted:
+        return                      # carry on as a script; never overwrite what someone planted
     if not fresh:
         # Write the cache from the code object this start already compiled (the caller's frame
         # is the script's module), as importlib would; the re-run then compiles nothing.
@@ -73,8 +79,9 @@ def _rerun_from_bytecode_cache(script: str) -> None:
         import marshal
         partial = "%s.%d.tmp" % (cache, os.getpid())
         try:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, source.st_mode & 0o666)
+            os.makedirs(os.path.dirname(cache), mode=0o755, exist_ok=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         source.st_mode & 0o644)
             with open(fd, "wb") as handle:
                 handle.write(importlib.util.MAGIC_NUMBER + bytes(4)
                              + (int(source.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")

@@ -119,6 +119,28 @@ class RerunFromCacheTests(ServiceTestCase):
         self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0, _read(err))
         self.assertIn("edited copy", _read(err))
 
+    def test_a_cache_others_could_write_is_never_run(self):
+        # cron often runs proxy.py as root: a .pyc planted in a folder another user can write
+        # must not become root's code. Plant one that would announce itself, matching the header.
+        self.start(self.caching_env())[0].send_signal(signal.SIGTERM)     # writes a real cache
+        source = os.stat(self.script)
+        planted = compile("import sys\nsys.stderr.write('PLANTED CODE RAN\\n')\nsys.exit(7)\n",
+                          self.script, "exec")
+        import marshal
+        with open(self.cache, "wb") as handle:
+            handle.write(importlib.util.MAGIC_NUMBER + bytes(4)
+                         + (int(source.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+                         + (source.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+                         + marshal.dumps(planted))
+        for loose in (os.path.dirname(self.cache), self.cache):
+            os.chmod(loose, 0o777 if loose != self.cache else 0o666)
+            child, port, err = self.start(self.caching_env())
+            self.assertNotIn("-c", _cmdline(child.pid), "ran a cache others could write")
+            self.get_tags(port)
+            self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0, _read(err))
+            self.assertNotIn("PLANTED", _read(err))
+            os.chmod(loose, 0o755 if loose != self.cache else 0o644)
+
     def test_version_and_exit_codes_are_the_same_either_way(self):
         for env in (self.caching_env(), self.caching_env(LLM_PROXY_NO_RERUN="1")):
             shown = subprocess.run([sys.executable, self.script, "--version"], env=env,
