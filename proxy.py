@@ -1213,7 +1213,7 @@ class RSAPrivateKey(NamedTuple):
         return (self.n.bit_length() + 7) // 8
 
 
-_SMALL_PRIMES_PRODUCT_CACHE = []  # type: List[int]
+_SMALL_PRIMES_PRODUCT_CACHE: List[int] = []
 
 
 def _rsa_small_primes_product() -> int:
@@ -1442,8 +1442,8 @@ def normalize_hosts(hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
     """Split host names / IP addresses into (dns_names, ip_addresses), normalised, in order,
     without duplicates. IP literals always become IP entries (never DNS names).
     Raises ValueError naming the first invalid entry."""
-    dns_names = []  # type: List[str]
-    ips = []  # type: List[str]
+    dns_names: List[str] = []
+    ips: List[str] = []
     for host in hosts:
         value = _split_host(host)
         if isinstance(value, str):
@@ -1527,7 +1527,7 @@ def discover_hosts() -> List[str]:
             hosts.append(hostname + ".local")
     hosts += ["127.0.0.1", "::1"]
 
-    addresses = []  # type: List[str]
+    addresses: List[str] = []
     if sys.platform.startswith("linux"):
         for reader in (_linux_ipv4_addresses, _linux_ipv6_addresses):
             try:
@@ -1647,12 +1647,13 @@ def _parse_certificate_der(der: bytes) -> CertificateInfo:
         n_node, e_node = _der_children(_der_parse_one(key_bits.content[1:], 0x30).content)
         public_key = (_der_to_int(n_node), _der_to_int(e_node))
 
-    dns_names = []  # type: List[str]
-    ips = []  # type: List[str]
+    dns_names: List[str] = []
+    ips: List[str] = []
     is_ca = False
     server_auth = True
     ski = aki = None
-    permitted_dns = permitted_networks = None  # type: Optional[List[str]]
+    permitted_dns: Optional[List[str]] = None
+    permitted_networks: Optional[List[str]] = None
     for node in fields[6:]:
         if node.tag != 0xA3:  # [3] EXPLICIT extensions; [1]/[2] unique IDs are ignored
             continue
@@ -1700,7 +1701,8 @@ def _parse_name_constraints(value: bytes) -> Tuple[Optional[List[str]], Optional
     """(permitted DNS bases, permitted networks) of a nameConstraints value; None for a name
     type with no permitted subtree. Excluded subtrees are not read: create_ca() writes none, and
     permits() is only asked about our own CA."""
-    dns = networks = None  # type: Optional[List[str]]
+    dns: Optional[List[str]] = None
+    networks: Optional[List[str]] = None
     for part in _der_children(_der_parse_one(value, 0x30).content):
         if part.tag != 0xA0:  # permittedSubtrees [0]; excludedSubtrees [1] skipped
             continue
@@ -2186,7 +2188,8 @@ def issue_server_files(cert_file: str, key_file: str, hosts: Iterable[str],
 def split_permitted(ca: CertificateInfo, hosts: Iterable[str]) -> Tuple[List[str], List[str]]:
     """Split ``hosts`` into (those the CA's name constraints permit, those they do not), keeping
     the order. Every host is permitted by an unconstrained (older) CA."""
-    kept, dropped = [], []  # type: List[str], List[str]
+    kept: List[str] = []
+    dropped: List[str] = []
     for host in hosts:
         (kept if ca.permits(host) else dropped).append(host)
     return kept, dropped
@@ -2353,7 +2356,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
         return CertStatus("external", cert_file, key_file, None, None, False, (), (), None, None,
                           (), ("could not inspect the certificate: %s" % exc,))
     now = _utc_now()
-    ca = None  # type: Optional[CertificateInfo]
+    ca: Optional[CertificateInfo] = None
     if os.path.exists(ca_cert_path):
         try:
             candidate = read_certificate_info(ca_cert_path)
@@ -2366,7 +2369,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     # letting ssl.load_cert_chain fail with "key values mismatch". (Keys we cannot parse, e.g.
     # EC or encrypted ones, are left for the ssl module to judge.)
     try:
-        key = read_private_key(key_file)  # type: Optional[RSAPrivateKey]
+        key: Optional[RSAPrivateKey] = read_private_key(key_file)
     except CertificateError:
         key = None
     if key is not None and not key_matches_certificate(key, cert):
@@ -2379,7 +2382,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     if remaining < datetime.timedelta(days=renew_before_days):
         reasons.append("expires %s" % cert.not_after.date() if remaining.total_seconds() > 0
                        else "expired %s" % cert.not_after.date())
-    dropped = []  # type: List[str]
+    dropped: List[str] = []
     all_wanted = wanted_dns + wanted_ips
     if ca is not None:  # names this CA may not sign for are left out, not wanted each start
         wanted_dns, dropped = split_permitted(ca, wanted_dns)
@@ -2561,8 +2564,7 @@ _USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
 _USAGE_BOM = b"\xef\xbb\xbf"
 
 
-def classify_endpoint(path):
-    # type: (str) -> Optional[str]
+def classify_endpoint(path: str) -> Optional[str]:
     """Return the usage kind of a request path, or None when it is not an API we read usage from.
 
     ``path`` is the request path without its query string (a query is tolerated and ignored).
@@ -2580,14 +2582,12 @@ def classify_endpoint(path):
     return None
 
 
-def is_usage_kind(kind):
-    # type: (Optional[str]) -> bool
+def is_usage_kind(kind: Optional[str]) -> bool:
     """True when responses of this kind carry token usage (everything but count_tokens / None)."""
     return kind in USAGE_KINDS
 
 
-def is_completion_kind(kind):
-    # type: (Optional[str]) -> bool
+def is_completion_kind(kind: Optional[str]) -> bool:
     """True for the kinds counted as "completions" in the stats.
 
     Chat, legacy completions, Responses, Anthropic messages, Ollama generate/chat and llama.cpp
@@ -2606,8 +2606,8 @@ class RequestInfo(object):
 
     __slots__ = ("model", "stream", "include_usage")
 
-    def __init__(self, model=None, stream=None, include_usage=False):
-        # type: (Optional[str], Optional[bool], bool) -> None
+    def __init__(self, model: Optional[str] = None, stream: Optional[bool] = None,
+                 include_usage: bool = False) -> None:
         self.model = model
         self.stream = stream
         self.include_usage = include_usage
@@ -2629,8 +2629,7 @@ class RequestInfo(object):
     __hash__ = None  # mutable
 
 
-def _usage_json_members(text):
-    # type: (str) -> Tuple[List[Tuple[str, Any, int, int]], int]
+def _usage_json_members(text: str) -> Tuple[List[Tuple[str, Any, int, int]], int]:
     """Walk the top-level JSON object in ``text`` one member at a time.
 
     Returns ``(members, close)``: ``members`` lists ``(key, value, value_start, value_end)`` (str
@@ -2639,7 +2638,7 @@ def _usage_json_members(text):
     first (a body prefix).  Values are parsed by the stdlib decoder (C speed), so a big
     "messages" array costs one fast parse, not a Python loop over characters.
     """
-    members = []  # type: List[Tuple[str, Any, int, int]]
+    members: List[Tuple[str, Any, int, int]] = []
     ws = _USAGE_JSON_WS.match
     decode = _usage_json_decoder.raw_decode
     i = ws(text, 0).end()
@@ -2674,8 +2673,7 @@ def _usage_json_members(text):
         return members, -1
 
 
-def _usage_fill_info(info, get):
-    # type: (RequestInfo, Any) -> RequestInfo
+def _usage_fill_info(info: RequestInfo, get: Any) -> RequestInfo:
     model = get("model")
     info.model = model if isinstance(model, str) else None
     stream = get("stream")
@@ -2685,8 +2683,8 @@ def _usage_fill_info(info, get):
     return info
 
 
-def inspect_request(kind, body, complete=True):
-    # type: (Optional[str], Optional[bytes], bool) -> RequestInfo
+def inspect_request(kind: Optional[str], body: Optional[bytes],
+                    complete: bool = True) -> RequestInfo:
     """Read model, stream and stream_options.include_usage from a request body.
 
     ``complete`` says whether ``body`` is the whole body (then it is parsed as JSON) or only a
@@ -2711,7 +2709,7 @@ def inspect_request(kind, body, complete=True):
             if isinstance(obj, dict):
                 return _usage_fill_info(info, obj.get)
         text = body.decode("utf-8", "replace")
-        found = {}  # type: Dict[str, Any]
+        found: Dict[str, Any] = {}
         for key, value, _start, _end in _usage_json_members(text)[0]:
             found[key] = value
         return _usage_fill_info(info, found.get)
@@ -2720,8 +2718,8 @@ def inspect_request(kind, body, complete=True):
         return RequestInfo()
 
 
-def inject_stream_usage(kind, body, info=None):
-    # type: (Optional[str], Optional[bytes], Optional[RequestInfo]) -> Optional[bytes]
+def inject_stream_usage(kind: Optional[str], body: Optional[bytes],
+                        info: Optional[RequestInfo] = None) -> Optional[bytes]:
     """Return the request body with ``stream_options.include_usage: true`` added, or None.
 
     Only for openai_chat / openai_completions bodies that are one complete, valid JSON object with
@@ -2741,7 +2739,7 @@ def inject_stream_usage(kind, body, info=None):
         members, close = _usage_json_members(text)
         if close < 0 or text[close + 1:].strip(" \t\n\r"):
             return None
-        last = {}  # type: Dict[str, Tuple[Any, int, int]]
+        last: Dict[str, Tuple[Any, int, int]] = {}
         for key, value, start, end in members:
             last[key] = (value, start, end)   # duplicate keys: the last wins, as in json.loads
         if "stream" not in last or last["stream"][0] is not True:
@@ -2766,8 +2764,7 @@ def inject_stream_usage(kind, body, info=None):
         return None
 
 
-def _usage_int(value):
-    # type: (Any) -> int
+def _usage_int(value: Any) -> int:
     """A token count from JSON: ints (not bools) and integral floats below 10**18; else 0.
 
     Ints are bounded like floats: a backend may report a 4,300-digit count, and such an int
@@ -2782,14 +2779,12 @@ def _usage_int(value):
     return 0
 
 
-def _usage_dig(obj, key, sub):
-    # type: (Dict[str, Any], str, str) -> Any
+def _usage_dig(obj: Dict[str, Any], key: str, sub: str) -> Any:
     inner = obj.get(key)
     return inner.get(sub) if isinstance(inner, dict) else None
 
 
-def _usage_anthropic_counts(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _usage_anthropic_counts(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     # Anthropic's input_tokens excludes the cached parts; all input = the three added up.
     cache_write = _usage_int(u.get("cache_creation_input_tokens"))
     cache_read = _usage_int(u.get("cache_read_input_tokens"))
@@ -2797,29 +2792,25 @@ def _usage_anthropic_counts(u):
     return prompt, _usage_int(u.get("output_tokens")), cache_read, cache_write, 0
 
 
-def _usage_openai_counts(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _usage_openai_counts(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
     return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
             _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
             _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
 
 
-def _usage_responses_counts(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _usage_responses_counts(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
     return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
             _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
             _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
 
 
-def _usage_is_openai(u):
-    # type: (Dict[str, Any]) -> bool
+def _usage_is_openai(u: Dict[str, Any]) -> bool:
     return "prompt_tokens" in u or "completion_tokens" in u
 
 
-def _counts_compatible(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _counts_compatible(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     """A ``usage`` object of an OpenAI-compatible API, whichever of the three shapes it has.
 
     Local servers answer on OpenAI paths with OpenAI, Responses or Anthropic-style objects.
@@ -2831,13 +2822,11 @@ def _counts_compatible(u):
     return _usage_anthropic_counts(u)
 
 
-def _counts_anthropic(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _counts_anthropic(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_anthropic_counts(u)
 
 
-def _counts_responses(u):
-    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+def _counts_responses(u: Dict[str, Any]) -> Tuple[int, int, int, int, int]:
     return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_responses_counts(u)
 
 
@@ -2853,33 +2842,29 @@ class UsageFindings:
 
     def __init__(self, counts_of):
         self.counts_of = counts_of   # the format's normaliser of a `usage` object
-        self.model = None            # type: Optional[str]
-        self.counts = None           # type: Optional[Tuple[int, int, int, int, int]]
+        self.model: Optional[str] = None
+        self.counts: Optional[Tuple[int, int, int, int, int]] = None
         self.final = False
-        self.error = None            # type: Optional[str]
-        self.state = {}              # type: Dict[str, Any]
+        self.error: Optional[str] = None
+        self.state: Dict[str, Any] = {}
 
-    def see_model(self, model):
-        # type: (Any) -> None
+    def see_model(self, model: Any) -> None:
         """Keep the first non-empty model name the response states."""
         if self.model is None and isinstance(model, str) and model:
             self.model = model
 
-    def report(self, counts, final=True):
-        # type: (Tuple[int, int, int, int, int], bool) -> None
+    def report(self, counts: Tuple[int, int, int, int, int], final: bool = True) -> None:
         """Counts from the response; a later report replaces an earlier one (cumulative)."""
         self.counts = counts
         self.final = self.final or final
 
-    def note_error(self, err):
-        # type: (Any) -> None
+    def note_error(self, err: Any) -> None:
         """Remember the first error: it is the cause, later ones are consequences."""
         if self.error is None:
             self.error = _usage_describe_error(err)
 
 
-def _extract_compatible(found, obj, event):
-    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+def _extract_compatible(found: UsageFindings, obj: Dict[str, Any], event: Optional[str]) -> None:
     """OpenAI-compatible bodies and chunks, with the shapes Ollama and llama.cpp add to them."""
     found.see_model(obj.get("model"))
     usage = obj.get("usage")
@@ -2905,8 +2890,7 @@ def _extract_compatible(found, obj, event):
         found.report((_usage_int(prompt), _usage_int(completion), 0, 0, 0), final=False)
 
 
-def _extract_anthropic(found, obj, event):
-    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+def _extract_anthropic(found: UsageFindings, obj: Dict[str, Any], event: Optional[str]) -> None:
     """Anthropic Messages: usage in message_start (input, cache) and message_delta (output).
 
     Both are cumulative, so each field keeps its last value; a cut stream counts what they said.
@@ -2933,8 +2917,7 @@ def _extract_anthropic(found, obj, event):
         found.report(_usage_anthropic_counts(merged))
 
 
-def _extract_responses(found, obj, event):
-    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+def _extract_responses(found: UsageFindings, obj: Dict[str, Any], event: Optional[str]) -> None:
     """OpenAI Responses: the model in every response.* event, usage in the terminal ones."""
     kind = obj.get("type")
     if not isinstance(kind, str):
@@ -3044,14 +3027,12 @@ USAGE_COMPLETION_KINDS = frozenset(f.kind for f in API_FORMATS if f.completion)
 _USAGE_INJECT_KINDS = frozenset(f.kind for f in API_FORMATS if f.inject_usage)
 
 
-def api_format(kind):
-    # type: (Optional[str]) -> Optional[ApiFormat]
+def api_format(kind: Optional[str]) -> Optional[ApiFormat]:
     """The row of API_FORMATS for ``kind``, or None (no kind, or a kind that is not a format)."""
     return _API_FORMAT_BY_KIND.get(kind) if kind else None
 
 
-def _usage_describe_error(err):
-    # type: (Any) -> str
+def _usage_describe_error(err: Any) -> str:
     """A short one-line description of an error object: "type: message" (at most 200 chars)."""
     if isinstance(err, dict):
         inner = err.get("error")
@@ -3075,8 +3056,7 @@ def _usage_describe_error(err):
     return text[:200] if text else "error"
 
 
-def _usage_null_is_last_member(payload):
-    # type: (bytes) -> bool
+def _usage_null_is_last_member(payload: bytes) -> bool:
     """True for a one-object chunk ending in `,"usage":null}` with no other "usage" in it.
 
     That is how OpenAI, vLLM, llama.cpp and Ollama lay out every chunk of an include_usage
@@ -3087,8 +3067,7 @@ def _usage_null_is_last_member(payload):
             and payload.count(b'"usage"') == 1)
 
 
-def _usage_member_value(text, key, last):
-    # type: (str, str, bool) -> Any
+def _usage_member_value(text: str, key: str, last: bool) -> Any:
     """The value of the last ``"key":`` member in ``text`` (``last``), or the first string value.
 
     None when there is none or it does not decode.  Used on the head and tail of a body too
@@ -3135,19 +3114,18 @@ class _UsageSseReader(object):
         self.partial = bytearray()   # incomplete last line (non-raw mode)
         self.skipping = False        # discarding the rest of an over-long line
         self.skip_lf = False         # the discarded line ended in CR: drop an LF that follows
-        self.data = None             # type: Optional[List[bytes]]
+        self.data: Optional[List[bytes]] = None
         self.data_len = 0
-        self.event = None            # type: Optional[bytes]
+        self.event: Optional[bytes] = None
         self.bad = False             # part of the pending event was lost: don't parse it
         self.started = False
         self.held = bytearray()      # raw mode: pending event + incomplete line, not yet sent
-        self.ev_lines = []           # type: List[bytes]
+        self.ev_lines: List[bytes] = []
         self.ev_len = 0
-        self.out = []                # type: List[bytes]
+        self.out: List[bytes] = []
         self.lines = 0               # complete lines split so far (the tap's work bound)
 
-    def feed(self, data):
-        # type: (bytes) -> None
+    def feed(self, data: bytes) -> None:
         if self.raw:
             self.held += data
             if b"\n" not in data and b"\r" not in data:
@@ -3189,8 +3167,7 @@ class _UsageSseReader(object):
             else:
                 self.partial += last
 
-    def _skip_rest(self, data):
-        # type: (bytes) -> bytes
+    def _skip_rest(self, data: bytes) -> bytes:
         """Drop bytes up to and including the end of the over-long line being skipped."""
         if self.skip_lf:
             self.skip_lf = False
@@ -3208,8 +3185,7 @@ class _UsageSseReader(object):
         self.skipping = False
         return data[r + 2:] if data[r + 1:r + 2] == b"\n" else data[r + 1:]
 
-    def _line(self, raw_line):
-        # type: (bytes) -> None
+    def _line(self, raw_line: bytes) -> None:
         line = raw_line.rstrip(b"\r\n")
         if not self.started:
             self.started = True
@@ -3258,13 +3234,11 @@ class _UsageSseReader(object):
         else:
             self.data.append(value)
 
-    def _emit_front(self, n):
-        # type: (int) -> None
+    def _emit_front(self, n: int) -> None:
         self.out.append(bytes(self.held[:n]))
         del self.held[:n]   # CPython bytearray drops a prefix without moving the rest
 
-    def _dispatch(self):
-        # type: () -> None
+    def _dispatch(self) -> None:
         replacement = None
         data = self.data
         if data is not None and not self.bad:
@@ -3284,16 +3258,14 @@ class _UsageSseReader(object):
             self.ev_lines = []
             self.ev_len = 0
 
-    def take_output(self):
-        # type: () -> bytes
+    def take_output(self) -> bytes:
         out = self.out
         if not out:
             return b""
         self.out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def take_everything_raw(self):
-        # type: () -> bytes
+    def take_everything_raw(self) -> bytes:
         """Give up raw mode: return every byte not yet sent, unchanged, and keep parsing only."""
         rest = bytes(self.held)
         tail = rest[self.ev_len:]
@@ -3309,8 +3281,7 @@ class _UsageSseReader(object):
             self.partial = bytearray(tail)
         return out
 
-    def finish(self):
-        # type: () -> bytes
+    def finish(self) -> bytes:
         """End of stream: parse the unterminated last line and dispatch a pending event.
 
         Lenient on purpose: a final event without its blank line still counts.  A truncated
@@ -3330,8 +3301,7 @@ class _UsageSseReader(object):
             self._emit_front(len(self.held))
         return self.take_output()
 
-    def held_bytes(self):
-        # type: () -> int
+    def held_bytes(self) -> int:
         return len(self.held) + len(self.partial)
 
 
@@ -3349,8 +3319,7 @@ class _UsageLineReader(object):
         self.partial = bytearray()
         self.skipping = False
 
-    def feed(self, data):
-        # type: (bytes) -> None
+    def feed(self, data: bytes) -> None:
         if b"\n" not in data:
             if not self.skipping:
                 self.partial += data
@@ -3375,15 +3344,13 @@ class _UsageLineReader(object):
             else:
                 self.partial += tail
 
-    def finish(self):
-        # type: () -> bytes
+    def finish(self) -> bytes:
         if self.partial and not self.skipping:
             self.on_line(bytes(self.partial))
         self.partial = bytearray()
         return b""
 
-    def held_bytes(self):
-        # type: () -> int
+    def held_bytes(self) -> int:
         return len(self.partial)
 
 
@@ -3399,13 +3366,12 @@ class _UsageJsonBuffer(object):
     def __init__(self, on_end, max_body):
         self.on_end = on_end
         self.max_body = max_body
-        self.parts = []   # type: List[bytes]
+        self.parts: List[bytes] = []
         self.size = 0
-        self.head = None  # type: Optional[bytes]
+        self.head: Optional[bytes] = None
         self.tail = bytearray()
 
-    def feed(self, data):
-        # type: (bytes) -> None
+    def feed(self, data: bytes) -> None:
         if self.head is None:
             self.parts.append(data)
             self.size += len(data)
@@ -3419,8 +3385,7 @@ class _UsageJsonBuffer(object):
             if len(self.tail) > 2 * _USAGE_TAIL_KEEP:
                 del self.tail[:-_USAGE_TAIL_KEEP]
 
-    def finish(self):
-        # type: () -> bytes
+    def finish(self) -> bytes:
         if self.head is None:
             body = b"".join(self.parts)
             self.parts = []
@@ -3429,8 +3394,7 @@ class _UsageJsonBuffer(object):
             self.on_end(None, self.head, bytes(self.tail[-_USAGE_TAIL_KEEP:]))
         return b""
 
-    def held_bytes(self):
-        # type: () -> int
+    def held_bytes(self) -> int:
         return self.size if self.head is None else len(self.head) + len(self.tail)
 
 
@@ -3482,15 +3446,16 @@ class UsageTap(object):
     events reported -- the input tokens were really consumed -- with source "reported".
     """
 
-    def __init__(self, kind, info=None, content_type=None, content_encoding=None,
-                 injected=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
-        # type: (Optional[str], Optional[RequestInfo], Optional[str], Optional[str], bool, int, int) -> None  # noqa: E501
+    def __init__(self, kind: Optional[str], info: Optional[RequestInfo] = None,
+                 content_type: Optional[str] = None, content_encoding: Optional[str] = None,
+                 injected: bool = False, max_body: int = USAGE_MAX_JSON_BODY,
+                 max_line: int = USAGE_MAX_LINE) -> None:
         self.kind = kind
-        self.complete = None          # type: Optional[bool]  # set by finish()
+        self.complete: Optional[bool] = None  # set by finish()
         self._api = api_format(kind)
         self._request_model = getattr(info, "model", None)
         self._found = UsageFindings(self._api.counts if self._api else _counts_compatible)
-        self._final = None            # type: Optional[Dict[str, Any]]
+        self._final: Optional[Dict[str, Any]] = None
         self._probes = _USAGE_MODEL_PROBES
         # The row's byte pre-filter, copied here: it runs on every event.
         self._markers = self._api.markers if self._api else ()
@@ -3498,10 +3463,10 @@ class UsageTap(object):
         self._empty_key = self._empty.split(b'"')[1] if self._empty else None
         self._max_body = max_body
         self._max_line = max_line
-        self._reader = None           # type: Any
-        self._format = None           # type: Optional[str]
+        self._reader: Any = None
+        self._format: Optional[str] = None
         self._sniffed = b""
-        self._inflater = None         # type: Any
+        self._inflater: Any = None
         self._inflate_deflate = False  # deflate: zlib or raw is decided on the first two bytes
         self._inflate_pending = b""
         self._decoded = 0
@@ -3539,8 +3504,7 @@ class UsageTap(object):
 
     # -- public ---------------------------------------------------------------------------
 
-    def feed(self, data):
-        # type: (bytes) -> bytes
+    def feed(self, data: bytes) -> bytes:
         """Take one piece of the upstream body; return it (same object, no copy)."""
         self._wire += len(data)
         if self._parsing and data:
@@ -3555,8 +3519,7 @@ class UsageTap(object):
                 self._fail(exc)
         return data
 
-    def finish(self, complete=True):
-        # type: (bool) -> Tuple[bytes, Dict[str, Any]]
+    def finish(self, complete: bool = True) -> Tuple[bytes, Dict[str, Any]]:
         """End of body.  Returns ``(b"", usage)``.
 
         ``complete`` says whether the upstream body ended normally; it is recorded as
@@ -3588,24 +3551,21 @@ class UsageTap(object):
         return b"", dict(self._final)
 
     @property
-    def usage(self):
-        # type: () -> Dict[str, Any]
+    def usage(self) -> Dict[str, Any]:
         """The usage dict as known so far (final after ``finish``)."""
         if self._final is not None:
             return dict(self._final)
         return self._build_usage()
 
     @property
-    def held_bytes(self):
-        # type: () -> int
+    def held_bytes(self) -> int:
         """Bytes currently buffered by the parser (diagnostics and tests)."""
         n = len(self._sniffed) + len(self._inflate_pending)
         return n + (self._reader.held_bytes() if self._reader is not None else 0)
 
     # -- format selection and decoding ---------------------------------------------------
 
-    def _start(self, fmt):
-        # type: (str) -> None
+    def _start(self, fmt: str) -> None:
         self._format = fmt
         if fmt == "sse":
             self._reader = _UsageSseReader(self._on_sse_event, self._max_line)
@@ -3615,8 +3575,7 @@ class UsageTap(object):
         else:
             self._reader = _UsageJsonBuffer(self._on_json_end, self._max_body)
 
-    def _route(self, data):
-        # type: (bytes) -> None
+    def _route(self, data: bytes) -> None:
         if self._reader is not None:
             self._reader.feed(data)
             self._charge_lines()
@@ -3643,35 +3602,30 @@ class UsageTap(object):
 
     # -- the work bound ----------------------------------------------------------------------
 
-    def _charge(self, units):
-        # type: (int) -> None
+    def _charge(self, units: int) -> None:
         """Count work; raise _UsageOverBudget once this response has used its share."""
         self._work += units
         if self._work > USAGE_WORK_BASE + self._wire // USAGE_WORK_BYTES:
             raise _UsageOverBudget()
 
-    def _charge_lines(self):
-        # type: () -> None
+    def _charge_lines(self) -> None:
         lines = getattr(self._reader, "lines", 0)
         if lines != self._lines_charged:
             units, self._lines_charged = lines - self._lines_charged, lines
             self._charge(units)
 
-    def _loads(self, payload):
-        # type: (Any) -> Any
+    def _loads(self, payload: Any) -> Any:
         """json.loads, paid for from the work bound."""
         self._charge(4 + len(payload) // 32)
         return json.loads(payload)
 
-    def _give_up(self):
-        # type: () -> None
+    def _give_up(self) -> None:
         log.debug("usage: %d units of parsing for %d bytes, giving up on this response",
                   self._work, self._wire)
         self.gave_up = True
         self._parsing = False
 
-    def _inflate(self, data):
-        # type: (bytes) -> None
+    def _inflate(self, data: bytes) -> None:
         d = self._inflater
         if d is None:
             # HTTP "deflate" should be zlib-wrapped (RFC 9110 8.4.1.2) but some servers send raw
@@ -3703,8 +3657,7 @@ class UsageTap(object):
             self._parsing = False
 
 
-    def _fail(self, exc):
-        # type: (BaseException) -> None
+    def _fail(self, exc: BaseException) -> None:
         """The reader broke: warn once per format (a bug to report), count it, read no further.
 
         The message names the exception type only: its text may quote the body.
@@ -3722,8 +3675,8 @@ class UsageTap(object):
 
     # -- parsers' callbacks ----------------------------------------------------------------
 
-    def _on_sse_event(self, name, payload, raw_lines):
-        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> None
+    def _on_sse_event(self, name: Optional[bytes], payload: bytes,
+                      raw_lines: Optional[List[bytes]]) -> None:
         if payload[:1] == b"[" and payload.strip() == b"[DONE]":
             return
         if name is not None and name != b"message":
@@ -3745,8 +3698,7 @@ class UsageTap(object):
         if isinstance(obj, dict):
             self._take(obj, name.decode("latin-1") if name is not None else None)
 
-    def _worth_parsing(self, payload):
-        # type: (bytes) -> bool
+    def _worth_parsing(self, payload: bytes) -> bool:
         """Cheap byte test from the format's row: can this payload hold usage or an error?
 
         Plain content chunks are skipped without a JSON parse.  False positives (a marker in
@@ -3759,8 +3711,7 @@ class UsageTap(object):
                             and self._empty in payload)
         return False
 
-    def _on_ndjson_line(self, line):
-        # type: (bytes) -> None
+    def _on_ndjson_line(self, line: bytes) -> None:
         self._charge(1)
         line = line.strip()
         if not line:
@@ -3776,8 +3727,8 @@ class UsageTap(object):
         if isinstance(obj, dict):
             self._take(obj, None)
 
-    def _on_json_end(self, body, head, tail):
-        # type: (Optional[bytes], Optional[bytes], Optional[bytes]) -> None
+    def _on_json_end(self, body: Optional[bytes], head: Optional[bytes],
+                     tail: Optional[bytes]) -> None:
         if body is not None:
             if not body.strip():
                 return
@@ -3795,8 +3746,7 @@ class UsageTap(object):
         if self.complete:
             self._scan_tail(head or b"", tail or b"")
 
-    def _scan_tail(self, head, tail):
-        # type: (bytes, bytes) -> None
+    def _scan_tail(self, head: bytes, tail: bytes) -> None:
         """Best effort for a body above the buffer bound (e.g. a large embeddings batch).
 
         Every API puts usage last: parse the complete lines of the tail (NDJSON), else find the
@@ -3819,7 +3769,7 @@ class UsageTap(object):
         if found:
             return
         text = tail.decode("utf-8", "replace")
-        fragment = {}  # type: Dict[str, Any]
+        fragment: Dict[str, Any] = {}
         api = self._api
         for key in api.tail_keys:
             value = _usage_member_value(text, key, last=True)
@@ -3835,8 +3785,7 @@ class UsageTap(object):
 
     # -- interpretation --------------------------------------------------------------------
 
-    def _take(self, obj, event):
-        # type: (Dict[str, Any], Optional[str]) -> None
+    def _take(self, obj: Dict[str, Any], event: Optional[str]) -> None:
         """Learn model, usage and errors from one parsed JSON object (body, event or line)."""
         found = self._found
         if obj.get("error"):
@@ -3847,8 +3796,7 @@ class UsageTap(object):
         if found.model is not None:
             self._probes = 0   # the model is known: no more parsing just to look for it
 
-    def _build_usage(self):
-        # type: () -> Dict[str, Any]
+    def _build_usage(self) -> Dict[str, Any]:
         found = self._found
         model = found.model or self._request_model
         counts = None
@@ -3876,7 +3824,7 @@ class UsageTap(object):
 
 
 # Reader failures per kind since start (a failure is a bug, not "the backend reported nothing").
-usage_reader_failures = {}  # type: Dict[str, int]
+usage_reader_failures: Dict[str, int] = {}
 _usage_failures_lock = threading.Lock()
 
 
@@ -3894,22 +3842,20 @@ class InjectedUsageStripper:
 
     __slots__ = ("reader", "active", "max_line")
 
-    def __init__(self, max_line=USAGE_MAX_LINE):
-        # type: (int) -> None
+    def __init__(self, max_line: int = USAGE_MAX_LINE) -> None:
         self.max_line = max_line
         self.reader = _UsageSseReader(self._on_event, max_line, raw=True)
         self.active = True
 
     @staticmethod
-    def wanted(injected, content_type, content_encoding):
-        # type: (bool, Optional[str], Optional[str]) -> bool
+    def wanted(injected: bool, content_type: Optional[str],
+               content_encoding: Optional[str]) -> bool:
         """Whether a 2xx answer needs stripping: the proxy injected, and the body is plain SSE."""
         coding = (content_encoding or "").strip().lower()
         return bool(injected) and "event-stream" in (content_type or "").lower() \
             and coding in ("", "identity")
 
-    def feed(self, data):
-        # type: (bytes) -> bytes
+    def feed(self, data: bytes) -> bytes:
         """Take one piece of the backend's body; return the bytes for the client (maybe b"")."""
         if not self.active:
             return data
@@ -3924,8 +3870,7 @@ class InjectedUsageStripper:
             log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
             return self._give_up()
 
-    def finish(self):
-        # type: () -> bytes
+    def finish(self) -> bytes:
         """End of body: the bytes still held back (an unterminated last event)."""
         if not self.active:
             return b""
@@ -3937,18 +3882,16 @@ class InjectedUsageStripper:
             return self.reader.take_everything_raw()
 
     @property
-    def held_bytes(self):
-        # type: () -> int
+    def held_bytes(self) -> int:
         """Bytes held back from the client (tests)."""
         return self.reader.held_bytes() if self.active else 0
 
-    def _give_up(self):
-        # type: () -> bytes
+    def _give_up(self) -> bytes:
         self.active = False
         return self.reader.take_everything_raw()
 
-    def _on_event(self, name, payload, raw_lines):
-        # type: (Optional[bytes], bytes, List[bytes]) -> Optional[bytes]
+    def _on_event(self, name: Optional[bytes], payload: bytes,
+                  raw_lines: List[bytes]) -> Optional[bytes]:
         if b'"usage"' not in payload:
             return None
         if _usage_null_is_last_member(payload):
@@ -3971,8 +3914,7 @@ class InjectedUsageStripper:
         return _strip_null_usage(raw_lines)
 
 
-def _strip_null_usage(raw_lines):
-    # type: (List[bytes]) -> Optional[bytes]
+def _strip_null_usage(raw_lines: List[bytes]) -> Optional[bytes]:
     """The event's lines without its top-level ``"usage":null`` member, or None to keep them.
 
     Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
@@ -4059,8 +4001,7 @@ STATS_NO_KEY = "(no valid key)"
 _STATS_DAY_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
-def format_tokens(n):
-    # type: (float) -> str
+def format_tokens(n: float) -> str:
     """Return a short human form of a token count: 999 -> "999",
     20800 -> "20.8k", 1500000 -> "1.5M", 2100000000 -> "2.1B".
 
@@ -4079,8 +4020,7 @@ def format_tokens(n):
     raise AssertionError("unreachable")
 
 
-def format_uptime(seconds):
-    # type: (float) -> str
+def format_uptime(seconds: float) -> str:
     """Return a short human duration: "45s", "12m", "2h 15m", "3d 4h" (floored)."""
     s = max(0, int(seconds))
     if s < 60:
@@ -4092,16 +4032,14 @@ def format_uptime(seconds):
     return "%dd %dh" % (s // _STATS_DAY, (s % _STATS_DAY) // _STATS_HOUR)
 
 
-def iso_utc(ts):
-    # type: (Optional[float]) -> Optional[str]
+def iso_utc(ts: Optional[float]) -> Optional[str]:
     """Return epoch seconds as ISO-8601 UTC ("2026-11-26T20:01:02Z"), None for None."""
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
-    # type: (Any, int) -> str
+def _stats_clean_key(value: Any, max_len: int = _STATS_KEY_MAX_LEN) -> str:
     """Make an untrusted string safe to store, persist and export: bounded
     length, and no lone surrogates (a JSON "\\ud800" escape in a model name
     would otherwise make the UTF-8 encode of /metrics or stats.json fail)."""
@@ -4111,8 +4049,7 @@ def _stats_clean_key(value, max_len=_STATS_KEY_MAX_LEN):
     return s.encode("utf-8", "replace").decode("utf-8")
 
 
-def _stats_count(value):
-    # type: (Any) -> int
+def _stats_count(value: Any) -> int:
     """A token count from the tap: a non-negative int below USAGE_MAX_COUNT, anything else is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
@@ -4121,8 +4058,7 @@ def _stats_count(value):
     return int(value)
 
 
-def _stats_ms(value):
-    # type: (Any) -> Optional[float]
+def _stats_ms(value: Any) -> Optional[float]:
     """A duration in ms: a finite non-negative float, or None if unknown."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -4132,26 +4068,22 @@ def _stats_ms(value):
     return value
 
 
-def _stats_new_breakdown():
-    # type: () -> Dict[str, Any]
+def _stats_new_breakdown() -> Dict[str, Any]:
     """An empty byModel/byEndpoint/byClient entry (its shape: _STATS_BREAKDOWN_SHAPE)."""
     return _stats_empty(_STATS_BREAKDOWN_SHAPE)
 
 
-def _stats_new_histogram(bounds):
-    # type: (Tuple[float, ...]) -> Dict[str, Any]
+def _stats_new_histogram(bounds: Tuple[float, ...]) -> Dict[str, Any]:
     # counts are per bucket (not cumulative); the last slot is +Inf.
     return {"buckets": list(bounds), "counts": [0] * (len(bounds) + 1), "sum": 0.0, "count": 0}
 
 
-def _stats_copy_histogram(hist):
-    # type: (Dict[str, Any]) -> Dict[str, Any]
+def _stats_copy_histogram(hist: Dict[str, Any]) -> Dict[str, Any]:
     return {"buckets": list(hist["buckets"]), "counts": list(hist["counts"]),
             "sum": hist["sum"], "count": hist["count"]}
 
 
-def _stats_histogram_observe(hist, value):
-    # type: (Dict[str, Any], float) -> None
+def _stats_histogram_observe(hist: Dict[str, Any], value: float) -> None:
     i = 0
     bounds = hist["buckets"]
     while i < len(bounds) and value > bounds[i]:
@@ -4161,28 +4093,24 @@ def _stats_histogram_observe(hist, value):
     hist["count"] += 1
 
 
-def _stats_new_key_entry():
-    # type: () -> Dict[str, Any]
+def _stats_new_key_entry() -> Dict[str, Any]:
     """An empty byKey entry (its shape: _STATS_SHAPE["byKey"])."""
     return _stats_empty(_STATS_SHAPE["byKey"].entry)
 
 
-def _stats_local_day(ts):
-    # type: (float) -> str
+def _stats_local_day(ts: float) -> str:
     """The calendar day of epoch `ts` in the proxy's local time ("2026-11-27"): budgets renew
     at local midnight, when people expect a "daily" allowance to start over."""
     return time.strftime("%Y-%m-%d", time.localtime(ts))
 
 
-def _stats_seconds_to_midnight(ts):
-    # type: (float) -> float
+def _stats_seconds_to_midnight(ts: float) -> float:
     """Seconds from epoch `ts` to the next local midnight (mktime normalises day 32 and DST)."""
     t = time.localtime(ts)
     return max(0.0, time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1)) - ts)
 
 
-def _stats_breakdown_view(entry):
-    # type: (Dict[str, Any]) -> Dict[str, Any]
+def _stats_breakdown_view(entry: Dict[str, Any]) -> Dict[str, Any]:
     """The public form of one breakdown entry (averages instead of sums)."""
     avg_ttfb = None
     if entry["ttfbCount"]:
@@ -4513,9 +4441,9 @@ class StatsStore(object):
     the disk.
     """
 
-    def __init__(self, history_size=100, path=None, enabled=True, clock=time.time,
-                 max_keys=200, version=None):
-        # type: (int, Optional[str], bool, Any, int, Optional[str]) -> None
+    def __init__(self, history_size: int = 100, path: Optional[str] = None, enabled: bool = True,
+                 clock: Any = time.time, max_keys: int = 200,
+                 version: Optional[str] = None) -> None:
         self.history_size = max(0, int(history_size))
         self.path = path
         self.enabled = bool(enabled)
@@ -4530,14 +4458,14 @@ class StatsStore(object):
         self._in_flight = 0
         self._change_gen = 0      # bumped by every change
         self._saved_gen = 0       # change_gen that is on disk
-        self._last_saved = None   # type: Optional[float]
-        self._last_error = None   # type: Optional[str]
-        self._logged_error = None  # type: Optional[str]
+        self._last_saved: Optional[float] = None
+        self._last_error: Optional[str] = None
+        self._logged_error: Optional[str] = None
         # Set when load() could neither read nor move aside the file: saving
         # would then overwrite data we could not read.
-        self._save_blocked = None  # type: Optional[str]
-        self._autosave_thread = None  # type: Optional[threading.Thread]
-        self._autosave_stop = None  # type: Optional[threading.Event]
+        self._save_blocked: Optional[str] = None
+        self._autosave_thread: Optional[threading.Thread] = None
+        self._autosave_stop: Optional[threading.Event] = None
         # Every persisted counter: the stats.json document (see _STATS_SHAPE).
         self._doc = _stats_empty_document(self._started_at, self.version)
 
@@ -4549,8 +4477,7 @@ class StatsStore(object):
         self._doc = _stats_empty_document(since, self.version)
         self._doc["keyDays"] = key_days
 
-    def _breakdown_entry(self, table, key):
-        # type: (Dict[str, Dict[str, Any]], str) -> Dict[str, Any]
+    def _breakdown_entry(self, table: Dict[str, Dict[str, Any]], key: str) -> Dict[str, Any]:
         """Return the entry for key, folding new keys into "(other)" once the
         table is full, so the table (incl. "(other)") never exceeds max_keys."""
         entry = table.get(key)
@@ -4562,8 +4489,7 @@ class StatsStore(object):
                 entry = table[key] = _stats_new_breakdown()
         return entry
 
-    def _key_entry(self, name):
-        # type: (str) -> Dict[str, Any]
+    def _key_entry(self, name: str) -> Dict[str, Any]:
         """The byKey entry for name (caller holds the lock). Names come from the config, and
         are bounded like the other tables all the same."""
         by_key = self._doc["byKey"]
@@ -4576,8 +4502,7 @@ class StatsStore(object):
                 entry = by_key[name] = _stats_new_key_entry()
         return entry
 
-    def _key_day(self, name, now):
-        # type: (str, float) -> Dict[str, Any]
+    def _key_day(self, name: str, now: float) -> Dict[str, Any]:
         """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
         today = _stats_local_day(now)
         day = self._doc["keyDays"].get(name)
@@ -4585,8 +4510,7 @@ class StatsStore(object):
             day = self._doc["keyDays"][name] = {"day": today, "tokens": 0}
         return day
 
-    def key_tokens_today(self, name):
-        # type: (str) -> Tuple[int, float]
+    def key_tokens_today(self, name: str) -> Tuple[int, float]:
         """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
         now = self._clock()
         with self._lock:
@@ -4594,8 +4518,7 @@ class StatsStore(object):
             used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
         return used, _stats_seconds_to_midnight(now)
 
-    def record_refusal(self, name):
-        # type: (Optional[str]) -> None
+    def record_refusal(self, name: Optional[str]) -> None:
         """Count a request refused before forwarding: no valid key (name None), or a budget
         of key `name` used up. Never counted as a request: the backend never saw it."""
         with self._lock:
@@ -4603,8 +4526,7 @@ class StatsStore(object):
             self._doc["refused"] += 1
             self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
-    def _fold_table(self, table):
-        # type: (Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
+    def _fold_table(self, table: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         """Bring a loaded table back under max_keys: keep the busiest keys,
         add the rest into "(other)"."""
         if len(table) <= self.max_keys:
@@ -4618,8 +4540,7 @@ class StatsStore(object):
         keep[STATS_OTHER_KEY] = other
         return keep
 
-    def _prune_buckets(self, now):
-        # type: (float) -> None
+    def _prune_buckets(self, now: float) -> None:
         hour_cut = int(now // _STATS_HOUR) * _STATS_HOUR - (_STATS_HOURLY_KEEP - 1) * _STATS_HOUR
         day_cut = int(now // _STATS_DAY) * _STATS_DAY - (_STATS_DAILY_KEEP - 1) * _STATS_DAY
         for name, cut in (("hourly", hour_cut), ("daily", day_cut)):
@@ -4627,8 +4548,8 @@ class StatsStore(object):
             if buckets and buckets[0]["start"] < cut:
                 buckets[:] = [b for b in buckets if b["start"] >= cut]
 
-    def _bucket_add(self, buckets, size, keep, when, now, errors, usage):
-        # type: (List[Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
+    def _bucket_add(self, buckets: List[Dict[str, int]], size: int, keep: int, when: float,
+                    now: float, errors: int, usage: Dict[str, int]) -> None:
         start = int(when // size) * size
         if start < int(now // size) * size - (keep - 1) * size:
             return  # older than the chart window: nothing to show it in
@@ -4649,8 +4570,8 @@ class StatsStore(object):
         bucket["total"] += usage["total"]
 
     @staticmethod
-    def _generation_seconds(duration_ms, ttfb_ms, streamed):
-        # type: (Optional[float], Optional[float], Optional[bool]) -> Optional[float]
+    def _generation_seconds(duration_ms: Optional[float], ttfb_ms: Optional[float],
+                            streamed: Optional[bool]) -> Optional[float]:
         """Seconds the backend spent generating, for tokens/s.
 
         Streaming: duration - ttfb (the first byte arrives once the prompt is
@@ -4669,14 +4590,12 @@ class StatsStore(object):
             return None
         return gen_ms / 1000.0
 
-    def request_started(self):
-        # type: () -> None
+    def request_started(self) -> None:
         """Count one request in flight (gauge for /metrics)."""
         with self._lock:
             self._in_flight += 1
 
-    def request_finished(self):
-        # type: () -> None
+    def request_finished(self) -> None:
         """Undo request_started(); never goes below zero."""
         with self._lock:
             if self._in_flight > 0:
@@ -4763,8 +4682,7 @@ class StatsStore(object):
             if ttfb_ms is not None:
                 _stats_histogram_observe(doc["histograms"]["ttfb"], ttfb_ms / 1000.0)
 
-    def reset(self):
-        # type: () -> None
+    def reset(self) -> None:
         """Zero totals, breakdowns, recent, buckets and histograms; `since`
         becomes now.  In-flight and uptime are untouched.  Marks dirty so the
         reset reaches disk."""
@@ -4775,8 +4693,7 @@ class StatsStore(object):
 
     # -- reading -------------------------------------------------------
 
-    def snapshot(self, keys=()):
-        # type: (Iterable[AccessKey]) -> Dict[str, Any]
+    def snapshot(self, keys: Iterable[AccessKey] = ()) -> Dict[str, Any]:
         """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
         (keeps every field of the original proxy.js response).  `keys`: the
         access keys in force; each gets a byKey row with its budgets, used or not."""
@@ -4784,7 +4701,7 @@ class StatsStore(object):
         today = _stats_local_day(now)
         with self._lock:
             doc = self._doc
-            by_key = {}  # type: Dict[str, Dict[str, Any]]
+            by_key: Dict[str, Dict[str, Any]] = {}
             for name, entry in doc["byKey"].items():
                 view = _stats_breakdown_view(entry)
                 view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
@@ -4801,7 +4718,7 @@ class StatsStore(object):
                 view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
-            tokens = dict(doc["tokens"])  # type: Dict[str, Any]
+            tokens: Dict[str, Any] = dict(doc["tokens"])
             tokens["formatted"] = format_tokens(tokens["total"])
 
             def chart(buckets):
@@ -4857,8 +4774,7 @@ class StatsStore(object):
 
     # -- persistence ---------------------------------------------------
 
-    def _persistence_enabled(self):
-        # type: () -> bool
+    def _persistence_enabled(self) -> bool:
         return self.enabled and bool(self.path)
 
     def _to_file_state(self) -> Dict[str, Any]:
@@ -4870,8 +4786,7 @@ class StatsStore(object):
         doc["keyDays"] = {k: d for k, d in doc["keyDays"].items() if d["day"] == today}
         return doc
 
-    def load(self):
-        # type: () -> bool
+    def load(self) -> bool:
         """Read stats.json into the store (call once at start-up).
 
         Returns True if state was loaded.  A missing file is a fresh start
@@ -4927,8 +4842,7 @@ class StatsStore(object):
                  path, state["requests"], iso_utc(state["since"]))
         return True
 
-    def _set_aside(self, path, reason):
-        # type: (str, str) -> None
+    def _set_aside(self, path: str, reason: str) -> None:
         """Rename an unusable stats file out of the way, keeping its bytes."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self._clock()))
         target = "%s.corrupt-%s" % (path, stamp)
@@ -4950,8 +4864,7 @@ class StatsStore(object):
         log.warning("stats file %s %s; moved it to %s and starting with empty stats",
                     path, reason, target)
 
-    def save(self):
-        # type: () -> bool
+    def save(self) -> bool:
         """Write stats.json atomically if anything changed since the last save.
 
         Returns True if this call wrote the file; False if nothing changed,
@@ -4997,8 +4910,7 @@ class StatsStore(object):
             self._logged_error = None
             return True
 
-    def start_autosave(self, interval):
-        # type: (float) -> None
+    def start_autosave(self, interval: float) -> None:
         """Start a daemon thread that calls save() every `interval` seconds.
         Does nothing if persistence is off or the thread already runs."""
         if not self._persistence_enabled() or interval <= 0:
@@ -5012,8 +4924,7 @@ class StatsStore(object):
         self._autosave_thread = thread
         thread.start()
 
-    def _autosave_loop(self, interval, stop):
-        # type: (float, threading.Event) -> None
+    def _autosave_loop(self, interval: float, stop: threading.Event) -> None:
         # Event.wait returns at once when stop_autosave() sets it.
         while not stop.wait(interval):
             try:
@@ -5021,8 +4932,7 @@ class StatsStore(object):
             except Exception:  # never let the saver die silently
                 log.exception("stats autosave failed")
 
-    def stop_autosave(self, timeout=5.0):
-        # type: (float) -> bool
+    def stop_autosave(self, timeout: float = 5.0) -> bool:
         """Stop the autosave thread (if any) and do one final save().
         Safe to call more than once; returns what the final save() returned."""
         stop, thread = self._autosave_stop, self._autosave_thread
@@ -5047,20 +4957,17 @@ _METRIC_TOKEN_TYPES = (("prompt", "prompt"), ("completion", "completion"),
                        ("reasoning", "reasoning"))
 
 
-def _prom_escape_label(value):
-    # type: (str) -> str
+def _prom_escape_label(value: str) -> str:
     # Text format 0.0.4: in label values \, " and newline are escaped.
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _prom_escape_help(text):
-    # type: (str) -> str
+def _prom_escape_help(text: str) -> str:
     # In HELP text only \ and newline are escaped.
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _prom_number(value):
-    # type: (float) -> str
+def _prom_number(value: float) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     value = float(value)
@@ -5076,25 +4983,21 @@ def _prom_number(value):
 class _PromWriter(object):
     """Collects families; each family's HELP/TYPE is written once, samples follow."""
 
-    def __init__(self):
-        # type: () -> None
-        self.lines = []  # type: List[str]
+    def __init__(self) -> None:
+        self.lines: List[str] = []
 
-    def family(self, name, mtype, help_text):
-        # type: (str, str, str) -> None
+    def family(self, name: str, mtype: str, help_text: str) -> None:
         self.lines.append("# HELP %s %s" % (name, _prom_escape_help(help_text)))
         self.lines.append("# TYPE %s %s" % (name, mtype))
 
-    def sample(self, name, value, labels=()):
-        # type: (str, float, Any) -> None
+    def sample(self, name: str, value: float, labels: Any = ()) -> None:
         if labels:
             inner = ",".join('%s="%s"' % (k, _prom_escape_label(str(v))) for k, v in labels)
             self.lines.append("%s{%s} %s" % (name, inner, _prom_number(value)))
         else:
             self.lines.append("%s %s" % (name, _prom_number(value)))
 
-    def histogram(self, name, hist, labels=()):
-        # type: (str, Dict[str, Any], Any) -> None
+    def histogram(self, name: str, hist: Dict[str, Any], labels: Any = ()) -> None:
         cumulative = 0
         for bound, count in zip(hist["buckets"], hist["counts"]):
             cumulative += count
@@ -5104,13 +5007,11 @@ class _PromWriter(object):
         self.sample(name + "_sum", hist["sum"], labels)
         self.sample(name + "_count", hist["count"], labels)
 
-    def text(self):
-        # type: () -> str
+    def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 
 
-def render_metrics(store):
-    # type: (StatsStore) -> str
+def render_metrics(store: StatsStore) -> str:
     """Return the store as Prometheus text exposition format 0.0.4
     (serve with METRICS_CONTENT_TYPE).  Label cardinality is bounded by the
     store's capped breakdown maps (max_keys each, overflow in "(other)").
@@ -8974,7 +8875,7 @@ def command_line_overrides(args) -> Dict[str, Tuple[str, object]]:
 
     Precedence: command line > environment > config file > defaults. --target without a port
     keeps target.port. Raises ConfigError for a --target that is not an http:// backend."""
-    overrides = {}  # type: Dict[str, Tuple[str, object]]
+    overrides: Dict[str, Tuple[str, object]] = {}
     if args.port is not None:
         overrides["proxy.port"] = ("command line --port", args.port)
     if args.target is not None:
