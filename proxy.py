@@ -2596,7 +2596,8 @@ def is_completion_kind(kind: Optional[str]) -> bool:
     return kind in USAGE_COMPLETION_KINDS
 
 
-class RequestInfo(object):
+@dataclass(init=False)
+class RequestInfo:
     """What the proxy learned from a request body.
 
     ``model``: the top-level "model" string or None.  ``stream``: the top-level "stream" boolean,
@@ -2604,29 +2605,18 @@ class RequestInfo(object):
     when ``stream_options.include_usage`` is true.
     """
 
+    # The dataclass gives __repr__ and __eq__ (and, being mutable, no __hash__). __init__ stays
+    # hand-written because a 3.9 dataclass cannot have both __slots__ and field defaults.
     __slots__ = ("model", "stream", "include_usage")
+    model: Optional[str]
+    stream: Optional[bool]
+    include_usage: bool
 
     def __init__(self, model: Optional[str] = None, stream: Optional[bool] = None,
                  include_usage: bool = False) -> None:
         self.model = model
         self.stream = stream
         self.include_usage = include_usage
-
-    def __repr__(self):
-        return "RequestInfo(model=%r, stream=%r, include_usage=%r)" % (
-            self.model, self.stream, self.include_usage)
-
-    def __eq__(self, other):
-        if not isinstance(other, RequestInfo):
-            return NotImplemented
-        return (self.model, self.stream, self.include_usage) == (
-            other.model, other.stream, other.include_usage)
-
-    def __ne__(self, other):
-        result = self.__eq__(other)
-        return result if result is NotImplemented else not result
-
-    __hash__ = None  # mutable
 
 
 def _usage_json_members(text: str) -> Tuple[List[Tuple[str, Any, int, int]], int]:
@@ -3088,7 +3078,7 @@ def _usage_member_value(text: str, key: str, last: bool) -> Any:
     return None
 
 
-class _UsageSseReader(object):
+class _UsageSseReader:
     """Incremental Server-Sent Events parser (WHATWG HTML "event stream interpretation").
 
     Accepts LF, CRLF and lone CR line endings, ":" comments, "event:" names, "data:" with or
@@ -3305,7 +3295,7 @@ class _UsageSseReader(object):
         return len(self.held) + len(self.partial)
 
 
-class _UsageLineReader(object):
+class _UsageLineReader:
     """Incremental NDJSON splitter: calls ``on_line(line)`` for every complete LF-ended line.
 
     Lines longer than ``max_line`` are dropped, not buffered.
@@ -3354,7 +3344,7 @@ class _UsageLineReader(object):
         return len(self.partial)
 
 
-class _UsageJsonBuffer(object):
+class _UsageJsonBuffer:
     """Collects a non-streaming body for one parse at the end, bounded by ``max_body``.
 
     Beyond the bound only the first _USAGE_HEAD_KEEP and the last _USAGE_TAIL_KEEP bytes are
@@ -3402,7 +3392,7 @@ class _UsageOverBudget(Exception):
     """The tap has done all the parsing one response may cost (see USAGE_WORK_BASE)."""
 
 
-class UsageTap(object):
+class UsageTap:
     """Incremental usage reader for one upstream response body; it never changes the body.
 
     Create it once the response headers of a 2xx answer for a usage kind are known, pass every
@@ -4422,7 +4412,7 @@ class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
 
-class StatsStore(object):
+class StatsStore:
     """Thread-safe token and request statistics, with optional persistence.
 
     Methods for the HTTP layer:
@@ -4980,7 +4970,7 @@ def _prom_number(value: float) -> str:
     return repr(value)
 
 
-class _PromWriter(object):
+class _PromWriter:
     """Collects families; each family's HELP/TYPE is written once, samples follow."""
 
     def __init__(self) -> None:
