@@ -10,9 +10,23 @@ Run it:      python3 proxy.py                 (standard library only, Python 3.9
 Dashboard:   https://<this-machine>:8443/_proxy/dashboard
 Set-up page: https://<this-machine>:8443/_proxy/
 
-The file reads top to bottom in the order a request travels: configuration, certificates, the
-HTTP layer that receives and forwards, usage extraction and the stats store that record what
-passed, the command line, and last the embedded web pages.
+Contents, in file order (each a "# ====" banner; sub-sections are "# -- name ---" lines):
+  Constants and defaults    the one place where the default configuration lives
+  Errors                    one small tree; main() turns a ProxyError into an exit code
+  Config                    load JSON, apply environment overrides, validate once
+  Certificates              find or create the local CA and the server certificate
+  Usage extraction          which endpoints report tokens, and an incremental tap that reads them
+  Stats store               the request record, the stats document and its store (stats.json)
+  Metrics                   the Prometheus text exposition
+  HTTP layer, part 1        reading a client's request strictly (no smuggling past us)
+  HTTP layer, part 2        the backend connection pool
+  Access keys               who may have requests forwarded, and within which budget
+  HTTP layer, part 3        the request handler (internal routes, CORS, the forwarding pipeline)
+  HTTP layer, part 3b       WebSocket tunnels (the one upgrade we forward)
+  HTTP layer, part 4        the TLS server
+  Service                   pidfile, daemon mode, signals, the serve loop
+  Command line              client snippets, arguments, key commands, banner and main()
+  Web pages                 the dashboard and the device set-up page, served from this file
 """
 
 import sys
@@ -898,7 +912,7 @@ def _settle(values: Dict[str, object], origin_of: Dict[str, Optional[str]], path
 # Certificates: find or create the local CA and the server certificate
 # ==================================================================================================
 
-# --------------------------------------------------------------------------- constants
+# -- constants -------------------------------------------------------------------------------------
 
 CERT_DIR_DEFAULT = "./certs"
 CA_CERT_FILENAME = "ca.pem"
@@ -963,7 +977,7 @@ CA_PERMITTED_NETWORKS = (
 )
 
 
-# --------------------------------------------------------------------------- DER encoding
+# -- DER encoding ----------------------------------------------------------------------------------
 # Distinguished Encoding Rules (ITU-T X.690). Only what X.509 needs; every function returns the
 # complete TLV (tag, length, value) as bytes.
 
@@ -1072,7 +1086,7 @@ def _der_context(number: int, content: bytes, constructed: bool = True) -> bytes
     return _der_tlv((0xA0 if constructed else 0x80) | number, content)
 
 
-# --------------------------------------------------------------------------- DER reading
+# -- DER reading -----------------------------------------------------------------------------------
 
 class _DerNode(NamedTuple):
     tag: int
@@ -1158,7 +1172,7 @@ def _der_to_time(node: _DerNode) -> datetime.datetime:
     return moment.replace(tzinfo=datetime.timezone.utc)
 
 
-# --------------------------------------------------------------------------- PEM
+# -- PEM -------------------------------------------------------------------------------------------
 
 def _pem_encode(der: bytes, label: str) -> bytes:
     b64 = base64.b64encode(der).decode("ascii")
@@ -1194,7 +1208,7 @@ def ca_pem_to_der(pem_bytes: bytes) -> bytes:
     raise CertificateError("no PEM certificate found")
 
 
-# --------------------------------------------------------------------------- RSA
+# -- RSA -------------------------------------------------------------------------------------------
 
 class RSAPrivateKey(NamedTuple):
     """An RSA private key with its CRT parameters (the fields of PKCS#1 RSAPrivateKey)."""
@@ -1406,7 +1420,7 @@ def load_private_key_pem(data: bytes) -> RSAPrivateKey:
     raise CertificateError("no unencrypted RSA private key (PKCS#8 or PKCS#1 PEM) found")
 
 
-# --------------------------------------------------------------------------- host names
+# -- host names ------------------------------------------------------------------------------------
 
 def _split_host(host: str):
     """Return an ipaddress object for an IP literal (brackets allowed), else a normalised
@@ -1553,7 +1567,7 @@ def discover_hosts() -> List[str]:
     return hosts
 
 
-# --------------------------------------------------------------------------- reading certificates
+# -- reading certificates --------------------------------------------------------------------------
 
 class CertificateInfo(NamedTuple):
     """What we read back from a certificate (no I/O; see read_certificate_info())."""
@@ -1768,7 +1782,7 @@ def certificate_issued_by(cert: CertificateInfo, ca: CertificateInfo) -> bool:
     return rsa_verify_sha256(ca.public_key[0], ca.public_key[1], cert.tbs_der, cert.signature)
 
 
-# --------------------------------------------------------------------------- making certificates
+# -- making certificates ---------------------------------------------------------------------------
 
 def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
@@ -1966,7 +1980,7 @@ def issue_server_certificate(ca_cert_der: bytes, ca_key: RSAPrivateKey, hosts: I
     return der, key
 
 
-# --------------------------------------------------------------------------- files
+# -- files -----------------------------------------------------------------------------------------
 
 def _user_name(uid: int) -> str:
     try:
@@ -2204,7 +2218,7 @@ def _combined_path(cert_file: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(cert_file)), COMBINED_FILENAME)
 
 
-# --------------------------------------------------------------------------- start-up entry point
+# -- start-up entry point --------------------------------------------------------------------------
 
 class CertStatus(NamedTuple):
     """Outcome of ensure_certificates(), for the start-up banner (no I/O in it).
@@ -2420,7 +2434,7 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
                       tuple(warnings), ca.permitted_dns is not None)
 
 
-# --------------------------------------------------------------------------- trust instructions
+# -- trust instructions ----------------------------------------------------------------------------
 
 def trust_instructions(ca_path: str, ca_url: Optional[str] = None) -> str:
     """Return short, platform-by-platform instructions for trusting the CA at ``ca_path``
@@ -3492,7 +3506,7 @@ class UsageTap:
             self._start(self._api.default_wire)
         # else: decided from the first bytes of the body (_route)
 
-    # -- public ---------------------------------------------------------------------------
+    # -- public ------------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
         """Take one piece of the upstream body; return it (same object, no copy)."""
@@ -3553,7 +3567,7 @@ class UsageTap:
         n = len(self._sniffed) + len(self._inflate_pending)
         return n + (self._reader.held_bytes() if self._reader is not None else 0)
 
-    # -- format selection and decoding ---------------------------------------------------
+    # -- format selection and decoding -------------------------------------------------------------
 
     def _start(self, fmt: str) -> None:
         self._format = fmt
@@ -3590,7 +3604,7 @@ class UsageTap:
         self._reader.feed(pending)
         self._charge_lines()
 
-    # -- the work bound ----------------------------------------------------------------------
+    # -- the work bound ----------------------------------------------------------------------------
 
     def _charge(self, units: int) -> None:
         """Count work; raise _UsageOverBudget once this response has used its share."""
@@ -3663,7 +3677,7 @@ class UsageTap:
                         "(said once per format; please report it)", kind, type(exc).__name__)
         log.debug("usage: reader failure", exc_info=True)
 
-    # -- parsers' callbacks ----------------------------------------------------------------
+    # -- parsers' callbacks ------------------------------------------------------------------------
 
     def _on_sse_event(self, name: Optional[bytes], payload: bytes,
                       raw_lines: Optional[List[bytes]]) -> None:
@@ -3773,7 +3787,7 @@ class UsageTap:
         if fragment:
             self._take(fragment, None)
 
-    # -- interpretation --------------------------------------------------------------------
+    # -- interpretation ----------------------------------------------------------------------------
 
     def _take(self, obj: Dict[str, Any], event: Optional[str]) -> None:
         """Learn model, usage and errors from one parsed JSON object (body, event or line)."""
@@ -4185,7 +4199,7 @@ class RequestRecord:
         self.key = _stats_clean_key(key) if isinstance(key, str) and key else None
 
 
-# -- the stats document --------------------------------------------------
+# -- the stats document ----------------------------------------------------------------------------
 # The store keeps its counters in one JSON-shaped document that save() writes as stats.json
 # and load() reads back. _STATS_SHAPE is that document's shape: from it come the empty
 # document (zero counters) and the check of a loaded file, in one walk. A persisted counter
@@ -4459,7 +4473,7 @@ class StatsStore:
         # Every persisted counter: the stats.json document (see _STATS_SHAPE).
         self._doc = _stats_empty_document(self._started_at, self.version)
 
-    # -- state ---------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
 
     def _zero(self, since: float) -> None:
         """Reset every persisted counter but today's key budgets (caller holds the lock)."""
@@ -4681,7 +4695,7 @@ class StatsStore:
             self._zero(now)
             self._change_gen += 1
 
-    # -- reading -------------------------------------------------------
+    # -- reading -----------------------------------------------------------------------------------
 
     def snapshot(self, keys: Iterable[AccessKey] = ()) -> Dict[str, Any]:
         """Return the /_proxy/stats document: a fresh, JSON-serialisable dict
@@ -4762,7 +4776,7 @@ class StatsStore:
                 ttfb=state["histograms"]["ttfb"])
             return state
 
-    # -- persistence ---------------------------------------------------
+    # -- persistence -------------------------------------------------------------------------------
 
     def _persistence_enabled(self) -> bool:
         return self.enabled and bool(self.path)
@@ -5956,7 +5970,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     wbufsize = 0                     # writes go straight to the socket
     rbufsize = 65536
 
-    # -- the per-connection loop --------------------------------------------------------------
+    # -- the per-connection loop -------------------------------------------------------------------
 
     def __init__(self, request, client_address, server, slot: Optional["ClientSlot"] = None):
         # The connection slot this client holds (see ClientSlots); a reserve slot serves one
@@ -6071,7 +6085,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.forward(head, path, body_length)
 
-    # -- writing responses -------------------------------------------------------------------
+    # -- writing responses -------------------------------------------------------------------------
 
     def write_head(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
         """Send a status line and headers in one write."""
@@ -6188,7 +6202,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if head.version == "HTTP/1.1" and (head.get("expect") or "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    # -- CORS ----------------------------------------------------------------------------------
+    # -- CORS --------------------------------------------------------------------------------------
 
     def allowed_origin(self) -> Optional[str]:
         """The request's Origin when it may read our responses, else None."""
@@ -6244,7 +6258,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.write_head(204, "No Content", headers)
         self._log_local(204, 0)
 
-    # -- internal routes: /_proxy/* ---------------------------------------------------------
+    # -- internal routes: /_proxy/* ----------------------------------------------------------------
 
     def handle_internal(self, head: RequestHead, path: str) -> None:
         """Serve the proxy's own endpoints; never forwarded."""
@@ -6347,7 +6361,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_local(200, pem, "application/x-pem-file",
                             [("Content-Disposition", 'attachment; filename="llm-proxy-ca.pem"')])
 
-    # -- forwarding --------------------------------------------------------------------------
+    # -- forwarding --------------------------------------------------------------------------------
 
     def forward(self, head: RequestHead, path: str, body_length: Optional[int]) -> None:
         """The forwarding pipeline: refuse foreign origins, send upstream, stream the answer back."""
@@ -8328,7 +8342,7 @@ def serve(server: "ProxyServer", ready=None) -> int:
 # Command line
 # ==================================================================================================
 
-# --------------------------------------------------------------------------- what clients paste
+# -- what clients paste ----------------------------------------------------------------------------
 
 class ClientFamily(NamedTuple):
     """One kind of client and the base URL it needs. The banner, the set-up page, --help and
