@@ -2844,7 +2844,7 @@ class UsageFindings:
 
     __slots__ = ("counts_of", "model", "counts", "final", "error", "state")
 
-    def __init__(self, counts_of):
+    def __init__(self, counts_of) -> None:
         self.counts_of = counts_of   # the format's normaliser of a `usage` object
         self.model: Optional[str] = None
         self.counts: Optional[Tuple[int, int, int, int, int]] = None
@@ -3111,7 +3111,7 @@ class _UsageSseReader:
                  "data_len", "event", "bad", "started", "held", "ev_lines", "ev_len", "out",
                  "lines")
 
-    def __init__(self, on_event, max_line, raw=False):
+    def __init__(self, on_event, max_line, raw=False) -> None:
         self.on_event = on_event
         self.max_line = max_line
         self.raw = raw
@@ -3317,7 +3317,7 @@ class _UsageLineReader:
 
     __slots__ = ("on_line", "max_line", "partial", "skipping")
 
-    def __init__(self, on_line, max_line):
+    def __init__(self, on_line, max_line) -> None:
         self.on_line = on_line
         self.max_line = max_line
         self.partial = bytearray()
@@ -3367,7 +3367,7 @@ class _UsageJsonBuffer:
 
     __slots__ = ("on_end", "max_body", "parts", "size", "head", "tail")
 
-    def __init__(self, on_end, max_body):
+    def __init__(self, on_end, max_body) -> None:
         self.on_end = on_end
         self.max_body = max_body
         self.parts: List[bytes] = []
@@ -5114,7 +5114,7 @@ def render_metrics(store: StatsStore) -> str:
 class RequestError(Exception):
     """A request we refuse before forwarding; carries the status to answer with."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -5139,7 +5139,8 @@ class RequestHead:
 
     __slots__ = ("method", "target", "version", "headers", "_by_name")
 
-    def __init__(self, method: str, target: str, version: str, headers: List[Tuple[str, str]]):
+    def __init__(self, method: str, target: str, version: str,
+                 headers: List[Tuple[str, str]]) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -5211,7 +5212,7 @@ class _DeadlineReader(io.RawIOBase):
     together must finish by then, else socket.timeout. The request head gets a fixed deadline;
     after start_body() the body gets one that each byte received moves later."""
 
-    def __init__(self, sock):
+    def __init__(self, sock) -> None:
         self._sock = sock
         self._timeout = sock.gettimeout()
         self.deadline = None
@@ -5395,7 +5396,7 @@ def iter_chunked_body(rfile, piece: int = READ_CHUNK):
 class UpstreamError(Exception):
     """The backend could not be reached or answered badly; carries the status and a message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -5409,7 +5410,7 @@ class UpstreamPool:
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float,
-                 max_idle: int = 64):
+                 max_idle: int = 64) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -5501,7 +5502,7 @@ class _HeadRecorder:
 
     __slots__ = ("raw", "lines", "size")
 
-    def __init__(self, raw):
+    def __init__(self, raw) -> None:
         self.raw = raw
         self.lines: List[bytes] = []
         self.size = 0
@@ -5585,13 +5586,13 @@ class UpstreamResponse(http.client.HTTPResponse):
       about where it ended: the connection is then not reused (see reusable()).
     """
 
-    def __init__(self, sock, *args, **kwargs):
+    def __init__(self, sock, *args, **kwargs) -> None:
         super().__init__(sock, *args, **kwargs)
         self._upstream_sock = sock
         self._poller = None
         self.overran = False
 
-    def begin(self):
+    def begin(self) -> None:
         if self.headers is not None:
             return
         recorder = _HeadRecorder(self.fp)
@@ -5642,7 +5643,7 @@ class UpstreamResponse(http.client.HTTPResponse):
             self.chunk_left = chunk_left
         return chunk_left
 
-    def _close_conn(self):
+    def _close_conn(self) -> None:
         fp = self.fp
         if fp is not None and not self.will_close and not self.overran:
             self.overran = _bytes_waiting(fp, self._upstream_sock)
@@ -5830,7 +5831,7 @@ class KeyRing:
     the time taken says nothing about how much of a guess was right, nor which key matched.
     """
 
-    def __init__(self, keys: Sequence[AccessKey] = (), backend_key: str = ""):
+    def __init__(self, keys: Sequence[AccessKey] = (), backend_key: str = "") -> None:
         self.keys = tuple(keys)
         self.backend_key = backend_key
         self._digests = tuple((hashlib.sha256(k.key.encode("latin-1")).digest(), k)
@@ -5897,7 +5898,7 @@ class RateLimiter:
     """requestsPerMinute: at most N requests of a key start in any 60 seconds (a sliding log
     of start times per key name, so it survives a SIGHUP; it is not persisted)."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._starts: Dict[str, collections.deque] = {}
@@ -5972,7 +5973,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- the per-connection loop -------------------------------------------------------------------
 
-    def __init__(self, request, client_address, server, slot: Optional["ClientSlot"] = None):
+    def __init__(self, request, client_address, server,
+                 slot: Optional["ClientSlot"] = None) -> None:
         # The connection slot this client holds (see ClientSlots); a reserve slot serves one
         # health check under a short deadline.
         self.slot = slot
@@ -5991,7 +5993,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         timeout = self.server.config.client_timeout
         return min(timeout, RESERVE_CLIENT_TIMEOUT) if self.on_reserve else timeout
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.client_timeout)
         # clientTimeout must bound the whole wait for a request head, not each recv(): a client
@@ -6000,7 +6002,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.head_reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.head_reader, self.rbufsize)
 
-    def handle_one_request(self):
+    def handle_one_request(self) -> None:
         self.close_connection = True
         self.head = None
         self.admin_route = False
@@ -6174,7 +6176,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if log.isEnabledFor(level):
             log.log(level, "%s %s %s %d %dB", self.client_ip, head.method, path, status, size)
 
-    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+    def log_message(self, format, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.client_ip, format % args)
 
     @property
@@ -6478,7 +6480,7 @@ class BodyPipe:
     __slots__ = ("read_piece", "tap", "stripper")
 
     def __init__(self, read_piece, tap: Optional["UsageTap"],
-                 stripper: Optional["InjectedUsageStripper"]):
+                 stripper: Optional["InjectedUsageStripper"]) -> None:
         self.read_piece = read_piece
         self.tap = tap
         self.stripper = stripper
@@ -6510,7 +6512,7 @@ class Exchange:
 
     def __init__(self, handler: ProxyHandler, head: RequestHead, path: str,
                  body_length: Optional[int], key: Optional[AccessKey] = None,
-                 keyring: Optional[KeyRing] = None):
+                 keyring: Optional[KeyRing] = None) -> None:
         self.handler = handler
         self.key_name = key.name if key is not None else None
         self.keyring = keyring if keyring is not None else handler.server.keys
@@ -7146,7 +7148,7 @@ def _keepalive(sock) -> None:
 class _Wait:
     """Wait for readiness of two sockets: poll() where it exists, else select()."""
 
-    def __init__(self, sockets):
+    def __init__(self, sockets) -> None:
         self.sockets = sockets
         self.poller = select.poll() if hasattr(select, "poll") else None
 
@@ -7199,7 +7201,7 @@ class RealtimeUsage:
     the compression window spans messages. Oversized text messages are skipped.
     """
 
-    def __init__(self, model: Optional[str] = None, deflate: Optional[bool] = None):
+    def __init__(self, model: Optional[str] = None, deflate: Optional[bool] = None) -> None:
         self._buf = bytearray()
         self._payload_left = 0     # bytes of the current frame still to come
         self._fin = False          # the current frame ends its message
@@ -7346,7 +7348,7 @@ class _Outbox:
     retry rule); the head piece stays in place until written, so it is.
     """
 
-    def __init__(self, first: bytes = b""):
+    def __init__(self, first: bytes = b"") -> None:
         self.pieces = collections.deque()
         self.size = 0
         if first:
@@ -7389,7 +7391,7 @@ class Tunnel:
     """
 
     def __init__(self, client, backend, idle_timeout: float, end_timeout: float,
-                 from_client: bytes = b"", from_backend: bytes = b"", tap=None):
+                 from_client: bytes = b"", from_backend: bytes = b"", tap=None) -> None:
         self.client = client
         self.backend = backend
         self.idle_timeout = idle_timeout
@@ -7573,7 +7575,7 @@ class ClientSlot:
 
     __slots__ = ("owner", "address", "reserve", "_released")
 
-    def __init__(self, owner: "ClientSlots", address: str, reserve: bool):
+    def __init__(self, owner: "ClientSlots", address: str, reserve: bool) -> None:
         self.owner = owner
         self.address = address
         self.reserve = reserve       # one of the slots kept back for /_proxy/health
@@ -7597,7 +7599,7 @@ class ClientSlots:
     slot (one at a time): a health check gets through a full server, a greedy host does not.
     """
 
-    def __init__(self, total: int, per_client: int = 0, reserve: Optional[int] = None):
+    def __init__(self, total: int, per_client: int = 0, reserve: Optional[int] = None) -> None:
         self.total = max(1, total)
         self.reserve = min(CONNECTION_RESERVE, self.total // 16) if reserve is None else reserve
         self.general = self.total - self.reserve
@@ -7670,7 +7672,7 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = 1024
     allow_reuse_address = True
 
-    def __init__(self, config: Config, stats, ssl_context: ssl.SSLContext):
+    def __init__(self, config: Config, stats, ssl_context: ssl.SSLContext) -> None:
         self.config = config
         self.stats = stats
         self.ssl_context = ssl_context
@@ -7705,7 +7707,7 @@ class ProxyServer(ThreadingHTTPServer):
             self.server_close()
             raise
 
-    def server_bind(self):
+    def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can hang for seconds at start.
         socketserver.TCPServer.server_bind(self)
         self.server_name = "llm-proxy"
@@ -7744,7 +7746,7 @@ class ProxyServer(ThreadingHTTPServer):
         """
         return self.slots.take(client_ip(client_address[0]))
 
-    def process_request(self, request, client_address):
+    def process_request(self, request, client_address) -> None:
         # One thread per connection, up to proxy.maxConnections and proxy.maxConnectionsPerClient:
         # past that a flood of connections is turned away here instead of exhausting memory.
         address = client_ip(client_address[0])
@@ -7768,7 +7770,7 @@ class ProxyServer(ThreadingHTTPServer):
             slot.release()
             self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address, slot=None):
+    def process_request_thread(self, request, client_address, slot=None) -> None:
         """Serve one connection in its own thread; the slot is released when it ends."""
         try:
             self.finish_request(request, client_address, slot)
@@ -7779,7 +7781,7 @@ class ProxyServer(ThreadingHTTPServer):
             if slot is not None:
                 slot.release()
 
-    def finish_request(self, request, client_address, slot=None):
+    def finish_request(self, request, client_address, slot=None) -> None:
         """Handshake in this worker thread (bounded by clientTimeout), then serve the connection.
 
         The first byte is peeked at first, as nginx does: a plain-HTTP request on this HTTPS
@@ -7877,7 +7879,7 @@ class ProxyServer(ThreadingHTTPServer):
             tunnel.stop()
         return len(tunnels)
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error while serving %s", client_address[0])
 
     def wait_for_requests(self, timeout: float) -> bool:
@@ -8147,7 +8149,7 @@ class PidFile:
     A stale file (its process died) holds no lock and is simply taken over.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.fd = None
 
@@ -8253,7 +8255,7 @@ def daemonize() -> int:
 class Maintenance(threading.Thread):
     """Background upkeep: notice a certificate replaced on disk and load it for new connections."""
 
-    def __init__(self, server: "ProxyServer", interval: float = 5.0):
+    def __init__(self, server: "ProxyServer", interval: float = 5.0) -> None:
         super().__init__(name="maintenance", daemon=True)
         self.server = server
         self.interval = interval
@@ -8270,7 +8272,7 @@ class Maintenance(threading.Thread):
                 stamps.append(None)
         return tuple(stamps)
 
-    def run(self):
+    def run(self) -> None:
         while not self.stopped.wait(self.interval):
             stamp = self._cert_stamp()
             if stamp != self._stamp and None not in stamp:
@@ -8305,7 +8307,7 @@ def reload_on_sighup(server: "ProxyServer") -> None:
 
 def serve(server: "ProxyServer", ready=None) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests and save the stats. Returns 0."""
-    def request_stop(signum, frame):
+    def request_stop(signum, frame) -> None:
         log.info("received %s; shutting down", signal.Signals(signum).name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -9024,7 +9026,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
         pidfile.write(os.getpid())
         banner = banner_text(config, cert_status, server.server_address[1])
 
-        def ready():
+        def ready() -> None:
             # The banner goes to whoever started us (the first --daemon is usually run by hand:
             # it says where the CA is and which URL to open) and into the log file.
             message = "started (pid %d), logging to %s\n\n%s\n" % (os.getpid(), log_file, banner)
