@@ -8710,20 +8710,30 @@ def page_headers(html):
     )
 
 
-DASHBOARD_HTML = """<!DOCTYPE html>
+# --------------------------------------------------------------------------- what both pages share
+
+# The pieces both pages are made of, put in by _page() where the template has a marker: the head,
+# the brand at the top left, the CSS a page starts from and the helpers its script starts with.
+# They end up inside the page's one <style> and one <script>, so page_headers() hashes them with it.
+# A page's own CSS comes after PAGE_CSS: it may add to a rule here but must not set a property that
+# PAGE_CSS's phone layout (max-width: 560px) changes, or the phone layout would lose.
+PAGE_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
-<title>LLM Proxy &middot; Usage</title>
-<link rel="icon" href="data:,">
-<style>
-:root {
+<meta name="referrer" content="no-referrer">"""
+
+PAGE_BRAND = """    <div class="brand">
+      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
+      <h1>LLM Proxy</h1><span class="sub">{subtitle}</span>
+    </div>"""
+
+PAGE_CSS = """:root {
   --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
-  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff;
-  --prompt: #3b82f6; --completion: #f59e0b; --other: #a3acb9;
+  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff; --accent-bg: #eaf1ff;
+  --code-bg: #f2f4f7; --prompt: #3b82f6; --completion: #f59e0b; --other: #a3acb9;
   --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
   --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
   color-scheme: light dark;
@@ -8731,8 +8741,8 @@ DASHBOARD_HTML = """<!DOCTYPE html>
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
-    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220;
-    --prompt: #5b9cff; --completion: #fbbf24; --other: #6e7886;
+    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220; --accent-bg: #15233a;
+    --code-bg: #0f141a; --prompt: #5b9cff; --completion: #fbbf24; --other: #6e7886;
     --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
     --shadow: none;
   }
@@ -8746,17 +8756,77 @@ body {
 }
 a { color: var(--accent); text-decoration: none; }
 a:hover { text-decoration: underline; }
-.num, td.n, th.n { font-variant-numeric: tabular-nums; }
-header.top {
-  position: sticky; top: 0; z-index: 5; background: var(--card); border-bottom: 1px solid var(--border);
-}
-.top-inner {
-  max-width: 1240px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; flex-wrap: wrap;
-}
+header.top { background: var(--card); border-bottom: 1px solid var(--border); }
+.top-inner { margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; }
 .brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
 .brand svg { flex: none; }
 .brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
 .brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
+.btn {
+  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
+  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
+}
+.btn:hover { background: var(--hover); text-decoration: none; }
+main { margin: 0 auto; padding: 18px 20px 40px; }
+.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); }
+.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); }
+.panel-head h2 { margin: 0; font-weight: 650; margin-right: auto; }
+footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
+@media (max-width: 560px) {
+  .top-inner { padding: 8px 12px; }
+  .brand .sub { display: none; }
+  main { padding: 12px 12px 32px; }
+  .panel-head { padding: 10px 12px; }
+}"""
+
+PAGE_JS = """  // Shared helpers (PAGE_JS in proxy.py). Text from the server goes in with textContent only.
+  var DOT = " " + String.fromCharCode(183) + " ";
+  var ELLIPSIS = String.fromCharCode(8230);
+
+  function byId(id) { return document.getElementById(id); }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+  function str(v) { return v === null || v === undefined ? "" : String(v); }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  // "2d 3h", "4m 5s"; "" for anything that is not a duration.
+  function fmtDuration(seconds) {
+    if (!isNum(seconds) || seconds < 0) { return ""; }
+    var s = Math.floor(seconds);
+    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d > 0) { return d + "d " + h + "h"; }
+    if (h > 0) { return h + "h " + m + "m"; }
+    if (m > 0) { return m + "m " + (s % 60) + "s"; }
+    return s + "s";
+  }"""
+
+
+def _page(subtitle: str, template: str) -> str:
+    """An embedded page: `template` with the shared pieces put in at its markers (each once)."""
+    pieces = (("<!--PAGE_HEAD-->", PAGE_HEAD), ("/*PAGE_CSS*/", PAGE_CSS),
+              ("<!--PAGE_BRAND-->", PAGE_BRAND.replace("{subtitle}", subtitle)),
+              ("/*PAGE_JS*/", PAGE_JS))
+    for marker, piece in pieces:
+        if template.count(marker) != 1:
+            raise ValueError("page template for %r needs %s exactly once" % (subtitle, marker))
+        template = template.replace(marker, piece)
+    return template
+
+
+DASHBOARD_HTML = _page("Token usage", """<!--PAGE_HEAD-->
+<title>LLM Proxy &middot; Usage</title>
+<link rel="icon" href="data:,">
+<style>
+/*PAGE_CSS*/
+.num, td.n, th.n { font-variant-numeric: tabular-nums; }
+header.top { position: sticky; top: 0; z-index: 5; }
+.top-inner, main { max-width: 1240px; }
+.top-inner { flex-wrap: wrap; }
 .conn { display: inline-flex; align-items: center; gap: 7px; font-size: 13px; color: var(--muted); white-space: nowrap; }
 .conn .dot { width: 8px; height: 8px; border-radius: 50%; background: var(--faint); flex: none; }
 .conn.live .dot { background: var(--ok); box-shadow: 0 0 0 3px var(--ok-bg); }
@@ -8764,16 +8834,10 @@ header.top {
 .conn.lost .dot { background: var(--err); box-shadow: 0 0 0 3px var(--err-bg); }
 .conn.paused .dot { background: var(--warn); }
 .actions { display: flex; gap: 8px; align-items: center; }
-.btn {
-  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
-  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
-}
-.btn:hover { background: var(--hover); text-decoration: none; }
 .btn:disabled { opacity: 0.6; cursor: default; }
 .btn.danger { color: var(--err); border-color: var(--err); background: transparent; }
 .btn.danger:hover { background: var(--err-bg); }
 a.btn { display: inline-block; color: var(--fg); }
-main { max-width: 1240px; margin: 0 auto; padding: 18px 20px 40px; }
 .notice { margin: 0 0 14px; padding: 9px 12px; border-radius: 8px; font-size: 13px; border: 1px solid var(--border); background: var(--card); }
 .notice.ok { border-color: var(--ok); background: var(--ok-bg); color: var(--ok); }
 .notice.err { border-color: var(--err); background: var(--err-bg); color: var(--err); }
@@ -8800,9 +8864,9 @@ main { max-width: 1240px; margin: 0 auto; padding: 18px 20px 40px; }
 .kv .k { color: var(--muted); }
 .kv .v { font-weight: 600; font-variant-numeric: tabular-nums; }
 .kv .v.bad { color: var(--err); }
-.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); min-width: 0; }
-.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); flex-wrap: wrap; }
-.panel-head h2 { font-size: 14px; margin: 0; font-weight: 650; margin-right: auto; }
+.panel { min-width: 0; }
+.panel-head { flex-wrap: wrap; }
+.panel-head h2 { font-size: 14px; }
 .panel-head .count { color: var(--muted); font-weight: 500; margin-left: 6px; }
 .panel-body { padding: 12px 16px 14px; }
 .seg { display: inline-flex; border: 1px solid var(--border); border-radius: 7px; overflow: hidden; }
@@ -8846,23 +8910,19 @@ td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 .tag { font-size: 11.5px; color: var(--muted); }
 .tag.warn { color: var(--warn); }
 td.empty { text-align: center; color: var(--faint); padding: 22px 12px; white-space: normal; }
-footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 footer.foot .err { color: var(--err); }
 @media (max-width: 900px) {
   .cards { grid-template-columns: repeat(2, minmax(0, 1fr)); }
   .parts { grid-template-columns: repeat(2, minmax(0, 1fr)); }
 }
 @media (max-width: 560px) {
-  .top-inner { padding: 8px 12px; gap: 8px; }
-  .brand .sub { display: none; }
+  .top-inner { gap: 8px; }
   .conn { order: 3; width: 100%; white-space: normal; }
-  main { padding: 12px 12px 32px; }
   .card { padding: 12px; }
   .card .value { font-size: 23px; }
   .cards { gap: 10px; }
   /* Room for the usage card's explanation; uptime beside it would leave a hole. */
   .card.usage, .card.uptime { grid-column: 1 / -1; }
-  .panel-head { padding: 10px 12px; }
   .panel-body { padding: 10px 12px 12px; }
   /* Phones: every table row becomes a small card of "label  value" lines (labels from the
      column headings, see labelCells), so Total, Status and Tokens are never off to the side. */
@@ -8884,10 +8944,7 @@ footer.foot .err { color: var(--err); }
 <body>
 <header class="top">
   <div class="top-inner">
-    <div class="brand">
-      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
-      <h1>LLM Proxy</h1><span class="sub">Token usage</span>
-    </div>
+<!--PAGE_BRAND-->
     <span id="conn" class="conn" role="status" aria-live="polite"><span class="dot"></span><span id="conn-text">Connecting&hellip;</span></span>
     <div class="actions">
       <a class="btn" href="/_proxy/">Setup</a>
@@ -8975,6 +9032,7 @@ footer.foot .err { color: var(--err); }
 <script>
 (function () {
   "use strict";
+/*PAGE_JS*/
 
   // Everything shown here comes from /_proxy/stats, whose strings (model names, paths,
   // client addresses) originate from untrusted clients and backends. They are only ever
@@ -8986,15 +9044,11 @@ footer.foot .err { color: var(--err); }
   var TOKEN_KEY = "llm-proxy-admin-token";
   var SVG_NS = "http://www.w3.org/2000/svg";
   var DASH = String.fromCharCode(8211);
-  var DOT = " " + String.fromCharCode(183) + " ";
-  var ELLIPSIS = String.fromCharCode(8230);
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
     range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
-
-  function byId(id) { return document.getElementById(id); }
 
   // The three breakdown tables share one <template>; each copy gets its ids and headings here.
   [["t-model", "By model", "Model"], ["t-endpoint", "By endpoint", "Endpoint"],
@@ -9009,19 +9063,8 @@ footer.foot .err { color: var(--err); }
     byId("breakdowns").appendChild(copy);
   });
 
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
   function num(v) { return isNum(v) ? v : 0; }
-  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
-  function str(v) { return v === null || v === undefined ? "" : String(v); }
-
   function setText(id, text) { var e = byId(id); if (e) { e.textContent = text; } return e; }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
   function svg(tag, attrs) {
     var e = document.createElementNS(SVG_NS, tag);
     for (var k in attrs) {
@@ -9053,15 +9096,6 @@ footer.foot .err { color: var(--err); }
     if (v < 60000) { return (v / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 }) + " s"; }
     var s = Math.round(v / 1000);
     return Math.floor(s / 60) + "m " + (s % 60) + "s";
-  }
-  function fmtDuration(seconds) {
-    if (!isNum(seconds) || seconds < 0) { return DASH; }
-    var s = Math.floor(seconds);
-    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-    if (d > 0) { return d + "d " + h + "h"; }
-    if (h > 0) { return h + "h " + m + "m"; }
-    if (m > 0) { return m + "m " + (s % 60) + "s"; }
-    return s + "s";
   }
   function parseTime(v) {
     if (typeof v !== "string" || !v) { return null; }
@@ -9133,7 +9167,7 @@ footer.foot .err { color: var(--err); }
     setText("c-errors-hint", rate === null ? "no requests yet" : fmtDec(rate, 1) + "% of requests");
     setText("c-inflight", fmtInt(num(d.inFlight)));
 
-    var up = typeof d.uptime === "string" && d.uptime ? d.uptime : fmtDuration(d.uptimeSeconds);
+    var up = typeof d.uptime === "string" && d.uptime ? d.uptime : (fmtDuration(d.uptimeSeconds) || DASH);
     setText("c-uptime", up);
     var started = parseTime(d.startedAt);
     setText("c-uptime-hint", started === null ? "proxy process" : "started " + fmtWhen(started));
@@ -9731,62 +9765,21 @@ footer.foot .err { color: var(--err); }
 </script>
 </body>
 </html>
-"""
+""")
 
-SETUP_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
+SETUP_HTML = _page("Set up a device", """<!--PAGE_HEAD-->
 <title>LLM Proxy &middot; Set up a device</title>
 <link rel="icon" href="data:,">
 <style>
-:root {
-  --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
-  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff; --accent-bg: #eaf1ff;
-  --code-bg: #f2f4f7;
-  --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
-  --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
-  color-scheme: light dark;
-}
-@media (prefers-color-scheme: dark) {
-  :root {
-    --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
-    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220; --accent-bg: #15233a;
-    --code-bg: #0f141a;
-    --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
-    --shadow: none;
-  }
-}
-* { box-sizing: border-box; }
-[hidden] { display: none !important; }
-html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
-body {
-  margin: 0; background: var(--bg); color: var(--fg);
-  font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-}
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
+/*PAGE_CSS*/
+body { line-height: 1.5; }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: 12.5px; }
-header.top { background: var(--card); border-bottom: 1px solid var(--border); }
-.top-inner { max-width: 920px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; }
-.brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
-.brand svg { flex: none; }
-.brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
-.brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
-.btn {
-  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
-  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
-  display: inline-flex; align-items: center; gap: 6px;
-}
-.btn:hover { background: var(--hover); text-decoration: none; }
+.top-inner, main { max-width: 920px; }
+.btn { display: inline-flex; align-items: center; gap: 6px; }
 .btn.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-fg); }
 .btn.primary:hover { filter: brightness(1.07); background: var(--accent); }
 .btn.small { padding: 4px 10px; font-size: 12.5px; }
 .btn.copied { color: var(--ok); border-color: var(--ok); }
-main { max-width: 920px; margin: 0 auto; padding: 18px 20px 40px; }
 .banner { display: flex; gap: 12px; align-items: flex-start; border-radius: 10px; padding: 12px 14px; margin-bottom: 14px; border: 1px solid var(--border); background: var(--card); }
 .banner .icon { flex: none; width: 22px; height: 22px; border-radius: 50%; display: inline-flex; align-items: center; justify-content: center; font-weight: 700; font-size: 13px; background: var(--grid); color: var(--muted); }
 .banner h2 { font-size: 14.5px; margin: 0 0 2px; }
@@ -9800,9 +9793,7 @@ main { max-width: 920px; margin: 0 auto; padding: 18px 20px 40px; }
 .banner.err { border-color: var(--err); background: var(--err-bg); }
 .banner.err .icon { background: var(--err); color: var(--card); }
 .banner.err h2 { color: var(--err); }
-.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); }
-.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); }
-.panel-head h2 { font-size: 14.5px; margin: 0; font-weight: 650; margin-right: auto; }
+.panel-head h2 { font-size: 14.5px; }
 .step { display: inline-flex; width: 22px; height: 22px; border-radius: 50%; background: var(--accent-bg); color: var(--accent); font-size: 12px; font-weight: 700; align-items: center; justify-content: center; margin-right: 8px; vertical-align: 1px; }
 .panel-body { padding: 14px 16px; }
 .panel-body > p { margin: 0 0 10px; color: var(--muted); }
@@ -9841,12 +9832,7 @@ pre code { font-size: 12.5px; }
 details.code { margin-top: 4px; font-size: 13px; }
 details.code summary { cursor: pointer; color: var(--accent); }
 .path { font-weight: 600; }
-footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 @media (max-width: 560px) {
-  .top-inner { padding: 8px 12px; }
-  .brand .sub { display: none; }
-  main { padding: 12px 12px 32px; }
-  .panel-head { padding: 10px 12px; }
   .panel-body { padding: 12px; }
   .checks { grid-template-columns: 1fr; gap: 2px; }
   .checks dd { margin-bottom: 8px; }
@@ -9858,10 +9844,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
 <body>
 <header class="top">
   <div class="top-inner">
-    <div class="brand">
-      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
-      <h1>LLM Proxy</h1><span class="sub">Set up a device</span>
-    </div>
+<!--PAGE_BRAND-->
     <a class="btn" href="/_proxy/dashboard">Dashboard</a>
   </div>
 </header>
@@ -9971,38 +9954,17 @@ sudo update-ca-certificates</code></pre>
 <script>
 (function () {
   "use strict";
+/*PAGE_JS*/
 
   // Values from /_proxy/health (versions, backend URL, error text) are shown with
   // textContent only: they are never parsed as HTML.
   var HEALTH_URL = "/_proxy/health";
   var CA_DER_URL = "/_proxy/ca.crt";
-  var DOT = " " + String.fromCharCode(183) + " ";
-  var ELLIPSIS = String.fromCharCode(8230);
   var CHECK = String.fromCharCode(10003);
 
-  function byId(id) { return document.getElementById(id); }
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
-  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
-  function str(v) { return v === null || v === undefined ? "" : String(v); }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
   function fmtMs(v) {
     if (!isNum(v)) { return ""; }
     return v < 10 ? v.toLocaleString(undefined, { maximumFractionDigits: 1 }) + " ms" : Math.round(v).toLocaleString() + " ms";
-  }
-  function fmtDuration(seconds) {
-    if (!isNum(seconds) || seconds < 0) { return ""; }
-    var s = Math.floor(seconds);
-    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-    if (d > 0) { return d + "d " + h + "h"; }
-    if (h > 0) { return h + "h " + m + "m"; }
-    if (m > 0) { return m + "m " + (s % 60) + "s"; }
-    return s + "s";
   }
 
   // ---- endpoint (computed from where this page was loaded) ---------------------
@@ -10192,7 +10154,7 @@ sudo update-ca-certificates</code></pre>
 </script>
 </body>
 </html>
-"""
+""")
 
 
 
