@@ -8169,16 +8169,6 @@ def _key_table(document: dict, path: str) -> dict:
     return access.setdefault("keys", {})
 
 
-def _example_host(config: Config) -> str:
-    """An address of this machine for the printed snippets: the bound one, else a LAN one."""
-    if config.bind and config.bind not in ("0.0.0.0", "::"):
-        host = config.bind.strip("[]")
-    else:
-        lan = [a for a in _linux_ipv4_addresses() if not a.startswith("127.")]
-        host = lan[0] if lan else "localhost"
-    return "[%s]" % host if ":" in host else host
-
-
 def add_key(args) -> int:
     """--add-key NAME: make a key, add it to the config file, print it once. Returns 0 or 2."""
     path = _key_config_path(args)
@@ -8224,20 +8214,25 @@ def add_key(args) -> int:
         limits.append("%s tokens a day" % format(args.daily_tokens, ","))
     if args.requests_per_minute is not None:
         limits.append("%d requests a minute" % args.requests_per_minute)
-    base = "https://%s:%d" % (_example_host(config), config.port or 8443)
+    # The address and base URLs the banner shows (no certificate read here: its addresses are
+    # only the last fallback of public_host()).
+    origin = "https://%s:%d" % (public_host(config), config.port or 8443)
+    url = {family.key: origin + family.suffix for family in CLIENT_FAMILIES}
     print("Added access key '%s' to %s%s." % (name, path,
                                               " (" + ", ".join(limits) + ")" if limits else ""))
     print("The key (it is in the config file too; --list-keys shows names only):\n")
     print("    %s\n" % secret)
+    print("Give it to the client as its API key, with the base URL for its kind:")
+    print("\n".join(client_urls(origin)) + "\n")
     print("OpenAI SDK (Python; JavaScript takes the same baseURL and apiKey):")
     print("    from openai import OpenAI")
-    print('    client = OpenAI(base_url="%s/v1", api_key="%s")\n' % (base, secret))
-    print("Anthropic SDK (Python; the SDK adds /v1 itself):")
+    print('    client = OpenAI(base_url="%s", api_key="%s")\n' % (url["openai"], secret))
+    print("Anthropic SDK (Python):")
     print("    from anthropic import Anthropic")
-    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (base, secret))
+    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (url["anthropic"], secret))
     print("curl:")
-    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
-          % (secret, base))
+    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/models\n'
+          % (secret, url["openai"]))
     print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
           "kill -HUP $(cat %s)" % (os.path.abspath(args.pidfile) if args.pidfile
                                    else _default_pidfile(args)))
@@ -8395,12 +8390,13 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
-def public_host(config: Config, cert_status: "CertStatus") -> str:
+def public_host(config: Config, cert_status: Optional["CertStatus"] = None) -> str:
     """The address other devices should use for this proxy, as written in a URL.
 
     The bound address when the proxy listens on one; else the first tls.hosts entry (in Docker
     the container's own addresses are useless to other devices: TLS_HOSTS names the host's);
-    else the first LAN address of this machine (IPv4 first); "localhost" when there is none.
+    else the first LAN address of this machine (IPv4 first), else one in the certificate;
+    "localhost" when there is none.
     """
     bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
     # A wildcard name is no address to open ("*.lan" covers hosts, it is not one).
@@ -8409,7 +8405,8 @@ def public_host(config: Config, cert_status: "CertStatus") -> str:
         current = discover_hosts()
         lan = [host for host in current if _is_lan_address(host)]
         lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
-        candidates = lan or [ip for ip in cert_status.ip_addresses if _is_lan_address(ip)]
+        in_cert = cert_status.ip_addresses if cert_status else ()
+        candidates = lan or [ip for ip in in_cert if _is_lan_address(ip)]
     host = candidates[0] if candidates else "localhost"
     return "[%s]" % host if ":" in host else host
 
@@ -8421,15 +8418,20 @@ def _is_lan_address(host: str) -> bool:
         return False
 
 
+def client_urls(origin: str) -> List[str]:
+    """One indented line per CLIENT_FAMILIES row: who, then the base URL to paste."""
+    width = max(len(family.label) for family in CLIENT_FAMILIES)
+    return ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
+            for family in CLIENT_FAMILIES]
+
+
 def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
     """The start-up banner: what to paste into each kind of client and where a new device
     gets the CA. Plain text meant for a person (no log prefix); no I/O here."""
     origin = "https://%s:%d" % (public_host(config, cert_status), port)
-    width = max(len(family.label) for family in CLIENT_FAMILIES)
     lines = ["llm-proxy %s: %s -> %s" % (VERSION, origin, config.target_url), "",
              "Base URL to paste into your client:"]
-    lines += ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
-              for family in CLIENT_FAMILIES]
+    lines += client_urls(origin)
     lines += ["",
               "Each new device: open %s/_proxy/ on it (CA download, trust steps, code)." % origin]
     if cert_status.ca_file:
