@@ -6002,15 +6002,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- internal routes: /_proxy/* ---------------------------------------------------------
 
+    # Method sets and handler names of the internal routes (paths without a trailing slash).
+    INTERNAL_ROUTES = {
+        "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
+        "/_proxy/dashboard": (("GET", "HEAD"), "serve_dashboard"),
+        "/_proxy/stats": (("GET", "HEAD"), "serve_stats"),
+        "/_proxy/reset": (("POST",), "serve_reset"),
+        "/_proxy/health": (("GET", "HEAD"), "serve_health"),
+        "/_proxy/metrics": (("GET", "HEAD"), "serve_metrics"),
+        "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
+        "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
+    }
+    # Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
+    # when set (the dashboard page itself holds no data; it asks for the token to read stats).
+    ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
+
     def handle_internal(self, head: RequestHead, path: str) -> None:
         """Serve the proxy's own endpoints; never forwarded."""
-        route = INTERNAL_ROUTES.get(path.rstrip("/") or "/_proxy")
+        route = self.INTERNAL_ROUTES.get(path.rstrip("/") or "/_proxy")
         if route is None:
             self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
             return
         methods, handler_name = route
         # Stats, metrics and reset are for the proxy's owner: no CORS for any other site's page.
-        self.admin_route = handler_name in ADMIN_HANDLERS
+        self.admin_route = handler_name in self.ADMIN_HANDLERS
         if head.method not in methods:
             self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
                                   "method_not_allowed")
@@ -6749,22 +6764,6 @@ def bearer_token_matches(authorization: str, token: str) -> bool:
         return False
     return hmac.compare_digest(hashlib.sha256(supplied.strip(" \t").encode("utf-8")).digest(),
                                hashlib.sha256(token.encode("utf-8")).digest())
-
-
-# Method sets and handler names of the internal routes (paths without a trailing slash).
-INTERNAL_ROUTES = {
-    "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
-    "/_proxy/dashboard": (("GET", "HEAD"), "serve_dashboard"),
-    "/_proxy/stats": (("GET", "HEAD"), "serve_stats"),
-    "/_proxy/reset": (("POST",), "serve_reset"),
-    "/_proxy/health": (("GET", "HEAD"), "serve_health"),
-    "/_proxy/metrics": (("GET", "HEAD"), "serve_metrics"),
-    "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
-    "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
-}
-# Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
-# when set (the dashboard page itself holds no data; it asks for the token to read stats).
-ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
 
 
 # ==================================================================================================
@@ -8031,7 +8030,7 @@ CLIENT_FAMILIES = (
 # The file name the set-up page saves the CA under; snippets meant for another machine use it.
 CA_DOWNLOAD_NAME = "llm-proxy-ca.pem"
 
-# The proxy's own endpoints, for --help (a test checks this covers INTERNAL_ROUTES).
+# The proxy's own endpoints, for --help (a test checks this covers ProxyHandler.INTERNAL_ROUTES).
 PROXY_ENDPOINTS = (
     ("/_proxy/", "set-up page for a new device: base URLs, CA download, trust steps"),
     ("/_proxy/dashboard", "usage dashboard"),
