@@ -52,6 +52,7 @@ import ssl
 import stat
 import struct
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -2069,7 +2070,7 @@ class CertStatus(NamedTuple):
         if names:
             lines.append("  names: " + ", ".join(names))
         if self.ca_file:
-            lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
+            lines.append("  CA: %s%s" % (self.ca_file, "  (%s)" % CA_NEW_NOTE
                                           if self.ca_created else ""))
         if self.ca_constrained:
             lines.append("  CA signs only local names and private addresses; a public address "
@@ -2255,47 +2256,144 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
 
 # --------------------------------------------------------------------------- trust instructions
 
+# Said next to the CA's path or URL (banner, CertStatus.describe) when it was just made.
+CA_NEW_NOTE = "NEW: trust it on every device"
+
+
+class TrustStep(NamedTuple):
+    """One thing to do. Markup in `text`: *bold*, `code`, [Menu > Path]; {ca} is the CA file and
+    {ca_url} where a phone downloads it. `commands` are shell lines doing the same."""
+    text: str
+    commands: Tuple[str, ...] = ()
+
+
+class TrustPlatform(NamedTuple):
+    """How one platform comes to trust the CA. trust_instructions() (terminal), the set-up page
+    and README's table (checked by a test) are all rendered from TRUST_PLATFORMS."""
+    key: str                        # id on the set-up page (os-<key>), matched to the visitor
+    name: str
+    steps: Tuple[TrustStep, ...]
+    note: str = ""                  # a caveat after the steps
+
+
+TRUST_PLATFORMS = (
+    TrustPlatform("ios", "iPhone and iPad", (
+        TrustStep("In *Safari*, download {ca_url} and allow the configuration profile download."),
+        TrustStep("Open [Settings > General > VPN & Device Management] (older iOS: [Settings > "
+                  "Profile Downloaded]), tap the profile and choose *Install*."),
+        TrustStep("Open [Settings > General > About > Certificate Trust Settings] and switch on "
+                  "full trust for the proxy's CA; without it Safari still rejects the "
+                  "certificate."),
+    )),
+    TrustPlatform("android", "Android", (
+        TrustStep("In Chrome, download {ca_url}."),
+        TrustStep("Open [Settings > Security & privacy > More security settings > Encryption & "
+                  "credentials > Install a certificate > CA certificate], confirm *Install "
+                  "anyway* and pick the file (menu names vary by vendor: search Settings for "
+                  "\"CA certificate\")."),
+        TrustStep("Restart Chrome."),
+    ), "Chrome trusts user-installed CAs; most other apps do not. Firefox for Android needs "
+       "[Settings > About Firefox] (tap the logo five times), then [Settings > Secret Settings "
+       "> Use third party CA certificates]."),
+    TrustPlatform("macos", "macOS", (
+        TrustStep("Double-click {ca}: Keychain Access adds it; open it there, expand *Trust* and "
+                  "set *When using this certificate* to *Always Trust*. Or in Terminal:",
+                  ("sudo security add-trusted-cert -d -r trustRoot "
+                   "-k /Library/Keychains/System.keychain {ca}",)),
+        TrustStep("Quit and reopen the browser (Safari, Chrome and Edge use the keychain)."),
+    )),
+    TrustPlatform("windows", "Windows", (
+        TrustStep("Download {ca_url} and double-click it (Windows opens .crt, not .pem), choose "
+                  "*Install Certificate* > *Local Machine* > *Place all certificates in the "
+                  "following store* > *Trusted Root Certification Authorities*. Or in an "
+                  "administrator prompt:",
+                  ("certutil -addstore -f Root {ca}",)),
+        TrustStep("Restart the browser (Chrome and Edge use the Windows store)."),
+    )),
+    TrustPlatform("linux", "Linux", (
+        TrustStep("System store (curl, Python, most tools), Debian and Ubuntu:",
+                  ("sudo cp {ca} /usr/local/share/ca-certificates/llm-proxy-ca.crt",
+                   "sudo update-ca-certificates")),
+        TrustStep("Fedora and RHEL (Arch: `/etc/ca-certificates/trust-source/anchors/`):",
+                  ("sudo cp {ca} /etc/pki/ca-trust/source/anchors/llm-proxy-ca.pem",
+                   "sudo update-ca-trust")),
+        TrustStep("Chrome and Chromium keep their own store: [Settings > Privacy and security > "
+                  "Security > Manage certificates > Authorities > Import], tick *Trust this "
+                  "certificate for identifying websites*. Or (package `libnss3-tools` or "
+                  "`nss-tools`):",
+                  ("certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n llm-proxy-ca -i {ca}",)),
+        TrustStep("Restart the browser."),
+    )),
+    TrustPlatform("firefox", "Firefox (all desktop systems)", (
+        TrustStep("Firefox keeps its own store: [Settings > Privacy & Security > Certificates > "
+                  "View Certificates > Authorities > Import], pick {ca} and tick *Trust this CA "
+                  "to identify websites*."),
+        TrustStep("On Windows and macOS, Firefox 120 and newer trusts the system store by default "
+                  "(older: set `security.enterprise_roots.enabled` to `true` in `about:config`)."),
+    )),
+)
+
+# Markup in a step's text, and the two slots filled per rendering.
+_TRUST_MARKUP = re.compile(
+    r"\*(?P<bold>[^*]+)\*|`(?P<code>[^`]+)`|\[(?P<menu>[^\]]+)\]|\{(?P<slot>ca|ca_url)\}")
+
+
+def render_trust_text(text: str, slots: Dict[str, str], escape=str, bold=str, code=str,
+                      menu=str) -> str:
+    """A TrustStep text in one output format: plain text goes through escape, each piece of
+    markup through its function (given the escaped inside), {ca}/{ca_url} become slots[...]
+    (already in the output format)."""
+    out, pos = [], 0
+    for m in _TRUST_MARKUP.finditer(text):
+        out.append(escape(text[pos:m.start()]))
+        kind = m.lastgroup
+        out.append(slots[m.group(kind)] if kind == "slot" else
+                   {"bold": bold, "code": code, "menu": menu}[kind](escape(m.group(kind))))
+        pos = m.end()
+    out.append(escape(text[pos:]))
+    return "".join(out)
+
+
 def trust_instructions(ca_path: str, ca_url: Optional[str] = None) -> str:
     """Return short, platform-by-platform instructions for trusting the CA at ``ca_path``
     (optionally also downloadable from ``ca_url``, e.g. https://<ip>:8443/_proxy/ca.crt).
     Browsers' fetch() needs this; clicking through a warning is not enough."""
-    ca = ca_path
-    name = os.path.basename(ca)
-    if ca_url:
-        ios_get = "open %s in Safari (accept the warning once)" % ca_url
-        android_get = "download %s in the browser (accept the warning once)" % ca_url
-    else:
-        ios_get = "AirDrop or e-mail %s to the device and open it" % name
-        android_get = "copy %s to the device" % name
-    return "\n".join([
-        "Trust the local CA once on every device that will call the proxy (it signs only",
-        "this proxy's certificates; keep %s private):" % os.path.join(
-            os.path.dirname(ca) or ".", CA_KEY_FILENAME),
-        "",
-        "  macOS:   sudo security add-trusted-cert -d -r trustRoot \\",
-        "             -k /Library/Keychains/System.keychain %s" % ca,
-        "  Windows: certutil -addstore -f Root %s   (admin prompt; or double-click," % ca,
-        "           Install Certificate > Local Machine > Trusted Root Certification Authorities)",
-        "  Debian/Ubuntu: sudo cp %s /usr/local/share/ca-certificates/llm-proxy-ca.crt" % ca,
-        "                 sudo update-ca-certificates",
-        "  Fedora/RHEL:   sudo cp %s /etc/pki/ca-trust/source/anchors/llm-proxy-ca.pem" % ca,
-        "                 sudo update-ca-trust",
-        "  Chrome/Chromium on Linux use their own store: certutil -d sql:$HOME/.pki/nssdb \\",
-        "             -A -t C,, -n llm-proxy-ca -i %s   (package libnss3-tools / nss-tools)" % ca,
-        "  Firefox: on Windows/macOS it trusts the OS store (default since Firefox 120; else set",
-        "           security.enterprise_roots.enabled=true in about:config). On Linux: Settings >",
-        "           Privacy & Security > Certificates > View Certificates > Authorities > Import,",
-        "           pick %s, tick 'Trust this CA to identify websites'." % ca,
-        "  iOS/iPadOS: %s;" % ios_get,
-        "           then Settings > General > VPN & Device Management > install the profile,",
-        "           and Settings > General > About > Certificate Trust Settings > full trust.",
-        "  Android: %s;" % android_get,
-        "           then Settings > Security > Encryption & credentials > Install a certificate",
-        "           > CA certificate, pick the file (names vary by vendor). Chrome trusts",
-        "           user-installed CAs; most other apps do not.",
-        "",
-        "Restart the browser afterwards.",
-    ])
+    slots = {"ca": ca_path, "ca_url": ca_url or "https://<this machine>:<port>/_proxy/ca.crt"}
+    lines = ["Trust the local CA once on every device that will call the proxy (it signs only",
+             "this proxy's certificates; keep %s private)." % os.path.join(
+                 os.path.dirname(ca_path) or ".", CA_KEY_FILENAME)]
+    for platform in TRUST_PLATFORMS:
+        lines += ["", "%s:" % platform.name]
+        for number, step in enumerate(platform.steps, 1):
+            lines += textwrap.wrap(render_trust_text(step.text, slots), 96,
+                                   initial_indent="  %d. " % number, subsequent_indent="     ",
+                                   break_on_hyphens=False, break_long_words=False)
+            lines += ["       " + command.replace("{ca}", ca_path) for command in step.commands]
+        if platform.note:
+            lines += textwrap.wrap(render_trust_text(platform.note, slots), 96,
+                                   initial_indent="  ", subsequent_indent="  ",
+                                   break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+def trust_table_markdown(ca: str = "certs/ca.pem",
+                         ca_url: str = "https://<proxy>:8443/_proxy/ca.crt") -> str:
+    """README's trust table (a test checks README shows exactly this): one row per platform."""
+    slots = {"ca": "`%s`" % ca, "ca_url": "`%s`" % ca_url}
+    style = {"bold": "**{}**".format, "code": "`{}`".format,
+             "menu": lambda path: path.replace(" > ", " \u203a ")}
+    rows = ["| Platform | How |", "|---|---|"]
+    for platform in TRUST_PLATFORMS:
+        parts = []
+        for number, step in enumerate(platform.steps, 1):
+            text = "%d. %s" % (number, render_trust_text(step.text, slots, **style))
+            if step.commands:
+                text += " `%s`" % " && ".join(c.replace("{ca}", ca) for c in step.commands)
+            parts.append(text)
+        if platform.note:
+            parts.append(render_trust_text(platform.note, slots, **style))
+        rows.append("| %s | %s |" % (platform.name, " ".join(parts)))
+    return "\n".join(rows)
 
 
 def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -8435,7 +8533,7 @@ def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
               "Each new device: open %s/_proxy/ on it (CA download, trust steps, code)." % origin]
     if cert_status.ca_file:
         lines.append("CA certificate: %s/_proxy/ca.pem%s" % (
-            origin, "  (NEW: trust it on every device)" if cert_status.ca_created else ""))
+            origin, "  (%s)" % CA_NEW_NOTE if cert_status.ca_created else ""))
         lines.append("  on this machine: %s" % cert_status.ca_file)
     lines.append("Dashboard: %s/_proxy/dashboard" % origin)
     if config.access_keys:
@@ -9881,68 +9979,14 @@ details.code summary { cursor: pointer; color: var(--accent); }
   <section class="panel" aria-labelledby="h-ca">
     <div class="panel-head"><h2 id="h-ca"><span class="step">2</span>Trust the proxy's certificate authority</h2></div>
     <div class="panel-body">
-      <p>Browsers only let web apps call the proxy with <code>fetch()</code> when its certificate is trusted by the device; clicking through a warning is not enough. Install this CA once per device.</p>
+      <p>Browsers only let web apps call the proxy with <code>fetch()</code> when its certificate is trusted by the device; clicking through a warning is not enough. Install this CA once per device. The commands below expect the downloaded file in the current folder.</p>
       <div class="downloads" id="downloads">
         <a class="btn primary" id="dl-pem" href="/_proxy/ca.pem" download="llm-proxy-ca.pem">Download CA (.pem)</a>
         <a class="btn" id="dl-crt" href="/_proxy/ca.crt">Download CA for phones (.crt)</a>
       </div>
       <p class="fp" id="fp" hidden>SHA-256 fingerprint: <code id="fp-value"></code></p>
       <div id="platforms">
-        <details class="os" id="os-ios">
-          <summary>iPhone and iPad</summary>
-          <div class="body"><ol>
-            <li>Open this page in <b>Safari</b> and tap <b>Download CA for phones (.crt)</b>; allow the configuration profile download.</li>
-            <li>Open <span class="path">Settings &gt; General &gt; VPN &amp; Device Management</span> (older iOS: <span class="path">Profiles</span>), tap the downloaded profile and choose <b>Install</b>.</li>
-            <li>Open <span class="path">Settings &gt; General &gt; About &gt; Certificate Trust Settings</span> and switch on full trust for the proxy's CA. Without this toggle Safari still rejects the certificate.</li>
-            <li>Reload this page: it should open without a warning.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-android">
-          <summary>Android</summary>
-          <div class="body"><ol>
-            <li>Tap <b>Download CA for phones (.crt)</b>.</li>
-            <li>Open <span class="path">Settings &gt; Security &amp; privacy &gt; More security settings &gt; Encryption &amp; credentials &gt; Install a certificate &gt; CA certificate</span>, confirm <b>Install anyway</b> and pick the downloaded file. Menu names differ between vendors: search Settings for &ldquo;CA certificate&rdquo;.</li>
-            <li>Restart Chrome and reload this page.</li>
-          </ol>
-          <p class="note">Chrome on Android trusts user-installed CAs; many apps do not. Firefox for Android needs <span class="path">Settings &gt; About Firefox</span> (tap the logo five times) and then <span class="path">Settings &gt; Secret Settings &gt; Use third party CA certificates</span>.</p></div>
-        </details>
-        <details class="os" id="os-macos">
-          <summary>macOS</summary>
-          <div class="body"><ol>
-            <li>Download the CA (.pem) and double-click it: Keychain Access adds it to your login keychain.</li>
-            <li>In Keychain Access, open the certificate, expand <b>Trust</b> and set <b>When using this certificate</b> to <b>Always Trust</b>. Or in Terminal:
-              <pre><code>sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ~/Downloads/llm-proxy-ca.pem</code></pre></li>
-            <li>Quit and reopen the browser. Safari, Chrome and Edge use the keychain.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-windows">
-          <summary>Windows</summary>
-          <div class="body"><ol>
-            <li>Download the CA (.crt or .pem) and double-click it, then <b>Install Certificate</b>.</li>
-            <li>Choose <b>Current User</b>, then <b>Place all certificates in the following store</b> &gt; <b>Trusted Root Certification Authorities</b>, and confirm the security warning. Or, in an administrator prompt:
-              <pre><code>certutil -addstore Root %USERPROFILE%&#92;Downloads&#92;llm-proxy-ca.pem</code></pre></li>
-            <li>Restart the browser. Chrome and Edge use the Windows store.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-linux">
-          <summary>Linux</summary>
-          <div class="body"><ol>
-            <li>System store (curl, Python, most tools). Debian and Ubuntu:
-              <pre><code>sudo cp llm-proxy-ca.pem /usr/local/share/ca-certificates/llm-proxy-ca.crt
-sudo update-ca-certificates</code></pre>
-              Fedora, RHEL and Arch: copy it to <code>/etc/pki/ca-trust/source/anchors/</code> (Arch: <code>/etc/ca-certificates/trust-source/anchors/</code>) and run <code>sudo update-ca-trust</code>.</li>
-            <li>Chrome and Chromium on Linux use their own NSS store: <span class="path">Settings &gt; Privacy and security &gt; Security &gt; Manage certificates &gt; Authorities &gt; Import</span>, tick &ldquo;Trust this certificate for identifying websites&rdquo;. Or (package <code>libnss3-tools</code>):
-              <pre><code>certutil -d sql:$HOME/.pki/nssdb -A -t "C,," -n llm-proxy -i llm-proxy-ca.pem</code></pre></li>
-            <li>Restart the browser.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-firefox">
-          <summary>Firefox (all desktop systems)</summary>
-          <div class="body"><ol>
-            <li>Firefox keeps its own certificate store. Open <span class="path">Settings &gt; Privacy &amp; Security &gt; Certificates &gt; View Certificates &gt; Authorities &gt; Import</span>, choose the .pem file and tick <b>Trust this CA to identify websites</b>.</li>
-            <li>On Windows and macOS, Firefox 120 and newer also trusts CAs from the system store (<code>about:config</code>: <code>security.enterprise_roots.enabled</code> = <code>true</code>).</li>
-          </ol></div>
-        </details>
+<!--TRUST_PLATFORMS-->
       </div>
     </div>
   </section>
@@ -10186,12 +10230,39 @@ def _setup_page_clients() -> str:
     return "".join(out).rstrip("\n")
 
 
+def _setup_page_trust() -> str:
+    """The set-up page's trust steps, one <details> per TRUST_PLATFORMS row (its script opens
+    the visitor's own first, by the row's key)."""
+    slots = {"ca": "<code>%s</code>" % CA_DOWNLOAD_NAME,
+             "ca_url": '<a href="/_proxy/ca.crt">ca.crt</a>'}
+    style = {"escape": _html_escape, "bold": "<b>{}</b>".format, "code": "<code>{}</code>".format,
+             "menu": '<span class="path">{}</span>'.format}
+    out = []
+    for platform in TRUST_PLATFORMS:
+        out.append('        <details class="os" id="os-%s">\n'
+                   '          <summary>%s</summary>\n'
+                   '          <div class="body"><ol>\n' % (platform.key, _html_escape(platform.name)))
+        for step in platform.steps:
+            commands = "\n".join(_html_escape(c.replace("{ca}", CA_DOWNLOAD_NAME))
+                                 for c in step.commands)
+            out.append("            <li>%s%s</li>\n" % (
+                render_trust_text(step.text, slots, **style),
+                "\n              <pre><code>%s</code></pre>" % commands if commands else ""))
+        out.append("          </ol>")
+        if platform.note:
+            out.append('\n          <p class="note">%s</p>' % render_trust_text(
+                platform.note, slots, **style))
+        out.append("</div>\n        </details>\n")
+    return "".join(out).rstrip("\n")
+
+
 def _html_escape(text: str) -> str:
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&quot;").replace("'", "&#x27;"))
 
 
-SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1)
+SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1).replace(
+    "<!--TRUST_PLATFORMS-->", _setup_page_trust(), 1)
 
 
 if __name__ == "__main__":
