@@ -8259,6 +8259,17 @@ def _write_config_document(path: str, document: dict) -> None:
             pass
 
 
+def _config_edit_failed(path: str, exc: Exception) -> int:
+    """Say why --add-key/--remove-key could not edit the config file; the exit status: 2 for a
+    config problem, 1 when the file could not be written."""
+    if isinstance(exc, ConfigError):
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    print("error: cannot write %s: %s" % (path, getattr(exc, "strerror", None) or exc),
+          file=sys.stderr)
+    return 1
+
+
 def _key_table(document: dict, path: str) -> dict:
     access = document.setdefault("access", {})
     if not isinstance(access, dict):
@@ -8300,12 +8311,8 @@ def add_key(args) -> int:
         parse_access_keys(table, path)
         _write_config_document(path, document)
         config = load_config(path, environ={})
-    except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:
+        return _config_edit_failed(path, exc)
     limits = []
     if args.daily_tokens is not None:
         limits.append("%s tokens a day" % format(args.daily_tokens, ","))
@@ -8350,12 +8357,8 @@ def remove_key(args) -> int:
             raise ConfigError("%s has no access key named '%s' (keys: %s)" % (path, name, known))
         del table[name]
         _write_config_document(path, document)
-    except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:
+        return _config_edit_failed(path, exc)
     print("Removed access key '%s' from %s. A running proxy refuses it after SIGHUP." % (name, path))
     return 0
 
@@ -8812,7 +8815,8 @@ def page_headers(html):
 # --------------------------------------------------------------------------- what both pages share
 
 # The pieces both pages are made of, put in by _page() where the template has a marker: the head,
-# the brand at the top left, the CSS a page starts from and the helpers its script starts with.
+# the top bar up to the brand (the page adds its buttons and closes it), the CSS a page starts
+# from and the helpers its script starts with.
 # They end up inside the page's one <style> and one <script>, so page_headers() hashes them with it.
 # A page's own CSS comes after PAGE_CSS: it may add to a rule here but must not set a property that
 # PAGE_CSS's phone layout (max-width: 560px) changes, or the phone layout would lose.
@@ -8824,7 +8828,9 @@ PAGE_HEAD = """<!DOCTYPE html>
 <meta name="color-scheme" content="light dark">
 <meta name="referrer" content="no-referrer">"""
 
-PAGE_BRAND = """    <div class="brand">
+PAGE_TOP = """<header class="top">
+  <div class="top-inner">
+    <div class="brand">
       <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
       <h1>LLM Proxy</h1><span class="sub">{subtitle}</span>
     </div>"""
@@ -8908,7 +8914,7 @@ PAGE_JS = """  // Shared helpers (PAGE_JS in proxy.py). Text from the server goe
 def _page(subtitle: str, template: str) -> str:
     """An embedded page: `template` with the shared pieces put in at its markers (each once)."""
     pieces = (("<!--PAGE_HEAD-->", PAGE_HEAD), ("/*PAGE_CSS*/", PAGE_CSS),
-              ("<!--PAGE_BRAND-->", PAGE_BRAND.replace("{subtitle}", subtitle)),
+              ("<!--PAGE_TOP-->", PAGE_TOP.replace("{subtitle}", subtitle)),
               ("/*PAGE_JS*/", PAGE_JS))
     for marker, piece in pieces:
         if template.count(marker) != 1:
@@ -9041,9 +9047,7 @@ footer.foot .err { color: var(--err); }
 </style>
 </head>
 <body>
-<header class="top">
-  <div class="top-inner">
-<!--PAGE_BRAND-->
+<!--PAGE_TOP-->
     <span id="conn" class="conn" role="status" aria-live="polite"><span class="dot"></span><span id="conn-text">Connecting&hellip;</span></span>
     <div class="actions">
       <a class="btn" href="/_proxy/">Setup</a>
@@ -9508,6 +9512,15 @@ footer.foot .err { color: var(--err); }
     }
   }
 
+  // The thin bar under a name: `share` percent filled (at least a sliver), the figure in its title.
+  function shareBar(share, cls, what) {
+    var bar = el("div", cls);
+    var fill = el("i");
+    fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+    bar.appendChild(fill);
+    bar.setAttribute("title", fmtDec(share, 1) + what);
+    return bar;
+  }
   function emptyRow(tbody, cols, text) {
     var tr = el("tr");
     var td = el("td", "empty", text);
@@ -9543,14 +9556,7 @@ footer.foot .err { color: var(--err); }
       txt.setAttribute("title", shown);
       name.appendChild(txt);
       var share = pct(num(r.total), grand);
-      if (share !== null) {
-        var bar = el("div", "share");
-        var fill = el("i");
-        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
-        bar.appendChild(fill);
-        bar.setAttribute("title", fmtDec(share, 1) + "% of all tokens");
-        name.appendChild(bar);
-      }
+      if (share !== null) { name.appendChild(shareBar(share, "share", "% of all tokens")); }
       tr.appendChild(name);
       tr.appendChild(numCell(fmtInt(num(r.requests))));
       tr.appendChild(numCell(fmtInt(num(r.prompt))));
@@ -9589,12 +9595,7 @@ footer.foot .err { color: var(--err); }
       var budget = isNum(r.dailyTokens) ? r.dailyTokens : null;
       var share = budget ? pct(num(r.today), budget) : null;
       if (share !== null) {
-        var bar = el("div", "share" + (share >= 100 ? " over" : ""));
-        var fill = el("i");
-        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
-        bar.appendChild(fill);
-        bar.setAttribute("title", fmtDec(share, 1) + "% of today's budget");
-        name.appendChild(bar);
+        name.appendChild(shareBar(share, "share" + (share >= 100 ? " over" : ""), "% of today's budget"));
       }
       tr.appendChild(name);
       tr.appendChild(numCell(fmtInt(num(r.today)), share !== null ? fmtDec(share, 1) + "% of the daily budget" : ""));
@@ -9941,9 +9942,7 @@ details.code summary { cursor: pointer; color: var(--accent); }
 </style>
 </head>
 <body>
-<header class="top">
-  <div class="top-inner">
-<!--PAGE_BRAND-->
+<!--PAGE_TOP-->
     <a class="btn" href="/_proxy/dashboard">Dashboard</a>
   </div>
 </header>
