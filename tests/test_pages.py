@@ -51,6 +51,19 @@ class AddKeyOutputTests(unittest.TestCase):
         self.assertIn('Anthropic(base_url="%s", api_key="sk-' % origin, output)
         self.assertIn(" %s/v1/models" % origin, output)
 
+    def test_a_config_file_that_cannot_be_written_is_exit_status_1(self):
+        folder = tempfile.mkdtemp(prefix="llm-proxy-pages-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        blocker = os.path.join(folder, "not-a-folder")
+        open(blocker, "w").close()
+        result = subprocess.run([sys.executable, proxy.__file__, "--config",
+                                 os.path.join(blocker, "config.json"), "--add-key", "laptop"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("error: cannot write %s" % os.path.join(blocker, "config.json"),
+                      result.stderr)
+        self.assertNotIn("sk-", result.stdout + result.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()
