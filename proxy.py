@@ -6714,7 +6714,8 @@ class Exchange:
         if self.config.tracking_enabled and self.path.rstrip("/").endswith("/realtime"):
             # The Realtime API names the model in the URL (?model=...); response.done may not.
             query = urllib.parse.parse_qs(self.head.target.partition("?")[2])
-            tap = RealtimeUsage(model=(query.get("model") or [None])[0])
+            tap = RealtimeUsage(model=(query.get("model") or [None])[0], deflate=permessage_deflate(
+                ", ".join(v for k, v in raw if k.lower() == "sec-websocket-extensions")))
         self.tunnel = Tunnel(client, backend, self.config.websocket_idle_timeout,
                              self.config.client_timeout, from_client, from_backend, tap)
         self.server.track_tunnel(self.tunnel, True)
@@ -6941,21 +6942,38 @@ class _Wait:
         return [(s in readable, s in writable) for s in self.sockets]
 
 
+def permessage_deflate(extensions: str) -> Optional[bool]:
+    """Whether a 101 agreed on permessage-deflate (RFC 7692) from its Sec-WebSocket-Extensions:
+    None when not; else whether the server resets its window each message
+    (server_no_context_takeover)."""
+    for offer in extensions.split(","):
+        params = [p.strip().lower() for p in offer.split(";")]
+        if params[0] == "permessage-deflate":
+            return "server_no_context_takeover" in [p.partition("=")[0].strip() for p in params]
+    return None
+
+
 class RealtimeUsage:
     """Reads the backend->client frames of an OpenAI Realtime tunnel for response.done usage.
 
     Fed a copy of the bytes (never changes them). Server frames are unmasked (RFC 6455 §5.1);
-    text messages may be fragmented; compressed (RSV1) or oversized messages are skipped.
+    messages may be fragmented, with control frames between the fragments. With permessage-
+    deflate agreed (browsers offer it), every compressed message is inflated, binary ones too:
+    the compression window spans messages. Oversized text messages are skipped.
     """
 
-    def __init__(self, model: Optional[str] = None):
+    def __init__(self, model: Optional[str] = None, deflate: Optional[bool] = None):
         self._buf = bytearray()
-        self._message = bytearray()
-        self._in_text = False
-        self._skip_message = False
         self._payload_left = 0     # bytes of the current frame still to come
-        self._collect = False      # whether the current frame's payload belongs to a text message
-        self._fin = False
+        self._fin = False          # the current frame ends its message
+        self._frame_is_data = False
+        self._msg_opcode = None    # 1 text, 2 binary: the message in progress, else None
+        self._msg_deflated = False
+        self._message = bytearray()
+        self._skip_message = False
+        # The largest window inflates what any smaller server_max_window_bits compressed.
+        self._reset_window = deflate
+        self._inflater = zlib.decompressobj(-15) if deflate is not None else None
         self.responses = 0
         self.usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
         self.model = model
@@ -6970,11 +6988,8 @@ class RealtimeUsage:
                 take = min(self._payload_left, len(buf) - pos)
                 if not take:
                     break
-                if self._collect and not self._skip_message:
-                    if len(self._message) + take > REALTIME_MESSAGE_LIMIT:
-                        self._skip_message, self._message = True, bytearray()
-                    else:
-                        self._message += buf[pos:pos + take]
+                if self._frame_is_data:
+                    self._payload(bytes(buf[pos:pos + take]))
                 pos += take
                 self._payload_left -= take
                 if not self._payload_left:
@@ -7006,29 +7021,60 @@ class RealtimeUsage:
             if len(buf) < offset:
                 return None
         opcode, self._fin = b0 & 0x0F, bool(b0 & 0x80)
-        self._collect = False
-        if opcode == 0x1:                     # a text message starts
-            self._in_text, self._message = True, bytearray()
-            # RSV1 set: permessage-deflate; masked: not a server frame. Neither is read.
-            self._skip_message = bool(b0 & 0x40) or masked
-            self._collect = True
-        elif opcode == 0x0 and self._in_text:     # its continuation
-            self._collect = True
-        elif opcode == 0x2:                   # a binary message ends any text bookkeeping
-            self._in_text = False
+        self._frame_is_data = opcode in (0x1, 0x2) or (opcode == 0x0 and
+                                                        self._msg_opcode is not None)
+        if opcode in (0x1, 0x2):              # a message starts
+            compressed = bool(b0 & 0x40)
+            self._msg_opcode, self._message = opcode, bytearray()
+            self._msg_deflated = compressed and self._inflater is not None
+            # Compressed without an agreed inflater, or masked (not a server frame): unreadable.
+            self._skip_message = masked or (compressed and not self._msg_deflated)
         self._payload_left = length
         if not length:
             self._end_frame()
         return offset
 
+    def _payload(self, data: bytes) -> None:
+        if self._msg_deflated:
+            self._inflate(data)
+        elif self._msg_opcode == 0x1:
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        if self._skip_message or not data:
+            return
+        if len(self._message) + len(data) > REALTIME_MESSAGE_LIMIT:
+            self._skip_message, self._message = True, bytearray()
+        else:
+            self._message += data
+
+    def _inflate(self, data: bytes, drain: bool = False) -> None:
+        inflater = self._inflater
+        try:
+            while data or drain:
+                # Bounded output per step: a small compressed message may inflate to gigabytes.
+                out = inflater.decompress(data, 65536)
+                if self._msg_opcode == 0x1:
+                    self._keep(out)
+                data = inflater.unconsumed_tail
+                if not data and not out:
+                    break           # at a message's end: nothing of it is left inside zlib
+        except zlib.error:
+            # The window is lost: no later compressed message can be read either.
+            self._inflater, self._msg_deflated, self._skip_message = None, False, True
+
     def _end_frame(self) -> None:
-        if self._collect and self._fin:
-            self._in_text = False
-            if not self._skip_message and b"response.done" in self._message:
-                self._take(bytes(self._message))
-            self._message = bytearray()
-            self._skip_message = False
-        self._collect = False
+        if not (self._frame_is_data and self._fin):
+            return
+        if self._msg_deflated and self._inflater is not None:
+            # RFC 7692 §7.2.2: the tail each message lost; then all of the message's output.
+            self._inflate(b"\x00\x00\xff\xff", drain=True)
+            if self._inflater is not None and self._reset_window:
+                self._inflater = zlib.decompressobj(-15)
+        if self._msg_opcode == 0x1 and not self._skip_message \
+                and b"response.done" in self._message:
+            self._take(bytes(self._message))
+        self._msg_opcode, self._message, self._skip_message = None, bytearray(), False
 
     def _take(self, text: bytes) -> None:
         try:
@@ -7516,8 +7562,6 @@ class ProxyServer(ThreadingHTTPServer):
         if b"A" <= first <= b"Z":        # a TLS record starts with 0x16; an HTTP method with A-Z
             answer_plain_http(self, request, client_address, local, deadline)
             return
-        # The handshake gets what is left of clientTimeout, so peek + handshake stay bounded.
-        request.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True,
                                                do_handshake_on_connect=False)

@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 from unittest import mock
@@ -173,6 +172,36 @@ class ConnectionShareTests(unittest.TestCase):
 # Item 9: the request body must keep coming
 # ==================================================================================================
 
+def trickle_until_answered(sock, piece: bytes, interval: float, count: int,
+                           timeout: float = 10.0) -> bytes:
+    """Send `piece` every `interval` s (at most `count` times) and collect the proxy's answer
+    head, in one thread: an SSLSocket must never be written in one thread while another reads
+    it (OpenSSL's connection objects are not thread-safe; doing so corrupted the heap here,
+    "realloc(): invalid next size", and lost the answer about one run in five)."""
+    import select
+    reply, sent, deadline = b"", 0, time.monotonic() + timeout
+    next_send = time.monotonic()
+    while b"\r\n\r\n" not in reply and time.monotonic() < deadline:
+        if sent < count and time.monotonic() >= next_send:
+            try:
+                sock.send(piece)
+            except (OSError, ValueError):
+                sent = count                # the proxy closed its side: only read from now on
+            sent += 1
+            next_send = time.monotonic() + interval
+        wait = max(0.0, min(deadline, next_send if sent < count else deadline) - time.monotonic())
+        if not sock.pending() and not select.select([sock], [], [], wait)[0]:
+            continue
+        try:
+            data = sock.recv(65536)
+        except (socket.timeout, ssl.SSLError, ConnectionError):
+            break
+        if not data:
+            break
+        reply += data
+    return reply
+
+
 class BodyDeadlineTests(unittest.TestCase):
     def setUp(self):
         self.upstream = start_upstream(self)
@@ -186,31 +215,9 @@ class BodyDeadlineTests(unittest.TestCase):
         self.addCleanup(sock.close)
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
-        stop = threading.Event()
-
-        def trickle():
-            for _ in range(500):                  # bounded: 1000 s at most, stopped far sooner
-                try:
-                    sock.send(b"x")
-                except (OSError, ValueError):
-                    return
-                if stop.wait(2.0):
-                    return
-        sender = threading.Thread(target=trickle, daemon=True)
         started = time.monotonic()
-        sender.start()
-        self.addCleanup(stop.set)
-        reply = b""
-        try:
-            while b"\r\n\r\n" not in reply:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                reply += piece
-        except (socket.timeout, ssl.SSLError, ConnectionError):
-            pass
+        reply = trickle_until_answered(sock, b"x", 2.0, 500)
         took = time.monotonic() - started
-        stop.set()
         self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:100])
         self.assertIn(b"Connection: close", reply)
         self.assertLess(took, 6.0)
@@ -227,28 +234,7 @@ class BodyDeadlineTests(unittest.TestCase):
         self.addCleanup(sock.close)
         sock.sendall(b"POST /v1/upload HTTP/1.1\r\nHost: localhost\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
-        stop = threading.Event()
-
-        def trickle():
-            for _ in range(20):
-                try:
-                    sock.send(b"1\r\nx\r\n")
-                except (OSError, ValueError):
-                    return
-                if stop.wait(0.7):
-                    return
-        threading.Thread(target=trickle, daemon=True).start()
-        self.addCleanup(stop.set)
-        reply = b""
-        try:
-            while b"\r\n\r\n" not in reply:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                reply += piece
-        except (socket.timeout, ssl.SSLError, ConnectionError):
-            pass
-        stop.set()
+        reply = trickle_until_answered(sock, b"1\r\nx\r\n", 0.7, 20, timeout=8.0)
         self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:100])
         self.assertEqual(settled_stats(server)["recent"][0]["status"], 408)
         self.assertEqual(self.upstream.requests, [])

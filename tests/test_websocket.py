@@ -152,6 +152,36 @@ class MessagesTests(TunnelTestCase):
         ws = wsbackend.WebSocket(sock, rfile, client=True)
         self.assertEqual(ws.recv(), (OP_TEXT, b"eager"))
 
+    def test_a_keep_alive_connection_upgrades_and_the_switched_backend_never_returns_to_the_pool(self):
+        sock = tls_socket(self.proxy)
+        self.addCleanup(sock.close)
+        rfile = sock.makefile("rb")
+        sock.sendall(("GET /plain HTTP/1.1\r\nHost: %s\r\n\r\n" % self.host).encode())
+        self.assertIn(b" 200 ", rfile.readline())
+        length = 0
+        while True:
+            line = rfile.readline()
+            if line == b"\r\n":
+                break
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.assertEqual(rfile.read(length), b"not a websocket request")
+        # The same client connection now asks for a WebSocket; the pooled backend connection
+        # that served /plain carries the handshake and then belongs to the tunnel.
+        answer = handshake(sock, self.host, "/ws")
+        self.assertEqual(answer.status, 101)
+        answer.ws.send_text("same connection")
+        self.assertEqual(answer.ws.recv(), (OP_TEXT, b"same connection"))
+        self.assertEqual(self.backend.connections, 1)
+        # Meanwhile another request needs a backend connection of its own.
+        other = tls_socket(self.proxy)
+        self.addCleanup(other.close)
+        other.sendall(("GET /plain HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                       % self.host).encode())
+        self.assertTrue(other.recv(65536).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.backend.connections, 2)
+        self.close_ws(answer.ws)
+
     def test_subprotocol_is_negotiated_end_to_end(self):
         answer = self.connect(headers=[("Sec-WebSocket-Protocol", "chat, superchat")])
         self.assertEqual(answer.status, 101)
@@ -416,6 +446,19 @@ class AccountingTests(TunnelTestCase):
         self.assert_ended(ws)
         self.assertIn("closed by shutdown", LOG_BUFFER.getvalue())
 
+    def test_realtime_usage_is_counted_through_permessage_deflate(self):
+        self.backend.deflate = True
+        ws = self.open_ws("/v1/realtime?model=m", headers=[
+            ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        self.assertTrue(ws.deflate)
+        ws.send_text("cmd:realtime")
+        while True:
+            opcode, payload = ws.recv()
+            if opcode == OP_TEXT and json.loads(payload)["type"] == "script.end":
+                break
+        self.close_ws(ws)
+        self.assertEqual(settled_stats(self.proxy)["tokens"]["total"], 225)
+
     def test_realtime_response_done_usage_is_counted(self):
         ws = self.open_ws("/v1/realtime?model=gpt-realtime-mini")
         ws.send_text("cmd:realtime")
@@ -457,6 +500,22 @@ CHROMIUM_WS_SCRIPT = """new Promise((resolve) => {
 })"""
 
 
+# A Realtime-style session in the page: ask for the script, list the event types to its end.
+CHROMIUM_REALTIME_SCRIPT = """new Promise((resolve) => {
+  const out = {types: [], code: null, extensions: null};
+  const ws = new WebSocket(%s);
+  ws.onopen = () => { out.extensions = ws.extensions; ws.send("cmd:realtime"); };
+  ws.onmessage = (e) => {
+    if (typeof e.data !== "string") return;
+    const type = JSON.parse(e.data).type;
+    out.types.push(type);
+    if (type === "script.end") ws.close(1000);
+  };
+  ws.onclose = (e) => { out.code = e.code; resolve(out); };
+  setTimeout(() => resolve(Object.assign(out, {timeout: true})), 8000);
+})"""
+
+
 @unittest.skipIf(test_browser.missing_tools(), test_browser.missing_tools())
 class ChromiumTests(unittest.TestCase):
     """Headless Chromium, trusting the test CA through NSS, opens wss:// to the proxy."""
@@ -484,6 +543,23 @@ class ChromiumTests(unittest.TestCase):
             return tab.evaluate(script, await_promise=True)
         finally:
             tab.close()
+
+    def test_realtime_usage_is_counted_for_chromium_with_permessage_deflate(self):
+        self.backend.deflate = True
+        url = "wss://localhost:%d/v1/realtime?model=m" % self.proxy.server_address[1]
+        with browser.Browser(browser.make_trust_home(ca_file(), self.home)) as chromium:
+            tab = chromium.new_tab()
+            try:
+                self.assertIsNone(tab.navigate(self.page_origin + "/page"))
+                self.assertTrue(tab.wait_for("document.readyState === 'complete'"))
+                result = tab.evaluate(CHROMIUM_REALTIME_SCRIPT % json.dumps(url),
+                                      await_promise=True)
+            finally:
+                tab.close()
+        self.assertEqual(result["extensions"], "permessage-deflate", result)
+        self.assertEqual(result["types"].count("response.done"), 2, result)
+        self.assertEqual(result["code"], 1000, result)
+        self.assertEqual(settled_stats(self.proxy)["tokens"]["total"], 225)
 
     def test_chromium_sends_an_access_key_the_realtime_way(self):
         keyed = start_proxy(self, self.backend.port, allowed_origins=(self.page_origin,),
@@ -601,6 +677,44 @@ class RealtimeUsageUnitTests(unittest.TestCase):
         tap.feed(wsbackend.encode_frame(OP_BINARY, b"x") * 100000
                  + wsbackend.encode_frame(OP_TEXT, done))
         self.assertEqual((tap.responses, tap.usage["total"]), (1, 3))
+
+    def test_permessage_deflate_messages_are_inflated_across_the_shared_window(self):
+        import zlib
+        stream = b"".join(wsbackend.realtime_script(compressor=zlib.compressobj(wbits=-15)))
+        for step in (1, 100, len(stream)):
+            tap = proxy.RealtimeUsage(deflate=False)
+            for i in range(0, len(stream), step):
+                tap.feed(stream[i:i + step])
+            self.assertEqual((tap.responses, tap.usage["total"]), (2, 225), step)
+        # Without the extension agreed, compressed messages cannot be read.
+        tap = proxy.RealtimeUsage()
+        tap.feed(stream)
+        self.assertEqual(tap.responses, 0)
+
+    def test_server_no_context_takeover_resets_the_window_each_message(self):
+        import zlib
+        frames = [wsbackend.compressed_frame(zlib.compressobj(wbits=-15), opcode, payload)
+                  for opcode, payload in wsbackend._whole_messages(wsbackend.realtime_script())
+                  if opcode in (OP_TEXT, OP_BINARY)]
+        self.assertIs(proxy.permessage_deflate(
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits"), True)
+        self.assertIs(proxy.permessage_deflate("permessage-deflate"), False)
+        self.assertIsNone(proxy.permessage_deflate("x-webkit-deflate-frame"))
+        tap = proxy.RealtimeUsage(deflate=True)
+        tap.feed(b"".join(frames))
+        self.assertEqual((tap.responses, tap.usage["total"]), (2, 225))
+
+    def test_a_deflate_bomb_is_inflated_in_bounded_steps_and_skipped(self):
+        import zlib
+        compressor = zlib.compressobj(wbits=-15)
+        bomb = wsbackend.compressed_frame(compressor, OP_TEXT, b" " * (64 * 1024 * 1024))
+        self.assertLess(len(bomb), 128 * 1024)
+        done = json.dumps({"type": "response.done", "response": {"usage": {
+            "input_tokens": 2, "output_tokens": 3}}}).encode()
+        tap = proxy.RealtimeUsage(deflate=False)
+        tap.feed(bomb + wsbackend.compressed_frame(compressor, OP_TEXT, done))
+        self.assertEqual((tap.responses, tap.usage["total"]), (1, 5))
+        self.assertEqual(len(tap._message), 0)
 
     def test_the_model_comes_from_the_url_when_response_done_has_none(self):
         done = json.dumps({"type": "response.done", "response": {"usage": {

@@ -21,12 +21,14 @@ be asserted in the test thread.
 
 import base64
 import hashlib
+import io
 import json
 import os
 import socket
 import socketserver
 import struct
 import threading
+import zlib
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -73,6 +75,13 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = F
     return head + payload
 
 
+def compressed_frame(compressor, opcode: int, payload: bytes) -> bytes:
+    """One server frame compressed with permessage-deflate (RSV1; the 00 00 ff ff tail cut)."""
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return encode_frame(opcode, data[:-4], rsv=0x40)
+
+
 class ProtocolError(Exception):
     """The peer broke RFC 6455 (e.g. an unmasked client frame)."""
 
@@ -83,16 +92,26 @@ class WebSocket:
     recv() returns (opcode, payload) for a whole data message, or a control frame as it comes.
     """
 
-    def __init__(self, sock, rfile, client: bool):
+    def __init__(self, sock, rfile, client: bool, deflate: bool = False):
         self.sock = sock
         self.rfile = rfile
         self.client = client
+        # permessage-deflate (RFC 7692) with context takeover: the server compresses what it
+        # sends (this client sends uncompressed, which is allowed); both inflate what comes in
+        # compressed (Chromium compresses its messages too).
+        self.deflate = deflate
+        self._compressor = zlib.compressobj(wbits=-15) if deflate and not client else None
+        self._inflater = zlib.decompressobj(-15) if deflate else None
+        self._compressed = False
         self.fragments_seen = 0
         self._opcode, self._parts = None, []
         self._send_lock = threading.Lock()
 
     def send(self, opcode: int, payload: bytes = b"", fin: bool = True) -> None:
-        frame = encode_frame(opcode, payload, fin, masked=self.client)
+        if self._compressor is not None and opcode in (OP_TEXT, OP_BINARY) and fin:
+            frame = compressed_frame(self._compressor, opcode, payload)
+        else:
+            frame = encode_frame(opcode, payload, fin, masked=self.client)
         with self._send_lock:
             self.sock.sendall(frame)
 
@@ -115,6 +134,7 @@ class WebSocket:
     def read_frame(self):
         """(fin, opcode, payload) of the next frame. Raises EOFError at the end of the stream."""
         b0, b1 = self._read_exact(2)
+        self._last_b0 = b0
         n = b1 & 0x7F
         if n == 126:
             n = struct.unpack("!H", self._read_exact(2))[0]
@@ -137,11 +157,14 @@ class WebSocket:
                 return op, payload                   # control frames may come between fragments
             if op != OP_CONT:
                 self._opcode, self._parts = op, [payload]
+                self._compressed = bool(self._last_b0 & 0x40)
             else:
                 self._parts.append(payload)
                 self.fragments_seen += 1
             if fin:
                 message, self._parts = b"".join(self._parts), []
+                if self._compressed:
+                    message = self._inflater.decompress(message + b"\x00\x00\xff\xff")
                 return self._opcode, message
 
 
@@ -149,7 +172,7 @@ class WebSocket:
 # The backend
 # --------------------------------------------------------------------------------------------------
 
-def realtime_script(binary: bool = True):
+def realtime_script(binary: bool = True, compressor=None):
     """Frames of a Realtime-style session: events as the OpenAI Realtime API sends them (and, with
     `binary`, a binary message among them, which the SDK would refuse to parse)."""
     frames = [encode_frame(OP_TEXT, json.dumps({"type": "session.created", "session": {
@@ -175,7 +198,27 @@ def realtime_script(binary: bool = True):
         else:
             frames.append(encode_frame(OP_TEXT, done))
     frames.append(encode_frame(OP_TEXT, b'{"type":"script.end"}'))
+    if compressor is not None:
+        frames = [_recompress(compressor, frame) for frame in _whole_messages(frames)]
     return frames
+
+
+def _whole_messages(frames):
+    """Server frames re-read as (opcode, payload) messages, control frames as they come."""
+    ws = WebSocket(None, io.BytesIO(b"".join(frames)), client=True)
+    messages = []
+    while True:
+        try:
+            messages.append(ws.recv())
+        except EOFError:
+            return messages
+
+
+def _recompress(compressor, message):
+    opcode, payload = message
+    if opcode in (OP_TEXT, OP_BINARY):
+        return compressed_frame(compressor, opcode, payload)
+    return encode_frame(opcode, payload)
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -185,7 +228,8 @@ class _Handler(socketserver.StreamRequestHandler):
             server.connections += 1
             server.open += 1
         try:
-            self._handle()
+            while self._handle():     # keep-alive for plain requests, as a real server
+                pass
         except (OSError, EOFError, ProtocolError, ValueError):
             pass
         finally:
@@ -193,11 +237,12 @@ class _Handler(socketserver.StreamRequestHandler):
                 server.open -= 1
                 server.changed.notify_all()
 
-    def _handle(self):
+    def _handle(self) -> bool:
+        """One request; True when the connection stays open for another."""
         server = self.server
         line = self.rfile.readline(65537).decode("latin-1").rstrip("\r\n")
         if not line:
-            return
+            return False
         headers = []
         while True:
             raw = self.rfile.readline(65537)
@@ -211,29 +256,33 @@ class _Handler(socketserver.StreamRequestHandler):
         get = {k.lower(): v for k, v in headers}
         if server.raw_answer is not None:
             self.wfile.write(server.raw_answer)
-            return
+            return False
         if server.refuse is not None:
             status, body = server.refuse
             body = json.dumps(body).encode()
             self.wfile.write(("HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
                               "Content-Length: %d\r\n\r\n" % (status, len(body))).encode() + body)
-            return
+            return False
         if "websocket" not in get.get("upgrade", "").lower() or "sec-websocket-key" not in get:
             body = b"not a websocket request"
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            return
+            return get.get("connection", "").lower() != "close"
         lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
                  "Sec-WebSocket-Accept: " + accept_key(get["sec-websocket-key"])]
         offered = [p.strip() for p in get.get("sec-websocket-protocol", "").split(",") if p.strip()]
         if offered:
             lines.append("Sec-WebSocket-Protocol: " + offered[0])
+        deflate = server.deflate and "permessage-deflate" in get.get("sec-websocket-extensions", "")
+        if deflate:
+            lines.append("Sec-WebSocket-Extensions: permessage-deflate")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode()
         # The greeting goes in the same write as the 101: the proxy must not lose bytes that
         # arrive together with the handshake answer.
         greeting = encode_frame(OP_TEXT, server.greeting) if server.greeting else b""
         self.wfile.write(head + greeting)
-        ws = WebSocket(self.connection, self.rfile, client=False)
+        ws = WebSocket(self.connection, self.rfile, client=False, deflate=deflate)
         self._session(ws)
+        return False
 
     def _session(self, ws):
         server = self.server
@@ -262,7 +311,8 @@ class _Handler(socketserver.StreamRequestHandler):
             elif opcode == OP_TEXT and payload.startswith(b'{"type":"response.create"') or \
                     opcode == OP_TEXT and payload.startswith(b'{"type": "response.create"'):
                 # What an OpenAI SDK client sends: answer as a Realtime server does.
-                ws.sock.sendall(b"".join(realtime_script(binary=False)))
+                ws.sock.sendall(b"".join(realtime_script(binary=False,
+                                                         compressor=ws._compressor)))
             elif opcode in (OP_TEXT, OP_BINARY):
                 ws.send(opcode, payload)
 
@@ -293,7 +343,7 @@ class _Handler(socketserver.StreamRequestHandler):
         elif command.startswith("send:"):
             ws.send(OP_BINARY, b"\xab" * int(command[5:]))
         elif command == "realtime":
-            ws.sock.sendall(b"".join(realtime_script()))
+            ws.sock.sendall(b"".join(realtime_script(compressor=ws._compressor)))
         return None
 
 
@@ -315,6 +365,7 @@ class WebSocketBackend(socketserver.ThreadingTCPServer):
         self.closes = []
         self.refuse = None
         self.raw_answer = None        # bytes sent as the whole answer to any request
+        self.deflate = False          # agree to permessage-deflate when a client offers it
         self.greeting = b""
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -384,7 +435,8 @@ def handshake(sock, host: str, path: str = "/ws", headers=(), key: str = None,
     if status == 101:
         if answer.get("sec-websocket-accept") != accept_key(key):
             raise ProtocolError("wrong Sec-WebSocket-Accept")
-        return Handshake(status, answer, WebSocket(sock, rfile, client=True), b"")
+        deflate = "permessage-deflate" in answer.get("sec-websocket-extensions", "")
+        return Handshake(status, answer, WebSocket(sock, rfile, client=True, deflate=deflate), b"")
     body = rfile.read(int(answer.get("content-length", "0")))
     return Handshake(status, answer, None, body)
 
