@@ -58,13 +58,13 @@ import time
 import urllib.parse
 import zlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "VERSION", "ProxyError", "ConfigError", "CertificateError", "Config", "load_config",
-    "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
+    "config_from", "ProxyServer", "ProxyHandler", "build_server", "build_parser", "main",
 ]
 
 VERSION = "1.0.0"
@@ -75,69 +75,19 @@ log = logging.getLogger("llm-proxy")
 # Constants and defaults: the one place where the default configuration lives
 # ==================================================================================================
 
-# Every config key, its default, and the check it must pass (checks are defined in the Config
-# section). Keys and defaults of the original tool's README are kept exactly; the others are
-# additions whose defaults keep the original behaviour.
-CONFIG_DEFAULTS = {
-    "proxy": {
-        "port": 8443,
-        "bind": "",                  # "" = every interface, IPv4 and IPv6 where available
-        "allowedOrigins": "*",       # "*" or a comma-separated list (a JSON list works too)
-        "adminToken": "",            # when set, reset, stats and metrics need "Authorization: Bearer <token>"
-        "clientTimeout": 30,         # seconds for a TLS handshake, a request head, or an idle keep-alive
-        "maxConnections": 512,       # open client connections (one thread each); more are refused
-        "maxConnectionsPerClient": 0,  # per client address; 0 = half of maxConnections
-        "websocketIdleTimeout": 3600,  # seconds a WebSocket tunnel may carry no byte either way
-    },
-    "target": {
-        "host": "127.0.0.1",
-        "port": 11434,
-        "connectTimeout": 10,        # seconds to open a TCP connection to the backend
-        "readTimeout": 600,          # seconds the backend may stay silent (a slow model's prefill)
-        "forwardOrigin": False,      # the proxy owns CORS; Ollama answers 403 to unknown origins
-        "apiKey": "",                # sent to the backend as "Authorization: Bearer"; "" = none
-    },
-    "tls": {
-        "cert": "./certs/cert.pem",
-        "key": "./certs/key.pem",
-        "hosts": [],                 # extra names/IPs for the generated certificate
-    },
-    "tracking": {
-        "enabled": True,
-        "statsFile": "./stats.json",
-        "persistInterval": 30,
-        "historySize": 100,
-        "injectStreamUsage": True,   # ask OpenAI-style streams for usage, hide the extra chunk
-    },
-    "access": {
-        "keys": {},                  # name -> key or {"key", "dailyTokens", "requestsPerMinute"}; {} = open
-    },
-}
+# Every config key, its default, its check, its environment variable and its documentation are
+# one row each of SETTINGS (in the Config section, after the checks it names).
 
 # Sections whose keys guard who may use the proxy (origins, admin token, access keys) and with
 # which certificate: an unknown (probably misspelt) key in them is an error, not a warning.
 SECURITY_SECTIONS = ("proxy", "tls", "access")
 
-# Environment variables take precedence over the config file (names from the original README).
-ENV_OVERRIDES = (
-    ("PROXY_PORT", "proxy.port"),
-    ("TARGET_HOST", "target.host"),
-    ("TARGET_PORT", "target.port"),
-    ("CERT_FILE", "tls.cert"),
-    ("KEY_FILE", "tls.key"),
-    ("ALLOWED_ORIGINS", "proxy.allowedOrigins"),
-    ("TARGET_API_KEY", "target.apiKey"),
-    # A comma list; in Docker the container cannot see the host's names and addresses.
-    ("TLS_HOSTS", "tls.hosts"),
-)
-
 # One access key from the environment (Docker users without a config file). It is added to
 # access.keys under this name, replacing a file entry of the same name.
 ACCESS_KEY_ENV = "PROXY_API_KEY"
 ACCESS_KEY_ENV_NAME = "default"
-
-# Settings whose values are secrets: an error about them names the key, never quotes the value.
-SECRET_SETTINGS = ("proxy.adminToken", "target.apiKey", "access.keys")
+ACCESS_KEY_ENV_DOC = ("adds one access key named `default` to `access.keys` (replacing a "
+                      "`default` entry)")
 
 # Hop-by-hop headers describe one connection, not the message, so a proxy must not pass them on
 # (RFC 9110 §7.6.1; Proxy-Connection and Keep-Alive are pre-standard but still sent, as Go's
@@ -334,31 +284,124 @@ def _check_access_keys(value):
     return None if isinstance(value, dict) else 'an object like {"name": "key"}'
 
 
-CONFIG_CHECKS = {
-    "proxy.port": _check_listen_port,
-    "proxy.bind": _check_string,
-    "proxy.allowedOrigins": _check_origins,
-    "proxy.adminToken": _check_string,
-    "proxy.clientTimeout": _check_positive_number,
-    "proxy.maxConnections": _check_connection_limit,
-    "proxy.maxConnectionsPerClient": _check_connection_share,
-    "proxy.websocketIdleTimeout": _check_positive_number,
-    "target.host": _check_nonempty_string,
-    "target.port": _check_port,
-    "target.connectTimeout": _check_positive_number,
-    "target.readTimeout": _check_positive_number,
-    "target.forwardOrigin": _check_bool,
-    "target.apiKey": _check_header_token,
-    "tls.cert": _check_nonempty_string,
-    "tls.key": _check_nonempty_string,
-    "tls.hosts": _check_host_list,
-    "tracking.enabled": _check_bool,
-    "tracking.statsFile": _check_nonempty_string,
-    "tracking.persistInterval": _check_positive_number,
-    "tracking.historySize": _check_history_size,
-    "tracking.injectStreamUsage": _check_bool,
-    "access.keys": _check_access_keys,
-}
+def _same(value):
+    return value
+
+
+class Setting(NamedTuple):
+    """One config key: everything the proxy knows about it, in one row of SETTINGS.
+
+    Defaults, validation, environment overrides, the Config attributes, --help and the README's
+    configuration tables are all derived from these rows (a test compares the README).
+    """
+
+    key: str                        # dotted, as in config.json: "proxy.port"
+    default: Any                    # as written in JSON
+    check: Callable[[Any], Optional[str]]   # None when valid, else what the value must be
+    attr: str                       # the Config attribute that holds the checked value
+    doc: str                        # the README table's "Meaning" (Markdown, one line)
+    env: Optional[str] = None       # environment variable that overrides the file
+    convert: Optional[Callable[[Any], Any]] = _same   # checked JSON value -> attribute;
+    #                                 None: load_config builds the attribute itself (see there)
+    path: bool = False              # a file path: resolved like the config file's paths
+    secret: bool = False            # errors name the key but never quote the value; no repr
+
+
+# Keys and defaults of the original tool's README are kept exactly; the others are additions
+# whose defaults keep the original behaviour (environment names are the original README's too).
+SETTINGS = (
+    Setting("proxy.port", 8443, _check_listen_port, "port",
+            "HTTPS port (`0`: any free port, shown in the log)", env="PROXY_PORT"),
+    Setting("proxy.allowedOrigins", "*", _check_origins, "allowed_origins",
+            "origins whose pages may call the proxy: `\"*\"` or a comma-separated list (a JSON "
+            "list works too) of `scheme://host[:port]`",
+            env="ALLOWED_ORIGINS", convert=lambda value: _parse_origins(value)),
+    Setting("proxy.bind", "", _check_string, "bind",
+            "address to listen on; `\"\"` = every interface, IPv4 and IPv6", convert=str.strip),
+    Setting("proxy.adminToken", "", _check_string, "admin_token",
+            "when set, `/_proxy/stats`, `/_proxy/metrics` and `POST /_proxy/reset` need "
+            "`Authorization: Bearer <token>`", secret=True),
+    Setting("proxy.clientTimeout", 30, _check_positive_number, "client_timeout",
+            "seconds a client may take for the TLS handshake, a request head, or idle "
+            "keep-alive; a request body must then keep arriving at 500 bytes/s on average",
+            convert=float),
+    Setting("proxy.maxConnections", 512, _check_connection_limit, "max_connections",
+            "open client connections (one thread each); further ones are closed at once. "
+            "Lowered at start, with a warning, when the open-file limit cannot hold two "
+            "descriptors per connection"),
+    Setting("proxy.maxConnectionsPerClient", 0, _check_connection_share,
+            "max_connections_per_client",
+            "open connections one client address may hold; `0` = half of `maxConnections`"),
+    Setting("proxy.websocketIdleTimeout", 3600, _check_positive_number, "websocket_idle_timeout",
+            "seconds a WebSocket tunnel may carry no byte in either direction before it is "
+            "closed", convert=float),
+    # target.host may name a port too: load_config weighs it against target.port.
+    Setting("target.host", "127.0.0.1", _check_nonempty_string, "target_host",
+            "backend host; `host:port` and `http://host:port` work too (https:// is refused: "
+            "the backend speaks plain HTTP)", env="TARGET_HOST", convert=None),
+    Setting("target.port", 11434, _check_port, "target_port",
+            "backend port (Ollama's default)", env="TARGET_PORT", convert=None),
+    Setting("target.connectTimeout", 10, _check_positive_number, "connect_timeout",
+            "seconds to connect to the backend (then 502/504)", convert=float),
+    Setting("target.readTimeout", 600, _check_positive_number, "read_timeout",
+            "seconds the backend may stay silent — long enough for a slow model's prompt "
+            "processing on a Pi", convert=float),
+    # The proxy owns CORS; Ollama answers 403 to unknown origins.
+    Setting("target.forwardOrigin", False, _check_bool, "forward_origin",
+            "pass the browser's `Origin` on (Ollama answers 403 to origins not in "
+            "`OLLAMA_ORIGINS`)"),
+    Setting("target.apiKey", "", _check_header_token, "target_api_key",
+            "sent to the backend as `Authorization: Bearer <key>` instead of the client's "
+            "credentials (vLLM / llama.cpp `--api-key`, LiteLLM's master key)",
+            env="TARGET_API_KEY", secret=True),
+    Setting("tls.cert", "./certs/cert.pem", _check_nonempty_string, "cert_file",
+            "server certificate (created when missing)", env="CERT_FILE", path=True),
+    Setting("tls.key", "./certs/key.pem", _check_nonempty_string, "key_file",
+            "its private key", env="KEY_FILE", path=True),
+    # A comma list in the environment: in Docker the container cannot see the host's names.
+    Setting("tls.hosts", [], _check_host_list, "tls_hosts",
+            "extra names/IPs for the generated certificate (a public one must be listed before "
+            "the CA is first created)", env="TLS_HOSTS",
+            convert=lambda hosts: tuple(h.strip() for h in hosts)),
+    Setting("tracking.enabled", True, _check_bool, "tracking_enabled",
+            "count tokens; `false` parses nothing and writes nothing"),
+    Setting("tracking.statsFile", "./stats.json", _check_nonempty_string, "stats_file",
+            "where stats persist", path=True),
+    Setting("tracking.persistInterval", 30, _check_positive_number, "persist_interval",
+            "seconds between saves (only when something changed)", convert=float),
+    Setting("tracking.historySize", 100, _check_history_size, "history_size",
+            "recent requests kept"),
+    Setting("tracking.injectStreamUsage", True, _check_bool, "inject_stream_usage",
+            "ask OpenAI-style streams for usage (see [Token tracking](#token-tracking))"),
+    # A table, not a value: parse_access_keys() makes AccessKey objects of it, and
+    # PROXY_API_KEY (ACCESS_KEY_ENV) adds one entry instead of replacing the whole table.
+    Setting("access.keys", {}, _check_access_keys, "access_keys",
+            "access keys: name → key, or name → `{\"key\", \"dailyTokens\", "
+            "\"requestsPerMinute\"}`; empty = open to all (see [Access keys](#access-keys))",
+            convert=None, secret=True),
+)
+
+# Derived views of SETTINGS, by the names the rest of the code (and tests) use.
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+CONFIG_DEFAULTS: Dict[str, Dict[str, Any]] = {}
+for _setting in SETTINGS:
+    _section, _name = _setting.key.split(".", 1)
+    CONFIG_DEFAULTS.setdefault(_section, {})[_name] = _setting.default
+del _setting, _section, _name
+CONFIG_CHECKS = {s.key: s.check for s in SETTINGS}
+ENV_OVERRIDES = tuple((s.env, s.key) for s in SETTINGS if s.env)
+SECRET_SETTINGS = tuple(s.key for s in SETTINGS if s.secret)
+
+
+def settings_markdown() -> Tuple[List[str], List[str]]:
+    """The README's configuration table rows and environment-variable table rows."""
+    keys = ["| `%s` | `%s` | %s |" % (s.key, json.dumps(s.default), s.doc) for s in SETTINGS]
+    env = ["| `%s` | `%s`%s |" % (s.env, s.key, " (comma-separated)"
+                                    if isinstance(s.default, list) else "")
+           for s in SETTINGS if s.env]
+    env.append("| `%s` | %s |" % (ACCESS_KEY_ENV, ACCESS_KEY_ENV_DOC))
+    return keys, env
+
 
 # Access keys: long enough that guessing is hopeless, visible ASCII so they fit a header as is.
 # Names show up in stats, logs, metrics labels and the dashboard: a short plain alphabet.
@@ -449,36 +492,10 @@ def parse_access_keys(table, where: str) -> Tuple[AccessKey, ...]:
     return tuple(keys)
 
 
-@dataclass(frozen=True)
-class Config:
-    """Validated settings. Paths are absolute; origins are parsed. Build it with load_config()."""
+class _ConfigMethods:
+    """What Config adds to its attributes (the class itself is made from SETTINGS below)."""
 
-    port: int = 8443
-    bind: str = ""
-    allowed_origins: Tuple[str, ...] = ("*",)
-    admin_token: str = ""
-    client_timeout: float = 30.0
-    max_connections: int = 512
-    max_connections_per_client: int = 0      # 0 = half of max_connections
-    websocket_idle_timeout: float = 3600.0
-    target_host: str = "127.0.0.1"
-    target_port: int = 11434
-    connect_timeout: float = 10.0
-    read_timeout: float = 600.0
-    forward_origin: bool = False
-    cert_file: str = "certs/cert.pem"
-    key_file: str = "certs/key.pem"
-    tls_hosts: Tuple[str, ...] = ()
-    tls_managed: bool = True                # cert/key at the default paths: we may create them
-    tracking_enabled: bool = True
-    stats_file: str = "stats.json"
-    persist_interval: float = 30.0
-    history_size: int = 100
-    inject_stream_usage: bool = True
-    target_api_key: str = field(default="", repr=False)
-    access_keys: Tuple[AccessKey, ...] = field(default=(), repr=False)
-    source: Optional[str] = None            # the config file used, or None for defaults
-    warnings: Tuple[str, ...] = field(default=(), compare=False)
+    __slots__ = ()
 
     @property
     def target_url(self) -> str:
@@ -493,6 +510,21 @@ class Config:
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser page from `origin` may read our responses."""
         return self.any_origin or origin.rstrip("/").lower() in self.allowed_origins
+
+
+# One attribute per row of SETTINGS (its `attr`, in table order), then what load_config derives.
+# No attribute has a default: a Config is only ever made by load_config() or config_from(), so
+# tests run on the same defaults as production, and a new setting is one row of SETTINGS.
+Config = make_dataclass(
+    "Config",
+    [(s.attr, Any, field(repr=not s.secret)) for s in SETTINGS] + [
+        ("tls_managed", bool),                  # cert/key at the default paths: we may create them
+        ("source", Optional[str]),              # the config file used, or None for defaults
+        ("warnings", Tuple[str, ...], field(compare=False)),
+    ],
+    bases=(_ConfigMethods,), frozen=True,
+    namespace={"__module__": __name__, "__doc__": "Validated settings. Paths are absolute; "
+               "origins are parsed. Build it with load_config() or config_from()."})
 
 
 def authority(host: str, port: int) -> str:
@@ -563,9 +595,10 @@ def _unknown_key_warning(path: str, key: str, choices: List[str]) -> str:
 
 def _env_value(name: str, dotted: str, raw: str):
     """Convert an environment override to the type its config key takes."""
-    if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list):
+    default = SETTINGS_BY_KEY[dotted].default
+    if isinstance(default, list):
         return [item.strip() for item in raw.split(",") if item.strip()]
-    if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], int):
+    if isinstance(default, int):
         try:
             return int(raw.strip())
         except ValueError:
@@ -659,19 +692,51 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
         file_values, warnings = _read_config_file(path)
         values.update(file_values)
         origin_of.update({key: path for key in file_values})
-    for name, dotted in ENV_OVERRIDES:
-        raw = environ.get(name)
-        if raw is not None and raw != "":
-            values[dotted] = _env_value(name, dotted, raw)
-            origin_of[dotted] = "environment variable " + name
+    _apply_environment(values, origin_of, environ)
     for dotted, (where, value) in (overrides or {}).items():
         values[dotted] = value
         origin_of[dotted] = where
-    for dotted, check in CONFIG_CHECKS.items():
-        problem = check(values[dotted])
+    return _settle(values, origin_of, path, warnings, environ)
+
+
+def config_from(settings: Dict[str, object], environ: Optional[Dict[str, str]] = None) -> Config:
+    """Build a Config the way load_config() does, from {dotted key: value} instead of a file.
+
+    Keys and values are as in config.json ({"proxy.port": 0, "tls.hosts": ["nas.lan"]}); the
+    others keep their defaults. No environment variable applies unless `environ` is given.
+    Relative paths resolve against the current directory. Raises ConfigError like load_config.
+    """
+    values = _flatten(CONFIG_DEFAULTS)
+    origin_of: Dict[str, Optional[str]] = {key: None for key in values}
+    for dotted, value in settings.items():
+        if dotted not in SETTINGS_BY_KEY:
+            raise ConfigError(_unknown_key_warning("settings", dotted, list(SETTINGS_BY_KEY))
+                              .replace(" ignored", "", 1))
+        values[dotted] = value
+        origin_of[dotted] = "settings"
+    _apply_environment(values, origin_of, environ or {})
+    return _settle(values, origin_of, None, [], environ or {})
+
+
+def _apply_environment(values: Dict[str, object], origin_of: Dict[str, Optional[str]],
+                       environ) -> None:
+    """Let each setting's environment variable (when set and not empty) replace its value."""
+    for name, dotted in ENV_OVERRIDES:
+        raw = environ.get(name)
+        if raw:
+            values[dotted] = _env_value(name, dotted, raw)
+            origin_of[dotted] = "environment variable " + name
+
+
+def _settle(values: Dict[str, object], origin_of: Dict[str, Optional[str]], path: Optional[str],
+            warnings: List[str], environ) -> Config:
+    """Check every value once and build the Config (load_config's and config_from's last step)."""
+    for setting in SETTINGS:
+        dotted = setting.key
+        problem = setting.check(values[dotted])
         if problem:
             where = origin_of[dotted] or "default"
-            shown = "a hidden value" if dotted in SECRET_SETTINGS else json.dumps(values[dotted])
+            shown = "a hidden value" if setting.secret else json.dumps(values[dotted])
             raise ConfigError("%s: %s must be %s, got %s" % (where, dotted, problem, shown))
     access_keys = parse_access_keys(values["access.keys"], origin_of["access.keys"] or "default")
     env_key = environ.get(ACCESS_KEY_ENV)
@@ -734,34 +799,11 @@ def load_config(path: Optional[str] = None, environ=None, search_cwd: bool = Tru
             os.path.join(base_dir, default_values[key]))
         for key in ("tls.cert", "tls.key"))
 
-    return Config(
-        port=values["proxy.port"],
-        bind=values["proxy.bind"].strip(),
-        allowed_origins=_parse_origins(values["proxy.allowedOrigins"]),
-        admin_token=values["proxy.adminToken"],
-        client_timeout=float(values["proxy.clientTimeout"]),
-        max_connections=values["proxy.maxConnections"],
-        max_connections_per_client=values["proxy.maxConnectionsPerClient"],
-        websocket_idle_timeout=float(values["proxy.websocketIdleTimeout"]),
-        target_host=target_host,
-        target_port=target_port,
-        connect_timeout=float(values["target.connectTimeout"]),
-        read_timeout=float(values["target.readTimeout"]),
-        forward_origin=values["target.forwardOrigin"],
-        cert_file=resolve("tls.cert"),
-        key_file=resolve("tls.key"),
-        tls_hosts=tuple(h.strip() for h in values["tls.hosts"]),
-        tls_managed=tls_managed,
-        tracking_enabled=values["tracking.enabled"],
-        stats_file=resolve("tracking.statsFile"),
-        persist_interval=float(values["tracking.persistInterval"]),
-        history_size=values["tracking.historySize"],
-        inject_stream_usage=values["tracking.injectStreamUsage"],
-        target_api_key=values["target.apiKey"],
-        access_keys=access_keys,
-        source=path,
-        warnings=tuple(warnings),
-    )
+    # Each setting's attribute from its row; the three with convert=None are built above.
+    attributes = {s.attr: resolve(s.key) if s.path else s.convert(values[s.key])
+                  for s in SETTINGS if s.path or s.convert}
+    return Config(target_host=target_host, target_port=target_port, access_keys=access_keys,
+                  tls_managed=tls_managed, source=path, warnings=tuple(warnings), **attributes)
 
 
 # ==================================================================================================
@@ -6002,6 +6044,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """BaseHTTPRequestHandler's error call, answered the proxy's way (send_proxy_error).
+
+        CPython's version writes an HTML page through send_response()/end_headers(), which need
+        the requestline/command/headers that read_request_head() (replacing the stock parsing)
+        never sets, so it raised AttributeError. Here, as in CPython, `message` defaults to the
+        reason phrase, `explain` is added to it, the connection closes (the request's body may
+        be unread) and 1xx/204/205/304 carry no body; the body is the JSON both SDKs parse.
+        """
+        text = message or http.client.responses.get(code, "Error")
+        if explain:
+            text = "%s: %s" % (text, explain)
+        if code < 200 or code in (204, 205, 304):
+            self.send_local(code, b"", close=True)
+            return
+        self.send_proxy_error(code, text, "invalid_request" if code < 500 else "proxy_error",
+                              close=True)
+
     def _log_local(self, status: int, size: int) -> None:
         head = self.head
         if head is None or getattr(self, "exchange_logs", False):
@@ -8195,7 +8256,7 @@ def _help_epilog() -> str:
     width = max(len(name) for name, _ in ENV_OVERRIDES + ((ACCESS_KEY_ENV, ""),))
     lines = ["environment variables (override the config file):"]
     lines += ["  %-*s  %s%s" % (width, name, dotted, " (comma-separated)"
-                                if isinstance(_flatten(CONFIG_DEFAULTS)[dotted], list) else "")
+                                if isinstance(SETTINGS_BY_KEY[dotted].default, list) else "")
               for name, dotted in ENV_OVERRIDES]
     lines.append("  %-*s  adds one access key named '%s'" % (width, ACCESS_KEY_ENV,
                                                             ACCESS_KEY_ENV_NAME))

@@ -220,7 +220,11 @@ def _serve_in_thread(test, server):
 
 
 def make_config(upstream_port=1, **overrides) -> proxy.Config:
-    """A Config for tests: loopback only, test certificates, a temp stats file."""
+    """A Config for tests: loopback only, test certificates, a temp stats file.
+
+    Built as production builds it (checked, converted, the rest on the SETTINGS defaults);
+    `overrides` are named by Config attribute (admin_token="t", access_keys=(AccessKey, ...)).
+    """
     directory = certs_dir()
     values = dict(port=0, bind="127.0.0.1", target_host="127.0.0.1", target_port=upstream_port,
                   cert_file=os.path.join(directory, "cert.pem"),
@@ -228,7 +232,21 @@ def make_config(upstream_port=1, **overrides) -> proxy.Config:
                   stats_file=os.path.join(tempfile.mkdtemp(prefix="llm-proxy-stats-"), "stats.json"),
                   client_timeout=10.0, connect_timeout=2.0, read_timeout=10.0)
     values.update(overrides)
-    return proxy.Config(**values)
+    return proxy.config_from(settings_of(**values))
+
+
+def settings_of(**attributes) -> dict:
+    """{dotted key: JSON value} for proxy.config_from(), from Config attribute names and values."""
+    key_of = {s.attr: s.key for s in proxy.SETTINGS}
+    settings = {}
+    for attr, value in attributes.items():
+        if attr == "access_keys":
+            value = {k.name: {"key": k.key, "dailyTokens": k.daily_tokens,
+                              "requestsPerMinute": k.requests_per_minute} for k in value}
+        elif isinstance(value, tuple):
+            value = list(value)
+        settings[key_of[attr]] = value
+    return settings
 
 
 def start_proxy(test: unittest.TestCase, upstream_port=1, **overrides) -> "proxy.ProxyServer":

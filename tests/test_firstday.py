@@ -386,7 +386,7 @@ class BannerTests(unittest.TestCase):
             proxy.discover_hosts = original
 
     def test_urls_per_family_on_the_lan_address(self):
-        config = proxy.Config(bind="", target_port=11434)
+        config = proxy.config_from({"proxy.bind": "", "target.port": 11434})
         text = self.banner(config, _status(ca_created=True), discovered=(
             "localhost", "pi", "127.0.0.1", "::1", "fd00::20", "192.168.1.20", "10.0.0.5"))
         origin = "https://192.168.1.20:8443"
@@ -403,11 +403,11 @@ class BannerTests(unittest.TestCase):
                  and body.startswith("llm-proxy ")]
         self.assertEqual(len(shown), 1)
         status = _status(ca_created=True)._replace(ca_file="/home/pi/llm-proxy/certs/ca.pem")
-        text = self.banner(proxy.Config(), status, discovered=("localhost", "192.168.1.20"))
+        text = self.banner(proxy.config_from({}), status, discovered=("localhost", "192.168.1.20"))
         self.assertEqual(shown[0], text + "\n")
 
     def test_plain_and_short(self):
-        text = self.banner(proxy.Config(), _status(), discovered=("localhost", "192.168.1.20"))
+        text = self.banner(proxy.config_from({}), _status(), discovered=("localhost", "192.168.1.20"))
         lines = text.splitlines()
         self.assertLessEqual(len(lines), 12, text)
         self.assertTrue(all(len(line) <= 100 for line in lines), text)
@@ -416,23 +416,23 @@ class BannerTests(unittest.TestCase):
         self.assertNotIn("NEW", text)                   # the CA existed already
 
     def test_tls_hosts_name_the_address_in_docker(self):
-        config = proxy.Config(tls_hosts=("192.168.1.20", "nas.lan"))
+        config = proxy.config_from({"tls.hosts": ["192.168.1.20", "nas.lan"]})
         text = self.banner(config, _status(), discovered=("localhost", "172.17.0.2"))
         self.assertIn("https://192.168.1.20:8443/_proxy/", text)
         self.assertNotIn("172.17.0.2", text)
 
     def test_a_wildcard_or_bracketed_tls_host_still_gives_a_usable_url(self):
-        text = self.banner(proxy.Config(tls_hosts=("*.home.lan", "[fd00::20]")), _status())
+        text = self.banner(proxy.config_from({"tls.hosts": ["*.home.lan", "[fd00::20]"]}), _status())
         self.assertIn("https://[fd00::20]:8443/_proxy/", text)
         self.assertNotIn("*", text)
 
     def test_bound_address_wins(self):
-        text = self.banner(proxy.Config(bind="10.0.0.5", tls_hosts=("x.lan",)), _status(),
+        text = self.banner(proxy.config_from({"proxy.bind": "10.0.0.5", "tls.hosts": ["x.lan"]}), _status(),
                            discovered=("192.168.1.20",))
         self.assertIn("https://10.0.0.5:8443/v1", text)
 
     def test_no_lan_address_falls_back_to_localhost(self):
-        text = self.banner(proxy.Config(), _status(), discovered=("localhost", "127.0.0.1"))
+        text = self.banner(proxy.config_from({}), _status(), discovered=("localhost", "127.0.0.1"))
         self.assertIn("https://localhost:8443/v1", text)
 
     def test_progress_is_shown_only_while_a_ca_is_made(self):

@@ -288,11 +288,11 @@ import os, resource, sys, threading
 sys.path.insert(0, %(root)r)
 import proxy, logging
 proxy.setup_logging("info")
-config = proxy.Config(port=0, bind="127.0.0.1", target_host="127.0.0.1", target_port=1,
-                      cert_file=%(cert)r, key_file=%(key)r, tracking_enabled=False,
-                      client_timeout=30.0, max_connections=1000,
-                      **({"max_connections_per_client": 1000}
-                         if "max_connections_per_client" in proxy.Config.__dataclass_fields__ else {}))
+config = proxy.config_from({"proxy.port": 0, "proxy.bind": "127.0.0.1",
+                            "target.host": "127.0.0.1", "target.port": 1,
+                            "tls.cert": %(cert)r, "tls.key": %(key)r, "tracking.enabled": False,
+                            "proxy.clientTimeout": 30, "proxy.maxConnections": 1000,
+                            "proxy.maxConnectionsPerClient": 1000})
 server = proxy.build_server(config)
 used = len(os.listdir("/proc/self/fd"))
 resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

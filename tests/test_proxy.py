@@ -320,18 +320,35 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assertIn("did not answer within 0.5s", json.loads(data)["error"]["message"])
 
     def test_stale_pooled_connection_is_retried_once(self):
+        """The backend closes a pooled keep-alive connection on reading the next request, not
+        while it sat idle: the pool's idle check passes it as fresh, the request fails on it,
+        and round_trip sends the GET again once on a new connection. The client sees a 200."""
         def responder(handler, request):
+            if len(handler.server.requests) == 2:
+                handler.close_connection = True     # read the request, hang up unanswered
+                return
             handler.send_json(200, {"n": len(handler.server.requests)})
-            handler.wfile.flush()
-            # Close the keep-alive connection shortly after answering, without saying so.
-            threading.Timer(0.05, lambda: handler.connection.shutdown(socket.SHUT_RDWR)).start()
         upstream = start_upstream(self, responder)
         server = start_proxy(self, upstream.port)
-        for expected in (1, 2, 3):
-            response, data = request(server, "POST", "/v1/chat/completions", body=b"{}")
-            self.assertEqual(response.status, 200)
-            self.assertEqual(json.loads(data)["n"], expected)
-            time.sleep(0.2)
+        reused = []
+        acquire = server.upstream.acquire
+
+        def recording_acquire():
+            conn, was_reused = acquire()
+            reused.append(was_reused)
+            return conn, was_reused
+        server.upstream.acquire = recording_acquire
+        response, data = request(server, "GET", "/v1/models")
+        self.assertEqual((response.status, json.loads(data)["n"]), (200, 1))
+        # The first connection must be back in the pool before the next request asks for one.
+        self.assertTrue(wait_until(lambda: len(server.upstream._idle) == 1))
+        with self.assertLogs("llm-proxy", "DEBUG") as logs:
+            response, data = request(server, "GET", "/v1/models")
+        self.assertEqual((response.status, json.loads(data)["n"]), (200, 3))
+        self.assertEqual(reused, [False, True, False])    # the stale one was handed out as fresh
+        self.assertEqual(upstream.connections, 2)
+        self.assertTrue([line for line in logs.output if "retrying once" in line], logs.output)
+        self.assertEqual(settled_stats(server)["errors"], 0)
 
     def test_a_post_the_backend_may_have_read_is_never_sent_twice(self):
         def responder(handler, request):

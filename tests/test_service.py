@@ -49,6 +49,25 @@ START_TIMEOUT = 30.0      # keygen in pure Python on a slow core takes a few sec
 EXIT_TIMEOUT = 15.0
 
 
+def _waits_for_the_pipe(pid: int) -> bool:
+    """True when another thread of `pid` is parked writing to a full pipe and the main thread
+    sleeps on a lock (a futex) or on that pipe too: it can do nothing more until the pipe drains.
+    Read from /proc/PID/task/*/stat and wchan (Linux)."""
+    def look(tid):
+        base = "/proc/%d/task/%s/" % (pid, tid)
+        with open(base + "stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+        with open(base + "wchan") as handle:
+            return state, handle.read()
+    try:
+        threads = {int(tid): look(tid) for tid in os.listdir("/proc/%d/task" % pid)}
+    except (OSError, IndexError):
+        return False                     # a thread ended between the listing and the look
+    main_state, main_wchan = threads.pop(pid, ("?", ""))
+    parked = any("pipe_write" in wchan for _, wchan in threads.values())
+    return parked and main_state == "S" and ("futex" in main_wchan or "pipe_write" in main_wchan)
+
+
 def _read(path, mode="r"):
     try:
         with open(path, mode) as handle:
@@ -432,15 +451,29 @@ class DaemonTests(ServiceTestCase):
 
     def test_stop_never_signals_a_process_that_does_not_hold_the_pidfile(self):
         # A stale pidfile may name a pid the system has since given to another program.
-        bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                                     env=self.env())
+        # The bystander reports any SIGTERM and answers each line on stdin: once it answers a
+        # line sent after --stop returned, a signal sent by --stop would have been handled
+        # (and reported) before it, so no sleep is needed to wait for one.
+        bystander = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys\n"
+             "signal.signal(signal.SIGTERM, lambda *a: print('signalled', flush=True))\n"
+             "for line in sys.stdin:\n    print('pong', flush=True)\n"],
+            env=self.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.children.append(bystander)
+        self.addCleanup(bystander.stdout.close)
+        self.addCleanup(bystander.stdin.close)
+
+        def ping():
+            bystander.stdin.write("ping\n")
+            bystander.stdin.flush()
+            return bystander.stdout.readline().strip()
+        self.assertEqual(ping(), "pong")                # its SIGTERM handler is in place
         with open(self.pidfile, "w") as handle:
             handle.write("%d\n" % bystander.pid)
         stop = self.cron("--stop")
         self.assertEqual(stop.returncode, 0, stop.stdout + stop.stderr)
         self.assertIn("not running (removed stale pidfile", stop.stdout)
-        time.sleep(0.2)
+        self.assertEqual(ping(), "pong", "--stop signalled a process it does not own")
         self.assertIsNone(bystander.poll(), "--stop signalled a process it does not own")
         self.assertFalse(os.path.exists(self.pidfile))
 
@@ -763,7 +796,15 @@ class SignalTests(ServiceTestCase):
         finally:
             os.close(filler)
         client.join(5)
-        time.sleep(0.7)                  # time enough for serve() to save and move on
+        # Let serve() do all it can before the pipe drains (the wrong order would save now):
+        # wait until its main thread sleeps on a lock or on the pipe, with the handler's log
+        # line parked on the pipe, and that stays so for a few looks in a row.
+        streak = [0]
+
+        def serve_is_stuck():
+            streak[0] = streak[0] + 1 if _waits_for_the_pipe(child.pid) else 0
+            return streak[0] >= 5
+        self.assertTrue(wait_until(serve_is_stuck, timeout=10, interval=0.02))
         drain.set()
         self.assertEqual(child.wait(EXIT_TIMEOUT), 0, "".join(collected))
         client.join(5)

@@ -678,8 +678,11 @@ class TestPersistence(TempDirMixin, unittest.TestCase):
         self.assertEqual((snap["requests"], snap["errors"], snap["completions"]), (2, 1, 1))
         self.assertFalse(s.save())
         self.assertFalse(os.path.exists(self.path))
+        before = set(threading.enumerate())
         s.start_autosave(0.01)
-        time.sleep(0.05)
+        # No saver thread at all (nothing to wait for): none can ever write the file.
+        self.assertEqual([t.name for t in set(threading.enumerate()) - before
+                          if t.name == "llm-proxy-stats-autosave"], [])
         s.stop_autosave()
         self.assertFalse(os.path.exists(self.path))
         self.assertEqual(snap["persistence"]["enabled"], False)

@@ -4,8 +4,8 @@ Every wire format is pinned by a sample shaped like the real API (PROTOCOLS.md "
 API"), fed whole, byte by byte and in 50 seeded random splits: the usage must be the same each time
 and the client must receive exactly the upstream bytes (the very same objects, unless stripping).
 
-Run: cd /work/drafts/usage && python3 -m unittest -v
-Benchmark (not a test): python3 -c "import test_usage; test_usage.bench_tap()"
+Run: python3 tests/run.py test_usage
+Benchmark (not a test): cd tests && python3 -c "import test_usage; test_usage.bench_tap()"
 """
 
 import gzip

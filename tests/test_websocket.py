@@ -736,7 +736,7 @@ class RealtimeUsageUnitTests(unittest.TestCase):
 
 class ConfigTests(unittest.TestCase):
     def test_websocket_idle_timeout_setting(self):
-        self.assertEqual(proxy.Config().websocket_idle_timeout, 3600.0)
+        self.assertEqual(proxy.config_from({}).websocket_idle_timeout, 3600.0)
         import tempfile
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "config.json")
