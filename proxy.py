@@ -178,40 +178,29 @@ class CertificateError(ProxyError):
 # Config: load JSON, apply environment overrides, validate once into an immutable object
 # ==================================================================================================
 
-def _check_port(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        return "an integer from 1 to 65535"
-    return None
+def _integer_from(low: int, high: int, low_means: str = ""):
+    """A setting check: an integer (true/false is none) from low to high; the error text says
+    the range, and what `low` means when it is special."""
+    expected = "an integer from %d%s to %d" % (low, " (%s)" % low_means if low_means else "", high)
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return expected
+        return None
+    return check
 
 
-def _check_listen_port(value):
-    # 0 asks the system for a free port (tests, scripts); the banner shows the one chosen.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        return "an integer from 0 to 65535"
-    return None
+_check_port = _integer_from(1, 65535)
+# 0 asks the system for a free port (tests, scripts); the banner shows the one chosen.
+_check_listen_port = _integer_from(0, 65535)
+_check_history_size = _integer_from(0, 100000)
+_check_connection_limit = _integer_from(1, 100000)
+_check_connection_share = _integer_from(0, 100000, "half of proxy.maxConnections")
 
 
 def _check_positive_number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * 7:
         return "a number of seconds greater than 0"
-    return None
-
-
-def _check_history_size(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
-        return "an integer from 0 to 100000"
-    return None
-
-
-def _check_connection_limit(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100000:
-        return "an integer from 1 to 100000"
-    return None
-
-
-def _check_connection_share(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
-        return "an integer from 0 (half of proxy.maxConnections) to 100000"
     return None
 
 
