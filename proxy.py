@@ -25,6 +25,95 @@ if sys.version_info < (3, 9):
                      % tuple(sys.version_info[:3]))
     sys.exit(2)
 
+
+def _rerun_from_bytecode_cache(script: str) -> None:
+    """`python3 proxy.py`: run this file again from its bytecode cache, in this same process.
+
+    Why: Python keeps the parse tree of a script until the script ends, and ours never ends:
+    compiling this file leaves VmRSS at 42 MiB where importing it from its cache gives 27 MiB
+    (issue 16; a bare ThreadingHTTPServer proxy idles at 22). So a script start hands over at
+    once, before any import, to an interpreter that loads __pycache__/proxy.cpython-3X.pyc
+    beside this file, writing it first when it can. Same pid, arguments and interpreter options
+    (a pidfile, systemd or a daemon parent see nothing). Skipped where that is not possible:
+    Python 3.9 (no sys.orig_argv), not POSIX (os.execv makes a new process there), no cache
+    and none can be written (PYTHONDONTWRITEBYTECODE, a read-only folder), or
+    LLM_PROXY_NO_RERUN=1. The cache is written from the code this start compiled, so even the
+    first start compiles once.
+    """
+    import os
+    import sys
+    import importlib.util
+    options = getattr(sys, "orig_argv", None)
+    path = os.path.abspath(sys.argv[0])
+    if options is None or os.name != "posix" or os.environ.get("LLM_PROXY_NO_RERUN") == "1" \
+            or path != os.path.abspath(script) or not path.endswith(".py"):
+        return
+    options = options[1:len(options) - len(sys.argv)]      # -u, -X ..., but not -c or -m
+    if "-c" in options or "-m" in options:
+        return
+    cache = importlib.util.cache_from_source(path)
+    try:
+        source = os.stat(path)
+    except OSError:
+        return
+    try:
+        with open(cache, "rb") as handle:
+            header = handle.read(16)
+            # Code we are about to run: only from a cache (and folder) nobody else could have
+            # planted, the same rule as for key files (cron often runs this as root).
+            trusted = all(st.st_uid in (0, os.getuid()) and not st.st_mode & 0o022
+                          for st in (os.fstat(handle.fileno()), os.stat(os.path.dirname(cache))))
+        # The header importlib checks: magic, flags 0 (timestamp-based), source mtime and size.
+        fresh = (header[:4] == importlib.util.MAGIC_NUMBER and header[4:8] == bytes(4)
+                 and int.from_bytes(header[8:12], "little") == int(source.st_mtime) & 0xFFFFFFFF
+                 and int.from_bytes(header[12:16], "little") == source.st_size & 0xFFFFFFFF)
+    except OSError:
+        trusted, fresh = True, False
+    if not trusted:
+        return                      # carry on as a script; never overwrite what someone planted
+    if not fresh:
+        # Write the cache from the code object this start already compiled (the caller's frame
+        # is the script's module), as importlib would; the re-run then compiles nothing.
+        if sys.dont_write_bytecode:
+            return
+        import marshal
+        partial = "%s.%d.tmp" % (cache, os.getpid())
+        try:
+            os.makedirs(os.path.dirname(cache), mode=0o755, exist_ok=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         source.st_mode & 0o644)
+            with open(fd, "wb") as handle:
+                handle.write(importlib.util.MAGIC_NUMBER + bytes(4)
+                             + (int(source.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+                             + (source.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+                             + marshal.dumps(sys._getframe(1).f_code))
+            os.replace(partial, cache)
+        except (OSError, ValueError):
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            return                  # a read-only folder: carry on as a script
+    # What the script start would have had: argv[0] and, in sys.path, its folder where `-c` put
+    # "" (not under -I, -P or PYTHONSAFEPATH). The module gets a __spec__, which ends the
+    # handing-over there.
+    loader = ("import sys, importlib.util as u; p = sys.argv.pop(1); sys.argv[0] = p; "
+              "sys.path[:1] = [p.rpartition('/')[0]] if sys.path[:1] == [''] else sys.path[:1]; "
+              "s = u.spec_from_file_location('__main__', p); m = u.module_from_spec(s); "
+              "sys.modules['__main__'] = m; s.loader.exec_module(m)")
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable] + options + ["-c", loader, path]
+                 + sys.argv[1:])
+    except OSError:
+        return                      # carry on as a script
+
+
+if __name__ == "__main__" and __spec__ is None:
+    _rerun_from_bytecode_cache(__file__)
+
+
 import argparse
 import base64
 import collections
@@ -1951,15 +2040,20 @@ def _make_private_dirs(directory: str) -> None:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace, so
-    readers see the old or the new file, never half of one. mkstemp() creates the temp file with
-    mode 0600, so a private key is never readable by others, not even for a moment; public files
-    are widened to 0644 before they take their name."""
+def _write_file_atomic(path: str, data: bytes, private: bool, make_dirs: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers (and a power cut) see the old or the new
+    file, never half of one: a temp file in the same directory, fsync, os.replace, then fsync of
+    the directory (POSIX) so the rename itself is durable. The one writer of certificates, keys,
+    stats.json and the config file --add-key edits.
+
+    mkstemp() creates the temp file with mode 0600, so a ``private`` file (a key, a config with
+    keys) is never readable by others, not even for a moment; other files are widened to 0644
+    before they take their name. ``make_dirs`` creates missing folders 0700 first (stats.json
+    does not: a missing folder is reported, as a wrong path should be)."""
     directory = os.path.dirname(os.path.abspath(path))
-    _make_private_dirs(directory)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    if make_dirs:
+        _make_private_dirs(directory)
+    fd, tmp = tempfile.mkstemp(prefix=_atomic_temp_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -1967,11 +2061,15 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
             os.fsync(handle.fileno())
             # Change the open file, not the name: chmod(tmp) would follow a symlink swapped in
             # for the temp file; and such a swap is found before it is renamed into place.
-            if not private and hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), 0o644)
+            if not private:
+                try:
+                    if hasattr(os, "fchmod"):
+                        os.fchmod(handle.fileno(), 0o644)
+                    else:
+                        os.chmod(tmp, 0o644)  # Windows: no symlinks planted by others to fear
+                except OSError:
+                    pass  # a filesystem that keeps no modes (CIFS, some FUSE): stays 0600, no wider
             _check_still_ours(tmp, handle.fileno())
-        if not private and not hasattr(os, "fchmod"):
-            os.chmod(tmp, 0o644)  # Windows: no symlinks planted by other users to fear here
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1979,15 +2077,39 @@ def _write_file_atomic(path: str, data: bytes, private: bool) -> None:
         except OSError:
             pass
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX only)
+    if os.name == "posix":  # make the rename durable
         try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError:
-            pass
+            pass  # best effort: some filesystems refuse fsync on directories
+
+
+def _atomic_temp_prefix(path: str) -> str:
+    """How _write_file_atomic() names its temp files: ".<name>.<random>.tmp" beside ``path``."""
+    return "." + os.path.basename(path) + "."
+
+
+def remove_stale_temp_files(path: str) -> None:
+    """Delete the temp files of _write_file_atomic() that a killed process left beside ``path``
+    mid-write. Call it only where one process owns the file (at start-up): it would also
+    remove the temp file of a write under way in another process."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _atomic_temp_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                log.info("removed %s, left by an interrupted write", name)
+            except OSError:
+                pass
 
 
 def _check_still_ours(tmp: str, fd: int) -> None:
@@ -2516,52 +2638,6 @@ _USAGE_TAIL_KEEP = 256 << 10
 _USAGE_INFLATE_CHUNK = 64 << 10
 _USAGE_MODEL_PROBES = 3   # stream events parsed unconditionally while looking for the model name
 
-# Path suffix -> kind.  First match wins, so more specific suffixes come first ("/api/embeddings"
-# before "/embeddings", "/chat/completions" before "/completions").  Suffixes start with "/" so
-# only whole path segments match ("/v1/messagesX" is not "/messages").
-USAGE_ENDPOINT_SUFFIXES = (
-    ("/messages/count_tokens", "anthropic_count_tokens"),
-    ("/chat/completions", "openai_chat"),
-    ("/api/generate", "ollama_generate"),
-    ("/api/chat", "ollama_chat"),
-    ("/api/embed", "ollama_embed"),
-    ("/api/embeddings", "ollama_embed"),          # legacy Ollama endpoint (reports no counts)
-    ("/embeddings", "openai_embeddings"),
-    ("/completions", "openai_completions"),
-    ("/responses", "openai_responses"),
-    ("/messages", "anthropic_messages"),
-    ("/completion", "llamacpp_completion"),
-    ("/infill", "llamacpp_completion"),           # llama.cpp: same response shape as /completion
-)
-
-# Kinds whose responses carry token usage (count_tokens returns a count, not usage).
-USAGE_KINDS = frozenset((
-    "openai_chat", "openai_completions", "openai_embeddings", "openai_responses",
-    "anthropic_messages", "ollama_generate", "ollama_chat", "ollama_embed", "llamacpp_completion",
-))
-# Kinds that count as a "completion" in the stats (embeddings use tokens but complete nothing).
-USAGE_COMPLETION_KINDS = frozenset((
-    "openai_chat", "openai_completions", "openai_responses", "anthropic_messages",
-    "ollama_generate", "ollama_chat", "llamacpp_completion",
-))
-_USAGE_INJECT_KINDS = frozenset(("openai_chat", "openai_completions"))
-_USAGE_OLLAMA_STREAMING_KINDS = frozenset(("ollama_generate", "ollama_chat"))
-
-# SSE event names (the `event:` field) that never carry usage, model or errors: skipped unparsed.
-# They are the bulk of Anthropic and Responses streams.
-_USAGE_SSE_SKIP_EVENTS = frozenset((
-    b"ping", b"content_block_start", b"content_block_delta", b"content_block_stop", b"message_stop",
-))
-# Of the many "response.*" events of the OpenAI Responses API only these matter.
-_USAGE_RESPONSES_EVENTS = frozenset((
-    b"response.created", b"response.in_progress", b"response.completed",
-    b"response.incomplete", b"response.failed",
-))
-_USAGE_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_USAGE_ANTHROPIC_FIELDS = (
-    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
-)
-
 _USAGE_JSON_WS = re.compile(r"[ \t\n\r]*")
 _usage_json_decoder = json.JSONDecoder()
 # The `"usage":null` member OpenAI adds to every chunk once include_usage is on.  Matched at a
@@ -2569,9 +2645,6 @@ _usage_json_decoder = json.JSONDecoder()
 # data line without its line ending, so the whitespace classes never cross a line.
 _USAGE_NULL_MEMBER = re.compile(rb'"usage"[ \t]*:[ \t]*null')
 _USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
-_USAGE_TAIL_USAGE = re.compile(r'"usage"\s*:\s*\{')
-_USAGE_TAIL_MODEL = re.compile(r'"model"\s*:\s*("(?:[^"\\]|\\.){1,512}")')
-_USAGE_TAIL_OLLAMA = re.compile(r'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,15})\b')
 _USAGE_BOM = b"\xef\xbb\xbf"
 
 
@@ -2581,10 +2654,9 @@ def classify_endpoint(path):
 
     ``path`` is the request path without its query string (a query is tolerated and ignored).
     Matching is by suffix, so a prefix in front still counts ("/ollama/v1/chat/completions"), and a
-    trailing slash is tolerated.  Kinds: openai_chat, openai_completions, openai_embeddings,
-    openai_responses, anthropic_messages, anthropic_count_tokens, ollama_generate, ollama_chat,
-    ollama_embed, llamacpp_completion.  Only POST requests should be classified: a GET of the
-    same path (e.g. listing) creates no usage.
+    trailing slash is tolerated; the longest matching suffix of API_FORMATS names the kind.
+    Only POST requests should be classified: a GET of the same path (e.g. listing) creates no
+    usage.
     """
     if not path:
         return None
@@ -2812,22 +2884,257 @@ def _usage_anthropic_counts(u):
     return prompt, _usage_int(u.get("output_tokens")), cache_read, cache_write, 0
 
 
-def _usage_counts(u, kind):
-    # type: (Dict[str, Any], Optional[str]) -> Tuple[int, int, int, int, int]
-    """Normalise a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
-    if "prompt_tokens" in u or "completion_tokens" in u:
-        # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
-        return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
-                _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
-                _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
-    responses = kind == "openai_responses" or (
-        kind != "anthropic_messages" and ("input_tokens_details" in u or "output_tokens_details" in u))
-    if responses:
-        # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
-        return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
-                _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
-                _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
+def _usage_openai_counts(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    # OpenAI chat / completions / embeddings: prompt_tokens already includes cached_tokens.
+    return (_usage_int(u.get("prompt_tokens")), _usage_int(u.get("completion_tokens")),
+            _usage_int(_usage_dig(u, "prompt_tokens_details", "cached_tokens")), 0,
+            _usage_int(_usage_dig(u, "completion_tokens_details", "reasoning_tokens")))
+
+
+def _usage_responses_counts(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    # OpenAI Responses: input_tokens already includes input_tokens_details.cached_tokens.
+    return (_usage_int(u.get("input_tokens")), _usage_int(u.get("output_tokens")),
+            _usage_int(_usage_dig(u, "input_tokens_details", "cached_tokens")), 0,
+            _usage_int(_usage_dig(u, "output_tokens_details", "reasoning_tokens")))
+
+
+def _usage_is_openai(u):
+    # type: (Dict[str, Any]) -> bool
+    return "prompt_tokens" in u or "completion_tokens" in u
+
+
+def _counts_compatible(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    """A ``usage`` object of an OpenAI-compatible API, whichever of the three shapes it has.
+
+    Local servers answer on OpenAI paths with OpenAI, Responses or Anthropic-style objects.
+    """
+    if _usage_is_openai(u):
+        return _usage_openai_counts(u)
+    if "input_tokens_details" in u or "output_tokens_details" in u:
+        return _usage_responses_counts(u)
     return _usage_anthropic_counts(u)
+
+
+def _counts_anthropic(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_anthropic_counts(u)
+
+
+def _counts_responses(u):
+    # type: (Dict[str, Any]) -> Tuple[int, int, int, int, int]
+    return _usage_openai_counts(u) if _usage_is_openai(u) else _usage_responses_counts(u)
+
+
+class UsageFindings:
+    """What one response has told about itself so far; the extractors write here.
+
+    ``counts`` is (prompt, completion, cacheRead, cacheWrite, reasoning) or None; ``final`` says
+    they came from a usage report the API means as final (llama.cpp's running counts are not);
+    ``state`` is scratch space for an extractor that must combine several events.
+    """
+
+    __slots__ = ("counts_of", "model", "counts", "final", "error", "state")
+
+    def __init__(self, counts_of):
+        self.counts_of = counts_of   # the format's normaliser of a `usage` object
+        self.model = None            # type: Optional[str]
+        self.counts = None           # type: Optional[Tuple[int, int, int, int, int]]
+        self.final = False
+        self.error = None            # type: Optional[str]
+        self.state = {}              # type: Dict[str, Any]
+
+    def see_model(self, model):
+        # type: (Any) -> None
+        """Keep the first non-empty model name the response states."""
+        if self.model is None and isinstance(model, str) and model:
+            self.model = model
+
+    def report(self, counts, final=True):
+        # type: (Tuple[int, int, int, int, int], bool) -> None
+        """Counts from the response; a later report replaces an earlier one (cumulative)."""
+        self.counts = counts
+        self.final = self.final or final
+
+    def note_error(self, err):
+        # type: (Any) -> None
+        """Remember the first error: it is the cause, later ones are consequences."""
+        if self.error is None:
+            self.error = _usage_describe_error(err)
+
+
+def _extract_compatible(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """OpenAI-compatible bodies and chunks, with the shapes Ollama and llama.cpp add to them."""
+    found.see_model(obj.get("model"))
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        # OpenAI (also vLLM's per-chunk cumulative usage: the last one wins), Anthropic and
+        # Responses bodies.
+        found.report(found.counts_of(usage))
+        return
+    if "prompt_eval_count" in obj or "eval_count" in obj or obj.get("done") is True:
+        # Ollama: the final done:true object, or an /api/embed body.  Zero counts are omitted.
+        found.report((_usage_int(obj.get("prompt_eval_count")),
+                      _usage_int(obj.get("eval_count")), 0, 0, 0))
+        return
+    if found.final or obj.get("stop") is False:
+        return   # llama.cpp partial chunks repeat running counts: only the final one counts
+    timings = obj.get("timings")
+    if not isinstance(timings, dict):
+        timings = {}
+    if "tokens_evaluated" in obj or "tokens_predicted" in obj or timings:
+        # llama.cpp /completion final object (or `timings` on an OpenAI-style last chunk).
+        prompt = obj.get("tokens_evaluated", timings.get("prompt_n"))
+        completion = obj.get("tokens_predicted", timings.get("predicted_n"))
+        found.report((_usage_int(prompt), _usage_int(completion), 0, 0, 0), final=False)
+
+
+def _extract_anthropic(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """Anthropic Messages: usage in message_start (input, cache) and message_delta (output).
+
+    Both are cumulative, so each field keeps its last value; a cut stream counts what they said.
+    """
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        kind = event
+    if kind == "message_start":
+        message = obj.get("message")
+        if not isinstance(message, dict):
+            return
+        found.see_model(message.get("model"))
+        usage = message.get("usage")
+    elif kind == "message_delta":
+        usage = obj.get("usage")
+    else:
+        _extract_compatible(found, obj, event)   # a whole (non-streaming) message body
+        return
+    if isinstance(usage, dict):
+        merged = found.state.setdefault("anthropic", {})
+        for key in _USAGE_ANTHROPIC_FIELDS:
+            if usage.get(key) is not None:   # cumulative: replace, never add
+                merged[key] = usage[key]
+        found.report(_usage_anthropic_counts(merged))
+
+
+def _extract_responses(found, obj, event):
+    # type: (UsageFindings, Dict[str, Any], Optional[str]) -> None
+    """OpenAI Responses: the model in every response.* event, usage in the terminal ones."""
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        kind = event
+    if kind is None or not kind.startswith("response."):
+        _extract_compatible(found, obj, event)   # a whole (non-streaming) response body
+        return
+    response = obj.get("response")
+    if not isinstance(response, dict):
+        return
+    found.see_model(response.get("model"))
+    if kind in _USAGE_RESPONSES_TERMINAL:
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            found.report(found.counts_of(usage))
+        if kind == "response.failed":
+            found.note_error(response.get("error") or "response.failed")
+
+
+_USAGE_ANTHROPIC_FIELDS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+)
+_USAGE_RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+class ApiFormat(NamedTuple):
+    """One API the proxy reads token usage from: a row of API_FORMATS, all it knows about it."""
+
+    kind: str
+    """Its name in the stats (byEndpoint) and the logs."""
+    suffixes: Tuple[str, ...]
+    """Request path endings, lower case, starting with "/" or ":" so that only whole segments
+    match ("/v1/messagesX" is not "/messages"); the longest matching suffix of all rows wins."""
+    completion: bool
+    """Counted as a completion in the stats (embeddings use tokens but complete nothing)."""
+    usage: bool = True
+    """Its responses carry token usage (count_tokens returns a count, not usage)."""
+    default_wire: Optional[str] = None
+    """How a body without an SSE or JSON content type is read unless the request said
+    ``"stream": false`` ("ndjson": Ollama streams by default); None: sniffed from its bytes."""
+    inject_usage: bool = False
+    """A streaming request may get ``stream_options.include_usage`` added (then stripped)."""
+    markers: Tuple[bytes, ...] = ()
+    """An unnamed SSE event or an NDJSON line holds usage, a model or an error only if it
+    contains one of these (checked on the bytes, no parse); the first few events are parsed
+    anyway while looking for the model."""
+    empty_member: bytes = b""
+    """A member that makes a payload hold nothing when its key (a marker) occurs only there
+    (include_usage's ``"usage":null`` on every chunk)."""
+    skip_events: frozenset = frozenset()
+    """SSE event names (the `event:` field) that never hold usage, model or errors."""
+    event_prefix: bytes = b""
+    events: frozenset = frozenset()
+    """SSE event names starting with ``event_prefix`` are parsed only when listed here."""
+    tail_keys: Tuple[str, ...] = ("usage", "prompt_eval_count", "eval_count")
+    """Members looked for (their last value) in the tail of a body too big to parse whole."""
+    model_key: str = "model"
+    """The member naming the model, looked for in the head and tail of such a body."""
+    counts: Any = _counts_compatible
+    """Normalises a ``usage`` object to (prompt, completion, cacheRead, cacheWrite, reasoning)."""
+    extract: Any = _extract_compatible
+    """``extract(found, obj, event)`` learns from one parsed JSON object (body, event or line)."""
+
+
+# Bytes that announce usage, errors or llama.cpp's final counts in OpenAI-compatible chunks
+# ("usage" first: it is also the key of their empty_member).
+_COMPATIBLE_MARKERS = (b"usage", b"error", b'"type"', b"timings", b'"stop":true')
+# Ollama's token lines say "done":false and nothing else of interest.
+_OLLAMA_MARKERS = (b"eval_count", b"error", b'"done":true', b'"done": true')
+
+API_FORMATS = (
+    ApiFormat("openai_chat", ("/chat/completions",), True, inject_usage=True,
+              markers=_COMPATIBLE_MARKERS, empty_member=b'"usage":null'),
+    ApiFormat("openai_completions", ("/completions",), True, inject_usage=True,
+              markers=_COMPATIBLE_MARKERS, empty_member=b'"usage":null'),
+    ApiFormat("openai_embeddings", ("/embeddings",), False, markers=_COMPATIBLE_MARKERS),
+    ApiFormat("openai_responses", ("/responses",), True, markers=_COMPATIBLE_MARKERS,
+              event_prefix=b"response.", events=frozenset((
+                  b"response.created", b"response.in_progress", b"response.completed",
+                  b"response.incomplete", b"response.failed")),
+              counts=_counts_responses, extract=_extract_responses),
+    # Anthropic's ping and content_block_* events are the bulk of its streams.
+    ApiFormat("anthropic_messages", ("/messages",), True, markers=_COMPATIBLE_MARKERS,
+              skip_events=frozenset((b"ping", b"content_block_start", b"content_block_delta",
+                                     b"content_block_stop", b"message_stop")),
+              counts=_counts_anthropic, extract=_extract_anthropic),
+    ApiFormat("anthropic_count_tokens", ("/messages/count_tokens",), False, usage=False),
+    ApiFormat("ollama_generate", ("/api/generate",), True, default_wire="ndjson",
+              markers=_OLLAMA_MARKERS),
+    ApiFormat("ollama_chat", ("/api/chat",), True, default_wire="ndjson", markers=_OLLAMA_MARKERS),
+    # /api/embeddings is the legacy Ollama endpoint (it reports no counts).
+    ApiFormat("ollama_embed", ("/api/embed", "/api/embeddings"), False, markers=_OLLAMA_MARKERS),
+    # llama.cpp /infill answers in the same shape as /completion.
+    ApiFormat("llamacpp_completion", ("/completion", "/infill"), True,
+              markers=_COMPATIBLE_MARKERS),
+)
+_API_FORMAT_BY_KIND = {f.kind: f for f in API_FORMATS}
+
+# Derived from API_FORMATS (kept for the callers and tests that use them).
+# Path suffix -> kind, longest first: the most specific suffix wins ("/api/embeddings" over
+# "/embeddings", "/chat/completions" over "/completions" over "/completion").
+USAGE_ENDPOINT_SUFFIXES = tuple(sorted(
+    ((suffix, f.kind) for f in API_FORMATS for suffix in f.suffixes),
+    key=lambda pair: -len(pair[0])))
+USAGE_KINDS = frozenset(f.kind for f in API_FORMATS if f.usage)
+USAGE_COMPLETION_KINDS = frozenset(f.kind for f in API_FORMATS if f.completion)
+_USAGE_INJECT_KINDS = frozenset(f.kind for f in API_FORMATS if f.inject_usage)
+
+
+def api_format(kind):
+    # type: (Optional[str]) -> Optional[ApiFormat]
+    """The row of API_FORMATS for ``kind``, or None (no kind, or a kind that is not a format)."""
+    return _API_FORMAT_BY_KIND.get(kind) if kind else None
 
 
 def _usage_describe_error(err):
@@ -2865,6 +3172,28 @@ def _usage_null_is_last_member(payload):
     """
     return (payload[:1] == b"{" and payload.endswith(b',"usage":null}')
             and payload.count(b'"usage"') == 1)
+
+
+def _usage_member_value(text, key, last):
+    # type: (str, str, bool) -> Any
+    """The value of the last ``"key":`` member in ``text`` (``last``), or the first string value.
+
+    None when there is none or it does not decode.  Used on the head and tail of a body too
+    big to parse whole: outside JSON strings a quoted key cannot be faked (quotes inside strings
+    are escaped), and such bodies hold numbers and base64, so the last match is the top-level
+    member.
+    """
+    starts = [m.end() for m in re.finditer(r'"%s"\s*:\s*' % re.escape(key), text)]
+    if last:
+        starts = starts[-1:]
+    for start in starts:
+        try:
+            value = _usage_json_decoder.raw_decode(text, start)[0]
+        except (ValueError, RecursionError):
+            continue
+        if last or isinstance(value, str):
+            return value
+    return None
 
 
 class _UsageSseReader(object):
@@ -3197,33 +3526,26 @@ class _UsageOverBudget(Exception):
 
 
 class UsageTap(object):
-    """Incremental usage parser for one upstream response body.
+    """Incremental usage reader for one upstream response body; it never changes the body.
 
     Create it once the response headers of a 2xx answer for a usage kind are known, pass every
     piece of the body through ``feed`` and call ``finish`` at the end::
 
-        tap = UsageTap(kind, info, content_type, content_encoding, strip_injected_usage=injected)
-        out = tap.feed(data)            # write `out` to the client (may be b"" when stripping)
-        leftover, usage = tap.finish(complete)
+        tap = UsageTap(kind, info, content_type, content_encoding, injected=injected)
+        tap.feed(data)                  # returns `data` itself
+        _, usage = tap.finish(complete)
 
-    Format by content type: ``text/event-stream`` is SSE; ``application/x-ndjson`` is NDJSON;
-    ``application/json`` is buffered as one JSON body (bounded; several JSON lines are read as
-    NDJSON).  Without a JSON or SSE content type, Ollama /api/chat and /api/generate are read as
-    NDJSON unless the request said ``"stream": false`` (Ollama streams by default), and anything
-    else is sniffed: a body starting like SSE is SSE, otherwise JSON.  gzip and deflate bodies
-    are inflated on a copy; other encodings (br, zstd...) are passed on unparsed (usage
-    "missing").
+    What it reads comes from the kind's row of API_FORMATS: the tap itself knows wires (SSE,
+    NDJSON, one JSON body), encodings and its work bound, not APIs.  Wire by content type:
+    ``text/event-stream`` is SSE; ``application/x-ndjson`` is NDJSON; ``application/json`` is
+    buffered as one JSON body (bounded; several JSON lines are read as NDJSON).  Without a JSON
+    or SSE content type, a format with a ``default_wire`` is read that way unless the request
+    said ``"stream": false`` (Ollama streams NDJSON by default), and anything else is sniffed: a
+    body starting like SSE is SSE, otherwise JSON.  gzip and deflate bodies are inflated on a
+    copy; other encodings (br, zstd...) are passed on unparsed (usage "missing").
 
-    ``feed`` never raises and, unless stripping, returns the very ``data`` object it was given.
-
-    Stripping (``strip_injected_usage=True``, for an OpenAI SSE stream whose request the proxy
-    changed with ``inject_stream_usage``): ``feed`` returns what the client would have received
-    without the injection -- the usage-only chunk (``"choices": []`` with a usage object) is
-    removed with its whole event, and the ``"usage":null`` member is cut out of every other chunk
-    by a byte edit that leaves everything else identical.  An incomplete event is held back until
-    its blank line arrives (comments between events are not held).  Stripping needs an
-    uncompressed body: with a Content-Encoding the bytes are passed on unchanged.  If a single
-    event grows beyond the line bound, the held bytes are released unchanged and stripping stops.
+    ``feed`` never raises and returns the very ``data`` object it was given.  Editing the
+    client's stream (the usage the proxy injected) is InjectedUsageStripper's job.
 
     Usage (``usage`` property, and what ``finish`` returns) is a dict::
 
@@ -3234,7 +3556,8 @@ class UsageTap(object):
     completion; reasoning is informational (already part of completion).  source: "reported"
     (the backend sent usage on its own), "injected" (usage exists only because the proxy asked
     for it), "missing" (a usage kind that ended without usage: stream without include_usage,
-    interrupted stream, unparseable body) or "none" (not a usage kind: count_tokens, None).
+    interrupted stream, unparseable body, or a reader failure -- then ``failed`` is True and
+    ``usage_reader_failures`` counts it) or "none" (not a usage kind: count_tokens, None).
     error: a short text when the body carried an error (Anthropic ``event: error`` in a 200,
     Ollama ``{"error": ...}``, Responses ``response.failed`` / ``error``, OpenAI-style
     ``data: {"error": ...}``), else None.
@@ -3247,18 +3570,19 @@ class UsageTap(object):
     """
 
     def __init__(self, kind, info=None, content_type=None, content_encoding=None,
-                 strip_injected_usage=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
+                 injected=False, max_body=USAGE_MAX_JSON_BODY, max_line=USAGE_MAX_LINE):
         # type: (Optional[str], Optional[RequestInfo], Optional[str], Optional[str], bool, int, int) -> None  # noqa: E501
         self.kind = kind
         self.complete = None          # type: Optional[bool]  # set by finish()
+        self._api = api_format(kind)
         self._request_model = getattr(info, "model", None)
-        self._model = None            # type: Optional[str]
-        self._counts = None           # type: Optional[Tuple[int, int, int, int, int]]
-        self._counts_from_usage = False
-        self._anthropic = None        # type: Optional[Dict[str, Any]]
-        self._error = None            # type: Optional[str]
+        self._found = UsageFindings(self._api.counts if self._api else _counts_compatible)
         self._final = None            # type: Optional[Dict[str, Any]]
         self._probes = _USAGE_MODEL_PROBES
+        # The row's byte pre-filter, copied here: it runs on every event.
+        self._markers = self._api.markers if self._api else ()
+        self._empty = self._api.empty_member if self._api else b""
+        self._empty_key = self._empty.split(b'"')[1] if self._empty else None
         self._max_body = max_body
         self._max_line = max_line
         self._reader = None           # type: Any
@@ -3268,14 +3592,14 @@ class UsageTap(object):
         self._inflate_deflate = False  # deflate: zlib or raw is decided on the first two bytes
         self._inflate_pending = b""
         self._decoded = 0
-        self._want_strip = bool(strip_injected_usage)
-        self._strip = False
+        self._want_injected = bool(injected)
         self._injected = False
-        self._parsing = kind in USAGE_KINDS
+        self._parsing = self._api is not None and self._api.usage
         self._wire = 0                # body bytes received from the backend
         self._work = 0                # units spent (see USAGE_WORK_BASE)
         self._lines_charged = 0       # SSE lines already counted in _work
         self.gave_up = False          # the work bound was reached: usage is "missing"
+        self.failed = False           # the reader broke (a bug or a shape it cannot read)
         if not self._parsing:
             return
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
@@ -3291,26 +3615,21 @@ class UsageTap(object):
                 return
         ctype = (content_type or "").split(";", 1)[0].strip().lower()
         if "event-stream" in ctype:
-            self._start("sse", strip=self._want_strip and not codings)
+            self._start("sse")
         elif "ndjson" in ctype or "jsonl" in ctype or "json-seq" in ctype:
             self._start("ndjson")
         elif "json" in ctype:
             self._start("json")
-        elif kind in _USAGE_OLLAMA_STREAMING_KINDS and getattr(info, "stream", None) is not False:
-            self._start("ndjson")   # Ollama streams NDJSON by default when "stream" is absent
+        elif self._api.default_wire and getattr(info, "stream", None) is not False:
+            self._start(self._api.default_wire)
         # else: decided from the first bytes of the body (_route)
 
     # -- public ---------------------------------------------------------------------------
 
     def feed(self, data):
         # type: (bytes) -> bytes
-        """Take one piece of the upstream body; return the bytes to send to the client.
-
-        Without stripping this is ``data`` itself (same object, no copy).
-        """
+        """Take one piece of the upstream body; return it (same object, no copy)."""
         self._wire += len(data)
-        if self._strip:
-            return self._feed_strip(data)
         if self._parsing and data:
             try:
                 if self._inflater is not None or self._inflate_deflate:
@@ -3319,33 +3638,23 @@ class UsageTap(object):
                     self._route(data if isinstance(data, bytes) else bytes(data))
             except _UsageOverBudget:
                 self._give_up()
-            except Exception:   # a parser bug must never break the proxied stream
-                log.debug("usage: parser error, usage for this response is lost", exc_info=True)
-                self._parsing = False
+            except Exception as exc:   # a parser bug must never break the proxied stream
+                self._fail(exc)
         return data
 
     def finish(self, complete=True):
         # type: (bool) -> Tuple[bytes, Dict[str, Any]]
-        """End of body.  Returns ``(leftover, usage)``.
+        """End of body.  Returns ``(b"", usage)``.
 
         ``complete`` says whether the upstream body ended normally; it is recorded as
         ``self.complete``.  A truncated JSON body is never guessed at (its tail is not searched),
-        and a cut stream counts only what it reported (see the class docstring).  ``leftover``
-        is held-back bytes still to send (only ever non-empty when stripping).  Calling finish
-        again returns ``(b"", usage)``.
+        and a cut stream counts only what it reported (see the class docstring).  Calling finish
+        again returns the same usage.
         """
         if self._final is not None:
             return b"", dict(self._final)
         self.complete = bool(complete)
-        leftover = b""
-        if self._strip:
-            try:
-                leftover = self._reader.finish()
-            except Exception:
-                log.debug("usage: strip error at end of stream", exc_info=True)
-                leftover = self._reader.take_everything_raw()
-            self._strip = False
-        elif self._parsing:
+        if self._parsing:
             try:
                 if self._inflater is not None:
                     rest = self._inflater.flush()
@@ -3359,11 +3668,11 @@ class UsageTap(object):
                     self._charge_lines()
             except _UsageOverBudget:
                 self._give_up()
-            except Exception:
-                log.debug("usage: parser error at end of body", exc_info=True)
+            except Exception as exc:
+                self._fail(exc)
         self._parsing = False
         self._final = self._build_usage()
-        return leftover, dict(self._final)
+        return b"", dict(self._final)
 
     @property
     def usage(self):
@@ -3382,13 +3691,12 @@ class UsageTap(object):
 
     # -- format selection and decoding ---------------------------------------------------
 
-    def _start(self, fmt, strip=False):
-        # type: (str, bool) -> None
+    def _start(self, fmt):
+        # type: (str) -> None
         self._format = fmt
         if fmt == "sse":
-            self._reader = _UsageSseReader(self._on_sse_event, self._max_line, raw=strip)
-            self._strip = strip
-            self._injected = self._want_strip
+            self._reader = _UsageSseReader(self._on_sse_event, self._max_line)
+            self._injected = self._want_injected
         elif fmt == "ndjson":
             self._reader = _UsageLineReader(self._on_ndjson_line, self._max_line)
         else:
@@ -3481,122 +3789,62 @@ class UsageTap(object):
             log.debug("usage: cannot inflate body, not parsed")
             self._parsing = False
 
-    # -- stripping -------------------------------------------------------------------------
 
-    def _feed_strip(self, data):
-        # type: (bytes) -> bytes
-        reader = self._reader
-        try:
-            reader.feed(data if isinstance(data, bytes) else bytes(data))
-            if len(reader.held) > self._max_line:
-                # One event too big to hold: send everything unchanged and stop stripping.
-                log.debug("usage: SSE event too long, injected usage no longer stripped")
-                self._strip = False
-                return reader.take_everything_raw()
-            self._charge_lines()
-            return reader.take_output()
-        except Exception as exc:
-            if isinstance(exc, _UsageOverBudget):
-                self._give_up()
-            else:
-                log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
-            self._strip = False
-            self._parsing = False
-            return reader.take_everything_raw()
+    def _fail(self, exc):
+        # type: (BaseException) -> None
+        """The reader broke: warn once per format (a bug to report), count it, read no further.
 
-    def _strip_event(self, obj, raw_lines):
-        # type: (Dict[str, Any], List[bytes]) -> Optional[bytes]
-        """The bytes to send instead of one chunk of an OpenAI stream we injected usage into."""
-        if "usage" not in obj:
-            return None
-        usage = obj["usage"]
-        if isinstance(usage, dict):
-            choices = obj.get("choices")
-            if isinstance(choices, list) and not choices:
-                return b""   # the usage-only chunk before [DONE]: drop the whole event
-            return None
-        if usage is not None:
-            return None
-        # Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
-        # inside JSON strings are escaped, so a match in valid JSON is a real key; one match and a
-        # top-level usage of null means it is that one).  Removing it with one adjacent comma
-        # leaves valid JSON.
-        hit = None
-        data_lines = 0
-        for index, raw_line in enumerate(raw_lines):
-            if raw_line[:1] != b"d":
-                continue
-            data_lines += 1
-            if data_lines > 1:
-                return None   # JSON split over data lines: the comma may sit on another line
-            body = raw_line.rstrip(b"\r\n")
-            pos = body.find(b'"usage"')
-            while pos >= 0:
-                match = _USAGE_NULL_MEMBER.match(body, pos)
-                if match is not None:
-                    if hit is not None:
-                        return None
-                    hit = (index, body, pos, match.end())
-                pos = body.find(b'"usage"', pos + 7)
-        if hit is None:
-            return None
-        index, body, start, end = hit
-        before = body[:start].rstrip(b" \t")
-        if before[-1:] == b",":        # `,"usage":null` -- drop the comma before it
-            edited = before[:-1] + body[end:]
-        else:                          # `"usage":null,` or the only member
-            after = _USAGE_COMMA_AFTER.match(body, end)
-            edited = body[:start] + body[after.end() if after else end:]
-        raw_line = raw_lines[index]
-        lines = list(raw_lines)
-        lines[index] = edited + raw_line[len(body):]
-        return b"".join(lines)
+        The message names the exception type only: its text may quote the body.
+        """
+        self.failed = True
+        self._parsing = False
+        kind = self.kind or "?"
+        with _usage_failures_lock:
+            usage_reader_failures[kind] = usage_reader_failures.get(kind, 0) + 1
+            first = usage_reader_failures[kind] == 1
+        if first:
+            log.warning("usage: the %s reader failed (%s); usage of this response is lost "
+                        "(said once per format; please report it)", kind, type(exc).__name__)
+        log.debug("usage: reader failure", exc_info=True)
 
     # -- parsers' callbacks ----------------------------------------------------------------
 
     def _on_sse_event(self, name, payload, raw_lines):
-        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> Optional[bytes]
+        # type: (Optional[bytes], bytes, Optional[List[bytes]]) -> None
         if payload[:1] == b"[" and payload.strip() == b"[DONE]":
-            return None
+            return
         if name is not None and name != b"message":
-            if name in _USAGE_SSE_SKIP_EVENTS:
-                return None
-            if name[:9] == b"response." and name not in _USAGE_RESPONSES_EVENTS:
-                return None
-        elif self._probes > 0:
+            api = self._api
+            if name in api.skip_events:
+                return
+            if api.event_prefix and name.startswith(api.event_prefix) and name not in api.events:
+                return
+        elif self._probes > 0:   # the first few events: parsed whatever they hold
             self._probes -= 1
         elif not self._worth_parsing(payload):
-            return None
-        elif raw_lines is not None and _usage_null_is_last_member(payload):
-            # The hot path of a stream we asked for usage: a chunk that carries none needs no
-            # JSON parse, only the byte edit _strip_event makes.
-            return self._strip_event({"usage": None}, raw_lines)
+            return
         try:
             obj = self._loads(payload.decode("utf-8"))   # SSE is always UTF-8 (WHATWG)
         except (ValueError, RecursionError):
             if name == b"error":
-                self._note_error(payload)
-            return None
-        if not isinstance(obj, dict):
-            return None
-        event = name.decode("latin-1") if name is not None else None
-        self._take(obj, event)
-        if raw_lines is not None:
-            return self._strip_event(obj, raw_lines)
-        return None
+                self._found.note_error(payload)
+            return
+        if isinstance(obj, dict):
+            self._take(obj, name.decode("latin-1") if name is not None else None)
 
     def _worth_parsing(self, payload):
         # type: (bytes) -> bool
-        """Cheap byte test: can this data payload (no event name) hold usage or an error?
+        """Cheap byte test from the format's row: can this payload hold usage or an error?
 
-        Plain OpenAI-style content chunks are skipped without a JSON parse.  False positives
-        (the word in generated text) only cost a parse.
+        Plain content chunks are skipped without a JSON parse.  False positives (a marker in
+        generated text) only cost a parse.
         """
-        if b"usage" in payload:
-            # include_usage puts "usage":null in every chunk: not interesting unless stripping.
-            return self._strip or payload.count(b"usage") != 1 or b'"usage":null' not in payload
-        return (b"error" in payload or b'"type"' in payload or b"timings" in payload
-                or b'"stop":true' in payload)
+        for marker in self._markers:
+            if marker in payload:
+                # include_usage puts "usage":null in every chunk: that alone is nothing.
+                return not (marker == self._empty_key and payload.count(marker) == 1
+                            and self._empty in payload)
+        return False
 
     def _on_ndjson_line(self, line):
         # type: (bytes) -> None
@@ -3604,10 +3852,10 @@ class UsageTap(object):
         line = line.strip()
         if not line:
             return
-        if (self._probes <= 0 and b'"done":false' in line and b"eval_count" not in line
-                and b"error" not in line):
-            return   # an Ollama token line
-        self._probes -= 1
+        if self._probes > 0:
+            self._probes -= 1
+        elif not self._worth_parsing(line):
+            return
         try:
             obj = self._loads(line.decode("utf-8"))
         except (ValueError, RecursionError):
@@ -3639,10 +3887,9 @@ class UsageTap(object):
         """Best effort for a body above the buffer bound (e.g. a large embeddings batch).
 
         Every API puts usage last: parse the complete lines of the tail (NDJSON), else find the
-        last ``"usage": {...}`` object and Ollama's count fields in the tail and the model in
-        head or tail.  Outside JSON strings a quoted key cannot be faked (quotes inside strings
-        are escaped), and these bodies hold numbers and base64, so the last match is the
-        top-level member.
+        last value of each of the format's ``tail_keys`` in the tail and its model (first
+        string value of ``model_key``) in head or tail (see _usage_member_value), and read them
+        as one object.
         """
         found = False
         for line in tail.split(b"\n")[1:]:   # the first piece is probably a cut line
@@ -3660,23 +3907,15 @@ class UsageTap(object):
             return
         text = tail.decode("utf-8", "replace")
         fragment = {}  # type: Dict[str, Any]
-        last = None
-        for last in _USAGE_TAIL_USAGE.finditer(text):
-            pass
-        if last is not None:
-            try:
-                fragment["usage"] = _usage_json_decoder.raw_decode(text, last.end() - 1)[0]
-            except ValueError:
-                pass
-        for match in _USAGE_TAIL_OLLAMA.finditer(text):
-            fragment[match.group(1)] = int(match.group(2))
+        api = self._api
+        for key in api.tail_keys:
+            value = _usage_member_value(text, key, last=True)
+            if value is not None:
+                fragment[key] = value
         for source in (head.decode("utf-8", "replace"), text):
-            match = _USAGE_TAIL_MODEL.search(source)
-            if match:
-                try:
-                    fragment["model"] = json.loads(match.group(1))
-                except ValueError:
-                    pass
+            model = _usage_member_value(source, api.model_key, last=False)
+            if isinstance(model, str):
+                fragment[api.model_key] = model
                 break
         if fragment:
             self._take(fragment, None)
@@ -3686,97 +3925,25 @@ class UsageTap(object):
     def _take(self, obj, event):
         # type: (Dict[str, Any], Optional[str]) -> None
         """Learn model, usage and errors from one parsed JSON object (body, event or line)."""
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            kind = event
-        err = obj.get("error")
-        if err:
-            self._note_error(obj)
-        elif kind == "error":
-            self._note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
-
-        if kind == "message_start":            # Anthropic stream
-            message = obj.get("message")
-            if isinstance(message, dict):
-                self._see_model(message.get("model"))
-                self._merge_anthropic(message.get("usage"))
-            return
-        if kind == "message_delta":            # Anthropic: cumulative usage, last value wins
-            self._merge_anthropic(obj.get("usage"))
-            return
-        if kind is not None and kind.startswith("response."):   # OpenAI Responses stream
-            response = obj.get("response")
-            if isinstance(response, dict):
-                self._see_model(response.get("model"))
-                if kind in _USAGE_RESPONSES_TERMINAL:
-                    usage = response.get("usage")
-                    if isinstance(usage, dict):
-                        self._counts = _usage_counts(usage, self.kind)
-                        self._counts_from_usage = True
-                    if kind == "response.failed":
-                        self._note_error(response.get("error") or "response.failed")
-            return
-
-        self._see_model(obj.get("model"))
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            # OpenAI (also vLLM's per-chunk cumulative usage: the last one wins), Anthropic and
-            # Responses bodies.
-            self._counts = _usage_counts(usage, self.kind)
-            self._counts_from_usage = True
-            return
-        if "prompt_eval_count" in obj or "eval_count" in obj or obj.get("done") is True:
-            # Ollama: the final done:true object, or an /api/embed body.  Zero counts are omitted.
-            self._counts = (_usage_int(obj.get("prompt_eval_count")),
-                            _usage_int(obj.get("eval_count")), 0, 0, 0)
-            self._counts_from_usage = True
-            return
-        if self._counts_from_usage or obj.get("stop") is False:
-            return   # llama.cpp partial chunks repeat running counts: only the final one counts
-        timings = obj.get("timings")
-        if not isinstance(timings, dict):
-            timings = {}
-        if "tokens_evaluated" in obj or "tokens_predicted" in obj or timings:
-            # llama.cpp /completion final object (or `timings` on an OpenAI-style last chunk).
-            prompt = obj.get("tokens_evaluated", timings.get("prompt_n"))
-            completion = obj.get("tokens_predicted", timings.get("predicted_n"))
-            self._counts = (_usage_int(prompt), _usage_int(completion), 0, 0, 0)
-
-    def _see_model(self, model):
-        # type: (Any) -> None
-        if self._model is None and isinstance(model, str) and model:
-            self._model = model
-            self._probes = 0
-
-    def _merge_anthropic(self, usage):
-        # type: (Any) -> None
-        if not isinstance(usage, dict):
-            return
-        if self._anthropic is None:
-            self._anthropic = {}
-        for key in _USAGE_ANTHROPIC_FIELDS:
-            value = usage.get(key)
-            if value is not None:   # cumulative: replace, never add
-                self._anthropic[key] = value
-
-    def _note_error(self, err):
-        # type: (Any) -> None
-        if self._error is None:   # the first error is the cause; later ones are consequences
-            self._error = _usage_describe_error(err)
+        found = self._found
+        if obj.get("error"):
+            found.note_error(obj)
+        elif obj.get("type", event) == "error":
+            found.note_error(obj)   # Responses: {"type":"error","code":...,"message":...}
+        self._api.extract(found, obj, event)
+        if found.model is not None:
+            self._probes = 0   # the model is known: no more parsing just to look for it
 
     def _build_usage(self):
         # type: () -> Dict[str, Any]
-        model = self._model or self._request_model
+        found = self._found
+        model = found.model or self._request_model
         counts = None
         if self.kind not in USAGE_KINDS:
             source = "none"
         else:
-            if self.gave_up:
-                counts = None       # what was seen so far may not be the whole answer's usage
-            elif self._anthropic is not None:
-                counts = _usage_anthropic_counts(self._anthropic)
-            elif self._counts is not None:
-                counts = self._counts
+            if not self.gave_up:    # else what was seen may not be the whole answer's usage
+                counts = found.counts
             if counts is None:
                 source = "missing"
             else:
@@ -3791,8 +3958,145 @@ class UsageTap(object):
             "cacheWrite": cache_write,
             "reasoning": reasoning,
             "source": source,
-            "error": self._error,
+            "error": found.error,
         }
+
+
+# Reader failures per kind since start (a failure is a bug, not "the backend reported nothing").
+usage_reader_failures = {}  # type: Dict[str, int]
+_usage_failures_lock = threading.Lock()
+
+
+class InjectedUsageStripper:
+    """Gives the client the SSE stream it asked for when the proxy added include_usage to it.
+
+    For an OpenAI stream whose request ``inject_stream_usage`` changed: the usage-only chunk
+    (``"choices": []`` with a usage object) is removed with its whole event, and the
+    ``"usage":null`` member is cut out of every other chunk by a byte edit that leaves
+    everything else identical.  An incomplete event is held back until its blank line arrives
+    (comments between events are not held).  If one event grows beyond ``max_line``, or
+    anything goes wrong, the held bytes are released unchanged and the rest passes through.
+    Reading the usage is the UsageTap's job, on the backend's bytes.
+    """
+
+    __slots__ = ("reader", "active", "max_line")
+
+    def __init__(self, max_line=USAGE_MAX_LINE):
+        # type: (int) -> None
+        self.max_line = max_line
+        self.reader = _UsageSseReader(self._on_event, max_line, raw=True)
+        self.active = True
+
+    @staticmethod
+    def wanted(injected, content_type, content_encoding):
+        # type: (bool, Optional[str], Optional[str]) -> bool
+        """Whether a 2xx answer needs stripping: the proxy injected, and the body is plain SSE."""
+        coding = (content_encoding or "").strip().lower()
+        return bool(injected) and "event-stream" in (content_type or "").lower() \
+            and coding in ("", "identity")
+
+    def feed(self, data):
+        # type: (bytes) -> bytes
+        """Take one piece of the backend's body; return the bytes for the client (maybe b"")."""
+        if not self.active:
+            return data
+        reader = self.reader
+        try:
+            reader.feed(data if isinstance(data, bytes) else bytes(data))
+            if len(reader.held) > self.max_line:
+                log.debug("usage: SSE event too long, injected usage no longer stripped")
+                return self._give_up()
+            return reader.take_output()
+        except Exception:
+            log.debug("usage: strip error, passing the stream on unchanged", exc_info=True)
+            return self._give_up()
+
+    def finish(self):
+        # type: () -> bytes
+        """End of body: the bytes still held back (an unterminated last event)."""
+        if not self.active:
+            return b""
+        self.active = False
+        try:
+            return self.reader.finish()
+        except Exception:
+            log.debug("usage: strip error at end of stream", exc_info=True)
+            return self.reader.take_everything_raw()
+
+    @property
+    def held_bytes(self):
+        # type: () -> int
+        """Bytes held back from the client (tests)."""
+        return self.reader.held_bytes() if self.active else 0
+
+    def _give_up(self):
+        # type: () -> bytes
+        self.active = False
+        return self.reader.take_everything_raw()
+
+    def _on_event(self, name, payload, raw_lines):
+        # type: (Optional[bytes], bytes, List[bytes]) -> Optional[bytes]
+        if b'"usage"' not in payload:
+            return None
+        if _usage_null_is_last_member(payload):
+            # The hot path: a chunk that carries no usage needs no JSON parse, only the edit.
+            return _strip_null_usage(raw_lines)
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return None
+        usage = obj["usage"]
+        if isinstance(usage, dict):
+            choices = obj.get("choices")
+            if isinstance(choices, list) and not choices:
+                return b""   # the usage-only chunk before [DONE]: drop the whole event
+            return None
+        if usage is not None:
+            return None
+        return _strip_null_usage(raw_lines)
+
+
+def _strip_null_usage(raw_lines):
+    # type: (List[bytes]) -> Optional[bytes]
+    """The event's lines without its top-level ``"usage":null`` member, or None to keep them.
+
+    Exactly one `"usage":null` in the event's one data line: the top-level member (quotes
+    inside JSON strings are escaped, so a match in valid JSON is a real key; one match and a
+    top-level usage of null means it is that one).  Removing it with one adjacent comma leaves
+    valid JSON.
+    """
+    hit = None
+    data_lines = 0
+    for index, raw_line in enumerate(raw_lines):
+        if raw_line[:1] != b"d":
+            continue
+        data_lines += 1
+        if data_lines > 1:
+            return None   # JSON split over data lines: the comma may sit on another line
+        body = raw_line.rstrip(b"\r\n")
+        pos = body.find(b'"usage"')
+        while pos >= 0:
+            match = _USAGE_NULL_MEMBER.match(body, pos)
+            if match is not None:
+                if hit is not None:
+                    return None
+                hit = (index, body, pos, match.end())
+            pos = body.find(b'"usage"', pos + 7)
+    if hit is None:
+        return None
+    index, body, start, end = hit
+    before = body[:start].rstrip(b" \t")
+    if before[-1:] == b",":        # `,"usage":null` -- drop the comma before it
+        edited = before[:-1] + body[end:]
+    else:                          # `"usage":null,` or the only member
+        after = _USAGE_COMMA_AFTER.match(body, end)
+        edited = body[:start] + body[after.end() if after else end:]
+    raw_line = raw_lines[index]
+    lines = list(raw_lines)
+    lines[index] = edited + raw_line[len(body):]
+    return b"".join(lines)
 
 
 # ==================================================================================================
@@ -3917,9 +4221,8 @@ def _stats_ms(value):
 
 def _stats_new_breakdown():
     # type: () -> Dict[str, Any]
-    entry = dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0)  # type: Dict[str, Any]
-    entry.update(dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
-    return entry
+    """An empty byModel/byEndpoint/byClient entry (its shape: _STATS_BREAKDOWN_SHAPE)."""
+    return _stats_empty(_STATS_BREAKDOWN_SHAPE)
 
 
 def _stats_new_histogram(bounds):
@@ -3947,9 +4250,8 @@ def _stats_histogram_observe(hist, value):
 
 def _stats_new_key_entry():
     # type: () -> Dict[str, Any]
-    entry = _stats_new_breakdown()
-    entry.update(refused=0, lastUsed=None)
-    return entry
+    """An empty byKey entry (its shape: _STATS_SHAPE["byKey"])."""
+    return _stats_empty(_STATS_SHAPE["byKey"].entry)
 
 
 def _stats_local_day(ts):
@@ -3982,6 +4284,299 @@ def _stats_breakdown_view(entry):
             "avgTtfbMs": avg_ttfb, "tokensPerSecond": tps}
 
 
+@dataclass
+class RequestRecord:
+    """One finished forwarded request (or WebSocket), as the HTTP layer hands it to
+    StatsStore.record(): the whole contract between the two. The store trusts it, so the
+    values are made safe here, once, when the record is built (__post_init__): strings
+    bounded and free of lone surrogates, counts clamped to [0, USAGE_MAX_COUNT), odd numbers
+    dropped to 0 or None. Never raises on odd values: the backend controls some of them."""
+
+    # When the request started, epoch seconds (wall clock); None: when the store records it.
+    time: Optional[float] = None
+    # The request's method ("POST"), cut to 16 characters.
+    method: str = ""
+    # The request path without its query string (queries may carry secrets).
+    path: str = ""
+    # The client's IP address, as the request log shows it.
+    client: str = ""
+    # The status sent to the client (101 for a WebSocket); 0 if none was sent.
+    status: int = 0
+    # True for a completion endpoint (chat, messages, ...): counted once it answered 2xx.
+    completion: bool = False
+    # The model that answered (or the one asked for, once the backend accepted it); None: unknown.
+    model: Optional[str] = None
+    # Token counts by STATS_TOKEN_FIELDS (total filled in from prompt + completion when
+    # missing); None when the response reported no usage.
+    usage: Optional[Dict[str, int]] = None
+    # Where the usage came from: "reported", "injected" (we asked for it), "missing"; or None.
+    usage_source: Optional[str] = None
+    # True for a failed request: 4xx/5xx, a proxy-made error, a backend error in the stream.
+    error: bool = False
+    # Milliseconds to the first response byte; None if none arrived.
+    ttfb_ms: Optional[float] = None
+    # Milliseconds from the request's start to the end of the response.
+    duration_ms: Optional[float] = None
+    # Body bytes sent to the client.
+    bytes: int = 0
+    # Whether the response was streamed; None: unknown (see StatsStore._generation_seconds()).
+    streamed: Optional[bool] = None
+    # The access key's name; None while the proxy is open (no keys configured).
+    key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        when = self.time
+        if isinstance(when, bool) or not isinstance(when, (int, float)) \
+                or not math.isfinite(when):
+            self.time = None
+        status = self.status
+        self.status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+        self.method = _stats_clean_key(self.method or "", 16)
+        self.path = _stats_clean_key(self.path or "")
+        self.client = _stats_clean_key(self.client or "")
+        self.completion = bool(self.completion)
+        model = self.model
+        self.model = _stats_clean_key(model) if isinstance(model, str) and model else None
+        if isinstance(self.usage, dict):
+            usage = {f: _stats_count(self.usage.get(f)) for f in STATS_TOKEN_FIELDS}
+            if not usage["total"]:
+                usage["total"] = usage["prompt"] + usage["completion"]
+            self.usage = usage
+        else:
+            self.usage = None
+        if self.usage_source not in STATS_USAGE_SOURCES:
+            self.usage_source = None
+        self.error = bool(self.error)
+        self.ttfb_ms = _stats_ms(self.ttfb_ms)
+        self.duration_ms = _stats_ms(self.duration_ms)
+        self.bytes = _stats_count(self.bytes)
+        key = self.key
+        self.key = _stats_clean_key(key) if isinstance(key, str) and key else None
+
+
+# -- the stats document --------------------------------------------------
+# The store keeps its counters in one JSON-shaped document that save() writes as stats.json
+# and load() reads back. _STATS_SHAPE is that document's shape: from it come the empty
+# document (zero counters) and the check of a loaded file, in one walk. A persisted counter
+# is one line in it (plus where it is counted and shown). A plain value in the shape stands
+# for its type (0: a non-negative integer, 0.0: a non-negative number, "": a string, False:
+# true/false, a dict: an object with those keys); the classes below stand for the rest.
+# A key a file lacks takes its empty value: files written before that key existed
+# (byKey, refused and keyDays came with access keys) load as they are.
+
+
+class _StatsOptional(NamedTuple):
+    """null or a value of `types` (a number must be finite); `omit`: absent rather than null."""
+    types: Tuple[type, ...]
+    omit: bool = False
+
+
+class _StatsMapOf(NamedTuple):
+    """An object with any keys (bounded by _stats_clean_key()), each value of shape `entry`."""
+    entry: Any
+
+
+class _StatsListOf(NamedTuple):
+    """A list whose items have shape `item`."""
+    item: Any
+
+
+class _StatsOneOf(NamedTuple):
+    """null or one of `values`."""
+    values: Tuple[str, ...]
+
+
+class _StatsText(NamedTuple):
+    """A string, cut to `max_len` (and matching `pattern` if given)."""
+    max_len: int = _STATS_KEY_MAX_LEN
+    pattern: Any = None
+
+
+class _StatsConst(NamedTuple):
+    """Exactly `value` (the format marker and its version)."""
+    value: Any
+
+
+class _StatsHistogram(NamedTuple):
+    """A latency histogram with these bucket bounds (see _stats_new_histogram())."""
+    bounds: Tuple[float, ...]
+
+
+_STATS_BREAKDOWN_SHAPE = dict(dict.fromkeys(_STATS_BREAKDOWN_SUM_FIELDS, 0),
+                              **dict.fromkeys(_STATS_BREAKDOWN_FLOAT_FIELDS, 0.0))
+_STATS_NUMBER = (int, float)
+
+_STATS_SHAPE: Dict[str, Any] = {
+    "format": _StatsConst(STATS_FILE_FORMAT),
+    "formatVersion": _StatsConst(STATS_FILE_VERSION),
+    "version": _StatsOptional((str,)),
+    "savedAt": _StatsOptional(_STATS_NUMBER),             # filled in by save()
+    "since": 0.0,                                          # epoch s of the last reset
+    "requests": 0,
+    "completions": 0,
+    "errors": 0,
+    "bytes": 0,
+    "tokens": dict.fromkeys(STATS_TOKEN_FIELDS, 0),
+    "usageReports": dict.fromkeys(STATS_USAGE_SOURCES, 0),
+    # Per-key sums; snapshot() derives averages from them.
+    "byModel": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byEndpoint": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    "byClient": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
+    # A breakdown entry plus refusals (401/429, never forwarded) and the last use.
+    "byKey": _StatsMapOf(dict(_STATS_BREAKDOWN_SHAPE, refused=0,
+                              lastUsed=_StatsOptional(_STATS_NUMBER))),
+    "refused": 0,
+    # Tokens per access key on its current local day: the daily budgets. A stats reset keeps
+    # them, so it does not hand out a fresh budget; save() writes only today's.
+    "keyDays": _StatsMapOf({"day": _StatsText(10, _STATS_DAY_FORMAT), "tokens": 0}),
+    # The last history_size requests, oldest first.
+    "recent": _StatsListOf({
+        "time": _StatsText(), "method": _StatsText(16), "path": _StatsText(),
+        "model": _StatsOptional((str,)), "status": 0, "client": _StatsText(),
+        "tokens": dict.fromkeys(_STATS_RECENT_TOKEN_FIELDS, 0),
+        "durationMs": _StatsOptional(_STATS_NUMBER), "ttfbMs": _StatsOptional(_STATS_NUMBER),
+        "tokensPerSecond": _StatsOptional(_STATS_NUMBER),
+        "usage": _StatsOneOf(STATS_USAGE_SOURCES), "error": False,
+        "key": _StatsOptional((str,), omit=True),   # absent while the proxy is open
+    }),
+    # Chart buckets, oldest first; start: epoch s (UTC hour / day).
+    "hourly": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "daily": _StatsListOf(dict(dict.fromkeys(_STATS_BUCKET_FIELDS, 0), start=0)),
+    "histograms": {"duration": _StatsHistogram(DURATION_BUCKETS),
+                   "ttfb": _StatsHistogram(TTFB_BUCKETS)},
+}
+
+
+def _stats_empty(shape: Any) -> Any:
+    """The empty value of `shape`: zero counters, empty maps and lists."""
+    if isinstance(shape, dict):
+        return {k: _stats_empty(v) for k, v in shape.items()
+                if not (isinstance(v, _StatsOptional) and v.omit)}
+    if isinstance(shape, _StatsMapOf):
+        return {}
+    if isinstance(shape, _StatsListOf):
+        return []
+    if isinstance(shape, _StatsHistogram):
+        return _stats_new_histogram(shape.bounds)
+    if isinstance(shape, (_StatsOptional, _StatsOneOf)):
+        return None
+    if isinstance(shape, _StatsText):
+        return ""
+    if isinstance(shape, _StatsConst):
+        return shape.value
+    return shape        # 0, 0.0, False
+
+
+def _stats_copy(value: Any) -> Any:
+    """A deep copy of a stats document or a part of it (dicts, lists, plain values)."""
+    out = value.copy()          # C speed for the leaves; recurse only into containers
+    for k, v in (value.items() if type(value) is dict else enumerate(value)):
+        if type(v) is dict or type(v) is list:
+            out[k] = _stats_copy(v)
+    return out
+
+
+def _stats_empty_document(since: float, version: str) -> Dict[str, Any]:
+    """A fresh stats document (the store's state and stats.json's content) starting at `since`."""
+    doc = _stats_empty(_STATS_SHAPE)
+    doc.update(since=since, version=version)
+    return doc
+
+
+def _stats_conform(value: Any, shape: Any, where: str) -> Any:
+    """Check a decoded stats.json value against `shape` and return a safe copy: strings and
+    map keys bounded (_stats_clean_key()), unknown keys dropped, missing keys empty. Raises
+    StatsFileError naming the first bad field."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        out = {}
+        for key, sub in shape.items():
+            if key not in value or value[key] is None and isinstance(sub, _StatsOptional):
+                if not (isinstance(sub, _StatsOptional) and sub.omit):
+                    out[key] = _stats_empty(sub)
+                continue
+            out[key] = _stats_conform(value[key], sub, "%s.%s" % (where, key))
+        return out
+    if isinstance(shape, _StatsMapOf):
+        if not isinstance(value, dict):
+            raise StatsFileError("%s: expected an object" % where)
+        return {_stats_clean_key(k): _stats_conform(v, shape.entry, "%s[%r]" % (where, k[:40]))
+                for k, v in value.items()}
+    if isinstance(shape, _StatsListOf):
+        if not isinstance(value, list):
+            raise StatsFileError("%s: expected a list" % where)
+        return [_stats_conform(v, shape.item, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if isinstance(shape, _StatsHistogram):
+        return _stats_conform_histogram(value, shape.bounds, where)
+    if isinstance(shape, _StatsOptional):
+        if isinstance(value, bool) or not isinstance(value, shape.types) or \
+                isinstance(value, float) and not math.isfinite(value):
+            raise StatsFileError("%s: wrong type" % where)
+        return _stats_clean_key(value) if isinstance(value, str) else value
+    if isinstance(shape, _StatsOneOf):
+        if value is not None and value not in shape.values:
+            raise StatsFileError("%s: expected one of %s" % (where, ", ".join(shape.values)))
+        return value
+    if isinstance(shape, _StatsText):
+        if not isinstance(value, str) or shape.pattern and not shape.pattern.match(value):
+            raise StatsFileError("%s: expected a string%s" % (
+                where, " like %s" % shape.pattern.pattern if shape.pattern else ""))
+        return _stats_clean_key(value, shape.max_len)
+    if isinstance(shape, bool):
+        if not isinstance(value, bool):
+            raise StatsFileError("%s: expected true/false" % where)
+        return value
+    if isinstance(shape, _StatsConst):      # the format marker and its version
+        if value != shape.value:
+            raise StatsFileError("%s: expected %r" % (where, shape.value))
+        return value
+    if isinstance(shape, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StatsFileError("%s: expected a non-negative integer" % where)
+        return value
+    if isinstance(shape, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise StatsFileError("%s: expected a non-negative number" % where)
+        return float(value)
+    raise AssertionError("unknown shape %r at %s" % (shape, where))
+
+
+def _stats_conform_histogram(value: Any, bounds: Tuple[float, ...],
+                             where: str) -> Dict[str, Any]:
+    hist = _stats_conform(value, {"buckets": _StatsListOf(0.0), "counts": _StatsListOf(0),
+                                  "sum": 0.0, "count": 0}, where)
+    if len(hist["counts"]) != len(hist["buckets"]) + 1:
+        raise StatsFileError("%s: counts do not match buckets" % where)
+    if hist["buckets"] != [float(b) for b in bounds]:
+        # Written with other bucket bounds (another version): the counts cannot
+        # be re-binned, so restart this histogram rather than reject the file.
+        log.info("stats file %s uses other buckets; restarting that histogram", where)
+        return _stats_new_histogram(bounds)
+    hist["buckets"] = list(bounds)
+    return hist
+
+
+def _stats_parse_document(doc: Any, history_size: int) -> Dict[str, Any]:
+    """Check a decoded stats.json and return it as the store's document (one walk against
+    _STATS_SHAPE). Raises StatsFileError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise StatsFileError("not a JSON object")
+    if doc.get("format") != STATS_FILE_FORMAT:
+        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
+    fv = doc.get("formatVersion")
+    if fv != STATS_FILE_VERSION:
+        raise StatsFileError("has formatVersion %r, this version reads %d"
+                             % (fv, STATS_FILE_VERSION))
+    state = _stats_conform(doc, _STATS_SHAPE, "file")
+    state["recent"] = state["recent"][-history_size:] if history_size else []
+    for name in ("hourly", "daily"):    # one bucket per start, oldest first
+        state[name] = sorted({b["start"]: b for b in state[name]}.values(),
+                             key=lambda b: b["start"])
+    return state
+
+
 class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
@@ -3991,19 +4586,13 @@ class StatsStore(object):
 
     Methods for the HTTP layer:
       request_started() / request_finished() -- around every forwarded request
-      record(rec)        -- once per forwarded request, with the dict below
+      record(rec)        -- once per forwarded request, with a RequestRecord
       snapshot()         -- the /_proxy/stats JSON (a fresh dict)
       reset()            -- zero everything (POST /_proxy/reset)
     Methods for start-up / shutdown:
       load()             -- read stats.json once at start
       save()             -- write stats.json atomically if anything changed
       start_autosave(interval) / stop_autosave() -- background saver thread
-
-    ``rec`` keys: time (epoch s, request start), method, path (no query),
-    client, status, completion (bool), model (str|None), usage (dict of
-    STATS_TOKEN_FIELDS ints |None), usageSource ("reported"|"injected"|"missing"|
-    None), error (bool), ttfbMs (float|None), durationMs (float), bytes (int);
-    optional: streamed (bool) -- see _generation_seconds().
 
     One lock guards all state; it is never held during disk I/O.  No thread
     is started by the constructor.  With enabled=False (tracking disabled in
@@ -4036,33 +4625,16 @@ class StatsStore(object):
         self._save_blocked = None  # type: Optional[str]
         self._autosave_thread = None  # type: Optional[threading.Thread]
         self._autosave_stop = None  # type: Optional[threading.Event]
-        # Tokens per access key on its current local day: the daily budgets. Kept apart from
-        # the stats so a stats reset does not hand out a fresh budget.
-        self._key_days = {}  # type: Dict[str, Dict[str, Any]]
-        self._zero(self._started_at)
+        # Every persisted counter: the stats.json document (see _STATS_SHAPE).
+        self._doc = _stats_empty_document(self._started_at, self.version)
 
     # -- state ---------------------------------------------------------
 
-    def _zero(self, since):
-        # type: (float) -> None
-        """Reset every persisted counter (caller holds the lock or owns self)."""
-        self._since = since
-        self._requests = 0
-        self._completions = 0
-        self._errors = 0
-        self._bytes = 0
-        self._tokens = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        self._usage_reports = dict.fromkeys(STATS_USAGE_SOURCES, 0)
-        self._by_model = {}     # type: Dict[str, Dict[str, Any]]
-        self._by_endpoint = {}  # type: Dict[str, Dict[str, Any]]
-        self._by_client = {}    # type: Dict[str, Dict[str, Any]]
-        self._by_key = {}       # type: Dict[str, Dict[str, Any]]
-        self._refused = 0
-        self._recent = collections.deque(maxlen=self.history_size)  # oldest first
-        self._hourly = {}  # type: Dict[int, Dict[str, int]]
-        self._daily = {}   # type: Dict[int, Dict[str, int]]
-        self._duration_hist = _stats_new_histogram(DURATION_BUCKETS)
-        self._ttfb_hist = _stats_new_histogram(TTFB_BUCKETS)
+    def _zero(self, since: float) -> None:
+        """Reset every persisted counter but today's key budgets (caller holds the lock)."""
+        key_days = self._doc["keyDays"]
+        self._doc = _stats_empty_document(since, self.version)
+        self._doc["keyDays"] = key_days
 
     def _breakdown_entry(self, table, key):
         # type: (Dict[str, Dict[str, Any]], str) -> Dict[str, Any]
@@ -4081,22 +4653,23 @@ class StatsStore(object):
         # type: (str) -> Dict[str, Any]
         """The byKey entry for name (caller holds the lock). Names come from the config, and
         are bounded like the other tables all the same."""
-        entry = self._by_key.get(name)
+        by_key = self._doc["byKey"]
+        entry = by_key.get(name)
         if entry is None:
-            if len(self._by_key) >= self.max_keys - 1:
+            if len(by_key) >= self.max_keys - 1:
                 name = STATS_OTHER_KEY
-                entry = self._by_key.get(name)
+                entry = by_key.get(name)
             if entry is None:
-                entry = self._by_key[name] = _stats_new_key_entry()
+                entry = by_key[name] = _stats_new_key_entry()
         return entry
 
     def _key_day(self, name, now):
         # type: (str, float) -> Dict[str, Any]
         """Today's budget counter of key `name` (caller holds the lock); a new day starts at 0."""
         today = _stats_local_day(now)
-        day = self._key_days.get(name)
+        day = self._doc["keyDays"].get(name)
         if day is None or day["day"] != today:
-            day = self._key_days[name] = {"day": today, "tokens": 0}
+            day = self._doc["keyDays"][name] = {"day": today, "tokens": 0}
         return day
 
     def key_tokens_today(self, name):
@@ -4104,7 +4677,7 @@ class StatsStore(object):
         """(tokens key `name` used today, seconds until its budget renews at local midnight)."""
         now = self._clock()
         with self._lock:
-            day = self._key_days.get(name)
+            day = self._doc["keyDays"].get(name)
             used = day["tokens"] if day is not None and day["day"] == _stats_local_day(now) else 0
         return used, _stats_seconds_to_midnight(now)
 
@@ -4114,7 +4687,7 @@ class StatsStore(object):
         of key `name` used up. Never counted as a request: the backend never saw it."""
         with self._lock:
             self._change_gen += 1
-            self._refused += 1
+            self._doc["refused"] += 1
             self._key_entry(_stats_clean_key(name) if name else STATS_NO_KEY)["refused"] += 1
 
     def _fold_table(self, table):
@@ -4136,19 +4709,25 @@ class StatsStore(object):
         # type: (float) -> None
         hour_cut = int(now // _STATS_HOUR) * _STATS_HOUR - (_STATS_HOURLY_KEEP - 1) * _STATS_HOUR
         day_cut = int(now // _STATS_DAY) * _STATS_DAY - (_STATS_DAILY_KEEP - 1) * _STATS_DAY
-        for start in [s for s in self._hourly if s < hour_cut]:
-            del self._hourly[start]
-        for start in [s for s in self._daily if s < day_cut]:
-            del self._daily[start]
+        for name, cut in (("hourly", hour_cut), ("daily", day_cut)):
+            buckets = self._doc[name]
+            if buckets and buckets[0]["start"] < cut:
+                buckets[:] = [b for b in buckets if b["start"] >= cut]
 
-    def _bucket_add(self, table, size, keep, when, now, errors, usage):
-        # type: (Dict[int, Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
+    def _bucket_add(self, buckets, size, keep, when, now, errors, usage):
+        # type: (List[Dict[str, int]], int, int, float, float, int, Dict[str, int]) -> None
         start = int(when // size) * size
         if start < int(now // size) * size - (keep - 1) * size:
             return  # older than the chart window: nothing to show it in
-        bucket = table.get(start)
-        if bucket is None:
-            bucket = table[start] = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+        i = len(buckets)                    # oldest first: the bucket is nearly always the last
+        while i > 0 and buckets[i - 1]["start"] > start:
+            i -= 1
+        if i > 0 and buckets[i - 1]["start"] == start:
+            bucket = buckets[i - 1]
+        else:
+            bucket = dict.fromkeys(_STATS_BUCKET_FIELDS, 0)
+            bucket["start"] = start
+            buckets.insert(i, bucket)
             self._prune_buckets(now)  # a new hour/day began: drop the oldest
         bucket["requests"] += 1
         bucket["errors"] += errors
@@ -4190,44 +4769,26 @@ class StatsStore(object):
             if self._in_flight > 0:
                 self._in_flight -= 1
 
-    def record(self, rec):
-        # type: (Dict[str, Any]) -> None
-        """Add one finished forwarded request (see the class docstring for
-        the keys).  Never raises on odd values: bad numbers count as 0/None."""
+    def record(self, rec: RequestRecord) -> None:
+        """Add one finished forwarded request. The record's values are already safe (see
+        RequestRecord); here they are only counted."""
         now = self._clock()
-        when = rec.get("time")
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-            when = now
-        status = rec.get("status")
-        status = status if isinstance(status, int) and not isinstance(status, bool) else 0
-        is_error = bool(rec.get("error"))
-        is_completion = bool(rec.get("completion")) and 200 <= status < 300
-        raw_usage = rec.get("usage")
-        usage = None  # type: Optional[Dict[str, int]]
-        if isinstance(raw_usage, dict):
-            usage = {f: _stats_count(raw_usage.get(f)) for f in STATS_TOKEN_FIELDS}
-            if not usage["total"]:
-                usage["total"] = usage["prompt"] + usage["completion"]
-        zero_usage = dict.fromkeys(STATS_TOKEN_FIELDS, 0)
-        u = usage or zero_usage
-        source = rec.get("usageSource")
-        model = rec.get("model")
-        model_key = None  # type: Optional[str]
-        if isinstance(model, str) and model:
-            model_key = _stats_clean_key(model)
-        elif usage is not None:
+        when = rec.time if rec.time is not None else now
+        status = rec.status
+        is_error = rec.error
+        is_completion = rec.completion and 200 <= status < 300
+        usage = rec.usage
+        u = usage or dict.fromkeys(STATS_TOKEN_FIELDS, 0)
+        source = rec.usage_source
+        model_key: Optional[str] = rec.model
+        if model_key is None and usage is not None:
             model_key = STATS_UNKNOWN_MODEL
-        path = _stats_clean_key(rec.get("path") or "")
-        client = _stats_clean_key(rec.get("client") or "")
-        method = _stats_clean_key(rec.get("method") or "", 16)
-        ttfb_ms = _stats_ms(rec.get("ttfbMs"))
-        duration_ms = _stats_ms(rec.get("durationMs"))
-        nbytes = _stats_count(rec.get("bytes"))
-        key_name = rec.get("key")
-        key_name = _stats_clean_key(key_name) if isinstance(key_name, str) and key_name else None
-        gen_s = None  # type: Optional[float]
+        path, client, method = rec.path, rec.client, rec.method
+        ttfb_ms, duration_ms, nbytes = rec.ttfb_ms, rec.duration_ms, rec.bytes
+        key_name = rec.key
+        gen_s: Optional[float] = None
         if u["completion"] > 0:
-            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.get("streamed"))
+            gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.streamed)
         tps = round(u["completion"] / gen_s, 1) if gen_s else None
 
         entry = {
@@ -4241,26 +4802,27 @@ class StatsStore(object):
             "durationMs": round(duration_ms, 1) if duration_ms is not None else None,
             "ttfbMs": round(ttfb_ms, 1) if ttfb_ms is not None else None,
             "tokensPerSecond": tps,
-            "usage": source if source in STATS_USAGE_SOURCES else None,
+            "usage": source,
             "error": is_error,
         }
         if key_name is not None:
             entry["key"] = key_name     # the access key's name; absent while the proxy is open
 
         with self._lock:
+            doc = self._doc
             self._change_gen += 1
-            self._requests += 1
-            self._completions += is_completion
-            self._errors += is_error
-            self._bytes += nbytes
+            doc["requests"] += 1
+            doc["completions"] += is_completion
+            doc["errors"] += is_error
+            doc["bytes"] += nbytes
             for f in STATS_TOKEN_FIELDS:
-                self._tokens[f] += u[f]
-            if source in STATS_USAGE_SOURCES:
-                self._usage_reports[source] += 1
-            targets = [self._breakdown_entry(self._by_endpoint, path),
-                       self._breakdown_entry(self._by_client, client)]
+                doc["tokens"][f] += u[f]
+            if source is not None:
+                doc["usageReports"][source] += 1
+            targets = [self._breakdown_entry(doc["byEndpoint"], path),
+                       self._breakdown_entry(doc["byClient"], client)]
             if model_key is not None:
-                targets.append(self._breakdown_entry(self._by_model, model_key))
+                targets.append(self._breakdown_entry(doc["byModel"], model_key))
             if key_name is not None:
                 key_entry = self._key_entry(key_name)
                 key_entry["lastUsed"] = now
@@ -4277,13 +4839,16 @@ class StatsStore(object):
                 if gen_s:
                     b["genTokens"] += u["completion"]
                     b["genSeconds"] += gen_s
-            self._recent.append(entry)
-            self._bucket_add(self._hourly, _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
-            self._bucket_add(self._daily, _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
+            recent = doc["recent"]
+            recent.append(entry)
+            if len(recent) > self.history_size:
+                del recent[:len(recent) - self.history_size]
+            self._bucket_add(doc["hourly"], _STATS_HOUR, _STATS_HOURLY_KEEP, when, now, is_error, u)
+            self._bucket_add(doc["daily"], _STATS_DAY, _STATS_DAILY_KEEP, when, now, is_error, u)
             if duration_ms is not None:
-                _stats_histogram_observe(self._duration_hist, duration_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["duration"], duration_ms / 1000.0)
             if ttfb_ms is not None:
-                _stats_histogram_observe(self._ttfb_hist, ttfb_ms / 1000.0)
+                _stats_histogram_observe(doc["histograms"]["ttfb"], ttfb_ms / 1000.0)
 
     def reset(self):
         # type: () -> None
@@ -4305,8 +4870,9 @@ class StatsStore(object):
         now = self._clock()
         today = _stats_local_day(now)
         with self._lock:
+            doc = self._doc
             by_key = {}  # type: Dict[str, Dict[str, Any]]
-            for name, entry in self._by_key.items():
+            for name, entry in doc["byKey"].items():
                 view = _stats_breakdown_view(entry)
                 view.update(refused=entry["refused"], lastUsed=iso_utc(entry["lastUsed"]))
                 by_key[name] = view
@@ -4318,33 +4884,37 @@ class StatsStore(object):
                 by_key[key.name].update(dailyTokens=key.daily_tokens,
                                         requestsPerMinute=key.requests_per_minute)
             for name, view in by_key.items():
-                day = self._key_days.get(name)
+                day = doc["keyDays"].get(name)
                 view["today"] = day["tokens"] if day is not None and day["day"] == today else 0
             self._prune_buckets(now)
             uptime = max(0, int(now - self._started_at))
-            tokens = dict(self._tokens)  # type: Dict[str, Any]
+            tokens = dict(doc["tokens"])  # type: Dict[str, Any]
             tokens["formatted"] = format_tokens(tokens["total"])
+
+            def chart(buckets):
+                return [dict({f: b[f] for f in _STATS_BUCKET_FIELDS}, start=iso_utc(b["start"]))
+                        for b in buckets]
             snap = {
                 "version": self.version,
                 "uptime": format_uptime(uptime),
                 "uptimeSeconds": uptime,
                 "startedAt": iso_utc(self._started_at),
-                "since": iso_utc(self._since),
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
+                "since": iso_utc(doc["since"]),
+                "requests": doc["requests"],
+                "completions": doc["completions"],
+                "errors": doc["errors"],
                 "inFlight": self._in_flight,
-                "bytes": self._bytes,
+                "bytes": doc["bytes"],
                 "tokens": tokens,
-                "usageReports": dict(self._usage_reports),
-                "byModel": {k: _stats_breakdown_view(v) for k, v in self._by_model.items()},
-                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in self._by_endpoint.items()},
-                "byClient": {k: _stats_breakdown_view(v) for k, v in self._by_client.items()},
+                "usageReports": dict(doc["usageReports"]),
+                "byModel": {k: _stats_breakdown_view(v) for k, v in doc["byModel"].items()},
+                "byEndpoint": {k: _stats_breakdown_view(v) for k, v in doc["byEndpoint"].items()},
+                "byClient": {k: _stats_breakdown_view(v) for k, v in doc["byClient"].items()},
                 "byKey": by_key,
-                "refused": self._refused,
-                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(self._recent)],
-                "hourly": [dict(self._hourly[s], start=iso_utc(s)) for s in sorted(self._hourly)],
-                "daily": [dict(self._daily[s], start=iso_utc(s)) for s in sorted(self._daily)],
+                "refused": doc["refused"],
+                "recent": [dict(e, tokens=dict(e["tokens"])) for e in reversed(doc["recent"])],
+                "hourly": chart(doc["hourly"]),
+                "daily": chart(doc["daily"]),
                 "persistence": {
                     "enabled": self._persistence_enabled(),
                     # The name only: stats readers need not learn the server's directories.
@@ -4355,33 +4925,22 @@ class StatsStore(object):
             }
         return snap
 
-    def _metrics_state(self):
-        # type: () -> Dict[str, Any]
-        """Copy of what render_metrics() needs, taken under the lock."""
+    def _metrics_state(self) -> Dict[str, Any]:
+        """What render_metrics() needs, taken under the lock: a copy of the document, plus
+        the gauges that are not persisted."""
         now = self._clock()
         with self._lock:
-            def copy_map(table):
-                return {k: dict(v) for k, v in table.items()}
-            return {
-                "version": self.version,
-                "uptime": max(0.0, now - self._started_at),
-                "inFlight": self._in_flight,
-                "requests": self._requests,
-                "completions": self._completions,
-                "errors": self._errors,
-                "tokens": dict(self._tokens),
-                "usageReports": dict(self._usage_reports),
-                "byModel": copy_map(self._by_model),
-                "byEndpoint": copy_map(self._by_endpoint),
-                "byClient": copy_map(self._by_client),
-                "byKey": copy_map(self._by_key),
-                "refused": self._refused,
-                "keyToday": {k: d["tokens"] for k, d in self._key_days.items()
-                             if d["day"] == _stats_local_day(now)},
-                    "bytes": self._bytes,
-                "duration": _stats_copy_histogram(self._duration_hist),
-                "ttfb": _stats_copy_histogram(self._ttfb_hist),
-            }
+            # All but the recent requests, which no metric shows.
+            state = _stats_copy({k: v for k, v in self._doc.items() if k != "recent"})
+            state.update(
+                version=self.version,
+                uptime=max(0.0, now - self._started_at),
+                inFlight=self._in_flight,
+                keyToday={k: d["tokens"] for k, d in state["keyDays"].items()
+                          if d["day"] == _stats_local_day(now)},
+                duration=state["histograms"]["duration"],
+                ttfb=state["histograms"]["ttfb"])
+            return state
 
     # -- persistence ---------------------------------------------------
 
@@ -4389,39 +4948,14 @@ class StatsStore(object):
         # type: () -> bool
         return self.enabled and bool(self.path)
 
-    def _to_file_state(self):
-        # type: () -> Dict[str, Any]
-        """The stats.json document (caller holds the lock).  Only counters,
-        paths, model names and client IPs: never headers or bodies."""
-        def copy_map(table):
-            return {k: dict(v) for k, v in table.items()}
-
-        return {
-            "format": STATS_FILE_FORMAT,
-            "formatVersion": STATS_FILE_VERSION,
-            "version": self.version,
-            "savedAt": None,  # filled in by save()
-            "since": self._since,
-            "requests": self._requests,
-            "completions": self._completions,
-            "errors": self._errors,
-            "bytes": self._bytes,
-            "tokens": dict(self._tokens),
-            "usageReports": dict(self._usage_reports),
-            "byModel": copy_map(self._by_model),
-            "byEndpoint": copy_map(self._by_endpoint),
-            "byClient": copy_map(self._by_client),
-            "byKey": copy_map(self._by_key),
-            "refused": self._refused,
-            # Only today's counters: yesterday's budget use no longer limits anything.
-            "keyDays": {k: dict(d) for k, d in self._key_days.items()
-                        if d["day"] == _stats_local_day(self._clock())},
-            "recent": [dict(e, tokens=dict(e["tokens"])) for e in self._recent],
-            "hourly": [dict(self._hourly[s], start=s) for s in sorted(self._hourly)],
-            "daily": [dict(self._daily[s], start=s) for s in sorted(self._daily)],
-            "histograms": {"duration": _stats_copy_histogram(self._duration_hist),
-                           "ttfb": _stats_copy_histogram(self._ttfb_hist)},
-        }
+    def _to_file_state(self) -> Dict[str, Any]:
+        """A copy of the document to write as stats.json (caller holds the lock).  Only
+        counters, paths, model names and client IPs: never headers or bodies."""
+        doc = _stats_copy(self._doc)                # save() encodes it unlocked
+        # Only today's counters: yesterday's budget use no longer limits anything.
+        today = _stats_local_day(self._clock())
+        doc["keyDays"] = {k: d for k, d in doc["keyDays"].items() if d["day"] == today}
+        return doc
 
     def load(self):
         # type: () -> bool
@@ -4436,7 +4970,7 @@ class StatsStore(object):
         if not self._persistence_enabled():
             return False
         path = self.path
-        _stats_remove_stale_temp_files(path)
+        remove_stale_temp_files(path)
         try:
             with open(path, "rb") as f:
                 data = f.read(_STATS_FILE_MAX_BYTES + 1)
@@ -4462,31 +4996,18 @@ class StatsStore(object):
                 doc = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise StatsFileError("not valid JSON: %s" % exc)
-            state = _stats_parse_file(doc, self.history_size)
+            state = _stats_parse_document(doc, self.history_size)
         except StatsFileError as exc:
             self._set_aside(path, str(exc))
             return False
+        # max_keys may have been lowered since the file was written.
+        for name in ("byModel", "byEndpoint", "byClient"):
+            state[name] = self._fold_table(state[name])
+        saved_at = state["savedAt"]
+        state.update(version=self.version, savedAt=None)
         with self._lock:
-            self._since = state["since"]
-            self._requests = state["requests"]
-            self._completions = state["completions"]
-            self._errors = state["errors"]
-            self._bytes = state["bytes"]
-            self._tokens = state["tokens"]
-            self._usage_reports = state["usageReports"]
-            # max_keys may have been lowered since the file was written.
-            self._by_model = self._fold_table(state["byModel"])
-            self._by_endpoint = self._fold_table(state["byEndpoint"])
-            self._by_client = self._fold_table(state["byClient"])
-            self._by_key = state["byKey"]
-            self._refused = state["refused"]
-            self._key_days = state["keyDays"]
-            self._recent = collections.deque(state["recent"], maxlen=self.history_size)
-            self._hourly = state["hourly"]
-            self._daily = state["daily"]
-            self._duration_hist = state["duration"]
-            self._ttfb_hist = state["ttfb"]
-            self._last_saved = state["savedAt"]
+            self._doc = state
+            self._last_saved = float(saved_at) if saved_at is not None else None
             self._prune_buckets(self._clock())
             self._saved_gen = self._change_gen  # memory == disk
         log.info("loaded stats from %s (%d requests since %s)",
@@ -4542,7 +5063,7 @@ class StatsStore(object):
             try:
                 data = json.dumps(doc, ensure_ascii=True, allow_nan=False,
                                   separators=(",", ":")).encode("ascii")
-                _stats_atomic_write(self.path, data)
+                _write_file_atomic(self.path, data, private=False, make_dirs=False)
             except (OSError, ValueError, TypeError) as exc:
                 err = "cannot save stats to %s: %s" % (self.path, exc)
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
@@ -4598,235 +5119,6 @@ class StatsStore(object):
             thread.join(timeout)
         self._autosave_stop = self._autosave_thread = None
         return self.save()
-
-
-def _stats_remove_stale_temp_files(path):
-    # type: (str) -> None
-    """Delete temp files a killed process left behind mid-save (one proxy per stats file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = "." + os.path.basename(path) + "."
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                log.info("removed %s, left by an interrupted save", name)
-            except OSError:
-                pass
-
-
-def _stats_atomic_write(path, data):
-    # type: (str, bytes) -> None
-    """Replace `path` with `data` so that readers (and a power cut) see either
-    the old or the new file, never a torn one: temp file in the same
-    directory, fsync, os.replace, then fsync the directory (POSIX) so the
-    rename itself is durable."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            # mkstemp makes 0600; the file holds no secrets. fchmod changes the open file:
-            # chmod(tmp) would follow a symlink swapped in for the temp file, and such a swap
-            # is caught before os.replace() would put it in place of stats.json.
-            try:
-                if hasattr(os, "fchmod"):
-                    os.fchmod(f.fileno(), 0o644)
-                else:
-                    os.chmod(tmp, 0o644)
-            except OSError:
-                pass
-            _check_still_ours(tmp, f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if os.name == "posix":
-        try:
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # best effort: some filesystems refuse fsync on directories
-
-
-# -- stats.json validation ---------------------------------------------
-
-def _statsfile_int(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> int
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative integer" % (where, key))
-    return v
-
-
-def _statsfile_num(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> float
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise StatsFileError("%s.%s: expected a non-negative number" % (where, key))
-    return float(v)
-
-
-def _statsfile_dict(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> Dict[str, Any]
-    v = obj.get(key)
-    if not isinstance(v, dict):
-        raise StatsFileError("%s.%s: expected an object" % (where, key))
-    return v
-
-
-def _statsfile_list(obj, key, where):
-    # type: (Dict[str, Any], str, str) -> List[Any]
-    v = obj.get(key)
-    if not isinstance(v, list):
-        raise StatsFileError("%s.%s: expected a list" % (where, key))
-    return v
-
-
-def _statsfile_optional(obj, key, where, types):
-    # type: (Dict[str, Any], str, str, Tuple[type, ...]) -> Any
-    v = obj.get(key)
-    if v is not None and (isinstance(v, bool) and bool not in types or not isinstance(v, types)):
-        raise StatsFileError("%s.%s: wrong type" % (where, key))
-    return v
-
-
-def _statsfile_histogram(obj, where, bounds):
-    # type: (Any, str, Tuple[float, ...]) -> Dict[str, Any]
-    if not isinstance(obj, dict):
-        raise StatsFileError("%s: expected an object" % where)
-    counts = _statsfile_list(obj, "counts", where)
-    saved_bounds = _statsfile_list(obj, "buckets", where)
-    for c in counts:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise StatsFileError("%s.counts: expected non-negative integers" % where)
-    if len(counts) != len(saved_bounds) + 1:
-        raise StatsFileError("%s: counts do not match buckets" % where)
-    hist = {"buckets": list(bounds), "counts": list(counts),
-            "sum": _statsfile_num(obj, "sum", where), "count": _statsfile_int(obj, "count", where)}
-    if [float(b) for b in saved_bounds] != [float(b) for b in bounds]:
-        # Written with other bucket bounds (another version): the counts cannot
-        # be re-binned, so restart this histogram rather than reject the file.
-        log.info("stats file %s uses other buckets; restarting that histogram", where)
-        return _stats_new_histogram(bounds)
-    return hist
-
-
-def _stats_parse_file(doc, history_size):
-    # type: (Any, int) -> Dict[str, Any]
-    """Validate a decoded stats.json document and return internal state.
-    Raises StatsFileError naming the first bad field."""
-    if not isinstance(doc, dict):
-        raise StatsFileError("not a JSON object")
-    if doc.get("format") != STATS_FILE_FORMAT:
-        raise StatsFileError("has no \"format\": %r marker" % STATS_FILE_FORMAT)
-    fv = doc.get("formatVersion")
-    if fv != STATS_FILE_VERSION:
-        raise StatsFileError("has formatVersion %r, this version reads %d"
-                             % (fv, STATS_FILE_VERSION))
-    st = {}  # type: Dict[str, Any]
-    st["since"] = _statsfile_num(doc, "since", "file")
-    saved_at = _statsfile_optional(doc, "savedAt", "file", (int, float))
-    st["savedAt"] = float(saved_at) if saved_at is not None else None
-    for k in ("requests", "completions", "errors", "bytes"):
-        st[k] = _statsfile_int(doc, k, "file")
-    tokens = _statsfile_dict(doc, "tokens", "file")
-    st["tokens"] = {f: _statsfile_int(tokens, f, "tokens") for f in STATS_TOKEN_FIELDS}
-    reports = _statsfile_dict(doc, "usageReports", "file")
-    st["usageReports"] = {f: _statsfile_int(reports, f, "usageReports")
-                          for f in STATS_USAGE_SOURCES}
-    for name in ("byModel", "byEndpoint", "byClient"):
-        table = {}
-        for key, entry in _statsfile_dict(doc, name, "file").items():
-            where = "%s[%r]" % (name, key[:40])
-            if not isinstance(entry, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            clean = {f: _statsfile_int(entry, f, where) for f in _STATS_BREAKDOWN_SUM_FIELDS}
-            clean.update({f: _statsfile_num(entry, f, where)
-                          for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-            table[_stats_clean_key(key)] = clean
-        st[name] = table
-    # byKey, refused and keyDays came with access keys; files written before have none.
-    by_key = {}
-    for key, entry in _statsfile_dict(doc, "byKey", "file").items() if "byKey" in doc else ():
-        where = "byKey[%r]" % key[:40]
-        if not isinstance(entry, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        clean = {f: _statsfile_int(entry, f, where)
-                 for f in _STATS_BREAKDOWN_SUM_FIELDS + ("refused",)}
-        clean.update({f: _statsfile_num(entry, f, where) for f in _STATS_BREAKDOWN_FLOAT_FIELDS})
-        last = _statsfile_optional(entry, "lastUsed", where, (int, float))
-        clean["lastUsed"] = float(last) if last is not None else None
-        by_key[_stats_clean_key(key)] = clean
-    st["byKey"] = by_key
-    st["refused"] = _statsfile_int(doc, "refused", "file") if "refused" in doc else 0
-    key_days = {}
-    for key, day in _statsfile_dict(doc, "keyDays", "file").items() if "keyDays" in doc else ():
-        where = "keyDays[%r]" % key[:40]
-        if not isinstance(day, dict) or not isinstance(day.get("day"), str) \
-                or not _STATS_DAY_FORMAT.match(day["day"]):
-            raise StatsFileError("%s: expected {\"day\": \"YYYY-MM-DD\", \"tokens\": n}" % where)
-        key_days[_stats_clean_key(key)] = {"day": day["day"],
-                                           "tokens": _statsfile_int(day, "tokens", where)}
-    st["keyDays"] = key_days
-    recent = []
-    saved_recent = _statsfile_list(doc, "recent", "file")
-    for i, e in enumerate(saved_recent[-history_size:] if history_size else []):
-        where = "recent[%d]" % i
-        if not isinstance(e, dict):
-            raise StatsFileError("%s: expected an object" % where)
-        for k in ("time", "method", "path", "client"):
-            if not isinstance(e.get(k), str):
-                raise StatsFileError("%s.%s: expected a string" % (where, k))
-        tok = _statsfile_dict(e, "tokens", where)
-        usage = e.get("usage")
-        if usage is not None and usage not in STATS_USAGE_SOURCES:
-            raise StatsFileError("%s.usage: unknown source" % where)
-        if not isinstance(e.get("error"), bool):
-            raise StatsFileError("%s.error: expected true/false" % where)
-        recent.append({
-            "time": e["time"], "method": _stats_clean_key(e["method"], 16),
-            "path": _stats_clean_key(e["path"]),
-            "model": _statsfile_optional(e, "model", where, (str,)),
-            "status": _statsfile_int(e, "status", where),
-            "client": _stats_clean_key(e["client"]),
-            "tokens": {f: _statsfile_int(tok, f, where + ".tokens")
-                       for f in _STATS_RECENT_TOKEN_FIELDS},
-            "durationMs": _statsfile_optional(e, "durationMs", where, (int, float)),
-            "ttfbMs": _statsfile_optional(e, "ttfbMs", where, (int, float)),
-            "tokensPerSecond": _statsfile_optional(e, "tokensPerSecond", where, (int, float)),
-            "usage": usage,
-            "error": e["error"],
-        })
-        if _statsfile_optional(e, "key", where, (str,)) is not None:
-            recent[-1]["key"] = _stats_clean_key(e["key"])
-    st["recent"] = recent
-    for name in ("hourly", "daily"):
-        table = {}
-        for i, b in enumerate(_statsfile_list(doc, name, "file")):
-            where = "%s[%d]" % (name, i)
-            if not isinstance(b, dict):
-                raise StatsFileError("%s: expected an object" % where)
-            start = _statsfile_int(b, "start", where)
-            table[start] = {f: _statsfile_int(b, f, where) for f in _STATS_BUCKET_FIELDS}
-        st[name] = table
-    hists = _statsfile_dict(doc, "histograms", "file")
-    st["duration"] = _statsfile_histogram(hists.get("duration"), "histograms.duration",
-                                          DURATION_BUCKETS)
-    st["ttfb"] = _statsfile_histogram(hists.get("ttfb"), "histograms.ttfb", TTFB_BUCKETS)
-    return st
 
 
 # ==================================================================================================
@@ -6331,6 +6623,85 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def response_has_body(method: str, status: int) -> bool:
+    """Whether an answer to ``method`` with ``status`` has a body (RFC 9110 §6.4.1)."""
+    return not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+class Framing(NamedTuple):
+    """How one answer's body travels to the client, decided once from the backend's head."""
+
+    has_body: bool
+    """False for HEAD, 204, 304 and 1xx: the head is all there is."""
+    streamed: bool
+    """An SSE or NDJSON stream (its pieces may be minutes apart)."""
+    reframed: bool
+    """The backend's Content-Length is not passed on: it is unknown, chunked, or the body may
+    be edited on the way (injected usage)."""
+    chunked: bool
+    """We send the body chunked (a re-framed body to an HTTP/1.1 client); a re-framed body to
+    an HTTP/1.0 client ends with the connection's close instead."""
+    hold_head: bool
+    """The head waits for the first piece so both leave in one write (see plan_framing)."""
+
+
+def plan_framing(response, request_method: str, client_version: str,
+                 body_edited: bool = False) -> Framing:
+    """Decide, from the backend's head alone, how the body is framed and when the head goes.
+
+    A Content-Length body was complete when the backend sent its head, and its first piece
+    comes in the same read or right after: the head waits for it and both leave in one write,
+    one TLS record and one syscall less per answer. Streams and chunked bodies, whose next
+    bytes may be minutes away, get their head at once.
+    """
+    content_type = response.getheader("content-type", "")
+    streamed = "event-stream" in content_type or "ndjson" in content_type
+    has_body = response_has_body(request_method, response.status)
+    reframed = has_body and (response.chunked or response.length is None or body_edited)
+    chunked = reframed and client_version == "HTTP/1.1"
+    hold_head = has_body and bool(response.length) and not chunked and not streamed
+    return Framing(has_body, streamed, reframed, chunked, hold_head)
+
+
+class BodyPipe:
+    """The backend's body on its way to the client, as the relay loop sees it.
+
+    ``read()`` gives the next bytes for the client (b"" at the end of the body): every piece
+    from ``read_piece`` is first read by the usage ``tap`` as it came from the backend, then
+    edited by the ``stripper`` (which may hold part of it back).  ``finish(complete)`` ends
+    both and returns what the stripper still held.  Neither of them ever raises.
+    """
+
+    __slots__ = ("read_piece", "tap", "stripper")
+
+    def __init__(self, read_piece, tap: Optional["UsageTap"],
+                 stripper: Optional["InjectedUsageStripper"]):
+        self.read_piece = read_piece
+        self.tap = tap
+        self.stripper = stripper
+
+    def read(self) -> bytes:
+        """The next bytes for the client; b"" only at the end of the backend's body."""
+        while True:
+            data = self.read_piece()
+            if not data:
+                return data
+            if self.tap is not None:
+                self.tap.feed(data)
+            if self.stripper is None:
+                return data
+            data = self.stripper.feed(data)
+            if data:
+                return data
+
+    def finish(self, complete: bool) -> bytes:
+        """End of the body (``complete``: it ended normally): the bytes still to send."""
+        tail = self.stripper.finish() if self.stripper is not None else b""
+        if self.tap is not None:
+            self.tap.finish(complete)
+        return tail
+
+
 class Exchange:
     """One forwarded request: its body, the backend round trip, the streamed answer, the record."""
 
@@ -6575,14 +6946,12 @@ class Exchange:
             send(b"%x\r\n%s\r\n" % (len(data), data))
         send(b"0\r\n\r\n")
 
-    def response_headers(self, response, body_kept: bool) -> Tuple[List[Tuple[str, str]], bool]:
-        """The backend's headers to pass on, and whether we frame the body as chunked."""
+    def response_headers(self, response, framing: "Framing") -> List[Tuple[str, str]]:
+        """The backend's headers to pass on, with our framing headers and the CORS ones."""
         raw = response.getheaders()
         dropped = set(HOP_BY_HOP_HEADERS)
         dropped.update(_connection_tokens(v for k, v in raw if k.lower() == "connection"))
-        reframed = self.has_body(response) and (
-            response.chunked or response.length is None or not body_kept)
-        if reframed or response.chunked:
+        if framing.reframed or response.chunked:
             # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a proxy MUST remove
             # Content-Length before forwarding; a body we re-frame carries our framing only
             # (http.client also gives length None for an unparsable Content-Length).
@@ -6596,56 +6965,63 @@ class Exchange:
                 dropped.add(lower)          # identical repeats (checked already): send one
             # RFC 9112 §5.2: replace obs-fold (CRLF + whitespace) by SP before forwarding.
             headers.append((k, _OBS_FOLD.sub(" ", v)))
-        chunked = False
-        if self.has_body(response):
-            if response.chunked or response.length is None or not body_kept:
-                if self.head.version == "HTTP/1.1":
-                    headers.append(("Transfer-Encoding", "chunked"))
-                    chunked = True
-                else:
-                    self.handler.close_connection = True   # HTTP/1.0: the close ends the body
+        if framing.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif framing.reframed:
+            self.handler.close_connection = True   # HTTP/1.0: the close ends the body
         headers.extend(self.handler.cors_response_headers([k for k, _ in headers]))
-        return headers, chunked
+        return headers
 
     def has_body(self, response) -> bool:
-        status = response.status
-        return not (self.head.method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+        return response_has_body(self.head.method, response.status)
 
     def relay_response(self, conn, response) -> None:
-        """Copy status, headers and body to the client, each piece as soon as it arrives."""
+        """Copy status, headers and body to the client, each piece as soon as it arrives.
+
+        Framing is planned once (plan_framing); the body reaches the copy loop through a
+        BodyPipe, where the usage tap reads it and the stripper takes out injected usage.
+        """
         self.status = response.status
         content_type = response.getheader("content-type", "")
-        self.streamed = "event-stream" in content_type or "ndjson" in content_type
+        encoding = response.getheader("content-encoding", "")
+        stripper = None
         if self.kind and 200 <= response.status < 300:
-            self.tap = UsageTap(self.kind, self.request_info, content_type,
-                                response.getheader("content-encoding", ""),
-                                strip_injected_usage=self.injected)
-        body_kept = not (self.tap is not None and self.injected)
-        headers, chunked = self.response_headers(response, body_kept)
+            self.tap = UsageTap(self.kind, self.request_info, content_type, encoding,
+                                injected=self.injected)
+            if InjectedUsageStripper.wanted(self.injected, content_type, encoding):
+                stripper = InjectedUsageStripper()
+        # An injected request's body may be edited, so its length is not passed on.
+        framing = plan_framing(response, self.head.method, self.head.version,
+                               body_edited=self.tap is not None and self.injected)
+        self.streamed = framing.streamed
+        headers = self.response_headers(response, framing)
         write = self.handler.wfile.write
         reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
         head = self.handler.format_head(response.status, reason, headers)
-        # A Content-Length body was complete when the backend sent its head, and its first piece
-        # comes in the same read or right after: the head waits for it and both leave in one
-        # write, one TLS record and one syscall less per answer. Streams and chunked bodies,
-        # whose next bytes may be minutes away, get their head at once.
-        if not (self.has_body(response) and response.length and not chunked
-                and not self.streamed):
+        if not framing.hold_head:
             try:
                 write(head)
             except OSError:
                 conn.close()
                 raise ClientGone() from None
             head = b""
-        if not self.has_body(response):
+        if not framing.has_body:
             self.ttfb = time.monotonic() - self.started
             self.server.upstream.release(conn, response)
             return
-        tap = self.tap
+
+        def read_piece() -> bytes:
+            data = self.read_available(response)
+            if self.ttfb is None:
+                self.ttfb = time.monotonic() - self.started
+            return data
+
+        body = BodyPipe(read_piece, self.tap, stripper)
+        chunked = framing.chunked
         complete = False
         while True:
             try:
-                data = self.read_available(response)
+                data = body.read()
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if head:                  # nothing reached the client yet: a proper error
                     conn.close()
@@ -6656,8 +7032,6 @@ class Exchange:
                     return
                 self.upstream_broke(conn, exc)
                 return
-            if self.ttfb is None:
-                self.ttfb = time.monotonic() - self.started
             if not data:
                 if response.length:
                     # HTTPResponse.read1() reports a Content-Length body cut short by a clean
@@ -6667,10 +7041,6 @@ class Exchange:
                     return
                 complete = True
                 break
-            if tap is not None:
-                data = tap.feed(data)
-                if not data:
-                    continue
             self.sent += len(data)
             try:
                 if head:
@@ -6681,9 +7051,7 @@ class Exchange:
             except OSError:
                 self.client_broke(conn)
                 return
-        tail = b""
-        if tap is not None:
-            tail, _ = tap.finish(complete)
+        tail = body.finish(complete)
         try:
             if head:                      # the body ended before its first byte
                 write(head)
@@ -6848,15 +7216,15 @@ class Exchange:
                         " %d tokens" % tokens if tokens else "",
                         " key=%s" % self.key_name if self.key_name else "",
                         ": " + self.failure if self.failure else "")
-        self.server.stats.record({
-            "time": self.started_wall, "method": self.head.method, "path": self.path,
-            "client": self.handler.client_ip, "status": self.status,
-            "completion": bool(self.kind) and is_completion_kind(self.kind),
-            "model": model, "usage": usage, "usageSource": source, "error": self.error,
-            "ttfbMs": None if self.ttfb is None else self.ttfb * 1000,
-            "durationMs": duration * 1000, "bytes": self.sent, "streamed": self.streamed,
-            "key": self.key_name,
-        })
+        self.server.stats.record(RequestRecord(
+            time=self.started_wall, method=self.head.method, path=self.path,
+            client=self.handler.client_ip, status=self.status,
+            completion=bool(self.kind) and is_completion_kind(self.kind),
+            model=model, usage=usage, usage_source=source, error=self.error,
+            ttfb_ms=None if self.ttfb is None else self.ttfb * 1000,
+            duration_ms=duration * 1000, bytes=self.sent, streamed=self.streamed,
+            key=self.key_name,
+        ))
 
 
 LINGER_SECONDS = 2.0
@@ -8466,7 +8834,7 @@ def list_keys(config: Config) -> int:
     by_key, days = {}, {}
     try:
         with open(config.stats_file, "rb") as handle:
-            state = _stats_parse_file(json.loads(handle.read().decode("utf-8")), 0)
+            state = _stats_parse_document(json.loads(handle.read().decode("utf-8")), 0)
         by_key, days = state["byKey"], state["keyDays"]
     except (OSError, ValueError):
         pass                                 # no stats yet (or unreadable): show the budgets

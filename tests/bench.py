@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Benchmark proxy.py against nginx and a direct connection (issue 7), and soak-test it (issue 8).
+"""Benchmark proxy.py against nginx and a direct connection (issue 7), against the bare shape of
+its own design and proxy-py (issue 16), and soak-test it (issue 8).
 
     python3 tests/bench.py              full run: every scenario, 3 interleaved rounds, minutes
-    python3 tests/bench.py --quick      smoke run of about 20 s: 1 round, smaller counts
+    python3 tests/bench.py --quick      smoke run of 1-2 minutes: 1 round, smaller counts
     python3 tests/bench.py --json       the same figures, machine-readable on stdout
     python3 tests/bench.py --soak [S]   bounded soak of proxy.py alone (default 60 s)
     python3 tests/bench.py --proxy P    measure another copy of proxy.py (e.g. with a patch applied)
     python3 tests/bench.py --only a,d   some scenarios only (g, the idle figures, always runs)
-    more: --rounds N, --no-nginx, --nginx-workers N, --client-procs N (default 2),
+    more: --rounds N, --no-nginx, --no-proxypy, --nginx-workers N, --client-procs N (default 2),
           --seed N (soak), --proxy-pid-file PATH (to attach a profiler such as py-spy)
 
 Not part of the test run (tests/run.py discovers test_*.py only). Standard library only; every
@@ -46,9 +47,20 @@ The scenarios (see each bench_* function for how it is measured):
 Memory is counted with shared pages once (see footprint_mib): for proxy.py that is its VmRSS.
 Each target's CPU use is read from /proc during c, d and f, so a saturated server shows.
 
-Every scenario runs against direct, nginx and proxy.py in the same run, interleaved: each round
-rotates the order, so slow drift of the machine spreads over all three. Figures are medians over
-the rounds.
+Every scenario runs against direct, nginx, bare, proxy-py and proxy.py in the same run,
+interleaved: each round rotates the order, so slow drift of the machine spreads over all of them.
+Figures are medians over the rounds.
+
+  bare      tests/bare_proxy.py (issue 16): ThreadingHTTPServer + ssl + http.client, read1()
+            streaming, one upstream connection per client connection, nothing else: the floor
+            of proxy.py's own design. Issue 16's table gives every figure as a ratio to nginx
+            and to it.
+  proxy-py  When `pip install proxy.py` (the PyPI name of proxy-py) has been done: its defaults
+            with the catch-all reverse-proxy plugin of tests/proxypy_plugin.py; --no-proxypy
+            leaves it out.
+  start     proxy.py restarted with the same config: start to first answer and VmRSS, both as it
+            starts now (re-run from its bytecode cache) and with LLM_PROXY_NO_RERUN=1 (as a plain
+            script), interleaved.
 """
 
 import argparse
@@ -98,12 +110,14 @@ FULL = {
     "f_streams": 200, "f_events": 100, "f_interval_ms": 20.0,
     "h_chunks": 2000000,
     "cert_runs": 3,
+    "startup_runs": 5,
 }
 
 # --quick keeps every scenario and its concurrency (200 streams still measure the peak RSS) but
 # shortens counts and durations; 64 MiB instead of 256 MiB is enough to see a throughput.
 QUICK = dict(FULL, rounds=1, a_requests=500, b_requests=50, c_warmup=0.3, c_seconds=1.5,
-             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1)
+             d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1,
+             startup_runs=1)
 
 
 class BenchError(Exception):
@@ -1364,7 +1378,7 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
         with open(config_path, "w") as handle:
             json.dump(config, handle, indent=2)
         proc = children.spawn("proxy", [sys.executable, proxy_path, "--config", config_path,
-                                        "--quiet"], cwd=workdir)
+                                        "--quiet"], cwd=workdir, env=proxy_env())
         target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
         problem = _wait_until_serving(target, get_request("/_proxy/health"), 20)
         if problem is None:
@@ -1374,6 +1388,124 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
         if "already in use" not in log_text:
             raise BenchError("proxy.py did not start (%s):\n%s" % (problem, log_text))
     raise BenchError("proxy.py found no free port in 5 tries")
+
+
+BARE_PROXY = os.path.join(HERE, "bare_proxy.py")
+
+
+def start_bare(children: Children, upstream_port: int, certs: dict,
+               context: ssl.SSLContext) -> Target:
+    """The bare shape (tests/bare_proxy.py, issue 16): ThreadingHTTPServer + ssl + http.client
+    with read1() streaming and nothing else; the floor our own design can reach."""
+    for _attempt in range(5):
+        port = free_port()
+        proc = children.spawn("bare", [sys.executable, BARE_PROXY, str(port), certs["cert"],
+                                       certs["key"], str(upstream_port)])
+        target = Target("bare", port, context, lambda p=proc: [p.pid], proc)
+        problem = _wait_until_serving(target, get_request("/v1/models"), 20)
+        if problem is None:
+            return target
+        log_text = children.log_tail(proc)
+        children.stop(proc)
+        if "already in use" not in log_text:
+            raise BenchError("the bare shape did not start (%s):\n%s" % (problem, log_text))
+    raise BenchError("the bare shape found no free port in 5 tries")
+
+
+def proxypy_version() -> Optional[str]:
+    """proxy-py's version when the package is installed (`pip install proxy.py`), else None.
+    Asked from the temporary directory, so our own proxy.py cannot shadow the package."""
+    try:
+        done = subprocess.run([sys.executable, "-c", "import proxy.common.version as v; "
+                               "print(v.__version__)"], capture_output=True, timeout=30,
+                              cwd=tempfile.gettempdir())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.decode().strip() or None if done.returncode == 0 else None
+
+
+def start_proxypy(children: Children, workdir: str, upstream_port: int, certs: dict,
+                  context: ssl.SSLContext) -> Target:
+    """proxy-py (the PyPI package proxy.py) as a TLS reverse proxy with the catch-all plugin of
+    tests/proxypy_plugin.py; its defaults otherwise (one acceptor/worker process per CPU)."""
+    env = dict(os.environ, BENCH_UPSTREAM_PORT=str(upstream_port), PYTHONPATH=HERE)
+    for _attempt in range(5):
+        port = free_port()
+        proc = children.spawn("proxy-py", [
+            sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port),
+            "--enable-reverse-proxy", "--plugins", "proxypy_plugin.CatchAllReverseProxy",
+            "--cert-file", certs["cert"], "--key-file", certs["key"], "--log-level", "WARNING"],
+            cwd=workdir, env=env)
+        target = Target("proxy-py", port, context, lambda p=proc: [p.pid] + child_pids(p.pid),
+                        proc)
+        problem = _wait_until_serving(target, get_request("/v1/models"), 30)
+        if problem is None:
+            return target
+        log_text = children.log_tail(proc)
+        children.stop(proc)
+        if "already in use" not in log_text:
+            raise BenchError("proxy-py did not start (%s):\n%s" % (problem, log_text))
+    raise BenchError("proxy-py found no free port in 5 tries")
+
+
+def _first_answer_s(target: Target, deadline: float) -> Optional[float]:
+    """Poll every 2 ms until `target` answers /_proxy/health; returns when it did (monotonic)."""
+    probe = get_request("/_proxy/health")
+    while time.monotonic() < deadline and target.alive():
+        try:
+            conn = Connection(target, timeout=5)
+            try:
+                if conn.exchange(probe).status == 200:
+                    return time.monotonic()
+            finally:
+                conn.close()
+        except (OSError, BenchError):
+            time.sleep(0.002)
+    return None
+
+
+def proxy_env(**extra) -> dict:
+    """proxy.py's environment as on a user's machine: bytecode caches allowed (tests/run.py and
+    some shells set PYTHONDONTWRITEBYTECODE, which would hide proxy.py's cache; the bench runs a
+    copy in its temporary directory, so the cache lands there)."""
+    env = dict(os.environ, **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def measure_startup(children: Children, proxy_path: str, workdir: str, runs: int,
+                    context: ssl.SSLContext, env: Optional[dict] = None) -> dict:
+    """Start proxy.py `runs` more times with the config start_proxy wrote (existing certificates,
+    tracking on): seconds from spawn to the first answer, and its RSS (VmRSS) then (VmHWM would
+    not do: a re-exec resets it). The first run may write a bytecode cache; the medians are over
+    the runs after it."""
+    config_path = os.path.join(workdir, "proxy-config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    startup_dir = os.path.join(workdir, "startup")
+    os.makedirs(startup_dir, exist_ok=True)
+    times, peaks = [], []
+    for _run in range(runs + 1):
+        port = free_port()
+        config["proxy"]["port"] = port
+        config["tracking"]["statsFile"] = os.path.join(startup_dir, "stats.json")
+        path = os.path.join(startup_dir, "config.json")
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+        started = time.monotonic()
+        proc = children.spawn("startup", [sys.executable, proxy_path, "--config", path, "--quiet"],
+                              cwd=startup_dir, env=env or proxy_env())
+        target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
+        answered = _first_answer_s(target, started + 30)
+        peak = proc_status_kib(proc.pid, "VmRSS") / 1024.0 if proc.poll() is None else None
+        children.stop(proc)
+        if answered is None:
+            raise BenchError("proxy.py did not answer after a restart:\n"
+                             + children.log_tail(proc))
+        times.append(answered - started)
+        peaks.append(peak)
+    return {"first_s": times[0], "start_to_answer_s": median(times[1:]),
+            "rss_mib": median([p for p in peaks[1:] if p is not None]), "runs": runs}
 
 
 # worker_processes 1: proxy.py is one process, and on a 2-core machine the client processes and
@@ -1798,15 +1930,20 @@ def run_benchmark(args, s: dict) -> dict:
         doc["notes"].append("the machine was %.0f%% busy with other work before the run: absolute "
                             "figures are noisy (the interleaved ratios less so)"
                             % (100 * doc["busy_before"]))
+    # A copy in the work directory: its bytecode cache (see proxy_env) goes there, not beside
+    # the file measured.
+    proxy_path = os.path.join(workdir, "app", "proxy.py")
+    os.makedirs(os.path.dirname(proxy_path))
+    shutil.copy(args.proxy, proxy_path)
     try:
         upstream_proc, upstream_port = start_upstream(children)
         direct = Target("direct", upstream_port, None, lambda: [upstream_proc.pid], upstream_proc)
         say("certificates: proxy.ensure_certificates on a fresh directory (%d run%s)"
             % (s["cert_runs"], "s" if s["cert_runs"] > 1 else ""))
-        certs = make_certificates(args.proxy, os.path.join(workdir, "certs"))
+        certs = make_certificates(proxy_path, os.path.join(workdir, "certs"))
         cert_times = [certs]
         for run in range(1, s["cert_runs"]):
-            cert_times.append(make_certificates(args.proxy, os.path.join(workdir, "certs%d" % run)))
+            cert_times.append(make_certificates(proxy_path, os.path.join(workdir, "certs%d" % run)))
         doc["certificates"] = {
             "ensure_certificates_s": median([c["ensure_certificates_s"] for c in cert_times]),
             "rsa_keygen_s": median([c.get("rsa_keygen_s") for c in cert_times]),
@@ -1814,10 +1951,22 @@ def run_benchmark(args, s: dict) -> dict:
         if not certs["ca"]:
             doc["notes"].append("no ca.pem beside cert.pem: clients did not verify the certificate")
         context = client_context(certs["ca"])
-        proxy = start_proxy(children, args.proxy, workdir, upstream_port, certs, context)
+        proxy = start_proxy(children, proxy_path, workdir, upstream_port, certs, context)
         if args.proxy_pid_file:
             with open(args.proxy_pid_file, "w") as handle:
                 handle.write("%d\n" % proxy.proc.pid)
+        # Interleaved, like the scenarios: as it starts now, and as it started before issue 16
+        # (LLM_PROXY_NO_RERUN=1 keeps the script start: compiled, never re-run from its cache).
+        startups: Dict[str, List[dict]] = {"now": [], "script": []}
+        for _round in range(2):
+            startups["now"].append(measure_startup(children, proxy_path, workdir,
+                                                   s["startup_runs"], context))
+            startups["script"].append(measure_startup(
+                children, proxy_path, workdir, s["startup_runs"], context,
+                proxy_env(LLM_PROXY_NO_RERUN="1")))
+        doc["startup"] = {mode: {key: median([r[key] for r in rounds])
+                                 for key in ("first_s", "start_to_answer_s", "rss_mib", "runs")}
+                          for mode, rounds in startups.items()}
         targets = [direct]
         if args.no_nginx:
             doc["notes"].append("nginx skipped (--no-nginx)")
@@ -1831,6 +1980,14 @@ def run_benchmark(args, s: dict) -> dict:
         else:
             doc["notes"].append("nginx is not installed (apt-get install -y nginx): "
                                 "no nginx column, no proxy/nginx ratios")
+        targets.append(start_bare(children, upstream_port, certs, context))
+        version = None if args.no_proxypy else proxypy_version()
+        if version:
+            targets.append(start_proxypy(children, workdir, upstream_port, certs, context))
+            doc["proxy-py"] = {"version": version}
+        else:
+            doc["notes"].append("proxy-py left out (%s)" % (
+                "--no-proxypy" if args.no_proxypy else "pip install proxy.py to add it"))
         targets.append(proxy)
         time.sleep(0.5)
         doc["idle_rss_start_mib"] = {t.name: idle_rss(t) for t in targets}
@@ -1972,11 +2129,13 @@ def summarize(doc: dict) -> dict:
         row["proxy/nginx"] = ratio(row["values"].get("proxy"), row["values"].get("nginx"))
         row["nginx/direct"] = ratio(row["values"].get("nginx"), row["values"].get("direct"))
         row["proxy/direct"] = ratio(row["values"].get("proxy"), row["values"].get("direct"))
+        row["proxy/bare"] = ratio(row["values"].get("proxy"), row["values"].get("bare"))
         if key == "complete":
             streams = doc["settings"]["d_streams"]
             row["values"] = {n: None if v is None else "%d/%d" % (v, streams)
                              for n, v in row["values"].items()}
             row["proxy/nginx"] = row["nginx/direct"] = row["proxy/direct"] = None
+            row["proxy/bare"] = None
         table.append(row)
     doc["table"] = table
 
@@ -2000,6 +2159,7 @@ def summarize(doc: dict) -> dict:
                          "measured": peak, "limit": RSS_LIMIT_MIB, "op": "<",
                          "met": None if peak is None else peak < RSS_LIMIT_MIB})
     doc["verdicts"] = verdicts
+    doc["issue16"] = issue16_table(doc, value)
 
     notes = doc["notes"]
     notes.append("memory counts shared pages once (private pages of each process + the shared "
@@ -2019,6 +2179,89 @@ def summarize(doc: dict) -> dict:
                          "bounded by the Python client/upstream on this machine, so proxy/nginx "
                          "for c overstates proxy.py" % (100 * nginx_rps / alone["rps"]))
     return doc
+
+
+# Issue 16's table: (label, scenario, key, higher is better). Scenario "g" is the idle RSS.
+ISSUE16_ROWS = [
+    ("keep-alive small POST p50", "a", "p50_ms", False),
+    ("new TLS connection + POST p50", "b", "p50_ms", False),
+    ("requests/s at 32 clients (higher better)", "c", "rps", True),
+    ("20 SSE streams: per-event p50", "d", "event_p50_ms", False),
+    ("20 SSE streams: per-event p99", "d", "event_p99_ms", False),
+    ("20 SSE streams: time to first byte p50", "d", "ttfb_p50_ms", False),
+    ("big body MB/s (higher better)", "e", "mb_s", True),
+    ("200 streams: per-event p99", "f", "event_p99_ms", False),
+    ("idle RSS (MiB, absolute)", "g", "idle", False),
+    ("peak RSS with 200 streams (MiB, absolute)", "f", "peak_rss_mib", False),
+]
+# Issue 16's targets, on proxy.py / bare from the same run: (row label, op, limit).
+ISSUE16_TARGETS = {
+    "keep-alive small POST p50": ("<=", 1.0),
+    "new TLS connection + POST p50": ("<=", 1.0),
+    "requests/s at 32 clients (higher better)": (">=", 1.0),
+    "20 SSE streams: per-event p50": ("<=", 1.05),
+    "20 SSE streams: per-event p99": ("<=", 1.05),
+    "20 SSE streams: time to first byte p50": ("<=", 1.05),
+    "big body MB/s (higher better)": (">=", 1.0),
+    "200 streams: per-event p99": ("<=", 1.5),
+    "peak RSS with 200 streams (MiB, absolute)": ("<=", 1.25),
+}
+PEERS = ("bare", "proxy", "proxy-py")
+
+
+def issue16_table(doc: dict, value) -> List[dict]:
+    """Issue 16's rows: each peer's figure, its ratio to nginx and to the bare shape, and the
+    verdict of the issue's target for proxy.py (all from the same interleaved run)."""
+    rows = []
+    for label, letter, key, _higher in ISSUE16_ROWS:
+        if letter == "g":
+            figures = {n: doc.get("idle_rss_start_mib", {}).get(n) for n in ("nginx",) + PEERS}
+        elif letter in doc.get("medians", {}):
+            figures = {n: value(letter, n, key) for n in ("nginx",) + PEERS}
+        else:
+            continue
+        row = {"label": label, "values": figures,
+               "x_nginx": {n: _safe_ratio(figures.get(n), figures.get("nginx")) for n in PEERS},
+               "x_bare": {n: _safe_ratio(figures.get(n), figures.get("bare")) for n in PEERS}}
+        measured = row["x_bare"].get("proxy")
+        if label in ISSUE16_TARGETS:
+            op, limit = ISSUE16_TARGETS[label]
+        elif letter == "g":
+            # idle RSS <= bare + 6 MiB, an absolute margin
+            op, limit = "<=", 6.0
+            measured = (None if figures.get("proxy") is None or figures.get("bare") is None
+                        else figures["proxy"] - figures["bare"])
+        row["target"] = "%s %s%s" % (op, limit, " MiB over bare" if letter == "g" else "x bare")
+        row["met"] = None if measured is None else (
+            measured <= limit if op == "<=" else measured >= limit)
+        if label == "200 streams: per-event p99" and row["met"] is not None:
+            peer = figures.get("proxy-py")
+            if peer is not None:
+                row["met"] = row["met"] and figures["proxy"] < peer
+                row["target"] += ", < proxy-py"
+        rows.append(row)
+    return rows
+
+
+def render_issue16(rows: List[dict]) -> List[str]:
+    """Issue 16's table: x nginx for each peer, x bare for proxy.py and proxy-py, the verdict."""
+    out = ["issue 16 table (ratios to nginx and to the bare shape, same run; RSS rows in MiB)"]
+    head = "%-42s%9s%9s%9s%9s%10s%9s%9s  %s" % (
+        "metric", "nginx", "bare", "proxy.py", "proxy-py", "ours/bare", "ppy/bare", "ours",
+        "target")
+    out.append(head)
+    out.append("-" * len(head))
+    for row in rows:
+        v, xn, xb = row["values"], row["x_nginx"], row["x_bare"]
+        absolute = "MiB" in row["label"]
+        cells = [_fmt(v.get("nginx"))] if absolute else ["1.00x" if v.get("nginx") else "-"]
+        for name in PEERS:
+            cells.append(_fmt(v.get(name)) if absolute else _fmt_ratio(xn.get(name)))
+        cells += [_fmt_ratio(xb.get("proxy")), _fmt_ratio(xb.get("proxy-py"))]
+        verdict = "n/a" if row["met"] is None else ("met" if row["met"] else "MISSED")
+        out.append("%-42s%9s%9s%9s%9s%10s%9s%9s  %s" % ((row["label"],) + tuple(cells)
+                                                       + (verdict, row["target"])))
+    return out
 
 
 def _fmt(value) -> str:
@@ -2053,26 +2296,26 @@ def render_table(doc: dict) -> str:
     out.append("proxy: %s; %d round(s), interleaved; medians over rounds" % (
         doc["proxy"], s["rounds"]))
     out.append("")
-    head = "%-36s" % "figure" + "".join("%12s" % n for n in names) + \
-        "%13s%13s%13s" % ("nginx/direct", "proxy/direct", "proxy/nginx")
+    head = "%-36s" % "figure" + "".join("%10s" % n for n in names) + \
+        "%13s%12s%12s" % ("nginx/direct", "proxy/nginx", "proxy/bare")
     out.append(head)
     out.append("-" * len(head))
     for row in doc.get("table", []):
         out.append("%-36s" % row["label"]
-                   + "".join("%12s" % _fmt(row["values"].get(n)) for n in names)
-                   + "%13s%13s%13s" % (_fmt_ratio(row["nginx/direct"]),
-                                      _fmt_ratio(row["proxy/direct"]),
-                                      _fmt_ratio(row["proxy/nginx"])))
+                   + "".join("%10s" % _fmt(row["values"].get(n)) for n in names)
+                   + "%13s%12s%12s" % (_fmt_ratio(row["nginx/direct"]),
+                                      _fmt_ratio(row["proxy/nginx"]),
+                                      _fmt_ratio(row.get("proxy/bare"))))
     g = []
     for key, label in (("idle_rss_start_mib", "g idle RSS at start (MiB)"),
                        ("idle_rss_end_mib", "g idle RSS at end (MiB)")):
         if key in doc:
             values = doc[key]
-            g.append("%-36s" % label + "".join("%12s" % _fmt(values.get(n)) for n in names)
-                     + "%13s%13s%13s" % (
+            g.append("%-36s" % label + "".join("%10s" % _fmt(values.get(n)) for n in names)
+                     + "%13s%12s%12s" % (
                          _fmt_ratio(_safe_ratio(values.get("nginx"), values.get("direct"))),
-                         _fmt_ratio(_safe_ratio(values.get("proxy"), values.get("direct"))),
-                         _fmt_ratio(_safe_ratio(values.get("proxy"), values.get("nginx")))))
+                         _fmt_ratio(_safe_ratio(values.get("proxy"), values.get("nginx"))),
+                         _fmt_ratio(_safe_ratio(values.get("proxy"), values.get("bare")))))
     out.extend(g)
     certs = doc.get("certificates")
     if certs:
@@ -2081,6 +2324,18 @@ def render_table(doc: dict) -> str:
                        certs["ensure_certificates_s"],
                        "; generate_rsa_key %.2f s" % certs["rsa_keygen_s"]
                        if certs.get("rsa_keygen_s") is not None else "", certs["runs"]))
+    startup = doc.get("startup")
+    if startup:
+        for mode, label in (("now", "re-run from its cache"),
+                             ("script", "LLM_PROXY_NO_RERUN=1, as before")):
+            figures = startup[mode]
+            out.append("g proxy.py start to first answer, %s: %.3f s, VmRSS then %s MiB "
+                       "(medians of 2x%d restarts, interleaved)" % (
+                           label, figures["start_to_answer_s"], _fmt(figures["rss_mib"]),
+                           figures["runs"]))
+    if doc.get("issue16"):
+        out.append("")
+        out.extend(render_issue16(doc["issue16"]))
     out.append("")
     out.append("%-46s%13s%10s   %s" % ("target (proxy.py / nginx)", "measured", "limit", "verdict"))
     for v in doc.get("verdicts", []):
@@ -2377,6 +2632,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these scenarios, e.g. a,d (idle RSS and certificates always)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--no-proxypy", action="store_true",
+                        help="leave proxy-py (pip install proxy.py) out")
     parser.add_argument("--nginx-workers", default="1", metavar="N",
                         help="nginx worker_processes (default 1; see NGINX_CONF for why)")
     parser.add_argument("--client-procs", type=int, default=2, metavar="N",

@@ -635,8 +635,9 @@ class KeyCommandLineTests(unittest.TestCase):
             json.dump({"access": {"keys": {"alice": {"key": ALICE, "dailyTokens": 5000},
                                            "bob": BOB}}}, handle)
         store = proxy.StatsStore(path=os.path.join(self.dir, "stats.json"))
-        store.record({"time": time.time(), "method": "POST", "path": "/v1/chat/completions",
-                      "status": 200, "usage": {"prompt": 1200, "completion": 34}, "key": "alice"})
+        store.record(proxy.RequestRecord(time=time.time(), method="POST",
+                                         path="/v1/chat/completions", status=200,
+                                         usage={"prompt": 1200, "completion": 34}, key="alice"))
         store.record_refusal("bob")
         self.assertTrue(store.save())
         result = run_cli("--config", self.path, "--list-keys")

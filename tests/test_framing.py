@@ -359,10 +359,11 @@ class HugeNumberTests(unittest.TestCase):
 
     def test_the_stats_store_never_raises_on_huge_counts(self):
         store = proxy.StatsStore(enabled=False)
-        store.record({"time": time.time(), "method": "POST", "path": "/v1/x", "status": 200,
-                      "completion": True, "model": "m", "usageSource": "reported",
-                      "usage": {"prompt": int(HUGE), "completion": 10 ** 5000, "total": -1},
-                      "ttfbMs": 1.0, "durationMs": 900.0, "bytes": 10, "streamed": True})
+        store.record(proxy.RequestRecord(
+            time=time.time(), method="POST", path="/v1/x", status=200, completion=True,
+            model="m", usage_source="reported",
+            usage={"prompt": int(HUGE), "completion": 10 ** 5000, "total": -1},
+            ttfb_ms=1.0, duration_ms=900.0, bytes=10, streamed=True))
         snapshot = store.snapshot()
         self.assertEqual(snapshot["requests"], 1)
         json.dumps(snapshot)

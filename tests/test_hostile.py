@@ -1533,8 +1533,8 @@ class StatsDurabilityTests(unittest.TestCase):
     def _seed_stats_file(self, path, requests=7):
         store = proxy.StatsStore(path=path)
         for _ in range(requests):
-            store.record({"time": time.time(), "method": "GET", "path": "/seed", "status": 200,
-                          "client": "127.0.0.1", "durationMs": 1.0})
+            store.record(proxy.RequestRecord(time=time.time(), method="GET", path="/seed",
+                                             status=200, client="127.0.0.1", duration_ms=1.0))
         self.assertTrue(store.save())
         with open(path, "rb") as handle:
             return handle.read()

@@ -391,19 +391,19 @@ class DescriptorTests(unittest.TestCase):
         store = proxy.StatsStore(path=os.path.join(directory, "stats.json"))
         calls = []
 
-        def fail(path, data):
+        def fail(path, data, **_options):
             calls.append(path)
             raise OSError(24, "Too many open files", "%s/.stats.json.%d.tmp" % (directory, len(calls)))
         with self.assertLogs("llm-proxy", level="INFO") as captured:
-            with mock.patch.object(proxy, "_stats_atomic_write", side_effect=fail):
+            with mock.patch.object(proxy, "_write_file_atomic", side_effect=fail):
                 for n in range(5):
-                    store.record({"time": time.time(), "path": "/p%d" % n, "status": 200})
+                    store.record(proxy.RequestRecord(time=time.time(), path="/p%d" % n, status=200))
                     self.assertFalse(store.save())
                 last_error = store.snapshot()["persistence"]["lastError"]
-            store.record({"time": time.time(), "path": "/ok", "status": 200})
+            store.record(proxy.RequestRecord(time=time.time(), path="/ok", status=200))
             self.assertTrue(store.save())
-            with mock.patch.object(proxy, "_stats_atomic_write", side_effect=fail):
-                store.record({"time": time.time(), "path": "/again", "status": 200})
+            with mock.patch.object(proxy, "_write_file_atomic", side_effect=fail):
+                store.record(proxy.RequestRecord(time=time.time(), path="/again", status=200))
                 self.assertFalse(store.save())
         warnings = [m for m in captured.output if "cannot save stats" in m]
         self.assertEqual(len(warnings), 2, captured.output)     # one per failing spell

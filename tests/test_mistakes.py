@@ -722,8 +722,9 @@ class TestRunnerTests(unittest.TestCase):
     def test_ci_runs_the_soak_tests(self):
         with open(os.path.join(ROOT, ".ci", "run")) as handle:
             ci = handle.read()
-        self.assertIn("export LLM_PROXY_SOAK=1", ci)
-        self.assertLess(ci.index("export LLM_PROXY_SOAK=1"), ci.index("python3 tests/run.py"))
+        # Once, in the first pass (README's command); the 3.9/3.13 passes skip them to keep CI short.
+        self.assertIn("LLM_PROXY_SOAK=1 python3 tests/run.py", ci)
+        self.assertNotIn("export LLM_PROXY_SOAK", ci)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ def usage(prompt=0, completion=0, total=None, cacheRead=0, cacheWrite=0, reasoni
 def rec(**kw):
     r = {"time": BASE + 10, "method": "POST", "path": "/v1/chat/completions",
          "client": "192.168.1.20", "status": 200, "completion": True, "model": "qwen3:8b",
-         "usage": usage(10, 20), "usageSource": "reported", "error": False,
-         "ttfbMs": 100.0, "durationMs": 1100.0, "bytes": 1000}
+         "usage": usage(10, 20), "usage_source": "reported", "error": False,
+         "ttfb_ms": 100.0, "duration_ms": 1100.0, "bytes": 1000}
     r.update(kw)
-    return r
+    return proxy.RequestRecord(**r)
 
 
 def mixed_records():
@@ -53,25 +53,25 @@ def mixed_records():
     return [
         # a: streamed chat, 50 completion tokens over 1.0 s of generation
         rec(time=t + 1, model="A", usage=usage(100, 50, 150, cacheRead=10, cacheWrite=5, reasoning=7),
-            ttfbMs=100.0, durationMs=1100.0, client="10.0.0.1", bytes=500),
+            ttfb_ms=100.0, duration_ms=1100.0, client="10.0.0.1", bytes=500),
         # b: injected usage, 150 tokens over 3.0 s
-        rec(time=t + 2, model="A", usage=usage(200, 150, 350), usageSource="injected",
-            ttfbMs=300.0, durationMs=3300.0, client="10.0.0.1", bytes=700),
+        rec(time=t + 2, model="A", usage=usage(200, 150, 350), usage_source="injected",
+            ttfb_ms=300.0, duration_ms=3300.0, client="10.0.0.1", bytes=700),
         # c: messages with zero completion tokens: no tokens/s
         rec(time=t + 3, path="/v1/messages", model="B", usage=usage(10, 0, 10),
-            ttfbMs=50.0, durationMs=60.0, client="10.0.0.2", bytes=100),
+            ttfb_ms=50.0, duration_ms=60.0, client="10.0.0.2", bytes=100),
         # d: backend 500 on a completion endpoint: error, not a completion
-        rec(time=t + 4, path="/v1/messages", model="B", usage=None, usageSource="missing",
-            status=500, error=True, ttfbMs=20.0, durationMs=25.0, client="10.0.0.2", bytes=50),
+        rec(time=t + 4, path="/v1/messages", model="B", usage=None, usage_source="missing",
+            status=500, error=True, ttfb_ms=20.0, duration_ms=25.0, client="10.0.0.2", bytes=50),
         # e: model listing: not a completion, no model, no usage, not a usage endpoint
         rec(time=t + 5, method="GET", path="/api/tags", completion=False, model=None, usage=None,
-            usageSource=None, ttfbMs=5.0, durationMs=6.0, client="10.0.0.3", bytes=300),
+            usage_source=None, ttfb_ms=5.0, duration_ms=6.0, client="10.0.0.3", bytes=300),
         # f: stream aborted midway after a 200: error AND (2xx completion); usage without model
-        rec(time=t + 6, model=None, usage=usage(5, 0, 5), usageSource="missing", error=True,
-            ttfbMs=40.0, durationMs=45.0, client="10.0.0.3", bytes=10),
+        rec(time=t + 6, model=None, usage=usage(5, 0, 5), usage_source="missing", error=True,
+            ttfb_ms=40.0, duration_ms=45.0, client="10.0.0.3", bytes=10),
         # g: proxy-made 502, no ttfb
-        rec(time=t + 7, model="A", usage=None, usageSource="missing", status=502, error=True,
-            ttfbMs=None, durationMs=30000.0, client="10.0.0.1", bytes=80),
+        rec(time=t + 7, model="A", usage=None, usage_source="missing", status=502, error=True,
+            ttfb_ms=None, duration_ms=30000.0, client="10.0.0.1", bytes=80),
     ]
 
 
@@ -197,9 +197,9 @@ class TestRecording(unittest.TestCase):
         store = proxy.StatsStore(clock=self.clock)
         # Non-streamed: the first byte only comes after generation, so
         # duration - ttfb (10 ms) would claim 10000 tok/s.
-        store.record(rec(model="ns", usage=usage(1, 100), ttfbMs=1990.0, durationMs=2000.0,
+        store.record(rec(model="ns", usage=usage(1, 100), ttfb_ms=1990.0, duration_ms=2000.0,
                          streamed=False))
-        store.record(rec(model="st", usage=usage(1, 100), ttfbMs=1990.0, durationMs=2000.0))
+        store.record(rec(model="st", usage=usage(1, 100), ttfb_ms=1990.0, duration_ms=2000.0))
         bm = store.snapshot()["byModel"]
         self.assertEqual(bm["ns"]["tokensPerSecond"], 50.0)
         self.assertEqual(bm["st"]["tokensPerSecond"], 10000.0)
@@ -211,9 +211,9 @@ class TestRecording(unittest.TestCase):
 
     def test_odd_values_do_not_raise(self):
         store = proxy.StatsStore(clock=self.clock)
-        store.record({"path": "/x"})
+        store.record(proxy.RequestRecord(path="/x"))
         store.record(rec(usage={"prompt": -5, "completion": "7", "total": float("nan")},
-                         ttfbMs=float("inf"), durationMs=-1, status=True, time="yesterday",
+                         ttfb_ms=float("inf"), duration_ms=-1, status=True, time="yesterday",
                          model="bad\ud800model"))
         snap = store.snapshot()
         self.assertEqual(snap["requests"], 2)
@@ -448,7 +448,7 @@ class TestPersistence(TempDirMixin, unittest.TestCase):
         a = self.new_store()
         for r in mixed_records():
             a.record(r)
-        a.record(rec(streamed=False, usage=usage(5, 500), ttfbMs=9000.0, durationMs=10000.0))
+        a.record(rec(streamed=False, usage=usage(5, 500), ttfb_ms=9000.0, duration_ms=10000.0))
         a.request_started()
         self.assertTrue(a.save())
         self.clock.advance(500)
@@ -469,7 +469,7 @@ class TestPersistence(TempDirMixin, unittest.TestCase):
     def test_file_format(self):
         s = self.new_store()
         r = rec()
-        r["headers"] = {"authorization": "Bearer sk-SECRET"}  # must never reach the disk
+        r.headers = {"authorization": "Bearer sk-SECRET"}  # must never reach the disk
         s.record(r)
         self.assertTrue(s.save())
         with open(self.path, "rb") as f:

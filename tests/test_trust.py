@@ -663,7 +663,8 @@ class AtomicWriteSymlinkTests(unittest.TestCase):
 
     def test_stats_json(self):
         target = os.path.join(_tmpdir(self), "stats.json")
-        self.check(lambda: proxy._stats_atomic_write(target, b"{}"), target)
+        self.check(lambda: proxy._write_file_atomic(target, b"{}", private=False, make_dirs=False),
+                   target)
 
     def test_certificate_files(self):
         target = os.path.join(_tmpdir(self), "cert.pem")

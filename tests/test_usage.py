@@ -50,10 +50,37 @@ def random_pieces(data, rng):
     return pieces
 
 
+class StrippingTap:
+    """What the relay loop does for a request the proxy injected include_usage into: the
+    backend's bytes go through an InjectedUsageStripper (when the body can be stripped) to the
+    client, and through the UsageTap as they came."""
+
+    def __init__(self, kind, info, content_type, encoding, max_line=proxy.USAGE_MAX_LINE,
+                 **kwargs):
+        self.tap = proxy.UsageTap(kind, info, content_type, encoding, injected=True,
+                                  max_line=max_line, **kwargs)
+        self.stripper = (proxy.InjectedUsageStripper(max_line)
+                         if proxy.InjectedUsageStripper.wanted(True, content_type, encoding)
+                         else None)
+
+    def feed(self, data):
+        self.tap.feed(data)
+        return self.stripper.feed(data) if self.stripper is not None else data
+
+    def finish(self, complete=True):
+        leftover = self.stripper.finish() if self.stripper is not None else b""
+        return leftover, self.tap.finish(complete)[1]
+
+    @property
+    def held_bytes(self):
+        return self.stripper.held_bytes if self.stripper is not None else self.tap.held_bytes
+
+
 def run_tap(kind, pieces, content_type=None, encoding=None, info=None, strip=False,
             complete=True, **kwargs):
     """Feed ``pieces`` through a new tap; return (bytes sent to the client, usage, tap)."""
-    tap = proxy.UsageTap(kind, info, content_type, encoding, strip_injected_usage=strip, **kwargs)
+    tap = (StrippingTap(kind, info, content_type, encoding, **kwargs) if strip
+           else proxy.UsageTap(kind, info, content_type, encoding, **kwargs))
     out = []
     for piece in pieces:
         result = tap.feed(piece)
@@ -1164,7 +1191,7 @@ class StripTest(TapCase):
     def test_only_incomplete_events_are_held(self):
         injected, plain = openai_chat_stream(True), openai_chat_stream(False)
         first_end = injected.index(b"\n\n") + 2
-        tap = proxy.UsageTap("openai_chat", None, "text/event-stream", None, strip_injected_usage=True)
+        tap = StrippingTap("openai_chat", None, "text/event-stream", None)
         out = tap.feed(injected[:first_end + 30])
         self.assertEqual(out, plain[:plain.index(b"\n\n") + 2])
         rest = tap.feed(injected[first_end + 30:])
@@ -1172,7 +1199,7 @@ class StripTest(TapCase):
         self.assertEqual(out + rest + leftover, plain)
         self.assertEqual(leftover, b"")
         # A comment line between events is not held back.
-        tap = proxy.UsageTap("openai_chat", None, "text/event-stream", None, strip_injected_usage=True)
+        tap = StrippingTap("openai_chat", None, "text/event-stream", None)
         self.assertEqual(tap.feed(b": ping\n"), b": ping\n")
         self.assertEqual(tap.feed(b"data: {\"usage\":null,"), b"")
         self.assertEqual(tap.feed(b"\"a\":1}\n\n"), b"data: {\"a\":1}\n\n")
@@ -1180,7 +1207,7 @@ class StripTest(TapCase):
     def test_stream_ending_without_blank_line_returns_leftover(self):
         injected = openai_chat_stream(True)[:-2]
         plain = openai_chat_stream(False)[:-2]
-        tap = proxy.UsageTap("openai_chat", None, "text/event-stream", None, strip_injected_usage=True)
+        tap = StrippingTap("openai_chat", None, "text/event-stream", None)
         out = tap.feed(injected)
         leftover, usage = tap.finish(True)
         self.assertEqual(leftover, b"data: [DONE]")
@@ -1189,8 +1216,7 @@ class StripTest(TapCase):
 
     def test_no_strip_when_compressed(self):
         body = gzip.compress(openai_chat_stream(True))
-        tap = proxy.UsageTap("openai_chat", None, "text/event-stream", "gzip",
-                             strip_injected_usage=True)
+        tap = StrippingTap("openai_chat", None, "text/event-stream", "gzip")
         pieces = random_pieces(body, random.Random(6))
         for p in pieces:
             self.assertIs(tap.feed(p), p)
@@ -1229,8 +1255,8 @@ class StripTest(TapCase):
             b'"}}],"usage":null}\n\n'
         injected = openai_chat_stream(True)
         body = huge + injected
-        tap = proxy.UsageTap("openai_chat", None, "text/event-stream", None,
-                             strip_injected_usage=True, max_line=max_line)
+        tap = StrippingTap("openai_chat", None, "text/event-stream", None,
+                             max_line=max_line)
         out = []
         for i in range(0, len(body), 1000):
             out.append(tap.feed(body[i:i + 1000]))
@@ -1259,8 +1285,8 @@ def bench_tap(events=200, rounds=200):
         pieces = [p + b"\n\n" for p in body.split(b"\n\n") if p]
         start = time.perf_counter()
         for _ in range(rounds):
-            tap = proxy.UsageTap("openai_chat", None, "text/event-stream", None,
-                                 strip_injected_usage=strip)
+            tap = (StrippingTap("openai_chat", None, "text/event-stream", None) if strip
+                   else proxy.UsageTap("openai_chat", None, "text/event-stream", None))
             for piece in pieces:
                 tap.feed(piece)
             tap.finish(True)
