@@ -5180,6 +5180,21 @@ class _PromWriter(object):
         else:
             self.lines.append("%s %s" % (name, _prom_number(value)))
 
+    def breakdown(self, name, help_text, rows, label, field):
+        # type: (str, str, Any, str, str) -> None
+        """A counter family with one sample per breakdown row: row[field], labelled by its key."""
+        self.family(name, "counter", help_text)
+        for key, entry in rows:
+            self.sample(name, entry[field], ((label, key),))
+
+    def token_breakdown(self, name, help_text, rows, label):
+        # type: (str, str, Any, str) -> None
+        """A counter family with one sample per breakdown row and token type."""
+        self.family(name, "counter", help_text)
+        for key, entry in rows:
+            for field, token_type in _METRIC_TOKEN_TYPES:
+                self.sample(name, entry[field], ((label, key), ("type", token_type)))
+
     def histogram(self, name, hist, labels=()):
         # type: (str, Dict[str, Any], Any) -> None
         cumulative = 0
@@ -5233,48 +5248,36 @@ def render_metrics(store):
         w.sample("llm_proxy_usage_reports_total", s["usageReports"][source], (("source", source),))
 
     by_model = sorted(s["byModel"].items())
-    w.family("llm_proxy_model_requests_total", "counter", "Requests by model.")
-    for model, e in by_model:
-        w.sample("llm_proxy_model_requests_total", e["requests"], (("model", model),))
-    w.family("llm_proxy_model_errors_total", "counter", "Failed requests by model.")
-    for model, e in by_model:
-        w.sample("llm_proxy_model_errors_total", e["errors"], (("model", model),))
-    w.family("llm_proxy_model_tokens_total", "counter", "Tokens by model and type.")
-    for model, e in by_model:
-        for key, label in _METRIC_TOKEN_TYPES:
-            w.sample("llm_proxy_model_tokens_total", e[key], (("model", model), ("type", label)))
+    w.breakdown("llm_proxy_model_requests_total", "Requests by model.", by_model, "model",
+                "requests")
+    w.breakdown("llm_proxy_model_errors_total", "Failed requests by model.", by_model, "model",
+                "errors")
+    w.token_breakdown("llm_proxy_model_tokens_total", "Tokens by model and type.", by_model,
+                      "model")
 
     by_endpoint = sorted(s["byEndpoint"].items())
-    w.family("llm_proxy_endpoint_requests_total", "counter", "Requests by endpoint path.")
-    for path, e in by_endpoint:
-        w.sample("llm_proxy_endpoint_requests_total", e["requests"], (("endpoint", path),))
-    w.family("llm_proxy_endpoint_errors_total", "counter", "Failed requests by endpoint path.")
-    for path, e in by_endpoint:
-        w.sample("llm_proxy_endpoint_errors_total", e["errors"], (("endpoint", path),))
+    w.breakdown("llm_proxy_endpoint_requests_total", "Requests by endpoint path.", by_endpoint,
+                "endpoint", "requests")
+    w.breakdown("llm_proxy_endpoint_errors_total", "Failed requests by endpoint path.",
+                by_endpoint, "endpoint", "errors")
 
-    w.family("llm_proxy_client_requests_total", "counter", "Requests by client IP address.")
-    for client, e in sorted(s["byClient"].items()):
-        w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
+    w.breakdown("llm_proxy_client_requests_total", "Requests by client IP address.",
+                sorted(s["byClient"].items()), "client", "requests")
 
     # Access keys: labelled by name only (the keys themselves are never in the store).
     w.family("llm_proxy_refused_total", "counter",
              "Requests refused before forwarding: no valid access key (401) or a budget used up (429).")
     w.sample("llm_proxy_refused_total", s["refused"])
     by_key = sorted(s["byKey"].items())
-    w.family("llm_proxy_key_requests_total", "counter", "Forwarded requests by access key.")
-    for name, e in by_key:
-        w.sample("llm_proxy_key_requests_total", e["requests"], (("key", name),))
-    w.family("llm_proxy_key_errors_total", "counter", "Failed forwarded requests by access key.")
-    for name, e in by_key:
-        w.sample("llm_proxy_key_errors_total", e["errors"], (("key", name),))
-    w.family("llm_proxy_key_refused_total", "counter",
-             "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY)
-    for name, e in by_key:
-        w.sample("llm_proxy_key_refused_total", e["refused"], (("key", name),))
-    w.family("llm_proxy_key_tokens_total", "counter", "Tokens by access key and type.")
-    for name, e in by_key:
-        for key, label in _METRIC_TOKEN_TYPES:
-            w.sample("llm_proxy_key_tokens_total", e[key], (("key", name), ("type", label)))
+    w.breakdown("llm_proxy_key_requests_total", "Forwarded requests by access key.", by_key,
+                "key", "requests")
+    w.breakdown("llm_proxy_key_errors_total", "Failed forwarded requests by access key.", by_key,
+                "key", "errors")
+    w.breakdown("llm_proxy_key_refused_total",
+                "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY,
+                by_key, "key", "refused")
+    w.token_breakdown("llm_proxy_key_tokens_total", "Tokens by access key and type.", by_key,
+                      "key")
     w.family("llm_proxy_key_tokens_today", "gauge",
              "Tokens used today (proxy's local time) by access key: what dailyTokens limits.")
     for name, tokens in sorted(s["keyToday"].items()):
