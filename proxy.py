@@ -960,6 +960,10 @@ CA_PERMITTED_NETWORKS = (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
     "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
     "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+    # Never routed on the internet, so a leaked key gains nothing there; test beds, lab
+    # networks and some VPNs' "fake IP" pools (198.18/15) use them: documentation (RFC 5737,
+    # RFC 3849) and benchmarking (RFC 2544).
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15", "2001:db8::/32",
 )
 
 
@@ -8883,7 +8887,9 @@ def public_host(config: Config, cert_status: "CertStatus") -> str:
         lan = [host for host in current if _is_lan_address(host)]
         lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
         candidates = lan or [ip for ip in cert_status.ip_addresses if _is_lan_address(ip)]
-    host = candidates[0] if candidates else "localhost"
+    # A URL whose name the certificate does not carry fails on every device: prefer one it does.
+    covered = [h for h in candidates if h in cert_status.ip_addresses or h in cert_status.dns_names]
+    host = (covered or candidates or ["localhost"])[0]
     return "[%s]" % host if ":" in host else host
 
 
