@@ -950,6 +950,10 @@ CA_PERMITTED_NETWORKS = (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
     "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
     "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+    # Never routed on the internet, so a leaked key gains nothing there; test beds, lab
+    # networks and some VPNs' "fake IP" pools (198.18/15) use them: documentation (RFC 5737,
+    # RFC 3849) and benchmarking (RFC 2544).
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15", "2001:db8::/32",
 )
 
 
@@ -8961,7 +8965,8 @@ def public_host(config: Config, cert_status: Optional["CertStatus"] = None) -> s
     The bound address when the proxy listens on one; else the first tls.hosts entry (in Docker
     the container's own addresses are useless to other devices: TLS_HOSTS names the host's);
     else the first LAN address of this machine (IPv4 first), else one in the certificate;
-    "localhost" when there is none.
+    "localhost" when there is none. Of these, one the certificate carries comes first (without
+    cert_status, as for --add-key, the first).
     """
     bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
     # A wildcard name is no address to open ("*.lan" covers hosts, it is not one).
@@ -8972,7 +8977,10 @@ def public_host(config: Config, cert_status: Optional["CertStatus"] = None) -> s
         lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
         in_cert = cert_status.ip_addresses if cert_status else ()
         candidates = lan or [ip for ip in in_cert if _is_lan_address(ip)]
-    host = candidates[0] if candidates else "localhost"
+    # A URL whose name the certificate does not carry fails on every device: prefer one it does.
+    carried = (cert_status.ip_addresses + cert_status.dns_names) if cert_status else ()
+    covered = [h for h in candidates if h in carried]
+    host = (covered or candidates or ["localhost"])[0]
     return "[%s]" % host if ":" in host else host
 
 
