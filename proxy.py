@@ -155,6 +155,7 @@ import ssl
 import stat
 import struct
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -280,40 +281,29 @@ class CertificateError(ProxyError):
 # Config: load JSON, apply environment overrides, validate once into an immutable object
 # ==================================================================================================
 
-def _check_port(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        return "an integer from 1 to 65535"
-    return None
+def _integer_from(low: int, high: int, low_means: str = ""):
+    """A setting check: an integer (true/false is none) from low to high; the error text says
+    the range, and what `low` means when it is special."""
+    expected = "an integer from %d%s to %d" % (low, " (%s)" % low_means if low_means else "", high)
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return expected
+        return None
+    return check
 
 
-def _check_listen_port(value):
-    # 0 asks the system for a free port (tests, scripts); the banner shows the one chosen.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        return "an integer from 0 to 65535"
-    return None
+_check_port = _integer_from(1, 65535)
+# 0 asks the system for a free port (tests, scripts); the banner shows the one chosen.
+_check_listen_port = _integer_from(0, 65535)
+_check_history_size = _integer_from(0, 100000)
+_check_connection_limit = _integer_from(1, 100000)
+_check_connection_share = _integer_from(0, 100000, "half of proxy.maxConnections")
 
 
 def _check_positive_number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * 7:
         return "a number of seconds greater than 0"
-    return None
-
-
-def _check_history_size(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
-        return "an integer from 0 to 100000"
-    return None
-
-
-def _check_connection_limit(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100000:
-        return "an integer from 1 to 100000"
-    return None
-
-
-def _check_connection_share(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100000:
-        return "an integer from 0 (half of proxy.maxConnections) to 100000"
     return None
 
 
@@ -974,6 +964,10 @@ CA_PERMITTED_NETWORKS = (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # loopback, RFC 1918
     "169.254.0.0/16", "100.64.0.0/10",                               # link-local, CGNAT
     "::1/128", "fc00::/7", "fe80::/10",                              # loopback, ULA, link-local
+    # Never routed on the internet, so a leaked key gains nothing there; test beds, lab
+    # networks and some VPNs' "fake IP" pools (198.18/15) use them: documentation (RFC 5737,
+    # RFC 3849) and benchmarking (RFC 2544).
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15", "2001:db8::/32",
 )
 
 
@@ -2250,7 +2244,7 @@ class CertStatus(NamedTuple):
         if names:
             lines.append("  names: " + ", ".join(names))
         if self.ca_file:
-            lines.append("  CA: %s%s" % (self.ca_file, " (NEW - install it as trusted)"
+            lines.append("  CA: %s%s" % (self.ca_file, "  (%s)" % CA_NEW_NOTE
                                           if self.ca_created else ""))
         if self.ca_constrained:
             lines.append("  CA signs only local names and private addresses; a public address "
@@ -2436,47 +2430,144 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
 
 # -- trust instructions ----------------------------------------------------------------------------
 
+# Said next to the CA's path or URL (banner, CertStatus.describe) when it was just made.
+CA_NEW_NOTE = "NEW: trust it on every device"
+
+
+class TrustStep(NamedTuple):
+    """One thing to do. Markup in `text`: *bold*, `code`, [Menu > Path]; {ca} is the CA file and
+    {ca_url} where a phone downloads it. `commands` are shell lines doing the same."""
+    text: str
+    commands: Tuple[str, ...] = ()
+
+
+class TrustPlatform(NamedTuple):
+    """How one platform comes to trust the CA. trust_instructions() (terminal), the set-up page
+    and README's table (checked by a test) are all rendered from TRUST_PLATFORMS."""
+    key: str                        # id on the set-up page (os-<key>), matched to the visitor
+    name: str
+    steps: Tuple[TrustStep, ...]
+    note: str = ""                  # a caveat after the steps
+
+
+TRUST_PLATFORMS = (
+    TrustPlatform("ios", "iPhone and iPad", (
+        TrustStep("In *Safari*, download {ca_url} and allow the configuration profile download."),
+        TrustStep("Open [Settings > General > VPN & Device Management] (older iOS: [Settings > "
+                  "Profile Downloaded]), tap the profile and choose *Install*."),
+        TrustStep("Open [Settings > General > About > Certificate Trust Settings] and switch on "
+                  "full trust for the proxy's CA; without it Safari still rejects the "
+                  "certificate."),
+    )),
+    TrustPlatform("android", "Android", (
+        TrustStep("In Chrome, download {ca_url}."),
+        TrustStep("Open [Settings > Security & privacy > More security settings > Encryption & "
+                  "credentials > Install a certificate > CA certificate], confirm *Install "
+                  "anyway* and pick the file (menu names vary by vendor: search Settings for "
+                  "\"CA certificate\")."),
+        TrustStep("Restart Chrome."),
+    ), "Chrome trusts user-installed CAs; most other apps do not. Firefox for Android needs "
+       "[Settings > About Firefox] (tap the logo five times), then [Settings > Secret Settings "
+       "> Use third party CA certificates]."),
+    TrustPlatform("macos", "macOS", (
+        TrustStep("Double-click {ca}: Keychain Access adds it; open it there, expand *Trust* and "
+                  "set *When using this certificate* to *Always Trust*. Or in Terminal:",
+                  ("sudo security add-trusted-cert -d -r trustRoot "
+                   "-k /Library/Keychains/System.keychain {ca}",)),
+        TrustStep("Quit and reopen the browser (Safari, Chrome and Edge use the keychain)."),
+    )),
+    TrustPlatform("windows", "Windows", (
+        TrustStep("Download {ca_url} and double-click it (Windows opens .crt, not .pem), choose "
+                  "*Install Certificate* > *Local Machine* > *Place all certificates in the "
+                  "following store* > *Trusted Root Certification Authorities*. Or in an "
+                  "administrator prompt:",
+                  ("certutil -addstore -f Root {ca}",)),
+        TrustStep("Restart the browser (Chrome and Edge use the Windows store)."),
+    )),
+    TrustPlatform("linux", "Linux", (
+        TrustStep("System store (curl, Python, most tools), Debian and Ubuntu:",
+                  ("sudo cp {ca} /usr/local/share/ca-certificates/llm-proxy-ca.crt",
+                   "sudo update-ca-certificates")),
+        TrustStep("Fedora and RHEL (Arch: `/etc/ca-certificates/trust-source/anchors/`):",
+                  ("sudo cp {ca} /etc/pki/ca-trust/source/anchors/llm-proxy-ca.pem",
+                   "sudo update-ca-trust")),
+        TrustStep("Chrome and Chromium keep their own store: [Settings > Privacy and security > "
+                  "Security > Manage certificates > Authorities > Import], tick *Trust this "
+                  "certificate for identifying websites*. Or (package `libnss3-tools` or "
+                  "`nss-tools`):",
+                  ("certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n llm-proxy-ca -i {ca}",)),
+        TrustStep("Restart the browser."),
+    )),
+    TrustPlatform("firefox", "Firefox (all desktop systems)", (
+        TrustStep("Firefox keeps its own store: [Settings > Privacy & Security > Certificates > "
+                  "View Certificates > Authorities > Import], pick {ca} and tick *Trust this CA "
+                  "to identify websites*."),
+        TrustStep("On Windows and macOS, Firefox 120 and newer trusts the system store by default "
+                  "(older: set `security.enterprise_roots.enabled` to `true` in `about:config`)."),
+    )),
+)
+
+# Markup in a step's text, and the two slots filled per rendering.
+_TRUST_MARKUP = re.compile(
+    r"\*(?P<bold>[^*]+)\*|`(?P<code>[^`]+)`|\[(?P<menu>[^\]]+)\]|\{(?P<slot>ca|ca_url)\}")
+
+
+def render_trust_text(text: str, slots: Dict[str, str], escape=str, bold=str, code=str,
+                      menu=str) -> str:
+    """A TrustStep text in one output format: plain text goes through escape, each piece of
+    markup through its function (given the escaped inside), {ca}/{ca_url} become slots[...]
+    (already in the output format)."""
+    out, pos = [], 0
+    for m in _TRUST_MARKUP.finditer(text):
+        out.append(escape(text[pos:m.start()]))
+        kind = m.lastgroup
+        out.append(slots[m.group(kind)] if kind == "slot" else
+                   {"bold": bold, "code": code, "menu": menu}[kind](escape(m.group(kind))))
+        pos = m.end()
+    out.append(escape(text[pos:]))
+    return "".join(out)
+
+
 def trust_instructions(ca_path: str, ca_url: Optional[str] = None) -> str:
     """Return short, platform-by-platform instructions for trusting the CA at ``ca_path``
     (optionally also downloadable from ``ca_url``, e.g. https://<ip>:8443/_proxy/ca.crt).
     Browsers' fetch() needs this; clicking through a warning is not enough."""
-    ca = ca_path
-    name = os.path.basename(ca)
-    if ca_url:
-        ios_get = "open %s in Safari (accept the warning once)" % ca_url
-        android_get = "download %s in the browser (accept the warning once)" % ca_url
-    else:
-        ios_get = "AirDrop or e-mail %s to the device and open it" % name
-        android_get = "copy %s to the device" % name
-    return "\n".join([
-        "Trust the local CA once on every device that will call the proxy (it signs only",
-        "this proxy's certificates; keep %s private):" % os.path.join(
-            os.path.dirname(ca) or ".", CA_KEY_FILENAME),
-        "",
-        "  macOS:   sudo security add-trusted-cert -d -r trustRoot \\",
-        "             -k /Library/Keychains/System.keychain %s" % ca,
-        "  Windows: certutil -addstore -f Root %s   (admin prompt; or double-click," % ca,
-        "           Install Certificate > Local Machine > Trusted Root Certification Authorities)",
-        "  Debian/Ubuntu: sudo cp %s /usr/local/share/ca-certificates/llm-proxy-ca.crt" % ca,
-        "                 sudo update-ca-certificates",
-        "  Fedora/RHEL:   sudo cp %s /etc/pki/ca-trust/source/anchors/llm-proxy-ca.pem" % ca,
-        "                 sudo update-ca-trust",
-        "  Chrome/Chromium on Linux use their own store: certutil -d sql:$HOME/.pki/nssdb \\",
-        "             -A -t C,, -n llm-proxy-ca -i %s   (package libnss3-tools / nss-tools)" % ca,
-        "  Firefox: on Windows/macOS it trusts the OS store (default since Firefox 120; else set",
-        "           security.enterprise_roots.enabled=true in about:config). On Linux: Settings >",
-        "           Privacy & Security > Certificates > View Certificates > Authorities > Import,",
-        "           pick %s, tick 'Trust this CA to identify websites'." % ca,
-        "  iOS/iPadOS: %s;" % ios_get,
-        "           then Settings > General > VPN & Device Management > install the profile,",
-        "           and Settings > General > About > Certificate Trust Settings > full trust.",
-        "  Android: %s;" % android_get,
-        "           then Settings > Security > Encryption & credentials > Install a certificate",
-        "           > CA certificate, pick the file (names vary by vendor). Chrome trusts",
-        "           user-installed CAs; most other apps do not.",
-        "",
-        "Restart the browser afterwards.",
-    ])
+    slots = {"ca": ca_path, "ca_url": ca_url or "https://<this machine>:<port>/_proxy/ca.crt"}
+    lines = ["Trust the local CA once on every device that will call the proxy (it signs only",
+             "this proxy's certificates; keep %s private)." % os.path.join(
+                 os.path.dirname(ca_path) or ".", CA_KEY_FILENAME)]
+    for platform in TRUST_PLATFORMS:
+        lines += ["", "%s:" % platform.name]
+        for number, step in enumerate(platform.steps, 1):
+            lines += textwrap.wrap(render_trust_text(step.text, slots), 96,
+                                   initial_indent="  %d. " % number, subsequent_indent="     ",
+                                   break_on_hyphens=False, break_long_words=False)
+            lines += ["       " + command.replace("{ca}", ca_path) for command in step.commands]
+        if platform.note:
+            lines += textwrap.wrap(render_trust_text(platform.note, slots), 96,
+                                   initial_indent="  ", subsequent_indent="  ",
+                                   break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+def trust_table_markdown(ca: str = "certs/ca.pem",
+                         ca_url: str = "https://<proxy>:8443/_proxy/ca.crt") -> str:
+    """README's trust table (a test checks README shows exactly this): one row per platform."""
+    slots = {"ca": "`%s`" % ca, "ca_url": "`%s`" % ca_url}
+    style = {"bold": "**{}**".format, "code": "`{}`".format,
+             "menu": lambda path: path.replace(" > ", " \u203a ")}
+    rows = ["| Platform | How |", "|---|---|"]
+    for platform in TRUST_PLATFORMS:
+        parts = []
+        for number, step in enumerate(platform.steps, 1):
+            text = "%d. %s" % (number, render_trust_text(step.text, slots, **style))
+            if step.commands:
+                text += " `%s`" % " && ".join(c.replace("{ca}", ca) for c in step.commands)
+            parts.append(text)
+        if platform.note:
+            parts.append(render_trust_text(platform.note, slots, **style))
+        rows.append("| %s | %s |" % (platform.name, " ".join(parts)))
+    return "\n".join(rows)
 
 
 def make_server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -5001,6 +5092,19 @@ class _PromWriter:
         else:
             self.lines.append("%s %s" % (name, _prom_number(value)))
 
+    def breakdown(self, name: str, help_text: str, rows: Any, label: str, field: str) -> None:
+        """A counter family with one sample per breakdown row: row[field], labelled by its key."""
+        self.family(name, "counter", help_text)
+        for key, entry in rows:
+            self.sample(name, entry[field], ((label, key),))
+
+    def token_breakdown(self, name: str, help_text: str, rows: Any, label: str) -> None:
+        """A counter family with one sample per breakdown row and token type."""
+        self.family(name, "counter", help_text)
+        for key, entry in rows:
+            for field, token_type in _METRIC_TOKEN_TYPES:
+                self.sample(name, entry[field], ((label, key), ("type", token_type)))
+
     def histogram(self, name: str, hist: Dict[str, Any], labels: Any = ()) -> None:
         cumulative = 0
         for bound, count in zip(hist["buckets"], hist["counts"]):
@@ -5051,48 +5155,36 @@ def render_metrics(store: StatsStore) -> str:
         w.sample("llm_proxy_usage_reports_total", s["usageReports"][source], (("source", source),))
 
     by_model = sorted(s["byModel"].items())
-    w.family("llm_proxy_model_requests_total", "counter", "Requests by model.")
-    for model, e in by_model:
-        w.sample("llm_proxy_model_requests_total", e["requests"], (("model", model),))
-    w.family("llm_proxy_model_errors_total", "counter", "Failed requests by model.")
-    for model, e in by_model:
-        w.sample("llm_proxy_model_errors_total", e["errors"], (("model", model),))
-    w.family("llm_proxy_model_tokens_total", "counter", "Tokens by model and type.")
-    for model, e in by_model:
-        for key, label in _METRIC_TOKEN_TYPES:
-            w.sample("llm_proxy_model_tokens_total", e[key], (("model", model), ("type", label)))
+    w.breakdown("llm_proxy_model_requests_total", "Requests by model.", by_model, "model",
+                "requests")
+    w.breakdown("llm_proxy_model_errors_total", "Failed requests by model.", by_model, "model",
+                "errors")
+    w.token_breakdown("llm_proxy_model_tokens_total", "Tokens by model and type.", by_model,
+                      "model")
 
     by_endpoint = sorted(s["byEndpoint"].items())
-    w.family("llm_proxy_endpoint_requests_total", "counter", "Requests by endpoint path.")
-    for path, e in by_endpoint:
-        w.sample("llm_proxy_endpoint_requests_total", e["requests"], (("endpoint", path),))
-    w.family("llm_proxy_endpoint_errors_total", "counter", "Failed requests by endpoint path.")
-    for path, e in by_endpoint:
-        w.sample("llm_proxy_endpoint_errors_total", e["errors"], (("endpoint", path),))
+    w.breakdown("llm_proxy_endpoint_requests_total", "Requests by endpoint path.", by_endpoint,
+                "endpoint", "requests")
+    w.breakdown("llm_proxy_endpoint_errors_total", "Failed requests by endpoint path.",
+                by_endpoint, "endpoint", "errors")
 
-    w.family("llm_proxy_client_requests_total", "counter", "Requests by client IP address.")
-    for client, e in sorted(s["byClient"].items()):
-        w.sample("llm_proxy_client_requests_total", e["requests"], (("client", client),))
+    w.breakdown("llm_proxy_client_requests_total", "Requests by client IP address.",
+                sorted(s["byClient"].items()), "client", "requests")
 
     # Access keys: labelled by name only (the keys themselves are never in the store).
     w.family("llm_proxy_refused_total", "counter",
              "Requests refused before forwarding: no valid access key (401) or a budget used up (429).")
     w.sample("llm_proxy_refused_total", s["refused"])
     by_key = sorted(s["byKey"].items())
-    w.family("llm_proxy_key_requests_total", "counter", "Forwarded requests by access key.")
-    for name, e in by_key:
-        w.sample("llm_proxy_key_requests_total", e["requests"], (("key", name),))
-    w.family("llm_proxy_key_errors_total", "counter", "Failed forwarded requests by access key.")
-    for name, e in by_key:
-        w.sample("llm_proxy_key_errors_total", e["errors"], (("key", name),))
-    w.family("llm_proxy_key_refused_total", "counter",
-             "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY)
-    for name, e in by_key:
-        w.sample("llm_proxy_key_refused_total", e["refused"], (("key", name),))
-    w.family("llm_proxy_key_tokens_total", "counter", "Tokens by access key and type.")
-    for name, e in by_key:
-        for key, label in _METRIC_TOKEN_TYPES:
-            w.sample("llm_proxy_key_tokens_total", e[key], (("key", name), ("type", label)))
+    w.breakdown("llm_proxy_key_requests_total", "Forwarded requests by access key.", by_key,
+                "key", "requests")
+    w.breakdown("llm_proxy_key_errors_total", "Failed forwarded requests by access key.", by_key,
+                "key", "errors")
+    w.breakdown("llm_proxy_key_refused_total",
+                "Refused requests by access key (\"%s\": none or an unknown one)." % STATS_NO_KEY,
+                by_key, "key", "refused")
+    w.token_breakdown("llm_proxy_key_tokens_total", "Tokens by access key and type.", by_key,
+                      "key")
     w.family("llm_proxy_key_tokens_today", "gauge",
              "Tokens used today (proxy's local time) by access key: what dailyTokens limits.")
     for name, tokens in sorted(s["keyToday"].items()):
@@ -6262,15 +6354,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- internal routes: /_proxy/* ----------------------------------------------------------------
 
+    # Method sets and handler names of the internal routes (paths without a trailing slash).
+    INTERNAL_ROUTES = {
+        "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
+        "/_proxy/dashboard": (("GET", "HEAD"), "serve_dashboard"),
+        "/_proxy/stats": (("GET", "HEAD"), "serve_stats"),
+        "/_proxy/reset": (("POST",), "serve_reset"),
+        "/_proxy/health": (("GET", "HEAD"), "serve_health"),
+        "/_proxy/metrics": (("GET", "HEAD"), "serve_metrics"),
+        "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
+        "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
+    }
+    # Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
+    # when set (the dashboard page itself holds no data; it asks for the token to read stats).
+    ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
+
     def handle_internal(self, head: RequestHead, path: str) -> None:
         """Serve the proxy's own endpoints; never forwarded."""
-        route = INTERNAL_ROUTES.get(path.rstrip("/") or "/_proxy")
+        route = self.INTERNAL_ROUTES.get(path.rstrip("/") or "/_proxy")
         if route is None:
             self.send_proxy_error(404, "no such proxy endpoint: %s" % path, "not_found")
             return
         methods, handler_name = route
         # Stats, metrics and reset are for the proxy's owner: no CORS for any other site's page.
-        self.admin_route = handler_name in ADMIN_HANDLERS
+        self.admin_route = handler_name in self.ADMIN_HANDLERS
         if head.method not in methods:
             self.send_proxy_error(405, "%s allows %s" % (path, ", ".join(methods)),
                                   "method_not_allowed")
@@ -7086,22 +7193,6 @@ def bearer_token_matches(authorization: str, token: str) -> bool:
         return False
     return hmac.compare_digest(hashlib.sha256(supplied.strip(" \t").encode("utf-8")).digest(),
                                hashlib.sha256(token.encode("utf-8")).digest())
-
-
-# Method sets and handler names of the internal routes (paths without a trailing slash).
-INTERNAL_ROUTES = {
-    "/_proxy": (("GET", "HEAD"), "serve_setup_page"),
-    "/_proxy/dashboard": (("GET", "HEAD"), "serve_dashboard"),
-    "/_proxy/stats": (("GET", "HEAD"), "serve_stats"),
-    "/_proxy/reset": (("POST",), "serve_reset"),
-    "/_proxy/health": (("GET", "HEAD"), "serve_health"),
-    "/_proxy/metrics": (("GET", "HEAD"), "serve_metrics"),
-    "/_proxy/ca.pem": (("GET", "HEAD"), "serve_ca_pem"),
-    "/_proxy/ca.crt": (("GET", "HEAD"), "serve_ca_der"),
-}
-# Routes for the proxy's owner: never CORS-readable by other sites, and behind proxy.adminToken
-# when set (the dashboard page itself holds no data; it asks for the token to read stats).
-ADMIN_HANDLERS = ("serve_stats", "serve_metrics", "serve_reset", "serve_dashboard")
 
 
 # ==================================================================================================
@@ -8411,7 +8502,7 @@ CLIENT_FAMILIES = (
 # The file name the set-up page saves the CA under; snippets meant for another machine use it.
 CA_DOWNLOAD_NAME = "llm-proxy-ca.pem"
 
-# The proxy's own endpoints, for --help (a test checks this covers INTERNAL_ROUTES).
+# The proxy's own endpoints, for --help (a test checks this covers ProxyHandler.INTERNAL_ROUTES).
 PROXY_ENDPOINTS = (
     ("/_proxy/", "set-up page for a new device: base URLs, CA download, trust steps"),
     ("/_proxy/dashboard", "usage dashboard"),
@@ -8542,21 +8633,22 @@ def _write_config_document(path: str, document: dict) -> None:
             pass
 
 
+def _config_edit_failed(path: str, exc: Exception) -> int:
+    """Say why --add-key/--remove-key could not edit the config file; the exit status: 2 for a
+    config problem, 1 when the file could not be written."""
+    if isinstance(exc, ConfigError):
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    print("error: cannot write %s: %s" % (path, getattr(exc, "strerror", None) or exc),
+          file=sys.stderr)
+    return 1
+
+
 def _key_table(document: dict, path: str) -> dict:
     access = document.setdefault("access", {})
     if not isinstance(access, dict):
         raise ConfigError("%s: access must be a JSON object" % path)
     return access.setdefault("keys", {})
-
-
-def _example_host(config: Config) -> str:
-    """An address of this machine for the printed snippets: the bound one, else a LAN one."""
-    if config.bind and config.bind not in ("0.0.0.0", "::"):
-        host = config.bind.strip("[]")
-    else:
-        lan = [a for a in _linux_ipv4_addresses() if not a.startswith("127.")]
-        host = lan[0] if lan else "localhost"
-    return "[%s]" % host if ":" in host else host
 
 
 def add_key(args) -> int:
@@ -8593,31 +8685,32 @@ def add_key(args) -> int:
         parse_access_keys(table, path)
         _write_config_document(path, document)
         config = load_config(path, environ={})
-    except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:
+        return _config_edit_failed(path, exc)
     limits = []
     if args.daily_tokens is not None:
         limits.append("%s tokens a day" % format(args.daily_tokens, ","))
     if args.requests_per_minute is not None:
         limits.append("%d requests a minute" % args.requests_per_minute)
-    base = "https://%s:%d" % (_example_host(config), config.port or 8443)
+    # The address and base URLs the banner shows (no certificate read here: its addresses are
+    # only the last fallback of public_host()).
+    origin = "https://%s:%d" % (public_host(config), config.port or 8443)
+    url = {family.key: origin + family.suffix for family in CLIENT_FAMILIES}
     print("Added access key '%s' to %s%s." % (name, path,
                                               " (" + ", ".join(limits) + ")" if limits else ""))
     print("The key (it is in the config file too; --list-keys shows names only):\n")
     print("    %s\n" % secret)
+    print("Give it to the client as its API key, with the base URL for its kind:")
+    print("\n".join(client_urls(origin)) + "\n")
     print("OpenAI SDK (Python; JavaScript takes the same baseURL and apiKey):")
     print("    from openai import OpenAI")
-    print('    client = OpenAI(base_url="%s/v1", api_key="%s")\n' % (base, secret))
-    print("Anthropic SDK (Python; the SDK adds /v1 itself):")
+    print('    client = OpenAI(base_url="%s", api_key="%s")\n' % (url["openai"], secret))
+    print("Anthropic SDK (Python):")
     print("    from anthropic import Anthropic")
-    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (base, secret))
+    print('    client = Anthropic(base_url="%s", api_key="%s")\n' % (url["anthropic"], secret))
     print("curl:")
-    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/v1/models\n'
-          % (secret, base))
+    print('    curl --cacert certs/ca.pem -H "Authorization: Bearer %s" %s/models\n'
+          % (secret, url["openai"]))
     print("A running proxy picks it up on SIGHUP: systemctl reload llm-proxy, or\n"
           "kill -HUP $(cat %s)" % (os.path.abspath(args.pidfile) if args.pidfile
                                    else _default_pidfile(args)))
@@ -8638,12 +8731,8 @@ def remove_key(args) -> int:
             raise ConfigError("%s has no access key named '%s' (keys: %s)" % (path, name, known))
         del table[name]
         _write_config_document(path, document)
-    except ConfigError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("error: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:
+        return _config_edit_failed(path, exc)
     print("Removed access key '%s' from %s. A running proxy refuses it after SIGHUP." % (name, path))
     return 0
 
@@ -8775,12 +8864,14 @@ def healthcheck(config: Config, timeout: float = 4.0) -> int:
     return 0 if response.status == 200 else 1
 
 
-def public_host(config: Config, cert_status: "CertStatus") -> str:
+def public_host(config: Config, cert_status: Optional["CertStatus"] = None) -> str:
     """The address other devices should use for this proxy, as written in a URL.
 
     The bound address when the proxy listens on one; else the first tls.hosts entry (in Docker
     the container's own addresses are useless to other devices: TLS_HOSTS names the host's);
-    else the first LAN address of this machine (IPv4 first); "localhost" when there is none.
+    else the first LAN address of this machine (IPv4 first), else one in the certificate;
+    "localhost" when there is none. Of these, one the certificate carries comes first (without
+    cert_status, as for --add-key, the first).
     """
     bound = config.bind.strip("[]") if config.bind not in ("", "0.0.0.0", "::") else ""
     # A wildcard name is no address to open ("*.lan" covers hosts, it is not one).
@@ -8789,8 +8880,12 @@ def public_host(config: Config, cert_status: "CertStatus") -> str:
         current = discover_hosts()
         lan = [host for host in current if _is_lan_address(host)]
         lan.sort(key=lambda host: ":" in host)          # IPv4 before IPv6, otherwise in order
-        candidates = lan or [ip for ip in cert_status.ip_addresses if _is_lan_address(ip)]
-    host = candidates[0] if candidates else "localhost"
+        in_cert = cert_status.ip_addresses if cert_status else ()
+        candidates = lan or [ip for ip in in_cert if _is_lan_address(ip)]
+    # A URL whose name the certificate does not carry fails on every device: prefer one it does.
+    carried = (cert_status.ip_addresses + cert_status.dns_names) if cert_status else ()
+    covered = [h for h in candidates if h in carried]
+    host = (covered or candidates or ["localhost"])[0]
     return "[%s]" % host if ":" in host else host
 
 
@@ -8801,20 +8896,25 @@ def _is_lan_address(host: str) -> bool:
         return False
 
 
+def client_urls(origin: str) -> List[str]:
+    """One indented line per CLIENT_FAMILIES row: who, then the base URL to paste."""
+    width = max(len(family.label) for family in CLIENT_FAMILIES)
+    return ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
+            for family in CLIENT_FAMILIES]
+
+
 def banner_text(config: Config, cert_status: "CertStatus", port: int) -> str:
     """The start-up banner: what to paste into each kind of client and where a new device
     gets the CA. Plain text meant for a person (no log prefix); no I/O here."""
     origin = "https://%s:%d" % (public_host(config, cert_status), port)
-    width = max(len(family.label) for family in CLIENT_FAMILIES)
     lines = ["llm-proxy %s: %s -> %s" % (VERSION, origin, config.target_url), "",
              "Base URL to paste into your client:"]
-    lines += ["  %-*s  %s%s" % (width, family.label, origin, family.suffix)
-              for family in CLIENT_FAMILIES]
+    lines += client_urls(origin)
     lines += ["",
               "Each new device: open %s/_proxy/ on it (CA download, trust steps, code)." % origin]
     if cert_status.ca_file:
         lines.append("CA certificate: %s/_proxy/ca.pem%s" % (
-            origin, "  (NEW: trust it on every device)" if cert_status.ca_created else ""))
+            origin, "  (%s)" % CA_NEW_NOTE if cert_status.ca_created else ""))
         lines.append("  on this machine: %s" % cert_status.ca_file)
     lines.append("Dashboard: %s/_proxy/dashboard" % origin)
     if config.access_keys:
@@ -9090,20 +9190,33 @@ def page_headers(html):
     )
 
 
-DASHBOARD_HTML = """<!DOCTYPE html>
+# --------------------------------------------------------------------------- what both pages share
+
+# The pieces both pages are made of, put in by _page() where the template has a marker: the head,
+# the top bar up to the brand (the page adds its buttons and closes it), the CSS a page starts
+# from and the helpers its script starts with.
+# They end up inside the page's one <style> and one <script>, so page_headers() hashes them with it.
+# A page's own CSS comes after PAGE_CSS: it may add to a rule here but must not set a property that
+# PAGE_CSS's phone layout (max-width: 560px) changes, or the phone layout would lose.
+PAGE_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
-<title>LLM Proxy &middot; Usage</title>
-<link rel="icon" href="data:,">
-<style>
-:root {
+<meta name="referrer" content="no-referrer">"""
+
+PAGE_TOP = """<header class="top">
+  <div class="top-inner">
+    <div class="brand">
+      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
+      <h1>LLM Proxy</h1><span class="sub">{subtitle}</span>
+    </div>"""
+
+PAGE_CSS = """:root {
   --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
-  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff;
-  --prompt: #3b82f6; --completion: #f59e0b; --other: #a3acb9;
+  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff; --accent-bg: #eaf1ff;
+  --code-bg: #f2f4f7; --prompt: #3b82f6; --completion: #f59e0b; --other: #a3acb9;
   --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
   --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
   color-scheme: light dark;
@@ -9111,8 +9224,8 @@ DASHBOARD_HTML = """<!DOCTYPE html>
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
-    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220;
-    --prompt: #5b9cff; --completion: #fbbf24; --other: #6e7886;
+    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220; --accent-bg: #15233a;
+    --code-bg: #0f141a; --prompt: #5b9cff; --completion: #fbbf24; --other: #6e7886;
     --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
     --shadow: none;
   }
@@ -9126,17 +9239,77 @@ body {
 }
 a { color: var(--accent); text-decoration: none; }
 a:hover { text-decoration: underline; }
-.num, td.n, th.n { font-variant-numeric: tabular-nums; }
-header.top {
-  position: sticky; top: 0; z-index: 5; background: var(--card); border-bottom: 1px solid var(--border);
-}
-.top-inner {
-  max-width: 1240px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; flex-wrap: wrap;
-}
+header.top { background: var(--card); border-bottom: 1px solid var(--border); }
+.top-inner { margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; }
 .brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
 .brand svg { flex: none; }
 .brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
 .brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
+.btn {
+  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
+  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
+}
+.btn:hover { background: var(--hover); text-decoration: none; }
+main { margin: 0 auto; padding: 18px 20px 40px; }
+.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); }
+.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); }
+.panel-head h2 { margin: 0; font-weight: 650; margin-right: auto; }
+footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
+@media (max-width: 560px) {
+  .top-inner { padding: 8px 12px; }
+  .brand .sub { display: none; }
+  main { padding: 12px 12px 32px; }
+  .panel-head { padding: 10px 12px; }
+}"""
+
+PAGE_JS = """  // Shared helpers (PAGE_JS in proxy.py). Text from the server goes in with textContent only.
+  var DOT = " " + String.fromCharCode(183) + " ";
+  var ELLIPSIS = String.fromCharCode(8230);
+
+  function byId(id) { return document.getElementById(id); }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+  function str(v) { return v === null || v === undefined ? "" : String(v); }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  // "2d 3h", "4m 5s"; "" for anything that is not a duration.
+  function fmtDuration(seconds) {
+    if (!isNum(seconds) || seconds < 0) { return ""; }
+    var s = Math.floor(seconds);
+    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d > 0) { return d + "d " + h + "h"; }
+    if (h > 0) { return h + "h " + m + "m"; }
+    if (m > 0) { return m + "m " + (s % 60) + "s"; }
+    return s + "s";
+  }"""
+
+
+def _page(subtitle: str, template: str) -> str:
+    """An embedded page: `template` with the shared pieces put in at its markers (each once)."""
+    pieces = (("<!--PAGE_HEAD-->", PAGE_HEAD), ("/*PAGE_CSS*/", PAGE_CSS),
+              ("<!--PAGE_TOP-->", PAGE_TOP.replace("{subtitle}", subtitle)),
+              ("/*PAGE_JS*/", PAGE_JS))
+    for marker, piece in pieces:
+        if template.count(marker) != 1:
+            raise ValueError("page template for %r needs %s exactly once" % (subtitle, marker))
+        template = template.replace(marker, piece)
+    return template
+
+
+DASHBOARD_HTML = _page("Token usage", """<!--PAGE_HEAD-->
+<title>LLM Proxy &middot; Usage</title>
+<link rel="icon" href="data:,">
+<style>
+/*PAGE_CSS*/
+.num, td.n, th.n { font-variant-numeric: tabular-nums; }
+header.top { position: sticky; top: 0; z-index: 5; }
+.top-inner, main { max-width: 1240px; }
+.top-inner { flex-wrap: wrap; }
 .conn { display: inline-flex; align-items: center; gap: 7px; font-size: 13px; color: var(--muted); white-space: nowrap; }
 .conn .dot { width: 8px; height: 8px; border-radius: 50%; background: var(--faint); flex: none; }
 .conn.live .dot { background: var(--ok); box-shadow: 0 0 0 3px var(--ok-bg); }
@@ -9144,16 +9317,10 @@ header.top {
 .conn.lost .dot { background: var(--err); box-shadow: 0 0 0 3px var(--err-bg); }
 .conn.paused .dot { background: var(--warn); }
 .actions { display: flex; gap: 8px; align-items: center; }
-.btn {
-  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
-  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
-}
-.btn:hover { background: var(--hover); text-decoration: none; }
 .btn:disabled { opacity: 0.6; cursor: default; }
 .btn.danger { color: var(--err); border-color: var(--err); background: transparent; }
 .btn.danger:hover { background: var(--err-bg); }
 a.btn { display: inline-block; color: var(--fg); }
-main { max-width: 1240px; margin: 0 auto; padding: 18px 20px 40px; }
 .notice { margin: 0 0 14px; padding: 9px 12px; border-radius: 8px; font-size: 13px; border: 1px solid var(--border); background: var(--card); }
 .notice.ok { border-color: var(--ok); background: var(--ok-bg); color: var(--ok); }
 .notice.err { border-color: var(--err); background: var(--err-bg); color: var(--err); }
@@ -9180,9 +9347,9 @@ main { max-width: 1240px; margin: 0 auto; padding: 18px 20px 40px; }
 .kv .k { color: var(--muted); }
 .kv .v { font-weight: 600; font-variant-numeric: tabular-nums; }
 .kv .v.bad { color: var(--err); }
-.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); min-width: 0; }
-.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); flex-wrap: wrap; }
-.panel-head h2 { font-size: 14px; margin: 0; font-weight: 650; margin-right: auto; }
+.panel { min-width: 0; }
+.panel-head { flex-wrap: wrap; }
+.panel-head h2 { font-size: 14px; }
 .panel-head .count { color: var(--muted); font-weight: 500; margin-left: 6px; }
 .panel-body { padding: 12px 16px 14px; }
 .seg { display: inline-flex; border: 1px solid var(--border); border-radius: 7px; overflow: hidden; }
@@ -9226,23 +9393,19 @@ td.path { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 .tag { font-size: 11.5px; color: var(--muted); }
 .tag.warn { color: var(--warn); }
 td.empty { text-align: center; color: var(--faint); padding: 22px 12px; white-space: normal; }
-footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 footer.foot .err { color: var(--err); }
 @media (max-width: 900px) {
   .cards { grid-template-columns: repeat(2, minmax(0, 1fr)); }
   .parts { grid-template-columns: repeat(2, minmax(0, 1fr)); }
 }
 @media (max-width: 560px) {
-  .top-inner { padding: 8px 12px; gap: 8px; }
-  .brand .sub { display: none; }
+  .top-inner { gap: 8px; }
   .conn { order: 3; width: 100%; white-space: normal; }
-  main { padding: 12px 12px 32px; }
   .card { padding: 12px; }
   .card .value { font-size: 23px; }
   .cards { gap: 10px; }
   /* Room for the usage card's explanation; uptime beside it would leave a hole. */
   .card.usage, .card.uptime { grid-column: 1 / -1; }
-  .panel-head { padding: 10px 12px; }
   .panel-body { padding: 10px 12px 12px; }
   /* Phones: every table row becomes a small card of "label  value" lines (labels from the
      column headings, see labelCells), so Total, Status and Tokens are never off to the side. */
@@ -9262,12 +9425,7 @@ footer.foot .err { color: var(--err); }
 </style>
 </head>
 <body>
-<header class="top">
-  <div class="top-inner">
-    <div class="brand">
-      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
-      <h1>LLM Proxy</h1><span class="sub">Token usage</span>
-    </div>
+<!--PAGE_TOP-->
     <span id="conn" class="conn" role="status" aria-live="polite"><span class="dot"></span><span id="conn-text">Connecting&hellip;</span></span>
     <div class="actions">
       <a class="btn" href="/_proxy/">Setup</a>
@@ -9355,6 +9513,7 @@ footer.foot .err { color: var(--err); }
 <script>
 (function () {
   "use strict";
+/*PAGE_JS*/
 
   // Everything shown here comes from /_proxy/stats, whose strings (model names, paths,
   // client addresses) originate from untrusted clients and backends. They are only ever
@@ -9366,15 +9525,11 @@ footer.foot .err { color: var(--err); }
   var TOKEN_KEY = "llm-proxy-admin-token";
   var SVG_NS = "http://www.w3.org/2000/svg";
   var DASH = String.fromCharCode(8211);
-  var DOT = " " + String.fromCharCode(183) + " ";
-  var ELLIPSIS = String.fromCharCode(8230);
 
   var state = {
     data: null, lastOk: 0, lastAttemptFailed: false, error: "", timer: null, busy: false,
     range: "hourly", selected: -1, series: null, polls: 0, tokenDeclined: false
   };
-
-  function byId(id) { return document.getElementById(id); }
 
   // The three breakdown tables share one <template>; each copy gets its ids and headings here.
   [["t-model", "By model", "Model"], ["t-endpoint", "By endpoint", "Endpoint"],
@@ -9389,19 +9544,8 @@ footer.foot .err { color: var(--err); }
     byId("breakdowns").appendChild(copy);
   });
 
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
   function num(v) { return isNum(v) ? v : 0; }
-  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
-  function str(v) { return v === null || v === undefined ? "" : String(v); }
-
   function setText(id, text) { var e = byId(id); if (e) { e.textContent = text; } return e; }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
   function svg(tag, attrs) {
     var e = document.createElementNS(SVG_NS, tag);
     for (var k in attrs) {
@@ -9433,15 +9577,6 @@ footer.foot .err { color: var(--err); }
     if (v < 60000) { return (v / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 }) + " s"; }
     var s = Math.round(v / 1000);
     return Math.floor(s / 60) + "m " + (s % 60) + "s";
-  }
-  function fmtDuration(seconds) {
-    if (!isNum(seconds) || seconds < 0) { return DASH; }
-    var s = Math.floor(seconds);
-    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-    if (d > 0) { return d + "d " + h + "h"; }
-    if (h > 0) { return h + "h " + m + "m"; }
-    if (m > 0) { return m + "m " + (s % 60) + "s"; }
-    return s + "s";
   }
   function parseTime(v) {
     if (typeof v !== "string" || !v) { return null; }
@@ -9513,7 +9648,7 @@ footer.foot .err { color: var(--err); }
     setText("c-errors-hint", rate === null ? "no requests yet" : fmtDec(rate, 1) + "% of requests");
     setText("c-inflight", fmtInt(num(d.inFlight)));
 
-    var up = typeof d.uptime === "string" && d.uptime ? d.uptime : fmtDuration(d.uptimeSeconds);
+    var up = typeof d.uptime === "string" && d.uptime ? d.uptime : (fmtDuration(d.uptimeSeconds) || DASH);
     setText("c-uptime", up);
     var started = parseTime(d.startedAt);
     setText("c-uptime-hint", started === null ? "proxy process" : "started " + fmtWhen(started));
@@ -9755,6 +9890,15 @@ footer.foot .err { color: var(--err); }
     }
   }
 
+  // The thin bar under a name: `share` percent filled (at least a sliver), the figure in its title.
+  function shareBar(share, cls, what) {
+    var bar = el("div", cls);
+    var fill = el("i");
+    fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
+    bar.appendChild(fill);
+    bar.setAttribute("title", fmtDec(share, 1) + what);
+    return bar;
+  }
   function emptyRow(tbody, cols, text) {
     var tr = el("tr");
     var td = el("td", "empty", text);
@@ -9790,14 +9934,7 @@ footer.foot .err { color: var(--err); }
       txt.setAttribute("title", shown);
       name.appendChild(txt);
       var share = pct(num(r.total), grand);
-      if (share !== null) {
-        var bar = el("div", "share");
-        var fill = el("i");
-        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
-        bar.appendChild(fill);
-        bar.setAttribute("title", fmtDec(share, 1) + "% of all tokens");
-        name.appendChild(bar);
-      }
+      if (share !== null) { name.appendChild(shareBar(share, "share", "% of all tokens")); }
       tr.appendChild(name);
       tr.appendChild(numCell(fmtInt(num(r.requests))));
       tr.appendChild(numCell(fmtInt(num(r.prompt))));
@@ -9836,12 +9973,7 @@ footer.foot .err { color: var(--err); }
       var budget = isNum(r.dailyTokens) ? r.dailyTokens : null;
       var share = budget ? pct(num(r.today), budget) : null;
       if (share !== null) {
-        var bar = el("div", "share" + (share >= 100 ? " over" : ""));
-        var fill = el("i");
-        fill.style.width = Math.max(1, Math.min(100, share)).toFixed(1) + "%";
-        bar.appendChild(fill);
-        bar.setAttribute("title", fmtDec(share, 1) + "% of today's budget");
-        name.appendChild(bar);
+        name.appendChild(shareBar(share, "share" + (share >= 100 ? " over" : ""), "% of today's budget"));
       }
       tr.appendChild(name);
       tr.appendChild(numCell(fmtInt(num(r.today)), share !== null ? fmtDec(share, 1) + "% of the daily budget" : ""));
@@ -10111,62 +10243,21 @@ footer.foot .err { color: var(--err); }
 </script>
 </body>
 </html>
-"""
+""")
 
-SETUP_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
+SETUP_HTML = _page("Set up a device", """<!--PAGE_HEAD-->
 <title>LLM Proxy &middot; Set up a device</title>
 <link rel="icon" href="data:,">
 <style>
-:root {
-  --bg: #f5f6f8; --card: #ffffff; --fg: #17202b; --muted: #5f6b7a; --faint: #8a94a3;
-  --border: #e2e6eb; --grid: #eceff3; --hover: #f1f4f8; --accent: #2563eb; --accent-fg: #ffffff; --accent-bg: #eaf1ff;
-  --code-bg: #f2f4f7;
-  --ok: #15803d; --ok-bg: #e8f6ec; --err: #c81e1e; --err-bg: #fdecec; --warn: #a15c07; --warn-bg: #fdf3e2;
-  --shadow: 0 1px 2px rgba(16, 24, 40, 0.05);
-  color-scheme: light dark;
-}
-@media (prefers-color-scheme: dark) {
-  :root {
-    --bg: #0e1116; --card: #161b22; --fg: #e6e9ef; --muted: #9aa5b4; --faint: #6e7886;
-    --border: #272e38; --grid: #222933; --hover: #1c232c; --accent: #5b9cff; --accent-fg: #0b1220; --accent-bg: #15233a;
-    --code-bg: #0f141a;
-    --ok: #4ade80; --ok-bg: #12301f; --err: #f87171; --err-bg: #3a1717; --warn: #fbbf24; --warn-bg: #3a2a0c;
-    --shadow: none;
-  }
-}
-* { box-sizing: border-box; }
-[hidden] { display: none !important; }
-html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
-body {
-  margin: 0; background: var(--bg); color: var(--fg);
-  font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-}
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
+/*PAGE_CSS*/
+body { line-height: 1.5; }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: 12.5px; }
-header.top { background: var(--card); border-bottom: 1px solid var(--border); }
-.top-inner { max-width: 920px; margin: 0 auto; padding: 10px 20px; display: flex; align-items: center; gap: 14px; }
-.brand { display: flex; align-items: center; gap: 10px; margin-right: auto; min-width: 0; }
-.brand svg { flex: none; }
-.brand h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: -0.01em; white-space: nowrap; }
-.brand .sub { color: var(--muted); font-size: 13px; white-space: nowrap; }
-.btn {
-  font: inherit; font-size: 13px; font-weight: 550; padding: 6px 12px; border-radius: 7px; cursor: pointer;
-  border: 1px solid var(--border); background: var(--card); color: var(--fg); line-height: 1.3; white-space: nowrap;
-  display: inline-flex; align-items: center; gap: 6px;
-}
-.btn:hover { background: var(--hover); text-decoration: none; }
+.top-inner, main { max-width: 920px; }
+.btn { display: inline-flex; align-items: center; gap: 6px; }
 .btn.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-fg); }
 .btn.primary:hover { filter: brightness(1.07); background: var(--accent); }
 .btn.small { padding: 4px 10px; font-size: 12.5px; }
 .btn.copied { color: var(--ok); border-color: var(--ok); }
-main { max-width: 920px; margin: 0 auto; padding: 18px 20px 40px; }
 .banner { display: flex; gap: 12px; align-items: flex-start; border-radius: 10px; padding: 12px 14px; margin-bottom: 14px; border: 1px solid var(--border); background: var(--card); }
 .banner .icon { flex: none; width: 22px; height: 22px; border-radius: 50%; display: inline-flex; align-items: center; justify-content: center; font-weight: 700; font-size: 13px; background: var(--grid); color: var(--muted); }
 .banner h2 { font-size: 14.5px; margin: 0 0 2px; }
@@ -10180,9 +10271,7 @@ main { max-width: 920px; margin: 0 auto; padding: 18px 20px 40px; }
 .banner.err { border-color: var(--err); background: var(--err-bg); }
 .banner.err .icon { background: var(--err); color: var(--card); }
 .banner.err h2 { color: var(--err); }
-.panel { background: var(--card); border: 1px solid var(--border); border-radius: 10px; margin-bottom: 14px; box-shadow: var(--shadow); }
-.panel-head { display: flex; align-items: center; gap: 10px; padding: 12px 16px; border-bottom: 1px solid var(--border); }
-.panel-head h2 { font-size: 14.5px; margin: 0; font-weight: 650; margin-right: auto; }
+.panel-head h2 { font-size: 14.5px; }
 .step { display: inline-flex; width: 22px; height: 22px; border-radius: 50%; background: var(--accent-bg); color: var(--accent); font-size: 12px; font-weight: 700; align-items: center; justify-content: center; margin-right: 8px; vertical-align: 1px; }
 .panel-body { padding: 14px 16px; }
 .panel-body > p { margin: 0 0 10px; color: var(--muted); }
@@ -10221,12 +10310,7 @@ pre code { font-size: 12.5px; }
 details.code { margin-top: 4px; font-size: 13px; }
 details.code summary { cursor: pointer; color: var(--accent); }
 .path { font-weight: 600; }
-footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: wrap; gap: 6px 18px; padding: 4px 2px; }
 @media (max-width: 560px) {
-  .top-inner { padding: 8px 12px; }
-  .brand .sub { display: none; }
-  main { padding: 12px 12px 32px; }
-  .panel-head { padding: 10px 12px; }
   .panel-body { padding: 12px; }
   .checks { grid-template-columns: 1fr; gap: 2px; }
   .checks dd { margin-bottom: 8px; }
@@ -10236,12 +10320,7 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
 </style>
 </head>
 <body>
-<header class="top">
-  <div class="top-inner">
-    <div class="brand">
-      <svg width="26" height="26" viewBox="0 0 26 26" aria-hidden="true"><rect width="26" height="26" rx="6" fill="#2563eb"/><path d="M6 17 L10 11 L14 14 L20 7" fill="none" stroke="#fff" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/><circle cx="20" cy="7" r="1.8" fill="#fff"/></svg>
-      <h1>LLM Proxy</h1><span class="sub">Set up a device</span>
-    </div>
+<!--PAGE_TOP-->
     <a class="btn" href="/_proxy/dashboard">Dashboard</a>
   </div>
 </header>
@@ -10277,68 +10356,14 @@ footer.foot { color: var(--muted); font-size: 12.5px; display: flex; flex-wrap: 
   <section class="panel" aria-labelledby="h-ca">
     <div class="panel-head"><h2 id="h-ca"><span class="step">2</span>Trust the proxy's certificate authority</h2></div>
     <div class="panel-body">
-      <p>Browsers only let web apps call the proxy with <code>fetch()</code> when its certificate is trusted by the device; clicking through a warning is not enough. Install this CA once per device.</p>
+      <p>Browsers only let web apps call the proxy with <code>fetch()</code> when its certificate is trusted by the device; clicking through a warning is not enough. Install this CA once per device. The commands below expect the downloaded file in the current folder.</p>
       <div class="downloads" id="downloads">
         <a class="btn primary" id="dl-pem" href="/_proxy/ca.pem" download="llm-proxy-ca.pem">Download CA (.pem)</a>
         <a class="btn" id="dl-crt" href="/_proxy/ca.crt">Download CA for phones (.crt)</a>
       </div>
       <p class="fp" id="fp" hidden>SHA-256 fingerprint: <code id="fp-value"></code></p>
       <div id="platforms">
-        <details class="os" id="os-ios">
-          <summary>iPhone and iPad</summary>
-          <div class="body"><ol>
-            <li>Open this page in <b>Safari</b> and tap <b>Download CA for phones (.crt)</b>; allow the configuration profile download.</li>
-            <li>Open <span class="path">Settings &gt; General &gt; VPN &amp; Device Management</span> (older iOS: <span class="path">Profiles</span>), tap the downloaded profile and choose <b>Install</b>.</li>
-            <li>Open <span class="path">Settings &gt; General &gt; About &gt; Certificate Trust Settings</span> and switch on full trust for the proxy's CA. Without this toggle Safari still rejects the certificate.</li>
-            <li>Reload this page: it should open without a warning.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-android">
-          <summary>Android</summary>
-          <div class="body"><ol>
-            <li>Tap <b>Download CA for phones (.crt)</b>.</li>
-            <li>Open <span class="path">Settings &gt; Security &amp; privacy &gt; More security settings &gt; Encryption &amp; credentials &gt; Install a certificate &gt; CA certificate</span>, confirm <b>Install anyway</b> and pick the downloaded file. Menu names differ between vendors: search Settings for &ldquo;CA certificate&rdquo;.</li>
-            <li>Restart Chrome and reload this page.</li>
-          </ol>
-          <p class="note">Chrome on Android trusts user-installed CAs; many apps do not. Firefox for Android needs <span class="path">Settings &gt; About Firefox</span> (tap the logo five times) and then <span class="path">Settings &gt; Secret Settings &gt; Use third party CA certificates</span>.</p></div>
-        </details>
-        <details class="os" id="os-macos">
-          <summary>macOS</summary>
-          <div class="body"><ol>
-            <li>Download the CA (.pem) and double-click it: Keychain Access adds it to your login keychain.</li>
-            <li>In Keychain Access, open the certificate, expand <b>Trust</b> and set <b>When using this certificate</b> to <b>Always Trust</b>. Or in Terminal:
-              <pre><code>sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ~/Downloads/llm-proxy-ca.pem</code></pre></li>
-            <li>Quit and reopen the browser. Safari, Chrome and Edge use the keychain.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-windows">
-          <summary>Windows</summary>
-          <div class="body"><ol>
-            <li>Download the CA (.crt or .pem) and double-click it, then <b>Install Certificate</b>.</li>
-            <li>Choose <b>Current User</b>, then <b>Place all certificates in the following store</b> &gt; <b>Trusted Root Certification Authorities</b>, and confirm the security warning. Or, in an administrator prompt:
-              <pre><code>certutil -addstore Root %USERPROFILE%&#92;Downloads&#92;llm-proxy-ca.pem</code></pre></li>
-            <li>Restart the browser. Chrome and Edge use the Windows store.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-linux">
-          <summary>Linux</summary>
-          <div class="body"><ol>
-            <li>System store (curl, Python, most tools). Debian and Ubuntu:
-              <pre><code>sudo cp llm-proxy-ca.pem /usr/local/share/ca-certificates/llm-proxy-ca.crt
-sudo update-ca-certificates</code></pre>
-              Fedora, RHEL and Arch: copy it to <code>/etc/pki/ca-trust/source/anchors/</code> (Arch: <code>/etc/ca-certificates/trust-source/anchors/</code>) and run <code>sudo update-ca-trust</code>.</li>
-            <li>Chrome and Chromium on Linux use their own NSS store: <span class="path">Settings &gt; Privacy and security &gt; Security &gt; Manage certificates &gt; Authorities &gt; Import</span>, tick &ldquo;Trust this certificate for identifying websites&rdquo;. Or (package <code>libnss3-tools</code>):
-              <pre><code>certutil -d sql:$HOME/.pki/nssdb -A -t "C,," -n llm-proxy -i llm-proxy-ca.pem</code></pre></li>
-            <li>Restart the browser.</li>
-          </ol></div>
-        </details>
-        <details class="os" id="os-firefox">
-          <summary>Firefox (all desktop systems)</summary>
-          <div class="body"><ol>
-            <li>Firefox keeps its own certificate store. Open <span class="path">Settings &gt; Privacy &amp; Security &gt; Certificates &gt; View Certificates &gt; Authorities &gt; Import</span>, choose the .pem file and tick <b>Trust this CA to identify websites</b>.</li>
-            <li>On Windows and macOS, Firefox 120 and newer also trusts CAs from the system store (<code>about:config</code>: <code>security.enterprise_roots.enabled</code> = <code>true</code>).</li>
-          </ol></div>
-        </details>
+<!--TRUST_PLATFORMS-->
       </div>
     </div>
   </section>
@@ -10351,38 +10376,17 @@ sudo update-ca-certificates</code></pre>
 <script>
 (function () {
   "use strict";
+/*PAGE_JS*/
 
   // Values from /_proxy/health (versions, backend URL, error text) are shown with
   // textContent only: they are never parsed as HTML.
   var HEALTH_URL = "/_proxy/health";
   var CA_DER_URL = "/_proxy/ca.crt";
-  var DOT = " " + String.fromCharCode(183) + " ";
-  var ELLIPSIS = String.fromCharCode(8230);
   var CHECK = String.fromCharCode(10003);
 
-  function byId(id) { return document.getElementById(id); }
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
-  function obj(v) { return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
-  function str(v) { return v === null || v === undefined ? "" : String(v); }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
   function fmtMs(v) {
     if (!isNum(v)) { return ""; }
     return v < 10 ? v.toLocaleString(undefined, { maximumFractionDigits: 1 }) + " ms" : Math.round(v).toLocaleString() + " ms";
-  }
-  function fmtDuration(seconds) {
-    if (!isNum(seconds) || seconds < 0) { return ""; }
-    var s = Math.floor(seconds);
-    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-    if (d > 0) { return d + "d " + h + "h"; }
-    if (h > 0) { return h + "h " + m + "m"; }
-    if (m > 0) { return m + "m " + (s % 60) + "s"; }
-    return s + "s";
   }
 
   // ---- endpoint (computed from where this page was loaded) ---------------------
@@ -10572,7 +10576,7 @@ sudo update-ca-certificates</code></pre>
 </script>
 </body>
 </html>
-"""
+""")
 
 
 
@@ -10603,12 +10607,39 @@ def _setup_page_clients() -> str:
     return "".join(out).rstrip("\n")
 
 
+def _setup_page_trust() -> str:
+    """The set-up page's trust steps, one <details> per TRUST_PLATFORMS row (its script opens
+    the visitor's own first, by the row's key)."""
+    slots = {"ca": "<code>%s</code>" % CA_DOWNLOAD_NAME,
+             "ca_url": '<a href="/_proxy/ca.crt">ca.crt</a>'}
+    style = {"escape": _html_escape, "bold": "<b>{}</b>".format, "code": "<code>{}</code>".format,
+             "menu": '<span class="path">{}</span>'.format}
+    out = []
+    for platform in TRUST_PLATFORMS:
+        out.append('        <details class="os" id="os-%s">\n'
+                   '          <summary>%s</summary>\n'
+                   '          <div class="body"><ol>\n' % (platform.key, _html_escape(platform.name)))
+        for step in platform.steps:
+            commands = "\n".join(_html_escape(c.replace("{ca}", CA_DOWNLOAD_NAME))
+                                 for c in step.commands)
+            out.append("            <li>%s%s</li>\n" % (
+                render_trust_text(step.text, slots, **style),
+                "\n              <pre><code>%s</code></pre>" % commands if commands else ""))
+        out.append("          </ol>")
+        if platform.note:
+            out.append('\n          <p class="note">%s</p>' % render_trust_text(
+                platform.note, slots, **style))
+        out.append("</div>\n        </details>\n")
+    return "".join(out).rstrip("\n")
+
+
 def _html_escape(text: str) -> str:
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&quot;").replace("'", "&#x27;"))
 
 
-SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1)
+SETUP_HTML = SETUP_HTML.replace("<!--CLIENT_FAMILIES-->", _setup_page_clients(), 1).replace(
+    "<!--TRUST_PLATFORMS-->", _setup_page_trust(), 1)
 
 
 if __name__ == "__main__":

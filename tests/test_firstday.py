@@ -469,7 +469,7 @@ class HelpTests(unittest.TestCase):
             self.assertRegex(text, r"(?m)^  %s +%s" % (name, re.escape(dotted)))
         self.assertRegex(text, r"(?m)^  %s +adds one access key" % proxy.ACCESS_KEY_ENV)
         endpoints = text.split("endpoints of the proxy itself", 1)[1].split("\n\n", 1)[0]
-        for path in proxy.INTERNAL_ROUTES:
+        for path in proxy.ProxyHandler.INTERNAL_ROUTES:
             self.assertIn(path + ("/" if path == "/_proxy" else ""), endpoints)
         for family in proxy.CLIENT_FAMILIES:
             self.assertIn("https://<this-machine>:8443%s\n" % family.suffix, text)

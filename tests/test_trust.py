@@ -73,7 +73,7 @@ class _Fixture:
             cls.dir = tempfile.mkdtemp(prefix="trust-ca-")
             cls.status = proxy.ensure_certificates(
                 os.path.join(cls.dir, "cert.pem"), os.path.join(cls.dir, "key.pem"),
-                extra_hosts=["proxy.example.test", "203.0.113.7"])
+                extra_hosts=["proxy.example.test", "93.184.216.7"])
         return cls
 
     @classmethod
@@ -117,7 +117,7 @@ class NameConstrainedCaTests(unittest.TestCase):
             self.assertIn(base, self.ca.permitted_dns)
         for network in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                         "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10",
-                        "203.0.113.7/32"):
+                        "93.184.216.7/32"):
             self.assertIn(network, self.ca.permitted_networks)
         self.assertNotIn(PUBLIC_IP + "/32", self.ca.permitted_networks)
         # The extension's DER, byte for byte where it matters: critical BOOLEAN TRUE, then
@@ -135,7 +135,7 @@ class NameConstrainedCaTests(unittest.TestCase):
         self.assertIn("X509v3 Name Constraints: critical", text)
         for needle in ("DNS:localhost", "DNS:local\n", "DNS:home.arpa", "IP:10.0.0.0/255.0.0.0",
                        "IP:100.64.0.0/255.192.0.0", "IP:FC00:0:0:0:0:0:0:0/FE00:0:0:0:0:0:0:0",
-                       "IP:203.0.113.7/255.255.255.255"):
+                       "IP:93.184.216.7/255.255.255.255"):
             self.assertIn(needle, text)
 
     def test_leaf_names_only_what_the_ca_permits(self):
@@ -143,7 +143,7 @@ class NameConstrainedCaTests(unittest.TestCase):
         for host in leaf.dns_names + leaf.ip_addresses:
             self.assertTrue(self.ca.permits(host), host)
         self.assertIn("proxy.example.test", leaf.dns_names)
-        self.assertIn("203.0.113.7", leaf.ip_addresses)  # public, but in tls.hosts at creation
+        self.assertIn("93.184.216.7", leaf.ip_addresses)  # public, but in tls.hosts at creation
         ca_key = proxy.read_private_key(os.path.join(self.fixture.dir, "ca-key.pem"))
         for host in (PUBLIC_NAME, PUBLIC_IP, "2001:4860::8888"):
             with self.assertRaisesRegex(ValueError, "name constraints do not permit"):
@@ -154,12 +154,24 @@ class NameConstrainedCaTests(unittest.TestCase):
                      "printer.home.arpa", "svc.internal", "proxy.example.test",
                      "a.proxy.example.test", "*.nas.lan", "127.0.0.2", "10.200.1.1", "172.31.255.255",
                      "192.168.178.20", "169.254.1.1", "100.127.0.1", "::1", "fd12::1", "fe80::1",
-                     "203.0.113.7"):
+                     "93.184.216.7",
+                     # never routed on the internet: documentation and benchmarking ranges
+                     "192.0.2.2", "198.51.100.9", "203.0.113.200", "198.19.255.1", "2001:db8::1"):
             self.assertTrue(self.ca.permits(host), host)
         for host in ("example.com", "local.example.com", "xlan", "notlocal", "lan.evil.com",
-                     "example.test", "8.8.8.8", "172.32.0.1", "100.128.0.1", "203.0.113.8",
-                     "2001:db8::1", "::2", "::ffff:10.0.0.1"):
+                     "example.test", "8.8.8.8", "172.32.0.1", "100.128.0.1", "93.184.216.8",
+                     "2001:db9::1", "198.20.0.1", "192.0.3.1", "::2", "::ffff:10.0.0.1"):
             self.assertFalse(self.ca.permits(host), host)
+
+    def test_the_banner_names_an_address_the_certificate_carries(self):
+        # A machine whose first address is public (left out of the certificate) must not be
+        # shown as the URL to paste: every device would fail the TLS check on it.
+        status = self.fixture.status._replace(ip_addresses=("127.0.0.1", "192.168.1.5"),
+                                              dns_names=("localhost",))
+        config = support.make_config(bind="", tls_hosts=("93.184.216.1", "192.168.1.5"))
+        self.assertEqual(proxy.public_host(config, status), "192.168.1.5")
+        config = support.make_config(bind="", tls_hosts=("93.184.216.1",))
+        self.assertEqual(proxy.public_host(config, status), "93.184.216.1")  # nothing better
 
     @unittest.skipIf(OPENSSL is None, "openssl is not installed")
     def test_openssl_strict_accepts_the_leaf_and_rejects_public_ones(self):
@@ -324,15 +336,15 @@ class CaLifecycleTests(unittest.TestCase):
     def test_generate_cert_hosts_widen_a_new_ca(self):
         out = os.path.join(_tmpdir(self), "certs")
         result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_cert.py"), "--out",
-                                 out, "--host", "203.0.113.9", "--host", "proxy.example.org"],
+                                 out, "--host", "93.184.216.9", "--host", "proxy.example.org"],
                                 capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         ca = proxy.read_certificate_info(os.path.join(out, "ca.pem"))
         leaf = proxy.read_certificate_info(os.path.join(out, "cert.pem"))
         self.assertIn("proxy.example.org", ca.permitted_dns)
-        self.assertIn("203.0.113.9/32", ca.permitted_networks)
+        self.assertIn("93.184.216.9/32", ca.permitted_networks)
         self.assertIn("proxy.example.org", leaf.dns_names)
-        self.assertIn("203.0.113.9", leaf.ip_addresses)
+        self.assertIn("93.184.216.9", leaf.ip_addresses)
         self.assertEqual(_mode(out), 0o700)
         verify = subprocess.run([OPENSSL, "verify", "-x509_strict", "-CAfile",
                                  os.path.join(out, "ca.pem"), os.path.join(out, "cert.pem")],
