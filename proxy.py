@@ -9149,8 +9149,7 @@ def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
 # Web pages: the dashboard and the device set-up page, served from this file
 # ==================================================================================================
 
-def _page_inline_hashes(html, tag):
-    # type: (str, str) -> List[str]
+def _page_inline_hashes(html: str, tag: str) -> List[str]:
     """CSP source expressions ('sha256-...') for each inline <tag>...</tag> block of html."""
     out = []
     for m in re.finditer(r"<%s>(.*?)</%s>" % (tag, tag), html, re.S):
@@ -9160,8 +9159,7 @@ def _page_inline_hashes(html, tag):
 
 
 @functools.lru_cache(maxsize=4)
-def page_headers(html):
-    # type: (str) -> Tuple[Tuple[str, str], ...]
+def page_headers(html: str) -> Tuple[Tuple[str, str], ...]:
     """Headers for serving DASHBOARD_HTML or SETUP_HTML (add Content-Length yourself).
 
     The Content-Security-Policy allows exactly the page's own inline <script> and <style>
@@ -9190,7 +9188,7 @@ def page_headers(html):
     )
 
 
-# --------------------------------------------------------------------------- what both pages share
+# -- what both pages share -------------------------------------------------------------------------
 
 # The pieces both pages are made of, put in by _page() where the template has a marker: the head,
 # the top bar up to the brand (the page adds its buttons and closes it), the CSS a page starts
