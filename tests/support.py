@@ -5,6 +5,7 @@ serve_forever() in daemon threads and are stopped with addCleanup.
 """
 
 import http.client
+import importlib
 import io
 import json
 import logging
@@ -199,6 +200,14 @@ class FakeUpstream(ThreadingHTTPServer):
     @property
     def port(self):
         return self.server_address[1]
+
+
+def optional_import(name: str):
+    """The module `name`, or None where this machine lacks it (tests that need it skip)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - depends on the machine
+        return None
 
 
 def start_upstream(test: unittest.TestCase, responder=echo_responder) -> FakeUpstream:

@@ -18,18 +18,13 @@ import unittest
 from unittest import mock
 
 import browser
+from support import optional_import
 from support import (LOG_BUFFER, ROOT, FakeLLM, ca_file, certs_dir, https, make_config, proxy,
                      settled_stats, start_proxy, start_upstream, wait_until, _serve_in_thread,
                      read_http_response, tls_socket)
 
-try:
-    import openai
-except ImportError:  # pragma: no cover - depends on the machine
-    openai = None
-try:
-    import anthropic
-except ImportError:  # pragma: no cover
-    anthropic = None
+openai = optional_import("openai")          # the official SDKs; their tests skip without them
+anthropic = optional_import("anthropic")
 
 ALICE = "sk-test-alice-0123456789abcdef"
 BOB = "sk-test-bob-fedcba9876543210xyz"

@@ -25,17 +25,12 @@ import urllib.request
 import uuid
 from contextlib import redirect_stdout
 
+from support import optional_import
 from support import (FakeLLM, ROOT, ca_file, certs_dir, client_context, https, proxy,
                      start_proxy, start_upstream, wait_until)
 
-try:
-    import openai
-except ImportError:  # pragma: no cover - depends on the machine
-    openai = None
-try:
-    import anthropic
-except ImportError:  # pragma: no cover
-    anthropic = None
+openai = optional_import("openai")          # the official SDKs; their tests skip without them
+anthropic = optional_import("anthropic")
 
 README = os.path.join(ROOT, "README.md")
 PROXY_PY = os.path.join(ROOT, "proxy.py")

@@ -7,16 +7,10 @@ import socket
 import ssl
 import unittest
 
-from support import FakeLLM, start_upstream, start_proxy, ca_file, settled_stats
+from support import optional_import, FakeLLM, start_upstream, start_proxy, ca_file, settled_stats
 
-try:
-    import openai
-except ImportError:  # pragma: no cover - depends on the machine
-    openai = None
-try:
-    import anthropic
-except ImportError:  # pragma: no cover
-    anthropic = None
+openai = optional_import("openai")          # the official SDKs; their tests skip without them
+anthropic = optional_import("anthropic")
 
 
 def strict_http_client(sdk):
