@@ -9072,6 +9072,11 @@ def _stop(args) -> int:
 
 def _start(args, config: Config, pidfile: Optional[PidFile]) -> int:
     """Open the log file, listen, make sure of the certificates, detach if asked, serve."""
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        # Until serve() installs the reload handler there is nothing to reload (this start reads
+        # everything afresh), but SIGHUP's default action would end the process: a `systemctl
+        # reload` during the first start's CA creation killed it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log_file = None
     error_log = _daemon_log_file(args) if args.daemon else None
     if args.daemon or args.log_file:

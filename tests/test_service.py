@@ -657,6 +657,26 @@ class StartupErrorTests(ServiceTestCase):
 # ==================================================================================================
 
 class SignalTests(ServiceTestCase):
+    def test_sighup_while_the_first_start_makes_its_ca_does_not_end_it(self):
+        # `systemctl reload` right after a first start: the CA is still being made (1-3 s of
+        # key generation) and serve() has not installed its reload handler yet.
+        run_dir = self.mkdir("fresh")
+        config = self.loopback_config(run_dir)          # no certs/ yet: this start makes them
+        err_path = os.path.join(self.tmp, "fresh.stderr")
+        with open(err_path, "wb") as err:
+            child = subprocess.Popen([sys.executable, PROXY_PY, "--config", config], cwd=run_dir,
+                                     env=self.env(), stdout=subprocess.DEVNULL, stderr=err,
+                                     stdin=subprocess.DEVNULL)
+        self.children.append(child)
+        self.assertTrue(wait_until(lambda: "creating a local certificate authority"
+                                   in _read(err_path) or child.poll() is not None,
+                                   timeout=30, interval=0.01), _read(err_path))
+        child.send_signal(signal.SIGHUP)
+        port = self.wait_for_port(err_path, child)
+        made = ssl.create_default_context(cafile=os.path.join(run_dir, "certs", "ca.pem"))
+        self.get_tags(port, context=made)
+        self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0, _read(err_path))
+
 
     def setUp(self):
         super().setUp()
