@@ -26,6 +26,8 @@ import uuid
 from contextlib import redirect_stdout
 
 from support import optional_import
+# The marker test_service.py kills leftovers by, and its process helpers.
+from test_service import _LISTENING, _MARKER_VAR, _alive, _pids_with_marker
 from support import (FakeLLM, ROOT, ca_file, certs_dir, client_context, https, proxy,
                      start_proxy, start_upstream, wait_until)
 
@@ -36,12 +38,10 @@ README = os.path.join(ROOT, "README.md")
 PROXY_PY = os.path.join(ROOT, "proxy.py")
 FAMILIES = {family.key: family for family in proxy.CLIENT_FAMILIES}
 README_ORIGIN = "https://<proxy>:8443"
-_MARKER_VAR = "LLM_PROXY_SERVICE_TEST"      # the same marker test_service.py kills by
 _SCRUBBED_ENV = ("PROXY_PORT", "TARGET_HOST", "TARGET_PORT", "CERT_FILE", "KEY_FILE",
                  "ALLOWED_ORIGINS", "TLS_HOSTS", "PROXY_API_KEY", "TARGET_API_KEY",
                  "JOURNAL_STREAM", "NOTIFY_SOCKET",
                  "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS")
-_LISTENING = re.compile(r"listening on https://(\S+):(\d+), forwarding to")
 START_TIMEOUT = 60.0
 
 
@@ -92,28 +92,6 @@ def readme_cron_line():
 
 def _free_of_markers(env):
     return {k: v for k, v in env.items() if k not in _SCRUBBED_ENV}
-
-
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _pids_with_marker(marker):
-    needle = ("%s=%s" % (_MARKER_VAR, marker)).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/environ" % entry, "rb") as handle:
-                    if needle in handle.read().split(b"\0") and _alive(int(entry)):
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 class ProcessTestCase(unittest.TestCase):
