@@ -1390,7 +1390,7 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
         proc = children.spawn("proxy", [sys.executable, proxy_path, "--config", config_path,
                                         "--quiet"], cwd=workdir, env=proxy_env())
         target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/_proxy/health"), 20)
+        problem = _wait_until_serving(target, get_request("/_proxy/health"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1412,7 +1412,7 @@ def start_bare(children: Children, upstream_port: int, certs: dict,
         proc = children.spawn("bare", [sys.executable, BARE_PROXY, str(port), certs["cert"],
                                        certs["key"], str(upstream_port)])
         target = Target("bare", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), 20)
+        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1598,7 +1598,7 @@ def start_nginx(children: Children, workdir: str, upstream_port: int, certs: dic
         proc = children.spawn("nginx", [executable, "-p", prefix, "-c", conf_path,
                                         "-e", os.path.join(prefix, "error.log")])
         target = Target("nginx", port, context, lambda p=proc: [p.pid] + child_pids(p.pid), proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), 20)
+        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         try:

@@ -63,6 +63,13 @@ def cut(parts, rng, mode):
     whole = b"".join(parts)
     if mode == "events":
         return list(parts)
+    if mode == "groups":             # a few whole events per piece, as when the proxy is behind
+        pieces, pos = [], 0
+        while pos < len(parts):
+            step = rng.choice((1, 2, 3, 5))
+            pieces.append(b"".join(parts[pos:pos + step]))
+            pos += step
+        return pieces
     if mode == "bytes":
         return [whole[i:i + 1] for i in range(len(whole))]
     pieces, pos = [], 0
@@ -99,7 +106,7 @@ class SseReaderShortcutTests(unittest.TestCase):
             parts = random_stream(rng)
             for raw in (False, True):
                 expected = self.read(cut(parts, rng, "bytes"), raw)
-                for mode in ("events", "random"):
+                for mode in ("events", "groups", "random"):
                     got = self.read(cut(parts, rng, mode), raw)
                     self.assertEqual(got[0], expected[0], (seed, raw, mode))
                     self.assertEqual(got[1], expected[1], (seed, raw, mode))
@@ -147,7 +154,7 @@ class StripperShortcutTests(unittest.TestCase):
             expected = self.strip(cut(parts, rng, "bytes"))
             self.assertNotIn(b'}]},"usage":null}', expected)
             self.assertNotIn(b'"choices":[],"usage"', expected)
-            for mode in ("events", "random"):
+            for mode in ("events", "groups", "random"):
                 self.assertEqual(self.strip(cut(parts, rng, mode)), expected, (seed, mode))
 
     def test_every_edited_event_is_json_without_usage(self):
@@ -177,7 +184,7 @@ class TapShortcutTests(unittest.TestCase):
                 expected = self.usage(cut(parts, rng, "bytes"), injected)
                 self.assertEqual(expected["completion"], 60)
                 self.assertEqual(expected["model"], "m")
-                for mode in ("events", "random"):
+                for mode in ("events", "groups", "random"):
                     self.assertEqual(self.usage(cut(parts, rng, mode), injected), expected)
 
 
