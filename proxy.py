@@ -3161,8 +3161,9 @@ def _usage_null_is_last_member(payload: bytes) -> bool:
     stream. The closing brace ends the payload, so it closes the top-level object and the member
     before it is the top-level `usage` (inside a string the payload would end with a quote).
     """
-    return (payload[:1] == b"{" and payload.endswith(b',"usage":null}')
-            and payload.count(b'"usage"') == 1)
+    # The first "usage" being the one 13 bytes from the end means it is the only one.
+    return (payload.endswith(b',"usage":null}') and payload[:1] == b"{"
+            and payload.find(b'"usage"') == len(payload) - 13)
 
 
 def _usage_member_value(text: str, key: str, last: bool) -> Any:
@@ -4037,8 +4038,6 @@ class InjectedUsageStripper:
 
     def _on_event(self, name: Optional[bytes], payload: bytes,
                   raw_lines: List[bytes]) -> Optional[bytes]:
-        if payload.find(b'"usage"') < 0:
-            return None
         if _usage_null_is_last_member(payload):
             # The hot path: a chunk that carries no usage needs no JSON parse, only the edit.
             line = raw_lines[0]
@@ -4047,6 +4046,8 @@ class InjectedUsageStripper:
                 # the comma before it are the line's last bytes but the brace.
                 return line[:-15] + b"}\n" + raw_lines[1]
             return _strip_null_usage(raw_lines)
+        if payload.find(b'"usage"') < 0:
+            return None
         try:
             obj = json.loads(payload)
         except (ValueError, RecursionError):
