@@ -4895,7 +4895,10 @@ class StatsStore:
         path = self.path
         remove_stale_temp_files(path)
         try:
-            with open(path, "rb") as f:
+            # Opened as the pidfile and the log are: a FIFO planted here must not hang the
+            # start, and a symlink is not followed. Other hard links are harmless: save()
+            # replaces the name, it never writes into the file.
+            with os.fdopen(open_regular_file(path, os.O_RDONLY, one_link=False), "rb") as f:
                 data = f.read(_STATS_FILE_MAX_BYTES + 1)
         except (FileNotFoundError, NotADirectoryError):
             # NotADirectoryError: a parent is a regular file; there is no
@@ -4910,7 +4913,15 @@ class StatsStore:
                 self._save_blocked = "the stats file is a directory; not saving stats"
             return False
         except OSError as exc:
-            self._set_aside(path, "cannot be read (%s)" % exc)
+            # Moved aside like a corrupt file: the link or the FIFO is kept, under another name.
+            if exc.errno == errno.ELOOP:
+                reason = ("is a symbolic link, which is not followed (to keep the stats where it "
+                          "points, set tracking.statsFile to that path)")
+            elif exc.errno in (errno.EINVAL, errno.ENXIO):
+                reason = "is not a regular file (a FIFO, socket or device)"
+            else:
+                reason = "cannot be read (%s)" % exc
+            self._set_aside(path, reason)
             return False
         try:
             if len(data) > _STATS_FILE_MAX_BYTES:
@@ -8199,11 +8210,13 @@ def fit_connections_to_fd_limit(config: Config) -> Config:
 # Service: pidfile, daemon mode, signals, the serve loop
 # ==================================================================================================
 
-def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
-    """os.open() for the files the proxy writes beside its config (pidfile, log file), which a
-    local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a regular file
-    with no other hard link, and never writable by others even under umask 000. Returns the
-    descriptor; raises OSError whose strerror says what is wrong and how to fix it."""
+def open_regular_file(path: str, flags: int, mode: int = 0o644, one_link: bool = True) -> int:
+    """os.open() for the files the proxy keeps beside its config (pidfile, log file, stats.json),
+    which a local user may be able to prepare: never through a symlink (O_NOFOLLOW), only a
+    regular file, with no other hard link (``one_link``: a file only read, or replaced by rename,
+    may have them), and never writable by others even under umask 000. Returns the descriptor;
+    raises OSError whose strerror says what is wrong and how to fix it (IsADirectoryError for a
+    folder)."""
     nonblock = getattr(os, "O_NONBLOCK", 0)  # a planted FIFO must not hang open()
     flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | nonblock
     try:
@@ -8219,9 +8232,9 @@ def open_regular_file(path: str, flags: int, mode: int = 0o644) -> int:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "it is not a regular file; remove it or choose another "
-                          "path", path)
-        if info.st_nlink != 1:
+            raise OSError(errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL,
+                          "it is not a regular file; remove it or choose another path", path)
+        if one_link and info.st_nlink != 1:
             raise OSError(errno.EMLINK, "it has %d hard links (another name for the same file); "
                           "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
         if nonblock:
@@ -8745,8 +8758,11 @@ def list_keys(config: Config) -> int:
         return 0
     by_key, days = {}, {}
     try:
-        with open(config.stats_file, "rb") as handle:
-            state = _stats_parse_document(json.loads(handle.read().decode("utf-8")), 0)
+        # As load() opens it: a FIFO or symlink planted there must not hang or be followed.
+        fd = open_regular_file(config.stats_file, os.O_RDONLY, one_link=False)
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(_STATS_FILE_MAX_BYTES + 1)
+        state = _stats_parse_document(json.loads(data.decode("utf-8")), 0)
         by_key, days = state["byKey"], state["keyDays"]
     except (OSError, ValueError):
         pass                                 # no stats yet (or unreadable): show the budgets

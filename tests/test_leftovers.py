@@ -1,0 +1,200 @@
+"""Four gaps the last closing note left open, each tried as a user and as a hostile local user:
+stats.json opened like the pidfile and log (a FIFO or symlink there no longer hangs or is
+followed), stale temp files beside the certificates cleaned at start, a stats file missing a
+field every version writes moved aside instead of loaded half-empty, and the usage readers'
+failure counts in /_proxy/stats and /_proxy/metrics."""
+
+from support import FakeLLM, https, proxy, start_proxy, start_upstream, wait_until
+from test_service import ServiceTestCase, _read
+from test_stats import parse_prometheus_text, sample_map
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+import unittest
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+FIXTURE = os.path.join(DATA, "stats-main-before-issue13.json")
+# The fixtures were written at this fake time (2026-09-02T05:00:00Z).
+WRITTEN_AT = 86400 * 20698 + 5 * 3600
+
+
+def _tmpdir(test):
+    directory = tempfile.mkdtemp(prefix="llm-proxy-leftovers-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
+def _set_aside(directory):
+    return sorted(n for n in os.listdir(directory) if ".corrupt-" in n)
+
+
+# -- 1. stats.json is opened as the pidfile and the log are ---------------------------------------
+
+class StatsFileNotRegularTests(unittest.TestCase):
+    """A FIFO, a symlink or a device at the stats path: the start goes on, nothing is lost.
+
+    Chosen: anything but a regular file is moved aside like a corrupt file (the FIFO, device
+    node or link itself, renamed; what a link points to is never read or touched), with a
+    warning that says what it is; then the proxy saves a fresh stats.json there. A symlink is
+    not followed, as for the pidfile and the log; the warning says how to keep stats elsewhere.
+    """
+
+    def setUp(self):
+        self.dir = _tmpdir(self)
+        self.path = os.path.join(self.dir, "stats.json")
+
+    def load(self, store):
+        """store.load() in a thread; fails (instead of hanging the suite) if it blocks."""
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(loaded=store.load()), daemon=True)
+        with self.assertLogs("llm-proxy", level="WARNING") as logs:
+            thread.start()
+            thread.join(10)
+            if thread.is_alive():
+                self._unblock()
+                thread.join(10)
+                self.fail("StatsStore.load() hangs on what is at the stats path")
+        self.assertFalse(result["loaded"])
+        return "\n".join(logs.output)
+
+    def _unblock(self):
+        # A reader stuck in open() of a FIFO returns once a writer opens it.
+        for name in os.listdir(self.dir):
+            full = os.path.join(self.dir, name)
+            try:
+                os.close(os.open(full, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    def assert_saves_a_regular_file(self, store):
+        store.reset()
+        self.assertTrue(store.save())
+        self.assertTrue(stat.S_ISREG(os.lstat(self.path).st_mode))
+
+    def test_a_fifo_is_moved_aside_and_the_start_goes_on(self):
+        os.mkfifo(self.path)
+        store = proxy.StatsStore(path=self.path)
+        warning = self.load(store)
+        self.assertIn("is not a regular file (a FIFO, socket or device)", warning)
+        moved = _set_aside(self.dir)
+        self.assertEqual(len(moved), 1, moved)
+        self.assertIn(moved[0], warning)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(os.path.join(self.dir, moved[0])).st_mode))
+        self.assert_saves_a_regular_file(store)
+
+    def test_a_symlink_to_a_fifo_is_not_followed(self):
+        elsewhere = _tmpdir(self)
+        fifo = os.path.join(elsewhere, "fifo")
+        os.mkfifo(fifo)
+        os.symlink(fifo, self.path)
+        store = proxy.StatsStore(path=self.path)
+        warning = self.load(store)
+        self.assertIn("is a symbolic link, which is not followed", warning)
+        moved = _set_aside(self.dir)
+        self.assertEqual(os.readlink(os.path.join(self.dir, moved[0])), fifo)   # the link, kept
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assert_saves_a_regular_file(store)
+
+    def test_a_symlink_to_a_stats_file_is_not_followed_and_its_target_is_untouched(self):
+        # Saving always replaced such a link with a regular file, leaving the target behind
+        # with old numbers; now the start says so, and where to point tracking.statsFile.
+        target = os.path.join(_tmpdir(self), "real-stats.json")
+        shutil.copy(FIXTURE, target)
+        with open(target, "rb") as handle:
+            before = handle.read()
+        os.symlink(target, self.path)
+        store = proxy.StatsStore(path=self.path, clock=lambda: WRITTEN_AT)
+        warning = self.load(store)
+        self.assertIn("symbolic link", warning)
+        self.assertIn("set tracking.statsFile", warning)
+        self.assertEqual(store.snapshot()["requests"], 0)
+        self.assert_saves_a_regular_file(store)
+        with open(target, "rb") as handle:
+            self.assertEqual(handle.read(), before)
+        self.assertEqual(os.readlink(os.path.join(self.dir, _set_aside(self.dir)[0])), target)
+
+    def test_a_symlink_to_a_device_is_not_followed(self):
+        os.symlink("/dev/zero", self.path)
+        warning = self.load(proxy.StatsStore(path=self.path))
+        self.assertIn("symbolic link", warning)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "mknod needs root")
+    def test_a_device_node_is_moved_aside(self):
+        os.mknod(self.path, stat.S_IFCHR | 0o600, os.makedev(1, 3))     # /dev/null's numbers
+        warning = self.load(proxy.StatsStore(path=self.path))
+        self.assertIn("is not a regular file", warning)
+        self.assertTrue(stat.S_ISCHR(os.lstat(os.path.join(self.dir,
+                                                           _set_aside(self.dir)[0])).st_mode))
+
+    def test_a_hard_linked_stats_file_still_loads(self):
+        # A backup made with `cp -al` leaves stats.json with two names: reading it is harmless
+        # and save() replaces the name, so the backup's copy is never written into.
+        backup = os.path.join(_tmpdir(self), "stats.json")
+        shutil.copy(FIXTURE, backup)
+        os.link(backup, self.path)
+        with open(backup, "rb") as handle:
+            before = handle.read()
+        store = proxy.StatsStore(path=self.path, clock=lambda: WRITTEN_AT)
+        self.assertTrue(store.load())
+        store.record_refusal(None)
+        self.assertTrue(store.save())
+        with open(backup, "rb") as handle:
+            self.assertEqual(handle.read(), before)
+
+    def test_a_folder_at_the_stats_path_is_still_left_alone(self):
+        os.mkdir(self.path)
+        store = proxy.StatsStore(path=self.path)
+        self.assertIn("is a directory; not saving stats", self.load(store))
+        self.assertTrue(os.path.isdir(self.path))
+        self.assertEqual(_set_aside(self.dir), [])
+
+
+class StatsFileNotRegularProcessTests(ServiceTestCase):
+    """As a user: `python3 proxy.py` with a FIFO planted at its stats path starts and serves."""
+
+    def test_a_fifo_at_the_stats_path_does_not_hang_the_start(self):
+        work = self.mkdir("work")
+        self.copy_test_certs(os.path.join(work, "certs"))
+        config = self.loopback_config(work)
+        stats_file = os.path.join(work, "stats.json")
+        os.mkfifo(stats_file)
+        self.addCleanup(self._open_fifo_for_writing, stats_file)
+        child, port, err_path = self.start_proxy(["--config", config], cwd=work)
+        self.get_tags(port)
+        code, _ = self.signal_and_wait(child, signal.SIGTERM)
+        self.assertEqual(code, 0)
+        err = _read(err_path)
+        self.assertIn("is not a regular file (a FIFO, socket or device); moved it to", err)
+        self.assert_no_traceback(err)
+        self.assert_stats_requests(stats_file, 1)
+        moved = _set_aside(work)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(os.path.join(work, moved[0])).st_mode))
+
+    def test_list_keys_does_not_hang_on_a_fifo_either(self):
+        work = self.mkdir("work")
+        settings = {"access": {"keys": {"alice": "sk-test-0123456789abcdef"}},
+                    "tracking": {"statsFile": "stats.json"}}
+        config = self.write_config(work, settings)
+        stats_file = os.path.join(work, "stats.json")
+        os.mkfifo(stats_file)
+        self.addCleanup(self._open_fifo_for_writing, stats_file)
+        out = self.run_proxy(["--config", config, "--list-keys"], cwd=work, timeout=20)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("alice", out.stdout)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(stats_file).st_mode), "--list-keys moves nothing")
+
+    @staticmethod
+    def _open_fifo_for_writing(path):
+        # Releases a process stuck opening the FIFO (the old code), so cleanup can kill it.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
