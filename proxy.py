@@ -2116,20 +2116,30 @@ def _atomic_temp_prefix(path: str) -> str:
 def remove_stale_temp_files(path: str) -> None:
     """Delete the temp files of _write_file_atomic() that a killed process left beside ``path``
     mid-write. Call it only where one process owns the file (at start-up): it would also
-    remove the temp file of a write under way in another process."""
+    remove the temp file of a write under way in another process.
+
+    Only what mkstemp() makes for us: the exact name (prefix, 8 random characters, ".tmp"), a
+    regular file (a symlink or folder by that name is someone else's, and is never followed),
+    owned by us."""
     directory = os.path.dirname(os.path.abspath(path))
-    prefix = _atomic_temp_prefix(path)
+    ours = re.compile(re.escape(_atomic_temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp\Z")
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                log.info("removed %s, left by an interrupted write", name)
-            except OSError:
-                pass
+        if not ours.match(name):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            info = os.lstat(full)
+            if not stat.S_ISREG(info.st_mode) or \
+                    hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+                continue
+            os.unlink(full)
+            log.info("removed %s, left by an interrupted write", full)
+        except OSError:
+            pass
 
 
 def _check_still_ours(tmp: str, fd: int) -> None:
@@ -2309,6 +2319,11 @@ def _ensure_certificates(cert_file: str, key_file: str, wanted_dns: List[str],
     for path, what in ((cert_file, "certificate"), (key_file, "key"),
                        (ca_cert_path, "CA certificate"), (ca_key_path, "CA key")):
         check_trusted_file(path, what)
+    if not dry_run:
+        # A start owns these files, as it owns stats.json: what a killed write left beside
+        # them (a private key's temp file among them) goes, as stats.json's does.
+        for path in (cert_file, key_file, combined_path, ca_cert_path, ca_key_path):
+            remove_stale_temp_files(path)
 
     have_cert, have_key = os.path.exists(cert_file), os.path.exists(key_file)
     if have_cert != have_key:

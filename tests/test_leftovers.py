@@ -198,3 +198,96 @@ class StatsFileNotRegularProcessTests(ServiceTestCase):
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
+
+
+# -- 2. stale temp files beside the certificates ---------------------------------------------------
+
+def _interrupted_write(path, data=b"-----BEGIN PRIVATE KEY-----\nhalf"):
+    """What a kill between write and rename leaves beside `path`: _write_file_atomic()'s own
+    temp file (so the test follows the writer's naming, whatever it is). Returns its path."""
+    directory = os.path.dirname(path)
+    before = set(os.listdir(directory))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    with mock.patch.object(proxy.os, "replace", killed), \
+            mock.patch.object(proxy.os, "unlink", side_effect=OSError("killed first")):
+        with unittest.TestCase().assertRaises(KeyboardInterrupt):
+            proxy._write_file_atomic(path, data, private=True)
+    (name,) = set(os.listdir(directory)) - before
+    return os.path.join(directory, name)
+
+
+class CertificateTempFileTests(unittest.TestCase):
+    """At start, what an interrupted certificate write left is removed, as for stats.json:
+    only our own temp names, regular files we own; never a symlink, folder or other name."""
+
+    def setUp(self):
+        from support import certs_dir
+        self.dir = os.path.join(_tmpdir(self), "certs")
+        shutil.copytree(certs_dir(), self.dir)
+        self.cert = os.path.join(self.dir, "cert.pem")
+        self.key = os.path.join(self.dir, "key.pem")
+
+    def plant(self):
+        """Leftovers of killed writes of every file, and things that only look like them."""
+        leftovers = [_interrupted_write(os.path.join(self.dir, name))
+                     for name in ("key.pem", "cert.pem", "combined.pem", "ca.pem", "ca-key.pem")]
+        secret = os.path.join(_tmpdir(self), "secret")
+        with open(secret, "w") as handle:
+            handle.write("not the proxy's")
+        decoys = {".key.pem.abcdefgh.tmp": "symlink", ".cert.pem.zzzzzzzz.tmp": "folder",
+                  ".cert.pem.backup.tmp": "", ".key.pem.abcdefgh.tmp.orig": "",
+                  "key.pem.abcdefgh.tmp": "", ".notes.txt.abcdefgh.tmp": "",
+                  ".ca.pem.ABCDEFGH.tmp": ""}
+        for name, kind in decoys.items():
+            full = os.path.join(self.dir, name)
+            if kind == "symlink":
+                os.symlink(secret, full)
+            elif kind == "folder":
+                os.mkdir(full)
+            else:
+                open(full, "w").close()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            foreign = os.path.join(self.dir, ".ca.pem.abcd1234.tmp")   # our name, not our file
+            open(foreign, "w").close()
+            os.chown(foreign, 12345, 12345)
+            decoys[os.path.basename(foreign)] = "foreign"
+        return leftovers, sorted(decoys), secret
+
+    def test_a_start_removes_only_our_leftovers(self):
+        leftovers, decoys, secret = self.plant()
+        proxy.ensure_certificates(self.cert, self.key, dry_run=True)    # --check writes nothing
+        for path in leftovers:
+            self.assertTrue(os.path.exists(path), "--check removed %s" % path)
+        with self.assertLogs("llm-proxy", level="INFO") as logs:
+            status = proxy.ensure_certificates(self.cert, self.key)
+        self.assertEqual(status.action, "kept")
+        left = sorted(n for n in os.listdir(self.dir) if "tmp" in n)
+        self.assertEqual(left, decoys)
+        self.assertTrue(os.path.islink(os.path.join(self.dir, ".key.pem.abcdefgh.tmp")))
+        with open(secret) as handle:
+            self.assertEqual(handle.read(), "not the proxy's")
+        said = "\n".join(logs.output)
+        for path in leftovers:
+            self.assertIn("removed %s, left by an interrupted write" % path, said)
+
+
+class CertificateTempFileProcessTests(ServiceTestCase):
+    """As a user: the next `python3 proxy.py` after a crash mid-write leaves no key copy behind."""
+
+    def test_the_next_start_cleans_the_certs_folder(self):
+        work = self.mkdir("work")
+        certs = self.copy_test_certs(os.path.join(work, "certs"))
+        config = self.loopback_config(work)
+        key_copy = _interrupted_write(os.path.join(certs, "ca-key.pem"))
+        other = os.path.join(certs, ".ca-key.pem.old.tmp")
+        open(other, "w").close()
+        check = self.run_proxy(["--config", config, "--check"], cwd=work)
+        self.assertTrue(os.path.exists(key_copy), check.stdout + check.stderr)
+        child, port, err_path = self.start_proxy(["--config", config], cwd=work)
+        self.get_tags(port)
+        self.assertFalse(os.path.exists(key_copy))
+        self.assertTrue(os.path.exists(other))
+        self.assertIn("removed %s, left by an interrupted write" % key_copy, _read(err_path))
+        self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0)
