@@ -4205,7 +4205,7 @@ def _stats_histogram_observe(hist: Dict[str, Any], value: float) -> None:
 
 def _stats_new_key_entry() -> Dict[str, Any]:
     """An empty byKey entry (its shape: _STATS_SHAPE["byKey"])."""
-    return _stats_empty(_STATS_SHAPE["byKey"].entry)
+    return _stats_empty(_STATS_SHAPE["byKey"].shape.entry)
 
 
 def _stats_local_day(ts: float) -> str:
@@ -4312,8 +4312,10 @@ class RequestRecord:
 # is one line in it (plus where it is counted and shown). A plain value in the shape stands
 # for its type (0: a non-negative integer, 0.0: a non-negative number, "": a string, False:
 # true/false, a dict: an object with those keys); the classes below stand for the rest.
-# A key a file lacks takes its empty value: files written before that key existed
-# (byKey, refused and keyDays came with access keys) load as they are.
+# A file lacking a key that every version writes is damaged, or not ours: it is moved aside
+# like a corrupt one, so the counts it has are not loaded as zeros and then saved over. Keys a
+# later version added are wrapped in _StatsAdded: files written before them load with them
+# empty (byKey, refused and keyDays came with access keys). A null-able key may be absent.
 
 
 class _StatsOptional(NamedTuple):
@@ -4348,6 +4350,11 @@ class _StatsConst(NamedTuple):
     value: Any
 
 
+class _StatsAdded(NamedTuple):
+    """A key of `shape` that a later version added: a file written before it may lack it."""
+    shape: Any
+
+
 class _StatsHistogram(NamedTuple):
     """A latency histogram with these bucket bounds (see _stats_new_histogram())."""
     bounds: Tuple[float, ...]
@@ -4374,12 +4381,12 @@ _STATS_SHAPE: Dict[str, Any] = {
     "byEndpoint": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
     "byClient": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
     # A breakdown entry plus refusals (401/429, never forwarded) and the last use.
-    "byKey": _StatsMapOf(dict(_STATS_BREAKDOWN_SHAPE, refused=0,
-                              lastUsed=_StatsOptional(_STATS_NUMBER))),
-    "refused": 0,
+    "byKey": _StatsAdded(_StatsMapOf(dict(_STATS_BREAKDOWN_SHAPE, refused=0,
+                                          lastUsed=_StatsOptional(_STATS_NUMBER)))),
+    "refused": _StatsAdded(0),
     # Tokens per access key on its current local day: the daily budgets. A stats reset keeps
     # them, so it does not hand out a fresh budget; save() writes only today's.
-    "keyDays": _StatsMapOf({"day": _StatsText(10, _STATS_DAY_FORMAT), "tokens": 0}),
+    "keyDays": _StatsAdded(_StatsMapOf({"day": _StatsText(10, _STATS_DAY_FORMAT), "tokens": 0})),
     # The last history_size requests, oldest first.
     "recent": _StatsListOf({
         "time": _StatsText(), "method": _StatsText(16), "path": _StatsText(),
@@ -4415,6 +4422,8 @@ def _stats_empty(shape: Any) -> Any:
         return ""
     if isinstance(shape, _StatsConst):
         return shape.value
+    if isinstance(shape, _StatsAdded):
+        return _stats_empty(shape.shape)
     return shape        # 0, 0.0, False
 
 
@@ -4436,13 +4445,15 @@ def _stats_empty_document(since: float, version: str) -> Dict[str, Any]:
 
 def _stats_conform(value: Any, shape: Any, where: str) -> Any:
     """Check a decoded stats.json value against `shape` and return a safe copy: strings and
-    map keys bounded (_stats_clean_key()), unknown keys dropped, missing keys empty. Raises
-    StatsFileError naming the first bad field."""
+    map keys bounded (_stats_clean_key()), unknown keys dropped, added or null-able keys empty
+    when missing. Raises StatsFileError naming the first bad (or missing) field."""
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             raise StatsFileError("%s: expected an object" % where)
         out = {}
         for key, sub in shape.items():
+            if key not in value and not isinstance(sub, (_StatsAdded, _StatsOptional, _StatsOneOf)):
+                raise StatsFileError("%s.%s: missing" % (where, key))
             if key not in value or value[key] is None and isinstance(sub, _StatsOptional):
                 if not (isinstance(sub, _StatsOptional) and sub.omit):
                     out[key] = _stats_empty(sub)
@@ -4460,6 +4471,8 @@ def _stats_conform(value: Any, shape: Any, where: str) -> Any:
         return [_stats_conform(v, shape.item, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
     if isinstance(shape, _StatsHistogram):
         return _stats_conform_histogram(value, shape.bounds, where)
+    if isinstance(shape, _StatsAdded):
+        return _stats_conform(value, shape.shape, where)
     if isinstance(shape, _StatsOptional):
         if isinstance(value, bool) or not isinstance(value, shape.types) or \
                 isinstance(value, float) and not math.isfinite(value):

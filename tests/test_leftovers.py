@@ -291,3 +291,69 @@ class CertificateTempFileProcessTests(ServiceTestCase):
         self.assertTrue(os.path.exists(other))
         self.assertIn("removed %s, left by an interrupted write" % key_copy, _read(err_path))
         self.assertEqual(self.signal_and_wait(child, signal.SIGTERM)[0], 0)
+
+
+# -- 3. a stats file missing a field every version writes -------------------------------------------
+
+class MissingStatsFieldTests(unittest.TestCase):
+    """Chosen: a stats file that lacks a field every version writes is damaged or not ours, so
+    it is moved aside with the corrupt-file warning (naming the field) and its bytes are kept;
+    before, it loaded with that field at zero and the next save wrote the zero over the user's
+    count. Fields a later version added (byKey, refused, keyDays, usageReaderFailures) and
+    null-able ones may be missing: the earlier releases' files in tests/data still load."""
+
+    def load_without(self, *where):
+        with open(FIXTURE) as handle:
+            doc = json.load(handle)
+        target = doc
+        for step in where[:-1]:
+            target = target[step]
+        del target[where[-1]]
+        directory = _tmpdir(self)
+        path = os.path.join(directory, "stats.json")
+        data = json.dumps(doc).encode()
+        with open(path, "wb") as handle:
+            handle.write(data)
+        store = proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT)
+        return store, directory, data
+
+    def test_a_missing_core_field_moves_the_file_aside_and_loses_nothing(self):
+        cases = [(("requests",), "file.requests"),
+                 (("tokens", "prompt"), "file.tokens.prompt"),
+                 (("usageReports", "missing"), "file.usageReports.missing"),
+                 (("byModel", "qwen3:8b", "errors"), "file.byModel['qwen3:8b'].errors"),
+                 (("byKey", "alice", "refused"), "file.byKey['alice'].refused"),
+                 (("keyDays", "alice", "tokens"), "file.keyDays['alice'].tokens"),
+                 (("recent", 0, "status"), "file.recent[0].status"),
+                 (("hourly", 0, "total"), "file.hourly[0].total"),
+                 (("histograms", "ttfb", "sum"), "file.histograms.ttfb.sum"),
+                 (("histograms", "duration"), "file.histograms.duration"),
+                 (("since",), "file.since")]
+        for where, named in cases:
+            with self.subTest(named):
+                store, directory, data = self.load_without(*where)
+                with self.assertLogs("llm-proxy", level="WARNING") as logs:
+                    self.assertFalse(store.load())
+                self.assertIn("%s: missing; moved it to" % named, "\n".join(logs.output))
+                moved = _set_aside(directory)
+                self.assertEqual(len(moved), 1, moved)
+                with open(os.path.join(directory, moved[0]), "rb") as handle:
+                    self.assertEqual(handle.read(), data)           # nothing lost
+                self.assertEqual(store.snapshot()["requests"], 0)
+
+    def test_added_and_null_able_fields_may_be_missing(self):
+        for where in (("byKey",), ("refused",), ("keyDays",), ("savedAt",), ("version",),
+                      ("recent", 0, "model"), ("recent", 0, "ttfbMs"), ("recent", 0, "usage"),
+                      ("byKey", "alice", "lastUsed")):
+            with self.subTest(where):
+                store, directory, _ = self.load_without(*where)
+                self.assertTrue(store.load())
+                self.assertEqual(_set_aside(directory), [])
+                self.assertGreater(store.snapshot()["requests"], 0)
+
+    def test_the_earlier_releases_files_load(self):
+        for name in ("stats-previous-release.json", "stats-main-before-issue13.json"):
+            with self.subTest(name):
+                path = os.path.join(_tmpdir(self), "stats.json")
+                shutil.copy(os.path.join(DATA, name), path)
+                self.assertTrue(proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT).load())
