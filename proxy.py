@@ -4351,8 +4351,10 @@ class _StatsConst(NamedTuple):
 
 
 class _StatsAdded(NamedTuple):
-    """A key of `shape` that a later version added: a file written before it may lack it."""
+    """A key of `shape` that a later version added: a file written before it may lack it.
+    `omit`: absent from the document (and the file) until it has something to say."""
     shape: Any
+    omit: bool = False
 
 
 class _StatsHistogram(NamedTuple):
@@ -4376,6 +4378,10 @@ _STATS_SHAPE: Dict[str, Any] = {
     "bytes": 0,
     "tokens": dict.fromkeys(STATS_TOKEN_FIELDS, 0),
     "usageReports": dict.fromkeys(STATS_USAGE_SOURCES, 0),
+    # Responses whose usage reader failed (a bug), per API format: UsageTap counts them in
+    # usage_reader_failures, the store takes them in as it reports (_fold_reader_failures).
+    # Written once there is one, so a file is what earlier versions wrote until then.
+    "usageReaderFailures": _StatsAdded(_StatsMapOf(0), omit=True),
     # Per-key sums; snapshot() derives averages from them.
     "byModel": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
     "byEndpoint": _StatsMapOf(_STATS_BREAKDOWN_SHAPE),
@@ -4409,7 +4415,7 @@ def _stats_empty(shape: Any) -> Any:
     """The empty value of `shape`: zero counters, empty maps and lists."""
     if isinstance(shape, dict):
         return {k: _stats_empty(v) for k, v in shape.items()
-                if not (isinstance(v, _StatsOptional) and v.omit)}
+                if not (isinstance(v, (_StatsOptional, _StatsAdded)) and v.omit)}
     if isinstance(shape, _StatsMapOf):
         return {}
     if isinstance(shape, _StatsListOf):
@@ -4455,7 +4461,7 @@ def _stats_conform(value: Any, shape: Any, where: str) -> Any:
             if key not in value and not isinstance(sub, (_StatsAdded, _StatsOptional, _StatsOneOf)):
                 raise StatsFileError("%s.%s: missing" % (where, key))
             if key not in value or value[key] is None and isinstance(sub, _StatsOptional):
-                if not (isinstance(sub, _StatsOptional) and sub.omit):
+                if not (isinstance(sub, (_StatsOptional, _StatsAdded)) and sub.omit):
                     out[key] = _stats_empty(sub)
                 continue
             out[key] = _stats_conform(value[key], sub, "%s.%s" % (where, key))
@@ -4541,6 +4547,14 @@ def _stats_parse_document(doc: Any, history_size: int) -> Dict[str, Any]:
     return state
 
 
+def _stats_reader_failures(doc: Dict[str, Any]) -> Dict[str, int]:
+    """usageReaderFailures as /_proxy/stats and /_proxy/metrics show it: every API format whose
+    usage is read, at 0 until its reader fails (so a rate() over it starts from a sample)."""
+    view = dict.fromkeys((f.kind for f in API_FORMATS if f.usage), 0)
+    view.update(doc.get("usageReaderFailures", ()))
+    return view
+
+
 class StatsFileError(ValueError):
     """stats.json exists but is not a stats file this version can read."""
 
@@ -4591,8 +4605,28 @@ class StatsStore:
         self._autosave_stop: Optional[threading.Event] = None
         # Every persisted counter: the stats.json document (see _STATS_SHAPE).
         self._doc = _stats_empty_document(self._started_at, self.version)
+        # usage_reader_failures as last taken into the document (it counts for the process).
+        with _usage_failures_lock:
+            self._failures_seen = dict(usage_reader_failures)
 
     # -- state -------------------------------------------------------------------------------------
+
+    def _fold_reader_failures(self) -> None:
+        """Add the usage readers' failures since the last look to the document (caller holds
+        the lock). UsageTap counts them for the whole process, off the store's lock; they are
+        taken in here, where they are reported or saved, instead of on every record()."""
+        with _usage_failures_lock:
+            now = dict(usage_reader_failures)
+        if now == self._failures_seen:
+            return
+        counts = self._doc.setdefault("usageReaderFailures", {})
+        for kind, n in now.items():
+            new = n - self._failures_seen.get(kind, 0)
+            if new > 0:
+                kind = _stats_clean_key(kind)
+                counts[kind] = counts.get(kind, 0) + new
+                self._change_gen += 1
+        self._failures_seen = now
 
     def _zero(self, since: float) -> None:
         """Reset every persisted counter but today's key budgets (caller holds the lock)."""
@@ -4811,6 +4845,7 @@ class StatsStore:
         reset reaches disk."""
         now = self._clock()
         with self._lock:
+            self._fold_reader_failures()        # those before the reset are not counted after it
             self._zero(now)
             self._change_gen += 1
 
@@ -4823,6 +4858,7 @@ class StatsStore:
         now = self._clock()
         today = _stats_local_day(now)
         with self._lock:
+            self._fold_reader_failures()
             doc = self._doc
             by_key: Dict[str, Dict[str, Any]] = {}
             for name, entry in doc["byKey"].items():
@@ -4860,6 +4896,7 @@ class StatsStore:
                 "bytes": doc["bytes"],
                 "tokens": tokens,
                 "usageReports": dict(doc["usageReports"]),
+                "usageReaderFailures": _stats_reader_failures(doc),
                 "byModel": {k: _stats_breakdown_view(v) for k, v in doc["byModel"].items()},
                 "byEndpoint": {k: _stats_breakdown_view(v) for k, v in doc["byEndpoint"].items()},
                 "byClient": {k: _stats_breakdown_view(v) for k, v in doc["byClient"].items()},
@@ -4883,9 +4920,11 @@ class StatsStore:
         the gauges that are not persisted."""
         now = self._clock()
         with self._lock:
+            self._fold_reader_failures()
             # All but the recent requests, which no metric shows.
             state = _stats_copy({k: v for k, v in self._doc.items() if k != "recent"})
             state.update(
+                usageReaderFailures=_stats_reader_failures(state),
                 version=self.version,
                 uptime=max(0.0, now - self._started_at),
                 inFlight=self._in_flight,
@@ -5012,6 +5051,7 @@ class StatsStore:
             return False
         with self._save_lock:
             with self._lock:
+                self._fold_reader_failures()
                 if self._save_blocked or self._change_gen == self._saved_gen:
                     return False
                 gen = self._change_gen
@@ -5192,6 +5232,11 @@ def render_metrics(store: StatsStore) -> str:
              "Completion responses by where their usage came from (reported, injected, missing).")
     for source in STATS_USAGE_SOURCES:
         w.sample("llm_proxy_usage_reports_total", s["usageReports"][source], (("source", source),))
+    w.family("llm_proxy_usage_reader_failures_total", "counter",
+             "Responses whose usage the proxy failed to read, by API format (a bug: please "
+             "report it); their usage counts as missing.")
+    for kind, failures in sorted(s["usageReaderFailures"].items()):
+        w.sample("llm_proxy_usage_reader_failures_total", failures, (("format", kind),))
 
     by_model = sorted(s["byModel"].items())
     w.breakdown("llm_proxy_model_requests_total", "Requests by model.", by_model, "model",

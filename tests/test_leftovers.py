@@ -357,3 +357,95 @@ class MissingStatsFieldTests(unittest.TestCase):
                 path = os.path.join(_tmpdir(self), "stats.json")
                 shutil.copy(os.path.join(DATA, name), path)
                 self.assertTrue(proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT).load())
+
+
+# -- 4. the usage readers' failure counts in /_proxy/stats and /_proxy/metrics ---------------------
+
+class ReaderFailureReportTests(unittest.TestCase):
+    """Chosen: usageReaderFailures (per API format) is a stats counter like the others: in
+    /_proxy/stats, in /_proxy/metrics as llm_proxy_usage_reader_failures_total{format}, saved in
+    stats.json (only once there is one), zeroed by a reset. Every format read shows, at 0."""
+
+    def broken_reader(self, kind):
+        def extract(found, obj, event):
+            raise KeyError("a shape the reader did not expect")
+        return mock.patch.dict(proxy._API_FORMAT_BY_KIND,
+                               {kind: proxy.api_format(kind)._replace(extract=extract)})
+
+    def get(self, server, path, method="GET"):
+        conn = https(server)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        self.assertEqual(response.status, 200, body[:300])
+        return body
+
+    def chat(self, server, stream):
+        conn = https(server)
+        body = json.dumps({"model": "qwen3:8b", "stream": stream,
+                           "messages": [{"role": "user", "content": "hello there"}]})
+        try:
+            conn.request("POST", "/v1/chat/completions", body,
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        self.assertEqual(response.status, 200)
+
+    def test_failures_are_in_stats_metrics_and_stats_json(self):
+        upstream = start_upstream(self, FakeLLM())
+        server = start_proxy(self, upstream.port)
+        fresh = json.loads(self.get(server, "/_proxy/stats"))["usageReaderFailures"]
+        kinds = [f.kind for f in proxy.API_FORMATS if f.usage]
+        self.assertEqual(fresh, dict.fromkeys(kinds, 0))
+        with self.broken_reader("openai_chat"), self.assertLogs("llm-proxy", level="WARNING"):
+            self.chat(server, stream=False)
+            self.chat(server, stream=True)
+            self.assertTrue(wait_until(lambda: server.stats.snapshot()["requests"] == 2))
+        stats = json.loads(self.get(server, "/_proxy/stats"))
+        self.assertEqual(stats["usageReaderFailures"], dict(fresh, openai_chat=2))
+        self.assertEqual(stats["usageReports"]["missing"], 2)
+        samples = sample_map(parse_prometheus_text(
+            self.get(server, "/_proxy/metrics").decode("utf-8")))
+        name = "llm_proxy_usage_reader_failures_total"
+        self.assertEqual(samples[(name, (("format", "openai_chat"),))], 2)
+        self.assertEqual(samples[(name, (("format", "ollama_chat"),))], 0)
+        # Saved and loaded like every counter; a reset zeroes it.
+        self.assertTrue(server.stats.save())
+        with open(server.stats.path) as handle:
+            self.assertEqual(json.load(handle)["usageReaderFailures"], {"openai_chat": 2})
+        again = proxy.StatsStore(path=server.stats.path)
+        self.assertTrue(again.load())
+        self.assertEqual(again.snapshot()["usageReaderFailures"]["openai_chat"], 2)
+        self.get(server, "/_proxy/reset", "POST")
+        self.assertEqual(json.loads(self.get(server, "/_proxy/stats"))["usageReaderFailures"],
+                         fresh)
+
+    def test_without_failures_stats_json_is_what_earlier_versions_wrote(self):
+        path = os.path.join(_tmpdir(self), "stats.json")
+        store = proxy.StatsStore(path=path)
+        store.reset()
+        self.assertTrue(store.save())
+        with open(path) as handle:
+            self.assertNotIn("usageReaderFailures", json.load(handle))
+
+    def test_a_damaged_count_in_the_file_is_named(self):
+        with open(FIXTURE) as handle:
+            doc = json.load(handle)
+        doc["usageReaderFailures"] = {"openai_chat": -1}
+        path = os.path.join(_tmpdir(self), "stats.json")
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        with self.assertLogs("llm-proxy", level="WARNING") as logs:
+            self.assertFalse(proxy.StatsStore(path=path, clock=lambda: WRITTEN_AT).load())
+        self.assertIn("file.usageReaderFailures['openai_chat']", "\n".join(logs.output))
+
+    def test_readme_names_the_field_and_the_metric(self):
+        with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        for name in ("`usageReaderFailures`", "llm_proxy_usage_reader_failures_total"):
+            self.assertTrue(name in readme, "README.md does not name %s" % name)
