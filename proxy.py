@@ -8312,7 +8312,8 @@ def open_regular_file(path: str, flags: int, mode: int = 0o644, one_link: bool =
                           "remove it (rm %s) or choose another path" % (info.st_nlink, path), path)
         if nonblock:
             os.set_blocking(fd, True)
-        if os.name == "posix" and info.st_mode & 0o022 and info.st_uid == os.geteuid():
+        if os.name == "posix" and info.st_mode & 0o022 and info.st_uid == os.geteuid() \
+                and flags & (os.O_WRONLY | os.O_RDWR):    # a file only read is not changed
             os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o022)  # left by an umask of 000
     except BaseException:
         os.close(fd)

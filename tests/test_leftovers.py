@@ -149,6 +149,16 @@ class StatsFileNotRegularTests(unittest.TestCase):
         with open(backup, "rb") as handle:
             self.assertEqual(handle.read(), before)
 
+    def test_reading_stats_json_changes_nothing_about_it(self):
+        # Only files the proxy writes into are narrowed to 0644 on open: a stats file is only
+        # read (a filesystem that refuses chmod must not get it moved aside at every start).
+        shutil.copy(FIXTURE, self.path)
+        os.chmod(self.path, 0o666)
+        store = proxy.StatsStore(path=self.path, clock=lambda: WRITTEN_AT)
+        with mock.patch.object(proxy.os, "fchmod", side_effect=PermissionError(1, "refused")):
+            self.assertTrue(store.load())
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
+
     def test_a_folder_at_the_stats_path_is_still_left_alone(self):
         os.mkdir(self.path)
         store = proxy.StatsStore(path=self.path)
