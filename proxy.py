@@ -3610,6 +3610,9 @@ class UsageTap:
         self._markers = self._api.markers if self._api else ()
         self._empty = self._api.empty_member if self._api else b""
         self._empty_key = self._empty.split(b'"')[1] if self._empty else None
+        # A chunk ending in the empty member, whose key is the row's first marker: nothing.
+        self._empty_tail = self._empty + b"}" \
+            if self._empty and self._markers[:1] == (self._empty_key,) else b""
         self._max_body = max_body
         self._max_line = max_line
         self._reader: Any = None
@@ -3833,7 +3836,13 @@ class UsageTap:
     def _on_sse_event(self, name: Optional[bytes], payload: bytes,
                       raw_lines: Optional[List[bytes]]) -> None:
         if name is None and self._probes <= 0:
-            # Most events of a stream: unnamed, after the model is known. One byte test each.
+            # Most events of a stream: unnamed, after the model is known. include_usage's
+            # "usage":null at the end of a chunk is tested here first (_worth_parsing's rule,
+            # without its call); then one byte test each.
+            empty_tail = self._empty_tail
+            if empty_tail and payload.endswith(empty_tail) \
+                    and payload.find(self._empty_key) == len(payload) - len(empty_tail) + 1:
+                return
             if not self._worth_parsing(payload) or payload[:1] == b"[" \
                     and payload.strip() == b"[DONE]":
                 return
@@ -5954,7 +5963,9 @@ class UpstreamResponse(http.client.HTTPResponse):
             pos = end + 2
         if not data:
             return None
-        wire = fp.read(pos)[start:]  # all in the buffer: no wait
+        wire = fp.read(pos)          # all in the buffer: no wait
+        if start:
+            wire = wire[start:]
         self.chunk_left = None
         return wire, data[0] if len(data) == 1 else b"".join(data)
 
@@ -7130,7 +7141,9 @@ class Exchange:
                                body_edited=self.tap is not None and self.injected)
         self.streamed = framing.streamed
         headers = self.response_headers(response, framing)
-        write = functools.partial(send_all, self.handler.connection)
+        client = self.handler.connection
+        send = client.send
+        write = functools.partial(send_all, client)
         reason = "".join(c for c in (response.reason or "") if " " <= c <= "~") or "-"
         head = self.handler.format_head(response.status, reason, headers)
         if not framing.hold_head:
@@ -7175,15 +7188,20 @@ class Exchange:
                 complete = True
                 break
             self.sent += len(data)
+            if head:
+                out = head + data         # not chunked: only Content-Length bodies hold the head
+                head = b""
+            elif chunked:
+                out = body.framed
+                if out is None:
+                    out = b"%x\r\n%s\r\n" % (len(data), data)
+            else:
+                out = data
             try:
-                if head:
-                    write(head + data)    # not chunked: only Content-Length bodies hold the head
-                    head = b""
-                elif chunked:
-                    framed = body.framed
-                    write(framed if framed is not None else b"%x\r\n%s\r\n" % (len(data), data))
-                else:
-                    write(data)
+                # send_all() without its call: a TLS send takes the whole piece unless it fails.
+                sent = send(out)
+                if sent < len(out):
+                    send_all(client, out[sent:])
             except OSError:
                 self.client_broke(conn)
                 return
