@@ -8,6 +8,9 @@ its own design and proxy-py (issue 16), and soak-test it (issue 8).
     python3 tests/bench.py --soak [S]   bounded soak of proxy.py alone (default 60 s)
     python3 tests/bench.py --proxy P    measure another copy of proxy.py (e.g. with a patch applied)
     python3 tests/bench.py --only a,d   some scenarios only (g, the idle figures, always runs)
+    python3 tests/bench.py --instructions  instructions per SSE event and per request, proxy.py
+                                        and the bare shape under valgrind's callgrind: counted,
+                                        so repeatable on a busy machine (needs valgrind; ~3 min)
     more: --rounds N, --no-nginx, --no-proxypy, --nginx-workers N, --client-procs N (default 2),
           --seed N (soak), --proxy-pid-file PATH (to attach a profiler such as py-spy)
 
@@ -69,6 +72,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
+import glob
 import json
 import math
 import multiprocessing
@@ -1369,6 +1373,9 @@ def _wait_until_serving(target: Target, probe: bytes, timeout: float) -> Optiona
     return problem
 
 
+START_TIMEOUT = 20.0          # seconds for a proxy to answer after its start (--instructions: more)
+
+
 def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port: int,
                 certs: dict, context: ssl.SSLContext) -> Target:
     """proxy.py in its own process, tracking and the stats file on (as in production)."""
@@ -1390,7 +1397,7 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
         proc = children.spawn("proxy", [sys.executable, proxy_path, "--config", config_path,
                                         "--quiet"], cwd=workdir, env=proxy_env())
         target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/_proxy/health"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
+        problem = _wait_until_serving(target, get_request("/_proxy/health"), START_TIMEOUT)
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1412,7 +1419,7 @@ def start_bare(children: Children, upstream_port: int, certs: dict,
         proc = children.spawn("bare", [sys.executable, BARE_PROXY, str(port), certs["cert"],
                                        certs["key"], str(upstream_port)])
         target = Target("bare", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
+        problem = _wait_until_serving(target, get_request("/v1/models"), START_TIMEOUT)
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1598,7 +1605,7 @@ def start_nginx(children: Children, workdir: str, upstream_port: int, certs: dic
         proc = children.spawn("nginx", [executable, "-p", prefix, "-c", conf_path,
                                         "-e", os.path.join(prefix, "error.log")])
         target = Target("nginx", port, context, lambda p=proc: [p.pid] + child_pids(p.pid), proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
+        problem = _wait_until_serving(target, get_request("/v1/models"), START_TIMEOUT)
         if problem is None:
             return target
         try:
@@ -2657,9 +2664,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=7, help="random seed of the soak clients")
     parser.add_argument("--proxy-pid-file", metavar="PATH",
                         help="write proxy.py's pid here once it serves (to attach a profiler)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per event and per request under valgrind's "
+                             "callgrind instead of timing (repeatable on a busy machine)")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser
+
+
+# ==================================================================================================
+# Instructions (--instructions): what each design costs, counted, not timed
+# ==================================================================================================
+
+def _callgrind_total(children: Children, proc, action) -> int:
+    """Instructions `proc` (started under callgrind, instrumentation off) executes during
+    action(): instrumentation on, counters zeroed, action, dump; the dump's total."""
+    pid = str(proc.pid)
+    for command in (["-i", "on"], ["-z"]):
+        subprocess.run(["callgrind_control"] + command + [pid], capture_output=True, timeout=60)
+    action()
+    pattern = os.path.join(children.workdir, "callgrind-%s.out.*" % pid)
+    before = set(glob.glob(pattern))
+    subprocess.run(["callgrind_control", "-d", pid], capture_output=True, timeout=60)
+    for path in set(glob.glob(pattern)) - before:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+    raise BenchError("callgrind wrote no dump for pid %s" % pid)
+
+
+def run_instructions(args) -> dict:
+    """proxy.py and the bare shape under valgrind's callgrind, one at a time: instructions per
+    streamed event (one stream at a time, 10 ms apart, with and without include_usage; the
+    marginal cost between a 250-event and a 50-event stream) and per keep-alive POST.
+
+    Instruction counts repeat to a few parts in a thousand whatever else the machine does, where
+    timings on a shared 2-core VM vary by tens of percent: this is how issue 16's changes were
+    compared. Kernel work (syscalls, TCP) is not counted; both designs make the same calls."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        raise BenchError("--instructions needs valgrind (apt-get install valgrind)")
+    workdir = tempfile.mkdtemp(prefix="llm-proxy-instr-")
+    children = Children(workdir)
+    original_spawn = children.spawn
+
+    def spawn_under_callgrind(name, argv, **kwargs):
+        if name in ("proxy", "bare"):
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    "--callgrind-out-file=" + os.path.join(workdir, "callgrind-%p.out")] + argv
+            kwargs["env"] = dict(kwargs.get("env") or os.environ, LLM_PROXY_NO_RERUN="1")
+        return original_spawn(name, argv, **kwargs)
+
+    children.spawn = spawn_under_callgrind
+    global START_TIMEOUT
+    START_TIMEOUT = 300.0                        # compiling proxy.py under valgrind is slow
+    rows = {}
+    try:
+        _, upstream_port = start_upstream(children)
+        certs = make_certificates(args.proxy, os.path.join(workdir, "certs"))
+        context = client_context(certs["ca"])
+        for name in ("bare", "proxy"):
+            say("instructions: starting %s under callgrind" % name)
+            if name == "bare":
+                target = start_bare(children, upstream_port, certs, context)
+            else:
+                directory = os.path.join(workdir, "proxy")
+                os.makedirs(directory)
+                target = start_proxy(children, args.proxy, directory, upstream_port, certs,
+                                     context)
+            row = {}
+            for usage in (True, False):
+                bench_streams(target, 1, 20, 1, 1, include_usage=usage)      # warm
+                counts = [_callgrind_total(children, target.proc, lambda n=n: bench_streams(
+                    target, 1, n, 10, 1, include_usage=usage)) for n in (50, 250)]
+                row["event_include_usage" if usage else "event_injected"] = \
+                    (counts[1] - counts[0]) / 200.0
+            conn = Connection(target, timeout=60)
+            conn.exchange(SMALL_REQUEST)
+            row["keepalive_post"] = _callgrind_total(
+                children, target.proc, lambda: [conn.exchange(SMALL_REQUEST) for _ in range(50)]) / 50.0
+            conn.close()
+            rows[name] = row
+            children.stop(target.proc)
+    finally:
+        children.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def render_instructions(rows: dict) -> str:
+    lines = ["instructions (callgrind, user space)          bare  proxy.py   ratio",
+             "-" * 70]
+    for key, label in (("event_include_usage", "per SSE event, client asks include_usage"),
+                       ("event_injected", "per SSE event, proxy injects and strips"),
+                       ("keepalive_post", "per keep-alive POST (non-streamed)")):
+        bare, ours = rows["bare"][key], rows["proxy"][key]
+        lines.append("%-42s %8.1fk %8.1fk %6.2fx" % (label, bare / 1e3, ours / 1e3, ours / bare))
+    return "\n".join(lines)
 
 
 def _stop_on_sigterm(signum, frame):
@@ -2698,6 +2799,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = time.monotonic()
     try:
+        if args.instructions:
+            rows = run_instructions(args)
+            print(json.dumps(rows, indent=2) if args.json else render_instructions(rows))
+            return 0
         if args.soak is not None:
             doc = run_soak(args, args.soak)
             print(json.dumps(doc, indent=2) if args.json else render_soak(doc))
