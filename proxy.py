@@ -4150,7 +4150,8 @@ def _strip_null_usage(raw_lines: List[bytes]) -> Optional[bytes]:
     hit = None
     data_lines = 0
     for index, raw_line in enumerate(raw_lines):
-        if raw_line[:1] != b"d":
+        bom = len(_USAGE_BOM) if index == 0 and raw_line.startswith(_USAGE_BOM) else 0
+        if raw_line[bom:bom + 1] != b"d":
             continue
         data_lines += 1
         if data_lines > 1:
@@ -7276,11 +7277,14 @@ class Exchange:
         (2 million 1-byte chunks took 41 s, one TLS write each) leaves in few writes.
         """
         data = response.read1(READ_CHUNK)
-        if not data or len(data) >= COALESCE_BELOW or data[-1:] == b"\n":
-            # A piece ending a line is an SSE event or NDJSON line as the backend wrote it: what
-            # follows is the next token, not yet generated, so the "anything behind it?" poll
-            # would find nothing -- and cost a syscall and a GIL hand-off per event, which under
-            # 200 streams is most of the gap to the bare shape (issue 16).
+        if not data or len(data) >= COALESCE_BELOW \
+                or data[-1:] == b"\n" and not response.chunked:
+            # A piece of a body that is not chunked, ending a line, is an SSE event or NDJSON
+            # line as the backend wrote it, and read1() gave all that was here: what follows is
+            # the next token, not yet generated, and the poll would cost a syscall and a GIL
+            # hand-off per event (issue 16). A chunked body's whole events take read_framed;
+            # what reaches read1() there is odd or tiny chunks, which a burst may bring by the
+            # million (issue 11): those are joined.
             return data
         pieces = [data]
         size = len(data)
