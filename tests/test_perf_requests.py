@@ -1,0 +1,107 @@
+"""Per-request fast paths of issue 16 keep every guarantee of the paths they short-cut.
+
+Timings are not tested here (they belong in tests/bench.py): these tests prove that each fast
+path gives exactly what the slower, line-by-line code it skips would have given.
+"""
+
+import io
+import random
+import unittest
+
+from support import proxy
+
+
+SDK_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\n"
+            b"Host: localhost\r\n"
+            b"User-Agent: OpenAI/Python 1.54.0\r\n"
+            b"Accept: application/json\r\n"
+            b"Accept-Encoding: gzip, deflate\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Authorization: Bearer sk-not-a-real-key\r\n"
+            b"X-Stainless-Lang: python\r\n"
+            b"Content-Length: 5\r\n"
+            b"\r\n")
+SEEDS = [
+    SDK_HEAD + b"hello",
+    b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\nGET /again HTTP/1.1\r\n\r\n",
+    b"\r\nOPTIONS * HTTP/1.1\r\nHost: h\r\nX-Empty:\r\nX-Tabs:\t a \t\r\n\r\n",
+    b"PUT /x?q=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX: caf\xe9\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+]
+# Bytes that sit on the edges of the grammar: line ends, blanks, separators, controls, latin-1.
+EDGE_BYTES = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"\xff", b"\x0b",
+              b"/", b"HTTP/1.1", b"HTTP/2.0", b"a", b"\r\n\r\n", b"\r\n "]
+
+
+def outcome(read, data: bytes):
+    """What one reader makes of `data`: the head, or the refusal, and the bytes left behind."""
+    rfile = io.BufferedReader(io.BytesIO(data))
+    try:
+        head = read(rfile)
+    except proxy.RequestError as exc:
+        result = ("refused", exc.status, exc.message)
+    except proxy.ClientGone:
+        result = ("gone",)
+    else:
+        result = None if head is None else (head.method, head.target, head.version, head.headers)
+    return result, rfile.read()
+
+
+class WholeHeadFastPathTests(unittest.TestCase):
+    """read_request_head() takes a head that arrived whole apart with two regexes; it must
+    accept, refuse and leave unread exactly what the line-by-line reader does."""
+
+    def assertSameAsLineReader(self, data: bytes) -> None:
+        self.assertEqual(outcome(proxy.read_request_head, data),
+                         outcome(proxy._read_head_by_line, data), data)
+
+    def test_seeds_parse_alike(self):
+        for data in SEEDS:
+            self.assertSameAsLineReader(data)
+        result, rest = outcome(proxy.read_request_head, SEEDS[0])
+        self.assertEqual(result[3][5], ("Authorization", "Bearer sk-not-a-real-key"))
+        self.assertEqual(rest, b"hello")
+
+    def test_mutated_heads_parse_alike(self):
+        rng = random.Random(16)
+        for _ in range(20000):
+            data = bytearray(rng.choice(SEEDS))
+            for _ in range(rng.randrange(1, 4)):
+                where = rng.randrange(len(data) + 1)
+                if rng.random() < 0.3 and where < len(data):
+                    del data[where:where + rng.randrange(1, 4)]
+                else:
+                    data[where:where] = rng.choice(EDGE_BYTES)
+            self.assertSameAsLineReader(bytes(data))
+
+    def test_limits_alike(self):
+        line = b"X-Long: " + b"v" * 8000 + b"\r\n"
+        for data in (b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n\r\n",
+                     b"GET /" + b"a" * 8170 + b" HTTP/1.1\r\n\r\n",
+                     b"GET / HTTP/1.1\r\n" + line * 9 + b"\r\n",
+                     b"GET / HTTP/1.1\r\nX-Huge: " + b"v" * 17000 + b"\r\n\r\n",
+                     b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 128 + b"\r\n",
+                     b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 129 + b"\r\n",
+                     b"GET / HTTP/1.1\r\n" + b"A:\r\n" * 1000 + b"\r\n"):
+            self.assertSameAsLineReader(data)
+
+    def test_a_head_in_pieces_is_read_line_by_line(self):
+        """A head not yet whole in the buffer is left to the line reader, which waits for it."""
+        class Trickle(io.RawIOBase):
+            def __init__(self, data):
+                self.pieces = [data[i:i + 7] for i in range(0, len(data), 7)]
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                piece = self.pieces.pop(0) if self.pieces else b""
+                buffer[:len(piece)] = piece
+                return len(piece)
+
+        head = proxy.read_request_head(io.BufferedReader(Trickle(SEEDS[0])))
+        self.assertEqual((head.method, head.get("content-length")), ("POST", "5"))
+
+
+if __name__ == "__main__":
+    unittest.main()
