@@ -130,6 +130,7 @@ if __name__ == "__main__" and __spec__ is None:
 
 import argparse
 import base64
+import bisect
 import collections
 import datetime
 import difflib
@@ -4141,6 +4142,8 @@ def _stats_clean_key(value: Any, max_len: int = _STATS_KEY_MAX_LEN) -> str:
     s = value if isinstance(value, str) else str(value)
     if len(s) > max_len:
         s = s[:max_len - 3] + "..."
+    if s.isascii():
+        return s                # nearly always (paths, addresses, methods): nothing to replace
     return s.encode("utf-8", "replace").decode("utf-8")
 
 
@@ -4179,11 +4182,8 @@ def _stats_copy_histogram(hist: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _stats_histogram_observe(hist: Dict[str, Any], value: float) -> None:
-    i = 0
-    bounds = hist["buckets"]
-    while i < len(bounds) and value > bounds[i]:
-        i += 1
-    hist["counts"][i] += 1
+    # The first bucket whose bound is >= value (Prometheus' "le"); past the last: +Inf.
+    hist["counts"][bisect.bisect_left(hist["buckets"], value)] += 1
     hist["sum"] += value
     hist["count"] += 1
 
@@ -4563,6 +4563,7 @@ class StatsStore:
         self._autosave_stop: Optional[threading.Event] = None
         # Every persisted counter: the stats.json document (see _STATS_SHAPE).
         self._doc = _stats_empty_document(self._started_at, self.version)
+        self._iso_last = (None, None)   # (epoch second, its iso_utc text), for record()
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -4718,8 +4719,14 @@ class StatsStore:
             gen_s = self._generation_seconds(duration_ms, ttfb_ms, rec.streamed)
         tps = round(u["completion"] / gen_s, 1) if gen_s else None
 
+        # Requests come many a second: the time text is made once per second, not per request.
+        second, text = self._iso_last
+        if when < 0 or second != int(when):
+            text = iso_utc(when)
+            if when >= 0:
+                self._iso_last = (int(when), text)
         entry = {
-            "time": iso_utc(when),
+            "time": text,
             "method": method,
             "path": path,
             "model": model_key if model_key != STATS_UNKNOWN_MODEL else None,
@@ -6983,7 +6990,7 @@ class Exchange:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return                              # getresponse() raises the timeout
+                return                              # read_response() raises the timeout
             readable = _readable(watched, remaining)
             if backend in readable or not readable:
                 return

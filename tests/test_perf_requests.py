@@ -103,5 +103,41 @@ class WholeHeadFastPathTests(unittest.TestCase):
         self.assertEqual((head.method, head.get("content-length")), ("POST", "5"))
 
 
+class RecordShortcutTests(unittest.TestCase):
+    """StatsStore.record() makes a recent entry's time text once per second, and
+    _stats_clean_key() returns ASCII strings as they are: the stats stay what they were."""
+
+    def test_recent_times_stay_exact_across_seconds(self):
+        store = proxy.StatsStore(history_size=100, clock=lambda: 2000.0)
+        times = [1000.2, 1000.9, 1001.0, 1000.5, -0.5, 0.3, 0.0, 86400.99, 86401.0]
+        for when in times:
+            store.record(proxy.RequestRecord(time=when, method="POST", path="/v1/x",
+                                             client="127.0.0.1", status=200, duration_ms=1.0))
+        recent = [entry["time"] for entry in reversed(store.snapshot()["recent"])]
+        self.assertEqual(recent, [proxy.iso_utc(when) for when in times])
+
+    def test_clean_key_unchanged(self):
+        for value in ("/v1/chat/completions", "caf\u00e9", "lone \ud800 surrogate", "x" * 500,
+                      "\u00e9" * 300, 12, ""):
+            s = value if isinstance(value, str) else str(value)
+            if len(s) > proxy._STATS_KEY_MAX_LEN:
+                s = s[:proxy._STATS_KEY_MAX_LEN - 3] + "..."
+            self.assertEqual(proxy._stats_clean_key(value),
+                             s.encode("utf-8", "replace").decode("utf-8"))
+
+    def test_histogram_buckets_unchanged(self):
+        store = proxy.StatsStore()
+        hist = store._doc["histograms"]["duration"]
+        bounds = hist["buckets"]
+        for value in [0.0, 0.05, 0.0500001, 1.0, 300.0, 300.5, 1e9] + [b for b in bounds]:
+            i = 0
+            while i < len(bounds) and value > bounds[i]:
+                i += 1
+            before = list(hist["counts"])
+            proxy._stats_histogram_observe(hist, value)
+            before[i] += 1
+            self.assertEqual(hist["counts"], before, value)
+
+
 if __name__ == "__main__":
     unittest.main()
