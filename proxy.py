@@ -5623,6 +5623,25 @@ def format_request_head(method: str, target: str, headers: List[Tuple[str, str]]
     return "".join(lines).encode("latin-1")
 
 
+def send_to_backend(sock: socket.socket, data: bytes) -> None:
+    """sock.sendall(data), without the poll() that a socket with a timeout makes first.
+
+    A request starts on an idle backend connection, so the kernel nearly always takes its
+    head at once: one plain write() tries that (the socket is non-blocking underneath its
+    timeout), and only what it could not take waits, within the timeout, in sendall(). One
+    syscall and one GIL hand-off less per request (strace -c: 6 poll() per keep-alive
+    request before, 5 after).
+    """
+    sent = 0
+    if os.name == "posix":                  # elsewhere a socket is no file descriptor
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def read_response(conn: http.client.HTTPConnection, method: str) -> "UpstreamResponse":
     """The backend's answer on `conn` to a request sent on conn.sock: http.client's
     getresponse() for a request it did not send itself (see Exchange.round_trip).
@@ -6919,7 +6938,7 @@ class Exchange:
                 # checked again every name and value read_request_head() already checked, and
                 # sent head and body apart, a poll() and a send() more (13% of a keep-alive
                 # request's CPU under py-spy --gil, with getresponse()).
-                conn.sock.sendall(request)
+                send_to_backend(conn.sock, request)
                 if body:
                     conn.sock.sendall(body)
                 elif body is None:

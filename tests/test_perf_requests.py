@@ -6,6 +6,8 @@ path gives exactly what the slower, line-by-line code it skips would have given.
 
 import io
 import random
+import socket
+import threading
 import unittest
 
 from support import proxy
@@ -101,6 +103,40 @@ class WholeHeadFastPathTests(unittest.TestCase):
 
         head = proxy.read_request_head(io.BufferedReader(Trickle(SEEDS[0])))
         self.assertEqual((head.method, head.get("content-length")), ("POST", "5"))
+
+
+class SendToBackendTests(unittest.TestCase):
+    """send_to_backend() tries one plain write() first; what the kernel does not take at once
+    still arrives whole, in order, through sendall() and its timeout."""
+
+    def test_more_than_the_kernel_takes_at_once_arrives_whole(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.settimeout(10)
+        data = bytes(random.Random(1).getrandbits(8) for _ in range(1 << 20))
+        received = bytearray()
+
+        def read_all():
+            while len(received) < len(data):
+                piece = theirs.recv(65536)
+                if not piece:
+                    return
+                received.extend(piece)
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        proxy.send_to_backend(ours, data)
+        reader.join(10)
+        self.assertEqual(bytes(received), data)
+
+    def test_a_closed_peer_raises_as_sendall_does(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        ours.settimeout(10)
+        theirs.close()
+        with self.assertRaises((BrokenPipeError, ConnectionResetError)):
+            proxy.send_to_backend(ours, b"GET / HTTP/1.1\r\n\r\n")
 
 
 class RecordShortcutTests(unittest.TestCase):
