@@ -5529,9 +5529,9 @@ def read_request_head(rfile) -> Optional[RequestHead]:
     Strict by design: CRLF only, no obsolete line folding, header names must be tokens, no control
     characters in values, limits on sizes. Raises RequestError (status + message) or ClientGone.
     """
-    # Nearly always the whole head came in one read: checked by one regex and taken apart by
-    # another, instead of 15 readline() calls and checks (read_request_head was 15% of a
-    # keep-alive request's CPU under py-spy --gil). Anything else -- a head still arriving,
+    # Nearly always the whole head came in one read: checked by one regex and split once,
+    # instead of 15 readline() calls and checks (read_request_head was 15% of a keep-alive
+    # request's CPU under py-spy --gil). Anything else -- a head still arriving,
     # too long for every line to be within its limit, or one the regex does not accept as
     # it is -- goes to the line reader, which decides (and says what is wrong).
     buffered = _client_read(rfile.peek, 1)
@@ -7157,7 +7157,7 @@ class Exchange:
             conn, reused = pool.acquire()
             sent = False
             try:
-                # One sendall for head and (small) body: http.client's putheader()/endheaders()
+                # One write for head and (small) body: http.client's putheader()/endheaders()
                 # checked again every name and value read_request_head() already checked, and
                 # sent head and body apart, a poll() and a send() more (13% of a keep-alive
                 # request's CPU under py-spy --gil, with getresponse()).
