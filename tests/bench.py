@@ -43,6 +43,8 @@ The scenarios (see each bench_* function for how it is measured):
   g  idle RSS at start and end, certificate generation time
   h  one chunked response of h_chunks 1-byte chunks written at once (issue 11): seconds to
      receive it all; a relay that writes each chunk on its own takes ~40 s for 2 million
+  i  d's streams without stream_options.include_usage: proxy.py then injects it and strips
+     the usage from the stream (d and f ask for it themselves, as issue 16's benchmark does)
 
 Memory is counted with shared pages once (see footprint_mib): for proxy.py that is its VmRSS.
 Each target's CPU use is read from /proc during c, d and f, so a saturated server shows.
@@ -521,12 +523,20 @@ SMALL_BODY = _json_body({
 SMALL_REQUEST = post_request("/v1/chat/completions", SMALL_BODY)
 
 
-def stream_request(events: int, interval_ms: float) -> bytes:
-    """An OpenAI streaming chat request; the query tells the upstream how many events and when."""
-    body = _json_body({
+def stream_request(events: int, interval_ms: float, include_usage: bool = True) -> bytes:
+    """An OpenAI streaming chat request; the query tells the upstream how many events and when.
+
+    With include_usage (d, f: as issue 16's outside benchmark asks) every chunk carries
+    "usage":null and the last one the usage, which proxy.py reads and passes on as they are.
+    Without it (i) proxy.py asks the backend for usage itself and strips it from the stream.
+    """
+    payload = {
         "model": "bench-model", "max_tokens": events, "stream": True,
         "messages": [{"role": "user", "content": "Count slowly."}],
-    })
+    }
+    if include_usage:
+        payload["stream_options"] = {"include_usage": True}
+    body = _json_body(payload)
     return post_request("/v1/chat/completions?events=%d&interval_ms=%g" % (events, interval_ms),
                         body)
 
@@ -1380,7 +1390,7 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
         proc = children.spawn("proxy", [sys.executable, proxy_path, "--config", config_path,
                                         "--quiet"], cwd=workdir, env=proxy_env())
         target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/_proxy/health"), 20)
+        problem = _wait_until_serving(target, get_request("/_proxy/health"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1390,7 +1400,7 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
     raise BenchError("proxy.py found no free port in 5 tries")
 
 
-BARE_PROXY = os.path.join(HERE, "bare_proxy.py")
+BARE_PROXY = os.environ.get("BARE_PROXY") or os.path.join(HERE, "bare_proxy.py")
 
 
 def start_bare(children: Children, upstream_port: int, certs: dict,
@@ -1402,7 +1412,7 @@ def start_bare(children: Children, upstream_port: int, certs: dict,
         proc = children.spawn("bare", [sys.executable, BARE_PROXY, str(port), certs["cert"],
                                        certs["key"], str(upstream_port)])
         target = Target("bare", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), 20)
+        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         log_text = children.log_tail(proc)
@@ -1588,7 +1598,7 @@ def start_nginx(children: Children, workdir: str, upstream_port: int, certs: dic
         proc = children.spawn("nginx", [executable, "-p", prefix, "-c", conf_path,
                                         "-e", os.path.join(prefix, "error.log")])
         target = Target("nginx", port, context, lambda p=proc: [p.pid] + child_pids(p.pid), proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), 20)
+        problem = _wait_until_serving(target, get_request("/v1/models"), float(os.environ.get("BENCH_START_TIMEOUT", "20")))
         if problem is None:
             return target
         try:
@@ -1700,12 +1710,12 @@ def bench_rps(target: Target, s: dict, upstream_pid: int, procs: int) -> dict:
 
 
 def bench_streams(target: Target, streams: int, events: int, interval_ms: float, procs: int,
-                  sample_rss: bool = False) -> dict:
+                  sample_rss: bool = False, include_usage: bool = True) -> dict:
     """d and f. `streams` SSE streams started together (all connections are open and handshaken
     before go). Per-event latency = arrival time at the client minus the upstream's send time
     stamped in the event; TTFB = request sent to first response byte. A stream is complete when
     all events and [DONE] arrived over a correctly framed response."""
-    request = stream_request(events, interval_ms)
+    request = stream_request(events, interval_ms, include_usage)
     split = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
     budget = events * interval_ms / 1000.0 + 30
     server_pids = target.pids()
@@ -1816,7 +1826,7 @@ def idle_rss(target: Target) -> float:
 # The run: set up, warm up, the upstream alone first, then interleaved rounds
 # ==================================================================================================
 
-SCENARIOS = "abcdefh"
+SCENARIOS = "abcdefhi"
 
 
 def warm_up(target: Target, overlap: int = 32) -> None:
@@ -1884,6 +1894,9 @@ def run_scenario(letter: str, target: Target, s: dict, upstream_pid: int, procs:
                              max(1, min(procs, 4)), sample_rss=True)
     if letter == "h":
         return bench_tiny_chunks(target, s)
+    if letter == "i":
+        return bench_streams(target, s["d_streams"], s["d_events"], s["d_interval_ms"], 1,
+                             include_usage=False)
     raise ValueError(letter)
 
 
@@ -2061,6 +2074,9 @@ ROWS = [
     ("f", "peak_rss_mib", "f peak RSS, shared once (MiB)"),
     ("f", "peak_rss_sum_mib", "f   peak VmRSS summed (MiB)"),
     ("h", "seconds", "h 1-byte chunks, all received (s)"),
+    ("i", "event_p50_ms", "i d without include_usage: p50 (ms)"),
+    ("i", "event_p99_ms", "i   per-event latency p99 (ms)"),
+    ("i", "server_cpu_us_per_event", "i   server CPU per event (us)"),
 ]
 
 # (label, scenario, key, comparison of proxy/nginx, limit). The e target is ambiguous: read

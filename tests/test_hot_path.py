@@ -1,0 +1,217 @@
+"""Tests for issue 16's streaming hot path: its shortcuts give exactly what the general path gives.
+
+Every shortcut here (one whole SSE event per piece, the stripper's one-line edit, the relay's
+direct send, no readiness poll after a piece that ends a line) is checked against the general
+code it bypasses: the same events, the same bytes to the client, the same usage.
+
+Run: python3 tests/run.py test_hot_path
+"""
+
+import json
+import random
+import socket
+import threading
+import unittest
+
+from support import proxy
+
+
+def chunk_event(i, usage_null=True, crlf=False):
+    payload = {"id": "c", "object": "chat.completion.chunk", "model": "m",
+               "choices": [{"index": 0, "delta": {"content": " t%d" % i}}]}
+    text = json.dumps(payload, separators=(",", ":"))
+    if usage_null:
+        text = text[:-1] + ',"usage":null}'
+    end = "\r\n" if crlf else "\n"
+    return ("data: " + text + end + end).encode()
+
+
+def random_stream(rng, events=60):
+    """An SSE stream mixing the hot path's shape with everything that must leave it."""
+    parts = []
+    for i in range(events):
+        roll = rng.random()
+        if roll < 0.6:
+            parts.append(chunk_event(i))
+        elif roll < 0.65:
+            parts.append(chunk_event(i, crlf=True))
+        elif roll < 0.7:
+            parts.append(b": keep-alive\n\n")
+        elif roll < 0.75:
+            parts.append(b"event: message\n" + chunk_event(i))
+        elif roll < 0.8:
+            parts.append(b"id: %d\n" % i + chunk_event(i))
+        elif roll < 0.85:
+            parts.append(b'data: {"a":\ndata: 1,"usage":null}\n\n')    # two data lines
+        elif roll < 0.9:
+            parts.append(b"data:" + chunk_event(i)[6:])                # no space after colon
+        elif roll < 0.93:
+            parts.append(b"data: \n\n")
+        elif roll < 0.96:
+            parts.append(b'data: {"x":"\\"usage\\":null}","usage":null}\n\n')
+        else:
+            parts.append(chunk_event(i, usage_null=False))
+    usage = {"prompt_tokens": 7, "completion_tokens": events, "total_tokens": 7 + events}
+    parts.append(b'data: {"id":"c","model":"m","choices":[],"usage":%s}\n\n'
+                 % json.dumps(usage).encode())
+    parts.append(b"data: [DONE]\n\n")
+    return parts
+
+
+def cut(parts, rng, mode):
+    """The stream's bytes in pieces: as sent (one event each), at random places, or bytewise."""
+    whole = b"".join(parts)
+    if mode == "events":
+        return list(parts)
+    if mode == "groups":             # a few whole events per piece, as when the proxy is behind
+        pieces, pos = [], 0
+        while pos < len(parts):
+            step = rng.choice((1, 2, 3, 5))
+            pieces.append(b"".join(parts[pos:pos + step]))
+            pos += step
+        return pieces
+    if mode == "bytes":
+        return [whole[i:i + 1] for i in range(len(whole))]
+    pieces, pos = [], 0
+    while pos < len(whole):
+        step = rng.choice((1, 2, 7, 40, 200, 1000))
+        pieces.append(whole[pos:pos + step])
+        pos += step
+    return pieces
+
+
+class SseReaderShortcutTests(unittest.TestCase):
+    """_UsageSseReader: a piece that is one whole event takes a shortcut; nothing else may."""
+
+    def read(self, pieces, raw):
+        events = []
+
+        def on_event(name, payload, raw_lines):
+            events.append((name, payload, b"".join(raw_lines) if raw_lines else None))
+            if raw and b'"usage":null' in payload:
+                return b"<edited>"
+            return None
+
+        reader = proxy._UsageSseReader(on_event, 1 << 20, raw=raw)
+        out = []
+        for piece in pieces:
+            reader.feed(piece)
+            out.append(reader.take_output())
+        out.append(reader.finish())
+        return events, b"".join(out), reader.lines
+
+    def test_every_cut_of_a_mixed_stream_reads_the_same_events_and_bytes(self):
+        for seed in range(40):
+            rng = random.Random(seed)
+            parts = random_stream(rng)
+            for raw in (False, True):
+                expected = self.read(cut(parts, rng, "bytes"), raw)
+                for mode in ("events", "groups", "random"):
+                    got = self.read(cut(parts, rng, mode), raw)
+                    self.assertEqual(got[0], expected[0], (seed, raw, mode))
+                    self.assertEqual(got[1], expected[1], (seed, raw, mode))
+                    if mode == "events":
+                        # The line count is the tap's work bound: the shortcut counts too.
+                        self.assertEqual(got[2], b"".join(parts).count(b"\n"), (seed, raw))
+
+    def test_the_shortcut_is_taken_only_between_events(self):
+        taken = []
+        reader = proxy._UsageSseReader(lambda *a: taken.append(a[1]), 1 << 20)
+        reader.feed(b"data: {\"a\":1}\n\n")         # the first piece: the general path
+        self.assertTrue(reader.at_boundary)
+        reader.feed(b"event: ping\n")                # a pending event name...
+        self.assertFalse(reader.at_boundary)
+        reader.feed(b"data: {\"b\":2}\n\n")          # ...belongs to this event
+        self.assertEqual(taken, [b'{"a":1}', b'{"b":2}'])
+        self.assertTrue(reader.at_boundary)
+        reader.feed(b"data: {\"c\"")                 # half a line
+        self.assertFalse(reader.at_boundary)
+        reader.feed(b":3}\n\n")
+        self.assertEqual(taken[-1], b'{"c":3}')
+
+    def test_an_over_long_event_still_counts_as_lost(self):
+        taken = []
+        reader = proxy._UsageSseReader(lambda *a: taken.append(a[1]), 64)
+        reader.feed(b"data: {}\n\n")
+        reader.feed(b"data: " + b"x" * 100 + b"\n\n")
+        reader.feed(b"data: {\"ok\":1}\n\n")
+        self.assertEqual(taken, [b"{}", b'{"ok":1}'])
+
+
+class StripperShortcutTests(unittest.TestCase):
+    """InjectedUsageStripper: the one-line edit equals the general edit, byte for byte."""
+
+    def strip(self, pieces):
+        stripper = proxy.InjectedUsageStripper()
+        out = [stripper.feed(piece) for piece in pieces]
+        out.append(stripper.finish())
+        return b"".join(out)
+
+    def test_stream_edits_are_the_same_however_the_stream_is_cut(self):
+        for seed in range(40):
+            rng = random.Random(seed)
+            parts = random_stream(rng)
+            expected = self.strip(cut(parts, rng, "bytes"))
+            self.assertNotIn(b'}]},"usage":null}', expected)
+            self.assertNotIn(b'"choices":[],"usage"', expected)
+            for mode in ("events", "groups", "random"):
+                self.assertEqual(self.strip(cut(parts, rng, mode)), expected, (seed, mode))
+
+    def test_every_edited_event_is_json_without_usage(self):
+        out = self.strip([chunk_event(i) for i in range(20)])
+        events = [e for e in out.split(b"\n\n") if e]
+        self.assertEqual(len(events), 20)
+        for event in events:
+            obj = json.loads(event[len(b"data: "):])
+            self.assertNotIn("usage", obj)
+
+
+class TapShortcutTests(unittest.TestCase):
+    """UsageTap: the usage a stream reports is the same whichever way its bytes arrive."""
+
+    def usage(self, pieces, injected):
+        info = proxy.inspect_request("openai_chat", b'{"model":"m","stream":true}', True)
+        tap = proxy.UsageTap("openai_chat", info, "text/event-stream", "", injected=injected)
+        for piece in pieces:
+            self.assertIs(tap.feed(piece), piece)
+        return tap.finish(True)[1]
+
+    def test_usage_and_model_do_not_depend_on_the_cut(self):
+        for seed in range(20):
+            rng = random.Random(seed)
+            parts = random_stream(rng)
+            for injected in (False, True):
+                expected = self.usage(cut(parts, rng, "bytes"), injected)
+                self.assertEqual(expected["completion"], 60)
+                self.assertEqual(expected["model"], "m")
+                for mode in ("events", "groups", "random"):
+                    self.assertEqual(self.usage(cut(parts, rng, mode), injected), expected)
+
+
+class SendAllTests(unittest.TestCase):
+    """send_all() writes every byte, also when the kernel takes a piece in several sends."""
+
+    def test_a_large_piece_arrives_whole_over_a_small_socket_buffer(self):
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(range(256)) * 4096          # 1 MiB, far more than one send takes
+        got = bytearray()
+
+        def drain():
+            while len(got) < len(data):
+                piece = right.recv(65536)
+                if not piece:
+                    return
+                got.extend(piece)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        proxy.send_all(left, data)
+        reader.join(30)
+        self.assertEqual(bytes(got), data)
+
+
+if __name__ == "__main__":
+    unittest.main()
