@@ -153,5 +153,33 @@ class RerunFromCacheTests(ServiceTestCase):
             self.assertIn("proxy.py", bad.stderr.splitlines()[0], "usage names the file")
 
 
+class StartImportsTests(unittest.TestCase):
+    """What a start imports is what it pays for, in time and in idle RSS (issue 16)."""
+
+    def run_python(self, code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def test_logging_handlers_is_imported_only_for_a_log_file(self):
+        # 12M instructions and 0.6 MiB (with pickle and queue) that a start without a log file
+        # never uses; a start with one still gets the size-rotated, symlink-refusing file.
+        out = self.run_python(
+            "import os, sys, tempfile; sys.path.insert(0, sys.argv[1]); import proxy\n"
+            "proxy.setup_logging('info')\n"
+            "print('logging.handlers' in sys.modules)\n"
+            "path = os.path.join(tempfile.mkdtemp(), 'proxy.log')\n"
+            "proxy.setup_logging('info', path)\n"
+            "handler = proxy.log.handlers[0]\n"
+            "import logging.handlers\n"
+            "print(isinstance(handler, logging.handlers.RotatingFileHandler), handler.maxBytes,"
+            " handler.backupCount, handler.encoding)\n"
+            "proxy.log.warning('written'); handler.close()\n"
+            "print(open(path).read().rstrip().endswith('WARNING written'))\n")
+        self.assertEqual(out.split(), ["False", "True", str(5 * 1024 * 1024), "3", "utf-8",
+                                       "True"])
+
+
 if __name__ == "__main__":
     unittest.main()
