@@ -188,6 +188,35 @@ class TapShortcutTests(unittest.TestCase):
                     self.assertEqual(self.usage(cut(parts, rng, mode), injected), expected)
 
 
+class RequestShortcutTests(unittest.TestCase):
+    """inspect_request's JSON shortcut and inject_stream_usage's early return change nothing."""
+
+    BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+    def test_the_utf8_shortcut_parses_as_json_loads_does(self):
+        bodies = [self.BODY, b" " + self.BODY + b"\n", b"\xef\xbb\xbf" + self.BODY,
+                  self.BODY.decode().encode("utf-16"), self.BODY.decode().encode("utf-32"),
+                  b'{"a":1} x', b'{"a":"\xff"}', b"[1,2]", b"", b"{", b'{"a":1}{"b":2}',
+                  b'{"model":"\xc3\xa9"}', b'{"s":"\\ud800"}', b"\t{}\r\n"]
+        for body in bodies:
+            try:
+                expected = json.loads(body)
+            except ValueError:
+                expected = None
+            self.assertEqual(proxy._usage_loads_utf8(body), expected, body)
+
+    def test_inject_gives_the_same_answer_with_or_without_the_request_info(self):
+        variants = [self.BODY, self.BODY.replace(b"true", b"false"),
+                    self.BODY.replace(b'"stream":true,', b""),
+                    self.BODY[:-1] + b',"stream":false}', self.BODY[:-1] + b',"stream":true}',
+                    self.BODY[:-1] + b',"stream_options":{"include_usage":true}}',
+                    self.BODY[:-1] + b',"stream_options":null}', b'{"stream":true', b"[]"]
+        for body in variants:
+            info = proxy.inspect_request("openai_chat", body, True)
+            self.assertEqual(proxy.inject_stream_usage("openai_chat", body, info),
+                             proxy.inject_stream_usage("openai_chat", body, None), body)
+
+
 class SendAllTests(unittest.TestCase):
     """send_all() writes every byte, also when the kernel takes a piece in several sends."""
 

@@ -272,8 +272,8 @@ class PersistenceTests(unittest.TestCase):
         import tempfile
         directory = tempfile.mkdtemp(prefix="llm-proxy-stats-")
         path = os.path.join(directory, "stats.json")
-        leftover = os.path.join(directory, ".stats.json.k9x2.tmp")
-        unrelated = os.path.join(directory, ".other.json.k9x2.tmp")
+        leftover = os.path.join(directory, ".stats.json.k9x2ab_7.tmp")   # as mkstemp names it
+        unrelated = os.path.join(directory, ".other.json.k9x2ab_7.tmp")
         for name in (leftover, unrelated):
             with open(name, "w") as handle:
                 handle.write('{"half": ')
