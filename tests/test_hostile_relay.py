@@ -23,7 +23,6 @@ import io
 import json
 import random
 import re
-import socket
 import ssl
 import unittest
 
@@ -32,7 +31,8 @@ from test_hostile import ScriptedBackend, LogCapture, start_quiet_proxy
 
 CHUNKED_SSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n")
-SECRET = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n\r\nfirst user's secret!"
+SECRET = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n\r\n"
+          b"first user's secret!")
 
 
 def chunk(data: bytes, size_line: bytes = None) -> bytes:
@@ -548,14 +548,14 @@ class TinyNewlineChunkTests(unittest.TestCase):
 
     def test_a_burst_of_one_byte_newline_chunks_is_coalesced(self):
         """FAILS: 100,000 one-byte chunks of b"\\n" reach the client as 100,000 chunks, one
-        TLS write each (b55a019: ~4,500) -- the 2-million-chunk burst of issue 14 is back for
-        any body of newlines (blank SSE lines, keep-alive newlines, an NDJSON line's end).
+        TLS write each (b55a019: under a tenth of that) -- issue 14's 2-million-chunk burst
+        is back for a body of newlines (blank SSE lines, keep-alive newlines).
 
         Cause: read_available() returns a piece ending in b"\\n" without the read_ready() poll,
         so nothing behind it is joined; a 1-byte chunk never takes read_framed's path.
-        Fix: skip the poll only for a piece of at least FRAMED_CHUNK_MIN bytes (an event or a
-        line as a backend writes it), e.g. `len(data) >= COALESCE_BELOW or data[-1:] == b"\\n"
-        and len(data) >= FRAMED_CHUNK_MIN`.
+        Fix: skip the poll after a line's end only when the body is not chunked
+        (`data[-1:] == b"\\n" and not response.chunked`): read1() then returned all that was
+        buffered; a chunked body's whole chunks take read_framed, which joins them already.
         """
         count = 100000
         data, sizes = self.burst(b"1\r\n\n\r\n" * count)
@@ -564,13 +564,13 @@ class TinyNewlineChunkTests(unittest.TestCase):
 
     def test_lines_and_blank_lines_in_separate_chunks_leave_together(self):
         """FAILS: a burst of events sent as two chunks each (the data line, then the blank
-        line: servers that flush per line) leaves in two writes per event (b55a019: a few
-        writes for the whole burst).
+        line: servers that flush per line) leaves in ~1.4 writes per event (b55a019 and the
+        fix: under 0.1).
 
         Cause: read_framed passes the line's chunk (>= 16 bytes) on alone, then stops at the
         1-byte chunk; read_available returns that b"\\n" without polling; read_framed takes
-        the next line alone again. Fix: as in the test above (a 1-byte piece then polls and
-        read_ready joins everything received behind it).
+        the next line alone again. Fix: as in the test above (the b"\\n" piece then polls
+        and read_ready joins everything received behind it).
         """
         count = 20000
         lines = [b'data: {"choices":[{"delta":{"content":"t%05d"}}]}\n' % i for i in range(count)]
@@ -579,6 +579,24 @@ class TinyNewlineChunkTests(unittest.TestCase):
         lone_newlines = sizes.count(1)          # a b"\n" re-framed alone: one write each
         self.assertLess(lone_newlines, count // 10,
                         "%d blank lines written alone of %d" % (lone_newlines, count))
+
+    def test_a_burst_of_line_chunks_with_extensions_is_coalesced(self):
+        """FAILS: 50,000 chunks of one 16-byte NDJSON line each, with a chunk extension (so
+        read_framed leaves them to read1), leave in ~17,500 writes (b55a019 and the fix: under
+        a tenth).
+
+        Cause: as above -- read1() returns one chunk per call however many are buffered, and
+        a piece ending in b"\\n" is no longer followed by the read_ready() poll. Skipping the
+        poll only for pieces of >= FRAMED_CHUNK_MIN bytes would still leave this case at one
+        write per chunk. Fix: skip it only when the body is not chunked (`and not
+        response.chunked`): there read1() already returned all that was buffered, while for
+        a chunked body read_framed is now the fast path and read1 sees only odd chunks.
+        """
+        count = 50000
+        lines = [b'{"n":%09d}\n' % i for i in range(count)]          # 16 bytes each
+        data, sizes = self.burst(b"".join(chunk(line, b"10;x") for line in lines))
+        self.assertEqual(data, b"".join(lines))
+        self.assertLess(len(sizes), count // 10, "%d writes for %d chunks" % (len(sizes), count))
 
     def test_a_burst_of_one_byte_chunks_without_newlines_is_still_coalesced(self):
         count = 100000
