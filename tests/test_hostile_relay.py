@@ -9,10 +9,10 @@ pooled backend connection), an abort when the backend dies mid-body, late bytes 
 connection, exact usage, injected usage stripped exactly, and a burst of tiny chunks leaving in
 few writes.
 
-Tests whose docstring starts with "FAILS:" show a flaw of the current code (see the docstring);
-every other test is a guard that passes. The backends are raw socket scripts
-(test_hostile.ScriptedBackend), as in test_framing.py; the read_framed split tests drive
-UpstreamResponse over a scripted socket, so every recv boundary is exact (no timing).
+Tests whose docstring starts with "Was a flaw" failed when written, on the code of 20ee2de
+(the cause is in the docstring); 65a4094 mended them. Every test is now a guard. The backends
+are raw socket scripts (test_hostile.ScriptedBackend), as in test_framing.py; the read_framed
+split tests drive UpstreamResponse over a scripted socket, so every recv boundary is exact.
 
 Run: python3 tests/run.py test_hostile_relay
 """
@@ -508,7 +508,7 @@ class StripperEdgeTests(unittest.TestCase):
                                                  for i in range(0, len(events), size)]), expected)
 
     def test_a_leading_bom_is_stripped_with_crlf_lines_too(self):
-        """FAILS (pre-existing, also on b55a019): a stream that starts with a BOM keeps
+        """Was a flaw (also on b55a019): a stream that starts with a BOM keeps
         ,"usage":null in its first event when its lines end in CRLF.
 
         Cause: _strip_null_usage only edits lines starting with b"d"; the first raw line starts
@@ -547,7 +547,7 @@ class TinyNewlineChunkTests(unittest.TestCase):
         return data, sizes
 
     def test_a_burst_of_one_byte_newline_chunks_is_coalesced(self):
-        """FAILS: 100,000 one-byte chunks of b"\\n" reach the client as 100,000 chunks, one
+        """Was a flaw: 100,000 one-byte chunks of b"\\n" reach the client as 100,000 chunks, one
         TLS write each (b55a019: under a tenth of that) -- issue 14's 2-million-chunk burst
         is back for a body of newlines (blank SSE lines, keep-alive newlines).
 
@@ -563,7 +563,7 @@ class TinyNewlineChunkTests(unittest.TestCase):
         self.assertLess(len(sizes), count // 10, "%d writes for %d chunks" % (len(sizes), count))
 
     def test_lines_and_blank_lines_in_separate_chunks_leave_together(self):
-        """FAILS: a burst of events sent as two chunks each (the data line, then the blank
+        """Was a flaw: a burst of events sent as two chunks each (the data line, then the blank
         line: servers that flush per line) leaves in ~1.4 writes per event (b55a019 and the
         fix: under 0.1).
 
@@ -581,7 +581,7 @@ class TinyNewlineChunkTests(unittest.TestCase):
                         "%d blank lines written alone of %d" % (lone_newlines, count))
 
     def test_a_burst_of_line_chunks_with_extensions_is_coalesced(self):
-        """FAILS: 50,000 chunks of one 16-byte NDJSON line each, with a chunk extension (so
+        """Was a flaw: 50,000 chunks of one 16-byte NDJSON line each, with a chunk extension (so
         read_framed leaves them to read1), leave in ~17,500 writes (b55a019 and the fix: under
         a tenth).
 
