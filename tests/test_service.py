@@ -1056,6 +1056,14 @@ class DockerTests(unittest.TestCase):
         self.assertTrue(proxy.build_parser().parse_args(argv[2:]).healthcheck)
         self.assertIn("`%s`" % " ".join(argv), self.readme)
 
+    def test_the_image_carries_the_bytecode_cache_a_start_loads(self):
+        # The user cannot write to /app: without this, every start compiles (issue 16).
+        run = self.instruction("RUN")
+        self.assertIn("python3 -m compileall -q --invalidation-mode timestamp /app/proxy.py", run)
+        copy = [n for n, (kw, _) in enumerate(self.instructions) if kw == "COPY"]
+        runs = [n for n, (kw, _) in enumerate(self.instructions) if kw == "RUN"]
+        self.assertLess(copy[0], runs[-1], "the cache is written after proxy.py is copied")
+
     def test_port_user_and_data_volume(self):
         default_port = proxy.CONFIG_DEFAULTS["proxy"]["port"]
         self.assertEqual(self.instruction("EXPOSE").split(), [str(default_port)])
