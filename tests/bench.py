@@ -123,7 +123,7 @@ FULL = {
 # shortens counts and durations; 64 MiB instead of 256 MiB is enough to see a throughput.
 QUICK = dict(FULL, rounds=1, a_requests=500, b_requests=50, c_warmup=0.3, c_seconds=1.5,
              d_events=50, e_bytes=64 * MiB, f_events=25, h_chunks=200000, cert_runs=1,
-             startup_runs=1)
+             startup_runs=3)
 
 
 class BenchError(Exception):
@@ -1491,7 +1491,8 @@ def proxy_env(**extra) -> dict:
 
 
 def measure_startup(children: Children, proxy_path: str, workdir: str, runs: int,
-                    context: ssl.SSLContext, env: Optional[dict] = None) -> dict:
+                    context: ssl.SSLContext, env: Optional[dict] = None,
+                    as_module: bool = False) -> dict:
     """Start proxy.py `runs` more times with the config start_proxy wrote (existing certificates,
     tracking on): seconds from spawn to the first answer, and its RSS (VmRSS) then (VmHWM would
     not do: a re-exec resets it). The first run may write a bytecode cache; the medians are over
@@ -1510,8 +1511,13 @@ def measure_startup(children: Children, proxy_path: str, workdir: str, runs: int
         with open(path, "w") as handle:
             json.dump(config, handle)
         started = time.monotonic()
-        proc = children.spawn("startup", [sys.executable, proxy_path, "--config", path, "--quiet"],
-                              cwd=startup_dir, env=env or proxy_env())
+        # as_module: `python3 -m proxy` with the file's folder on the path, which loads the
+        # bytecode cache at once (a script is compiled before its first line runs).
+        command = ["-m", os.path.basename(proxy_path)[:-3]] if as_module else [proxy_path]
+        proc = children.spawn("startup", [sys.executable] + command + ["--config", path, "--quiet"],
+                              cwd=startup_dir, env=env or proxy_env(
+                                  PYTHONPATH=os.path.dirname(proxy_path)) if as_module
+                              else env or proxy_env())
         target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
         answered = _first_answer_s(target, started + 30)
         peak = proc_status_kib(proc.pid, "VmRSS") / 1024.0 if proc.poll() is None else None
@@ -1977,13 +1983,15 @@ def run_benchmark(args, s: dict) -> dict:
                 handle.write("%d\n" % proxy.proc.pid)
         # Interleaved, like the scenarios: as it starts now, and as it started before issue 16
         # (LLM_PROXY_NO_RERUN=1 keeps the script start: compiled, never re-run from its cache).
-        startups: Dict[str, List[dict]] = {"now": [], "script": []}
+        startups: Dict[str, List[dict]] = {"now": [], "script": [], "module": []}
         for _round in range(2):
             startups["now"].append(measure_startup(children, proxy_path, workdir,
                                                    s["startup_runs"], context))
             startups["script"].append(measure_startup(
                 children, proxy_path, workdir, s["startup_runs"], context,
                 proxy_env(LLM_PROXY_NO_RERUN="1")))
+            startups["module"].append(measure_startup(
+                children, proxy_path, workdir, s["startup_runs"], context, as_module=True))
         doc["startup"] = {mode: {key: median([r[key] for r in rounds])
                                  for key in ("first_s", "start_to_answer_s", "rss_mib", "runs")}
                           for mode, rounds in startups.items()}
@@ -2350,7 +2358,10 @@ def render_table(doc: dict) -> str:
     startup = doc.get("startup")
     if startup:
         for mode, label in (("now", "re-run from its cache"),
-                             ("script", "LLM_PROXY_NO_RERUN=1, as before")):
+                             ("script", "LLM_PROXY_NO_RERUN=1, as before"),
+                             ("module", "as python3 -m proxy")):
+            if mode not in startup:
+                continue
             figures = startup[mode]
             out.append("g proxy.py start to first answer, %s: %.3f s, VmRSS then %s MiB "
                        "(medians of 2x%d restarts, interleaved)" % (
