@@ -2682,14 +2682,15 @@ _USAGE_MODEL_PROBES = 3   # stream events parsed unconditionally while looking f
 
 _USAGE_JSON_WS = re.compile(r"[ \t\n\r]*")
 _usage_json_decoder = json.JSONDecoder()
-# The `"usage":null` member OpenAI adds to every chunk once include_usage is on.  Matched at a
-# position found by bytes.find (a regex scan over the whole line is ten times slower), on one
-# data line without its line ending, so the whitespace classes never cross a line.
 # Byte tests on every event ("byte tests") use bytes.find(), not `in`: on CPython 3.9-3.13
 # `x in some_bytes` first tries x as an integer and formats (then drops) a TypeError, ~2,500
 # instructions per test; find() does not (callgrind, issue 16). 3.13: 405 ns vs 58 ns for b"\r".
-# How include_usage's empty member ends a one-line event (InjectedUsageStripper's short path).
-_NULL_USAGE_EVENT_END = b',"usage":null}\n\n'
+# How OpenAI, vLLM, llama.cpp and Ollama end every chunk once include_usage is on: the empty
+# member, last, then the top-level object's brace (_usage_null_is_last_member).
+_NULL_USAGE_TAIL = b',"usage":null}'
+# The `"usage":null` member in any layout.  Matched at a position found by bytes.find (a regex
+# scan over the whole line is ten times slower), on one data line without its line ending, so
+# the whitespace classes never cross a line.
 _USAGE_NULL_MEMBER = re.compile(rb'"usage"[ \t]*:[ \t]*null')
 _USAGE_COMMA_AFTER = re.compile(rb'[ \t]*,[ \t]*')
 _USAGE_BOM = b"\xef\xbb\xbf"
@@ -3202,9 +3203,9 @@ def _usage_null_is_last_member(payload: bytes) -> bool:
     stream. The closing brace ends the payload, so it closes the top-level object and the member
     before it is the top-level `usage` (inside a string the payload would end with a quote).
     """
-    # The first "usage" being the one 13 bytes from the end means it is the only one.
-    return (payload.endswith(b',"usage":null}') and payload[:1] == b"{"
-            and payload.find(b'"usage"') == len(payload) - 13)
+    # The first "usage" being the tail's own (a comma before it) means it is the only one.
+    return (payload.endswith(_NULL_USAGE_TAIL) and payload[:1] == b"{"
+            and payload.find(b'"usage"') == len(payload) - len(_NULL_USAGE_TAIL) + 1)
 
 
 def _usage_member_value(text: str, key: str, last: bool) -> Any:
@@ -4078,14 +4079,13 @@ class InjectedUsageStripper:
         if not self.active:
             return data
         reader = self.reader
-        if reader.at_boundary and data.endswith(_NULL_USAGE_EVENT_END) and data[:5] == b"data:" \
+        if reader.at_boundary and data[-2:] == b"\n\n" and data[:5] == b"data:" \
                 and data.find(b"\n") == len(data) - 2 and data.find(b"\r") < 0 \
-                and data.find(b'"usage"') == len(data) - 15 \
-                and data[6 if data[5:6] == b" " else 5:][:1] == b"{":
-            # Nearly every piece of an injected stream: one whole event, whose one "usage" is
-            # its last member and null (_usage_null_is_last_member). The edit _on_event would
-            # make, without the reader's steps; the reader stays between events.
-            return data[:-len(_NULL_USAGE_EVENT_END)] + b"}\n\n"
+                and _usage_null_is_last_member(data[6 if data[5:6] == b" " else 5:-2]):
+            # Nearly every piece of an injected stream: one whole event of one data line (the
+            # reader's short path), whose one "usage" is its last member and null. The edit
+            # _on_event would make, without the reader's steps; the reader stays between events.
+            return data[:-len(_NULL_USAGE_TAIL) - 2] + b"}\n\n"
         try:
             reader.feed(data if isinstance(data, bytes) else bytes(data))
             if len(reader.held) > self.max_line:
@@ -4121,10 +4121,11 @@ class InjectedUsageStripper:
         if _usage_null_is_last_member(payload):
             # The hot path: a chunk that carries no usage needs no JSON parse, only the edit.
             line = raw_lines[0]
-            if len(raw_lines) == 2 and line[-15:] == b',"usage":null}\n':
-                # One data line and the blank line (the reader's fast path): the member and
+            cut = len(_NULL_USAGE_TAIL) + 1
+            if len(raw_lines) == 2 and line[-cut:] == _NULL_USAGE_TAIL + b"\n":
+                # One data line and the blank line (the reader's short path): the member and
                 # the comma before it are the line's last bytes but the brace.
-                return line[:-15] + b"}\n" + raw_lines[1]
+                return line[:-cut] + b"}\n" + raw_lines[1]
             return _strip_null_usage(raw_lines)
         if payload.find(b'"usage"') < 0:
             return None

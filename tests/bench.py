@@ -1376,12 +1376,28 @@ def _wait_until_serving(target: Target, probe: bytes, timeout: float) -> Optiona
 START_TIMEOUT = 20.0          # seconds for a proxy to answer after its start (--instructions: more)
 
 
+def _start_on_free_port(children: Children, name: str, start: Callable[[int], Target],
+                        probe: bytes, timeout: float) -> Target:
+    """start(port) on a free port until the target answers `probe` with 200; on another port
+    when it lost that port to another program meanwhile (5 tries), else BenchError."""
+    for _attempt in range(5):
+        target = start(free_port())
+        problem = _wait_until_serving(target, probe, timeout)
+        if problem is None:
+            return target
+        log_text = children.log_tail(target.proc)
+        children.stop(target.proc)
+        if "already in use" not in log_text:
+            raise BenchError("%s did not start (%s):\n%s" % (name, problem, log_text))
+    raise BenchError("%s found no free port in 5 tries" % name)
+
+
 def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port: int,
                 certs: dict, context: ssl.SSLContext) -> Target:
     """proxy.py in its own process, tracking and the stats file on (as in production)."""
     proxy_path = os.path.abspath(proxy_path)
-    for _attempt in range(5):
-        port = free_port()
+
+    def start(port: int) -> Target:
         config = {
             "proxy": {"port": port, "bind": "127.0.0.1", "allowedOrigins": "*",
                       "clientTimeout": 30},
@@ -1396,37 +1412,26 @@ def start_proxy(children: Children, proxy_path: str, workdir: str, upstream_port
             json.dump(config, handle, indent=2)
         proc = children.spawn("proxy", [sys.executable, proxy_path, "--config", config_path,
                                         "--quiet"], cwd=workdir, env=proxy_env())
-        target = Target("proxy", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/_proxy/health"), START_TIMEOUT)
-        if problem is None:
-            return target
-        log_text = children.log_tail(proc)
-        children.stop(proc)
-        if "already in use" not in log_text:
-            raise BenchError("proxy.py did not start (%s):\n%s" % (problem, log_text))
-    raise BenchError("proxy.py found no free port in 5 tries")
+        return Target("proxy", port, context, lambda p=proc: [p.pid], proc)
+
+    return _start_on_free_port(children, "proxy.py", start, get_request("/_proxy/health"),
+                               START_TIMEOUT)
 
 
-BARE_PROXY = os.environ.get("BARE_PROXY") or os.path.join(HERE, "bare_proxy.py")
+BARE_PROXY = os.path.join(HERE, "bare_proxy.py")
 
 
 def start_bare(children: Children, upstream_port: int, certs: dict,
                context: ssl.SSLContext) -> Target:
     """The bare shape (tests/bare_proxy.py, issue 16): ThreadingHTTPServer + ssl + http.client
     with read1() streaming and nothing else; the floor our own design can reach."""
-    for _attempt in range(5):
-        port = free_port()
+    def start(port: int) -> Target:
         proc = children.spawn("bare", [sys.executable, BARE_PROXY, str(port), certs["cert"],
                                        certs["key"], str(upstream_port)])
-        target = Target("bare", port, context, lambda p=proc: [p.pid], proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), START_TIMEOUT)
-        if problem is None:
-            return target
-        log_text = children.log_tail(proc)
-        children.stop(proc)
-        if "already in use" not in log_text:
-            raise BenchError("the bare shape did not start (%s):\n%s" % (problem, log_text))
-    raise BenchError("the bare shape found no free port in 5 tries")
+        return Target("bare", port, context, lambda p=proc: [p.pid], proc)
+
+    return _start_on_free_port(children, "the bare shape", start, get_request("/v1/models"),
+                               START_TIMEOUT)
 
 
 def proxypy_version() -> Optional[str]:
@@ -1446,23 +1451,16 @@ def start_proxypy(children: Children, workdir: str, upstream_port: int, certs: d
     """proxy-py (the PyPI package proxy.py) as a TLS reverse proxy with the catch-all plugin of
     tests/proxypy_plugin.py; its defaults otherwise (one acceptor/worker process per CPU)."""
     env = dict(os.environ, BENCH_UPSTREAM_PORT=str(upstream_port), PYTHONPATH=HERE)
-    for _attempt in range(5):
-        port = free_port()
+    def start(port: int) -> Target:
         proc = children.spawn("proxy-py", [
             sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port),
             "--enable-reverse-proxy", "--plugins", "proxypy_plugin.CatchAllReverseProxy",
             "--cert-file", certs["cert"], "--key-file", certs["key"], "--log-level", "WARNING"],
             cwd=workdir, env=env)
-        target = Target("proxy-py", port, context, lambda p=proc: [p.pid] + child_pids(p.pid),
-                        proc)
-        problem = _wait_until_serving(target, get_request("/v1/models"), 30)
-        if problem is None:
-            return target
-        log_text = children.log_tail(proc)
-        children.stop(proc)
-        if "already in use" not in log_text:
-            raise BenchError("proxy-py did not start (%s):\n%s" % (problem, log_text))
-    raise BenchError("proxy-py found no free port in 5 tries")
+        return Target("proxy-py", port, context, lambda p=proc: [p.pid] + child_pids(p.pid),
+                      proc)
+
+    return _start_on_free_port(children, "proxy-py", start, get_request("/v1/models"), 30)
 
 
 def _first_answer_s(target: Target, deadline: float) -> Optional[float]:
