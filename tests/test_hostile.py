@@ -1561,10 +1561,12 @@ class StatsDurabilityTests(unittest.TestCase):
         self.assertEqual(snapshot["requests"], 7 + count)
         with open(os.path.join(directory, "stats.json"), "rb") as handle:
             self.assertEqual(handle.read(), seeded, "the last good stats.json was touched")
-        self.assertEqual([n for n in os.listdir(directory) if n.endswith(".tmp")], [],
-                         "a failed save left a temp file behind")
         conn.close()
         self.assertEqual(process.terminate(), 0, process.stderr_text())
+        # Looked at once the process is gone (its last save at shutdown failed too): while it
+        # runs, a listing can catch the autosave thread between mkstemp() and its unlink().
+        self.assertEqual([n for n in os.listdir(directory) if n.endswith(".tmp")], [],
+                         "a failed save left a temp file behind")
         return snapshot["persistence"]["lastError"]
 
     def test_full_disk_never_stops_forwarding(self):
