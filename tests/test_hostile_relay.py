@@ -174,6 +174,10 @@ def relay_scripted(pieces):
             framed = body.framed
             out.append(framed if framed is not None else b"%x\r\n%s\r\n" % (len(data), data))
     except (http.client.HTTPException, ValueError, OSError) as exc:
+        # Closed here, as relay_response's error paths do: left to the garbage collector with
+        # the traceback's frames, Python 3.13 may close its buffer first and then print
+        # "Exception ignored" for the response's own close().
+        response.close()
         return b"".join(out), exc, response
     out.append(b"0\r\n\r\n")
     return b"".join(out), None, response
