@@ -1,19 +1,24 @@
 """Tests for issue 16's streaming hot path: its shortcuts give exactly what the general path gives.
 
 Every shortcut here (one whole SSE event per piece, the stripper's one-line edit, the relay's
-direct send, no readiness poll after a piece that ends a line) is checked against the general
-code it bypasses: the same events, the same bytes to the client, the same usage.
+direct send, no readiness poll after a piece that ends a line, a non-blocking client socket
+from a body's second piece on) is checked against the general code it bypasses: the same
+events, the same bytes to the client, the same usage, the same timeouts.
 
 Run: python3 tests/run.py test_hot_path
 """
 
+import hashlib
+import io
 import json
 import random
 import socket
 import threading
+import time
 import unittest
+from unittest import mock
 
-from support import proxy
+from support import proxy, start_proxy, start_upstream, tls_socket, wait_until
 
 
 def chunk_event(i, usage_null=True, crlf=False):
@@ -240,6 +245,137 @@ class SendAllTests(unittest.TestCase):
         proxy.send_all(left, data)
         reader.join(30)
         self.assertEqual(bytes(got), data)
+
+
+def _streaming_backend(pieces, size):
+    """A responder that sends ``pieces`` chunks of ``size`` bytes as fast as it can; each
+    chunk's bytes depend on its number, so a lost, doubled or reordered piece shows."""
+    sent = {"all": hashlib.sha256(), "broke": None}
+
+    def respond(handler, request):
+        handler.start_chunked()
+        try:
+            for i in range(pieces):
+                data = (b"%08d" % i) * (size // 8)
+                handler.send_chunk(data)
+                sent["all"].update(data)
+            handler.end_chunked()
+        except OSError:
+            sent["broke"] = time.monotonic()
+            raise
+    return respond, sent
+
+
+def _read_chunked_slowly(sock, pause_every=0):
+    """Read one chunked response from a raw TLS socket; returns (head, sha256 of the body
+    data, complete). Sleeps a moment every ``pause_every`` bytes, in which the proxy fills the
+    client's buffers. (A small SO_RCVBUF would too, but with delayed ACKs it reads a few
+    hundred KB a second, and the connection's idle timeout ends before the next request.)"""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        piece = sock.recv(65536)
+        if not piece:
+            return buf, None, False
+        buf += piece
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    digest = hashlib.sha256()
+    received = 0
+    while True:
+        while b"\r\n" not in buf:
+            piece = sock.recv(65536)
+            if not piece:
+                return head, digest, False
+            buf += piece
+        line, buf = buf.split(b"\r\n", 1)
+        size = int(line, 16)
+        while len(buf) < size + 2:
+            piece = sock.recv(65536)
+            if not piece:
+                return head, digest, False
+            buf += piece
+            received += len(piece)
+            if pause_every and received > pause_every:
+                received = 0
+                time.sleep(0.05)
+        digest.update(buf[:size])
+        buf = buf[size + 2:]
+        if size == 0:
+            return head, digest, buf == b""
+
+
+class NonBlockingClientWritesTests(unittest.TestCase):
+    """From a body's second piece on, the relay writes to a non-blocking client socket and
+    waits only when it is full (send_all_nonblocking): no byte may be lost or doubled when TLS
+    says "would block", a client that stops reading is still dropped after clientTimeout, and
+    the connection serves its next request as before."""
+
+    def test_a_fast_stream_to_a_slow_reader_arrives_whole_and_the_connection_goes_on(self):
+        respond, sent = _streaming_backend(pieces=300, size=40000)     # 12 MB
+        upstream = start_upstream(self, respond)
+        server = start_proxy(self, upstream.server_address[1])
+        waits = []
+        real = proxy.send_all_nonblocking
+
+        def counting(sock, data, done, timeout):
+            waits.append(len(data) - done)
+            return real(sock, data, done, timeout)
+        sock = tls_socket(server, timeout=30)
+        self.addCleanup(sock.close)
+        with mock.patch.object(proxy, "send_all_nonblocking", counting):
+            sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head, digest, complete = _read_chunked_slowly(sock, pause_every=1 << 20)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertTrue(complete, "the stream did not end cleanly")
+        self.assertEqual(digest.hexdigest(), sent["all"].hexdigest())
+        self.assertTrue(waits, "the client's buffers never filled: the test proves nothing")
+        # The same connection, its socket blocking again, answers the next request.
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head, digest, complete = _read_chunked_slowly(sock)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200") and complete, head)
+
+    def test_a_client_that_stops_reading_mid_stream_is_dropped_after_client_timeout(self):
+        respond, sent = _streaming_backend(pieces=100000, size=16000)  # 1.6 GB: never ends
+        upstream = start_upstream(self, respond)
+        server = start_proxy(self, upstream.server_address[1], client_timeout=1.0)
+        sock = tls_socket(server, timeout=30)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200"))
+        stopped = time.monotonic()            # and reads nothing more
+        # The proxy fills the client's buffers, waits clientTimeout for room, then closes the
+        # backend connection: the backend's next send fails.
+        self.assertTrue(wait_until(lambda: sent["broke"] is not None, 20),
+                        "the proxy waited for the stuck client longer than clientTimeout")
+        self.assertGreater(sent["broke"] - stopped, 0.9, "dropped before clientTimeout")
+
+
+class SendAllNonblockingTests(unittest.TestCase):
+    """send_all_nonblocking() over a plain non-blocking socket: partial sends and EAGAIN."""
+
+    def test_every_byte_arrives_and_a_stuck_reader_times_out(self):
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        left.settimeout(0.0)
+        data = bytes(range(256)) * 4096
+        got = bytearray()
+
+        def drain():
+            while len(got) < len(data):
+                piece = right.recv(65536)
+                if not piece:
+                    return
+                got.extend(piece)
+        reader = threading.Thread(target=drain)
+        reader.start()
+        proxy.send_all_nonblocking(left, data, 0, 10.0)
+        reader.join(30)
+        self.assertEqual(bytes(got), data)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            proxy.send_all_nonblocking(left, data, 0, 0.3)     # nobody reads any more
+        self.assertGreater(time.monotonic() - started, 0.25)
 
 
 if __name__ == "__main__":
