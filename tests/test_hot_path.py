@@ -378,5 +378,65 @@ class SendAllNonblockingTests(unittest.TestCase):
         self.assertGreater(time.monotonic() - started, 0.25)
 
 
+class ReadFirstTests(unittest.TestCase):
+    """The backend's socket is read at once when bytes are likely there (_ReadFirst), and
+    otherwise waits as a socket with a timeout does: a slow or silent backend, a body that
+    fills the buffer exactly, and the late-bytes check behave as they did with SocketIO."""
+
+    def response_over(self, timeout):
+        ours, backend = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(backend.close)
+        ours.settimeout(timeout)
+        response = proxy.UpstreamResponse(ours, method="GET")
+        self.addCleanup(response.close)
+        self.assertIs(type(response.fp.raw), proxy._ReadFirst)
+        return response, backend
+
+    def test_a_head_that_arrives_in_parts_is_waited_for(self):
+        response, backend = self.response_over(5.0)
+        backend.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+        later = threading.Timer(0.2, backend.sendall, (b"ngth: 2\r\n\r\nok",))
+        later.start()
+        self.addCleanup(later.cancel)
+        response.begin()
+        self.assertEqual((response.status, response.read()), (200, b"ok"))
+
+    def test_a_silent_backend_times_out_as_before(self):
+        response, backend = self.response_over(0.3)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            response.begin()
+        self.assertGreater(time.monotonic() - started, 0.25)
+
+    def test_a_read_that_fills_the_buffer_then_a_stall_times_out(self):
+        # After a full read the next one tries the socket first and finds nothing: it must
+        # wait (and time out), not report "would block" or an end.
+        response, backend = self.response_over(0.3)
+        size = 3 * io.DEFAULT_BUFFER_SIZE
+        backend.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 10))
+        backend.sendall(b"x" * size)
+        response.begin()
+        got = b""
+        with self.assertRaises(socket.timeout):
+            while True:
+                piece = response.read1(65536)
+                self.assertTrue(piece, "a stall was read as the end of the body")
+                got += piece
+        self.assertEqual(got, b"x" * size)
+
+    def test_late_bytes_are_found_without_waiting(self):
+        for late, overran in ((b"", False), (b"HTTP/1.1 200 OK\r\n", True)):
+            response, backend = self.response_over(5.0)
+            backend.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + late)
+            response.begin()
+            self.assertEqual(response.read(2), b"ok")
+            started = time.monotonic()
+            response.close()
+            self.assertLess(time.monotonic() - started, 1.0, "the late-bytes check waited")
+            self.assertEqual(response.overran, overran, late)
+            self.assertEqual(response.reusable(), not overran)
+
+
 if __name__ == "__main__":
     unittest.main()
