@@ -6090,7 +6090,9 @@ class UpstreamResponse(http.client.HTTPResponse):
 
     def __init__(self, sock, *args, **kwargs) -> None:
         super().__init__(sock, *args, **kwargs)
-        if _READ_FIRST and isinstance(sock, socket.socket):
+        if _READ_FIRST and isinstance(sock, socket.socket) and sock.gettimeout():
+            # (A socket with a timeout: its file descriptor is non-blocking underneath, so a
+            # read that finds nothing returns at once. readTimeout is always positive.)
             self.fp = io.BufferedReader(_ReadFirst(self.fp.detach(), sock))
         self._upstream_sock = sock
         self._poller = None
