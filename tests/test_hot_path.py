@@ -223,28 +223,48 @@ class RequestShortcutTests(unittest.TestCase):
 
 
 class SendAllTests(unittest.TestCase):
-    """send_all() writes every byte, also when the kernel takes a piece in several sends."""
+    """send_all() and send_all_nonblocking() write every byte, also when the kernel takes a
+    piece in several sends (and, non-blocking, has no room for a while)."""
 
-    def test_a_large_piece_arrives_whole_over_a_small_socket_buffer(self):
+    DATA = bytes(range(256)) * 4096          # 1 MiB, far more than one send takes
+
+    def small_buffer_pair(self):
         left, right = socket.socketpair()
         self.addCleanup(left.close)
         self.addCleanup(right.close)
         left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        data = bytes(range(256)) * 4096          # 1 MiB, far more than one send takes
+        return left, right
+
+    def received_while(self, right, send):
+        """What ``right`` receives while send() runs, read until DATA's length or the end."""
         got = bytearray()
 
         def drain():
-            while len(got) < len(data):
+            while len(got) < len(self.DATA):
                 piece = right.recv(65536)
                 if not piece:
                     return
                 got.extend(piece)
-
         reader = threading.Thread(target=drain)
         reader.start()
-        proxy.send_all(left, data)
+        send()
         reader.join(30)
-        self.assertEqual(bytes(got), data)
+        return bytes(got)
+
+    def test_a_large_piece_arrives_whole_over_a_small_socket_buffer(self):
+        left, right = self.small_buffer_pair()
+        self.assertEqual(self.received_while(right, lambda: proxy.send_all(left, self.DATA)),
+                         self.DATA)
+
+    def test_nonblocking_every_byte_arrives_and_a_stuck_reader_times_out(self):
+        left, right = self.small_buffer_pair()
+        left.settimeout(0.0)
+        self.assertEqual(self.received_while(
+            right, lambda: proxy.send_all_nonblocking(left, self.DATA, 0, 10.0)), self.DATA)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            proxy.send_all_nonblocking(left, self.DATA, 0, 0.3)     # nobody reads any more
+        self.assertGreater(time.monotonic() - started, 0.25)
 
 
 def _streaming_backend(pieces, size):
@@ -271,36 +291,34 @@ def _read_chunked_slowly(sock, pause_every=0):
     data, complete). Sleeps a moment every ``pause_every`` bytes, in which the proxy fills the
     client's buffers. (A small SO_RCVBUF would too, but with delayed ACKs it reads a few
     hundred KB a second, and the connection's idle timeout ends before the next request.)"""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        piece = sock.recv(65536)
-        if not piece:
-            return buf, None, False
-        buf += piece
-    head, buf = buf.split(b"\r\n\r\n", 1)
-    digest = hashlib.sha256()
-    received = 0
-    while True:
-        while b"\r\n" not in buf:
+    state = {"buf": b"", "since_pause": 0}
+
+    def receive_until(enough):
+        while not enough(state["buf"]):
             piece = sock.recv(65536)
             if not piece:
-                return head, digest, False
-            buf += piece
-        line, buf = buf.split(b"\r\n", 1)
-        size = int(line, 16)
-        while len(buf) < size + 2:
-            piece = sock.recv(65536)
-            if not piece:
-                return head, digest, False
-            buf += piece
-            received += len(piece)
-            if pause_every and received > pause_every:
-                received = 0
+                raise EOFError
+            state["buf"] += piece
+            state["since_pause"] += len(piece)
+            if pause_every and state["since_pause"] > pause_every:
+                state["since_pause"] = 0
                 time.sleep(0.05)
-        digest.update(buf[:size])
-        buf = buf[size + 2:]
-        if size == 0:
-            return head, digest, buf == b""
+
+    head, digest = b"", hashlib.sha256()
+    try:
+        receive_until(lambda buf: b"\r\n\r\n" in buf)
+        head, state["buf"] = state["buf"].split(b"\r\n\r\n", 1)
+        while True:
+            receive_until(lambda buf: b"\r\n" in buf)
+            line, state["buf"] = state["buf"].split(b"\r\n", 1)
+            size = int(line, 16)
+            receive_until(lambda buf: len(buf) >= size + 2)
+            digest.update(state["buf"][:size])
+            state["buf"] = state["buf"][size + 2:]
+            if size == 0:
+                return head, digest, state["buf"] == b""
+    except EOFError:
+        return head, digest, False
 
 
 class NonBlockingClientWritesTests(unittest.TestCase):
@@ -347,35 +365,6 @@ class NonBlockingClientWritesTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: sent["broke"] is not None, 20),
                         "the proxy waited for the stuck client longer than clientTimeout")
         self.assertGreater(sent["broke"] - stopped, 0.9, "dropped before clientTimeout")
-
-
-class SendAllNonblockingTests(unittest.TestCase):
-    """send_all_nonblocking() over a plain non-blocking socket: partial sends and EAGAIN."""
-
-    def test_every_byte_arrives_and_a_stuck_reader_times_out(self):
-        left, right = socket.socketpair()
-        self.addCleanup(left.close)
-        self.addCleanup(right.close)
-        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        left.settimeout(0.0)
-        data = bytes(range(256)) * 4096
-        got = bytearray()
-
-        def drain():
-            while len(got) < len(data):
-                piece = right.recv(65536)
-                if not piece:
-                    return
-                got.extend(piece)
-        reader = threading.Thread(target=drain)
-        reader.start()
-        proxy.send_all_nonblocking(left, data, 0, 10.0)
-        reader.join(30)
-        self.assertEqual(bytes(got), data)
-        started = time.monotonic()
-        with self.assertRaises(socket.timeout):
-            proxy.send_all_nonblocking(left, data, 0, 0.3)     # nobody reads any more
-        self.assertGreater(time.monotonic() - started, 0.25)
 
 
 class ReadFirstTests(unittest.TestCase):
