@@ -339,6 +339,9 @@ class NonBlockingClientWritesTests(unittest.TestCase):
             return real(sock, data, done, timeout)
         sock = tls_socket(server, timeout=30)
         self.addCleanup(sock.close)
+        # A receive window well below the 12 MB, whatever the kernel's autotuning allows
+        # (large enough not to crawl under delayed ACKs).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
         with mock.patch.object(proxy, "send_all_nonblocking", counting):
             sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
             head, digest, complete = _read_chunked_slowly(sock, pause_every=1 << 20)
