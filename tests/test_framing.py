@@ -186,6 +186,27 @@ class LateBytesTests(unittest.TestCase):
         self.assert_extra_bytes_discard_the_connection(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + SECRET)
 
+    def test_bytes_arriving_after_the_response_discard_the_connection(self):
+        # Not in the recv that ended the response (as above) but in the socket a moment later:
+        # found by the check every pooled connection passes before its reuse.
+        late_sent = threading.Event()
+
+        def behaviour(backend, sock, request, n):
+            if path_of(request) == b"/first":
+                sock.sendall(answer(b"hello"))
+                time.sleep(0.1)                 # the proxy has released the connection by then
+                sock.sendall(SECRET)
+                late_sent.set()
+            else:
+                sock.sendall(answer(b"answer for " + path_of(request)))
+            return True
+        self.backend.behaviour = behaviour
+        self.assertEqual(get(self.proxy, "/first"), (200, b"hello"))
+        self.assertTrue(late_sent.wait(5), "the backend never sent its late bytes")
+        self.assertEqual(get(self.proxy, "/second"), (200, b"answer for /second"))
+        self.assertEqual(self.backend.connections, 2, "a connection with unread bytes was reused")
+        self.assertIn("past the end of its response", self.logs.text.getvalue())
+
     def test_a_clean_head_answer_keeps_the_connection(self):
         def behaviour(backend, sock, request, n):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if n == 1
