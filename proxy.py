@@ -6002,8 +6002,8 @@ _READ_FIRST = hasattr(os, "readv") and os.name == "posix"
 
 class _ReadFirst(io.RawIOBase):
     """The raw stream under an UpstreamResponse's read buffer: it reads the socket at once when
-    bytes are known or likely to be there, and waits (through socket.SocketIO, within the
-    socket's timeout) only when they are not.
+    bytes are known or likely to be there, and waits (in the socket's own recv_into(), within
+    its timeout) only when they are not.
 
     Why: a Python socket with a timeout polls before every recv() (CPython's sock_call), also
     right after wait_for_answer() saw the answer arrive; and the late-bytes check at the end of
@@ -6057,10 +6057,11 @@ class _ReadFirst(io.RawIOBase):
 
 
 def _bytes_waiting(fp, sock) -> bool:
-    """True when a response's buffer or socket holds bytes now, without waiting for any.
+    """True when a response's buffer (or, without _ReadFirst, its socket) holds bytes now,
+    without waiting for any. An error means the connection cannot be trusted either: True.
 
-    The socket is made non-blocking for one read, so peek() can only return what is there.
-    An error means the connection cannot be trusted either: True.
+    Without _ReadFirst (Windows, a test's stand-in socket) the socket is made non-blocking for
+    one read, so peek() can only return what is there.
 
     Under _ReadFirst only the buffer is looked at, without a syscall: bytes in the socket
     stay there while the connection is idle, and UpstreamPool.acquire() polls every pooled
