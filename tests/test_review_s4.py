@@ -1,0 +1,203 @@
+"""Review of session 4's three hot-path changes, attacked as a hostile backend and client would.
+
+1. The relay writes to a non-blocking client socket from a body's second piece on
+   (send_all_nonblocking) and puts the timeout back in a ``finally``.
+2. _ReadFirst reads the backend socket at once when bytes are likely there.
+3. Late bytes: at a response's end only its buffer is looked at; bytes still in the socket
+   are found by UpstreamPool.acquire()'s check before every reuse.
+
+Every backend is a raw socket script (test_hostile.ScriptedBackend). Tests wait on
+conditions (the backend's or the test's events), never on sleeps.
+
+Run: python3 tests/run.py test_review_s4
+"""
+
+import io
+import socket
+import threading
+import time
+import unittest
+
+from support import proxy, https, settled_stats, tls_socket, wait_until
+from test_hostile import ScriptedBackend, LogCapture, start_quiet_proxy
+from test_hostile_relay import parse_chunked, read_reply
+
+SECRET = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n\r\n"
+          b"first user's secret!")
+
+
+def path_of(request) -> bytes:
+    return request[0].split(b" ", 2)[1]
+
+
+def answer(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+def get(server, path):
+    conn = https(server)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class LateBytesReachNoOtherClientTests(unittest.TestCase):
+    """Bytes past a response's end, however they arrive, never become another client's answer."""
+
+    def setUp(self):
+        self.backend = ScriptedBackend(self)
+        self.proxy = start_quiet_proxy(self, self.backend.port)
+        self.logs = LogCapture(self)
+        self.late_sent = threading.Event()
+
+    def first_then_second(self, first: bytes, then_close: bool):
+        """/first gets ``first``; once the proxy has finished that request, the backend sends
+        SECRET on the same connection (and closes it, with then_close)."""
+        finished = threading.Event()
+
+        def behaviour(backend, sock, request, n):
+            if path_of(request) == b"/first":
+                sock.sendall(first)
+                finished.wait(10)       # the proxy has released the connection to the pool
+                sock.sendall(SECRET)
+                self.late_sent.set()
+                return not then_close
+            sock.sendall(answer(b"answer for " + path_of(request)))
+            return True
+        self.backend.behaviour = behaviour
+        conn = https(self.proxy)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/first")
+        response = conn.getresponse()
+        body = response.read()
+        self.assertTrue(wait_until(lambda: settled_stats(self.proxy)["requests"] == 1))
+        finished.set()
+        self.assertTrue(self.late_sent.wait(5))
+        self.assertEqual(get(self.proxy, "/second"), (200, b"answer for /second"))
+        self.assertEqual(self.backend.connections, 2, "a connection with late bytes was reused")
+        return body
+
+    def test_late_bytes_then_the_backends_close(self):
+        # acquire(): readable, and not only the close (data first): dropped and said so.
+        self.assertEqual(self.first_then_second(answer(b"hello"), then_close=True), b"hello")
+        self.assertIn("past the end of its response", self.logs.text.getvalue())
+
+    def test_late_bytes_after_a_chunked_body_passed_on_as_framed(self):
+        # The body's chunks go through read_framed (>= FRAMED_CHUNK_MIN), the last through
+        # read1(): the late bytes come in a later segment, so only acquire() can see them.
+        data = b"x" * 100
+        first = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n"
+                 + (b"%x\r\n%s\r\n" % (len(data), data)) * 3 + b"0\r\n\r\n")
+        self.assertEqual(self.first_then_second(first, then_close=False), data * 3)
+        self.assertIn("past the end of its response", self.logs.text.getvalue())
+
+    def test_late_bytes_after_a_trailer(self):
+        first = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        self.assertEqual(self.first_then_second(first, then_close=False), b"hello")
+
+
+class ReadFirstNeverTruncatesTests(unittest.TestCase):
+    """A read that filled the buffer is followed by one that tries the socket first: when the
+    backend pauses right there, the proxy must wait for the rest, not end the body."""
+
+    def setUp(self):
+        self.backend = ScriptedBackend(self)
+        self.proxy = start_quiet_proxy(self, self.backend.port)
+
+    def paused_body(self, head: bytes, first: bytes, rest: bytes):
+        go = threading.Event()
+
+        def behaviour(backend, sock, request, n):
+            sock.sendall(head + first)
+            go.wait(10)
+            sock.sendall(rest)
+            return True
+        self.backend.behaviour = behaviour
+        sock = tls_socket(self.proxy, timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        got = b""
+        while len(got) < len(first) // 2:          # the proxy is inside the body now
+            got += sock.recv(1 << 20)
+        go.set()
+        return sock, got
+
+    def test_a_content_length_body_paused_after_exactly_read_chunk_bytes(self):
+        size = proxy.READ_CHUNK
+        first, rest = b"a" * size, b"b" * 1000
+        sock, got = self.paused_body(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + len(rest)), first, rest)
+        while not got.endswith(rest):
+            piece = sock.recv(1 << 20)
+            self.assertTrue(piece, "the body was cut short")
+            got += piece
+        self.assertEqual(got.partition(b"\r\n\r\n")[2], first + rest)
+        stats = settled_stats(self.proxy)
+        self.assertEqual((stats["requests"], stats["errors"]), (1, 0))
+
+    def test_a_chunk_paused_after_a_full_buffer(self):
+        size = 3 * io.DEFAULT_BUFFER_SIZE
+        first = b"%x\r\n" % (2 * size) + b"c" * size
+        rest = b"d" * size + b"\r\n0\r\n\r\n"
+        sock, got = self.paused_body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                     first, rest)
+        while True:
+            body = got.partition(b"\r\n\r\n")[2]
+            complete, data, _, after = parse_chunked(body)
+            if complete:
+                break
+            piece = sock.recv(1 << 20)
+            self.assertTrue(piece, "the body was cut short")
+            got += piece
+        self.assertEqual((data, after), (b"c" * size + b"d" * size, b""))
+        stats = settled_stats(self.proxy)
+        self.assertEqual((stats["requests"], stats["errors"]), (1, 0))
+
+
+class ClientSocketAfterTheStreamTests(unittest.TestCase):
+    """Every way out of a streamed body leaves the client socket with its timeout back."""
+
+    def test_an_idle_keep_alive_connection_after_a_stream_waits_client_timeout(self):
+        # Were the socket left non-blocking, the next head read would fail at once (TLS
+        # "want read") and the connection close immediately; were it left without a timeout,
+        # never.
+        backend = ScriptedBackend(self)
+        server = start_quiet_proxy(self, backend.port, client_timeout=1.0)
+        got_first = threading.Event()
+
+        def behaviour(backend, sock, request, n):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (40, b"e" * 40))
+            got_first.wait(10)          # a second piece: the socket was made non-blocking
+            sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (40, b"f" * 40))
+            return True
+        backend.behaviour = behaviour
+        sock = tls_socket(server, timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while b"e" * 40 not in data:
+            data += sock.recv(65536)
+        got_first.set()
+        while not parse_chunked(data.partition(b"\r\n\r\n")[2])[0]:
+            data += sock.recv(65536)
+        self.assertEqual(parse_chunked(data.partition(b"\r\n\r\n")[2])[1], b"e" * 40 + b"f" * 40)
+        idle_from = time.monotonic()
+        try:
+            end = sock.recv(65536)
+        except (ConnectionError, OSError):
+            end = b""
+        idle = time.monotonic() - idle_from
+        self.assertEqual(end, b"")
+        self.assertGreater(idle, 0.8, "the idle connection closed before clientTimeout")
+        self.assertLess(idle, 5.0)
+
+
+if __name__ == "__main__":
+    unittest.main()
