@@ -14,6 +14,7 @@ Run: python3 tests/run.py test_review_s4
 
 import io
 import socket
+import ssl
 import threading
 import time
 import unittest
@@ -197,6 +198,57 @@ class ClientSocketAfterTheStreamTests(unittest.TestCase):
         self.assertEqual(end, b"")
         self.assertGreater(idle, 0.8, "the idle connection closed before clientTimeout")
         self.assertLess(idle, 5.0)
+
+
+class _NeverWritable:
+    """A TLS socket as send_all_nonblocking() sees it, whose every send() asks to read first
+    (SSLWantReadError) while the client has bytes waiting unread: poll(POLLIN) says ready at
+    once, every time. ``stop`` ends the test's spin (send() then fails)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sends = 0
+        self.stop = threading.Event()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def send(self, data):
+        self.sends += 1
+        if self.stop.is_set():
+            raise ConnectionResetError("test over")
+        raise ssl.SSLWantReadError("The operation did not complete (read)")
+
+
+class SendAllNonBlockingBoundTests(unittest.TestCase):
+
+    def test_want_read_with_bytes_waiting_does_not_spin_past_the_timeout(self):
+        """Was a flaw: each wait was bounded by the timeout, the whole send was not. When TLS
+        asks to read while the client has sent bytes we do not read (a pipelined request),
+        poll(POLLIN) returns at once and the loop spun at 100% CPU for ever."""
+        ours, client = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /next HTTP/1.1\r\n")            # waiting, never read
+        fake = _NeverWritable(ours)
+        self.addCleanup(fake.stop.set)
+        outcome = []
+
+        def run():
+            try:
+                proxy.send_all_nonblocking(fake, b"x" * 1000, 0, 0.3)
+                outcome.append("returned")
+            except Exception as exc:            # noqa: BLE001 - recorded for the assertion
+                outcome.append(exc)
+        thread = threading.Thread(target=run, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(3.0)
+        fake.stop.set()
+        thread.join(5.0)
+        self.assertTrue(outcome and isinstance(outcome[0], socket.timeout),
+                        "no timeout after 3 s (%d sends): %r" % (fake.sends, outcome))
+        self.assertLess(time.monotonic() - started, 2.9)
 
 
 if __name__ == "__main__":
