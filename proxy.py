@@ -7117,14 +7117,35 @@ def send_all_nonblocking(sock, data: bytes, sent: int, timeout: Optional[float])
 
     A TLS socket that would block has taken nothing of this send (OpenSSL keeps the record it
     made and wants the same bytes offered again), so they are offered again.
+
+    The ``timeout`` runs from the last send that took bytes, not from each wait: a TLS send
+    takes all or nothing, so a piece must leave within ``timeout`` as a TLS socket's own
+    timeout had it (one deadline per write), and a socket that says "ready" at once every
+    time while TLS still wants to read (unread client bytes waiting) cannot spin for ever.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     while sent < len(data):
         try:
-            sent += sock.send(data[sent:] if sent else data)
+            taken = sock.send(data[sent:] if sent else data)
         except ssl.SSLWantReadError:
-            _wait_until_ready(sock, False, timeout)
+            _wait_until_ready(sock, False, _time_left(deadline))
+            continue
         except (BlockingIOError, ssl.SSLWantWriteError):
-            _wait_until_ready(sock, True, timeout)
+            _wait_until_ready(sock, True, _time_left(deadline))
+            continue
+        sent += taken
+        if deadline is not None and taken:
+            deadline = time.monotonic() + timeout
+
+
+def _time_left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds until ``deadline`` (None: no deadline); socket.timeout once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
 
 
 def _wait_until_ready(sock, writing: bool, timeout: Optional[float]) -> None:
