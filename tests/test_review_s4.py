@@ -19,7 +19,9 @@ import threading
 import time
 import unittest
 
-from support import proxy, https, settled_stats, tls_socket, wait_until
+import os
+
+from support import proxy, https, settled_stats, tls_socket, wait_until, certs_dir, client_context
 from test_hostile import ScriptedBackend, LogCapture, start_quiet_proxy
 from test_hostile_relay import parse_chunked, read_reply
 
@@ -249,6 +251,47 @@ class SendAllNonBlockingBoundTests(unittest.TestCase):
         self.assertTrue(outcome and isinstance(outcome[0], socket.timeout),
                         "no timeout after 3 s (%d sends): %r" % (fake.sends, outcome))
         self.assertLess(time.monotonic() - started, 2.9)
+
+    def test_a_tls_client_draining_a_little_now_and_then_gets_one_timeout_per_piece(self):
+        """Was a flaw: a piece sent to a blocking TLS socket had to leave within the client
+        timeout (one deadline per SSL write); non-blocking, each wait for room had its own,
+        so a client draining a few KB per (timeout - epsilon) held the thread, and the
+        backend's generation, through a 256 KB piece for minutes instead of seconds."""
+        server_raw, client_raw = socket.socketpair()
+        for sock in (server_raw, client_raw):
+            self.addCleanup(sock.close)
+        server_raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client_raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(os.path.join(certs_dir(), "cert.pem"),
+                                os.path.join(certs_dir(), "key.pem"))
+        server = context.wrap_socket(server_raw, server_side=True, do_handshake_on_connect=False)
+        client = client_context().wrap_socket(client_raw, server_hostname="localhost",
+                                              do_handshake_on_connect=False)
+        shaking = threading.Thread(target=client.do_handshake)
+        shaking.start()
+        server.do_handshake()
+        shaking.join(5)
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip():                 # 4 KB every 0.1 s, for 3 s at most
+            deadline = time.monotonic() + 3.0
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    client.recv(4096)
+                except OSError:
+                    return
+                stop.wait(0.1)
+        reader = threading.Thread(target=drip, daemon=True)
+        reader.start()
+        server.settimeout(0.0)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            proxy.send_all_nonblocking(server, b"p" * proxy.READ_CHUNK, 0, 0.5)
+        self.assertLess(time.monotonic() - started, 2.0, "the piece's deadline moved with each wait")
+        stop.set()
+        reader.join(5)
 
 
 if __name__ == "__main__":
