@@ -99,6 +99,22 @@ class LateBytesReachNoOtherClientTests(unittest.TestCase):
         self.assertEqual(self.first_then_second(first, then_close=False), data * 3)
         self.assertIn("past the end of its response", self.logs.text.getvalue())
 
+    def test_late_bytes_behind_framed_chunks_in_the_same_segment(self):
+        # Only the buffer is looked at now: the bytes behind the last chunk are there.
+        data = b"y" * 100
+        response = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     + (b"%x\r\n%s\r\n" % (len(data), data)) * 3 + b"0\r\n\r\n" + SECRET)
+
+        def behaviour(backend, sock, request, n):
+            sock.sendall(response if path_of(request) == b"/first"
+                         else answer(b"answer for " + path_of(request)))
+            return True
+        self.backend.behaviour = behaviour
+        self.assertEqual(get(self.proxy, "/first"), (200, data * 3))
+        self.assertEqual(get(self.proxy, "/second"), (200, b"answer for /second"))
+        self.assertEqual(self.backend.connections, 2, "a connection with late bytes was reused")
+
     def test_late_bytes_after_a_trailer(self):
         first = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n")
