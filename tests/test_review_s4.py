@@ -217,6 +217,41 @@ class ClientSocketAfterTheStreamTests(unittest.TestCase):
         self.assertGreater(idle, 0.8, "the idle connection closed before clientTimeout")
         self.assertLess(idle, 5.0)
 
+    def test_a_pipelined_request_behind_a_stream_is_answered_in_order(self):
+        # The client's next request waits in the socket (and TLS) while the stream goes out
+        # non-blocking; it is read, once the timeout is back, as the next request.
+        backend = ScriptedBackend(self)
+        server = start_quiet_proxy(self, backend.port)
+        got_first = threading.Event()
+
+        def behaviour(backend, sock, request, n):
+            if path_of(request) == b"/v1/stream":
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n28\r\n" + b"e" * 40 + b"\r\n")
+                got_first.wait(10)
+                sock.sendall(b"28\r\n" + b"f" * 40 + b"\r\n0\r\n\r\n")
+            else:
+                sock.sendall(answer(b"answer for " + path_of(request)))
+            return True
+        backend.behaviour = behaviour
+        sock = tls_socket(server, timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"GET /next HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while b"e" * 40 not in data:
+            data += sock.recv(65536)
+        got_first.set()
+        while b"answer for /next" not in data:
+            piece = sock.recv(65536)
+            self.assertTrue(piece, "closed before the pipelined answer: %r" % data[-200:])
+            data += piece
+        head, _, rest = data.partition(b"\r\n\r\n")
+        complete, body, _, after = parse_chunked(rest)
+        self.assertEqual((complete, body), (True, b"e" * 40 + b"f" * 40))
+        self.assertTrue(after.startswith(b"HTTP/1.1 200"), after[:80])
+        self.assertTrue(after.endswith(b"\r\n\r\nanswer for /next"), after[-80:])
+
 
 class _NeverWritable:
     """A TLS socket as send_all_nonblocking() sees it, whose every send() asks to read first
