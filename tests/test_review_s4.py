@@ -178,6 +178,20 @@ class ReadFirstNeverTruncatesTests(unittest.TestCase):
         stats = settled_stats(self.proxy)
         self.assertEqual((stats["requests"], stats["errors"]), (1, 0))
 
+    def test_a_tls_socket_is_never_read_beneath_its_tls_layer(self):
+        """Was a latent flaw: ssl.SSLSocket is a socket.socket, so a response over one got
+        _ReadFirst, whose os.readv() would read ciphertext as HTTP. Backends are plain HTTP
+        today (http:// only); the guard keeps it so if that ever changes."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        tls = client_context().wrap_socket(ours, server_hostname="localhost",
+                                           do_handshake_on_connect=False)
+        self.addCleanup(tls.close)
+        tls.settimeout(5.0)
+        response = proxy.UpstreamResponse(tls, method="GET")
+        self.addCleanup(response.close)
+        self.assertIsNot(type(response.fp.raw), proxy._ReadFirst)
+
 
 class ClientSocketAfterTheStreamTests(unittest.TestCase):
     """Every way out of a streamed body leaves the client socket with its timeout back."""
