@@ -6103,9 +6103,11 @@ class UpstreamResponse(http.client.HTTPResponse):
 
     def __init__(self, sock, *args, **kwargs) -> None:
         super().__init__(sock, *args, **kwargs)
-        if _READ_FIRST and isinstance(sock, socket.socket) and sock.gettimeout():
+        if _READ_FIRST and isinstance(sock, socket.socket) \
+                and not isinstance(sock, ssl.SSLSocket) and sock.gettimeout():
             # (A socket with a timeout: its file descriptor is non-blocking underneath, so a
-            # read that finds nothing returns at once. readTimeout is always positive.)
+            # read that finds nothing returns at once. readTimeout is always positive. Not a
+            # TLS socket: os.readv() on its descriptor would read the records undecrypted.)
             self.fp = io.BufferedReader(_ReadFirst(self.fp.detach(), sock))
         self._upstream_sock = sock
         self._poller = None
