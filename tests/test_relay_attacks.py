@@ -1,4 +1,4 @@
-"""Review of session 4's three hot-path changes, attacked as a hostile backend and client would.
+"""Issue 16's syscall shortcuts in the relay, attacked as a hostile backend and client would.
 
 1. The relay writes to a non-blocking client socket from a body's second piece on
    (send_all_nonblocking) and puts the timeout back in a ``finally``.
@@ -9,7 +9,7 @@
 Every backend is a raw socket script (test_hostile.ScriptedBackend). Tests wait on
 conditions (the backend's or the test's events), never on sleeps.
 
-Run: python3 tests/run.py test_review_s4
+Run: python3 tests/run.py test_relay_attacks
 """
 
 import io
