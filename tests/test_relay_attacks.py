@@ -13,39 +13,17 @@ Run: python3 tests/run.py test_relay_attacks
 """
 
 import io
+import os
 import socket
 import ssl
 import threading
 import time
 import unittest
 
-import os
-
 from support import proxy, https, settled_stats, tls_socket, wait_until, certs_dir, client_context
 from test_hostile import ScriptedBackend, LogCapture, start_quiet_proxy
 from test_hostile_relay import parse_chunked, read_reply
-
-SECRET = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n\r\n"
-          b"first user's secret!")
-
-
-def path_of(request) -> bytes:
-    return request[0].split(b" ", 2)[1]
-
-
-def answer(body: bytes) -> bytes:
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body))
-
-
-def get(server, path):
-    conn = https(server)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+from test_framing import SECRET, answer, get, path_of
 
 
 class LateBytesReachNoOtherClientTests(unittest.TestCase):
