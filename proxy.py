@@ -6285,7 +6285,7 @@ class UpstreamResponse(http.client.HTTPResponse):
         poller = self._poller
         if poller is None:
             if not hasattr(select, "poll"):
-                return bool(_readable([self._upstream_sock], 0))
+                return bool(_ready([self._upstream_sock], 0))
             poller = self._poller = select.poll()
             poller.register(self._upstream_sock, select.POLLIN)
         return bool(poller.poll(0))
@@ -6367,8 +6367,9 @@ def framing_problem(response) -> Optional[str]:
     return None
 
 
-def _readable(socks, timeout: float) -> list:
-    """The sockets among `socks` that are readable (or closed) within `timeout` seconds.
+def _ready(socks, timeout: Optional[float], writing: bool = False) -> list:
+    """The sockets among `socks` that are readable (or closed) -- or, ``writing``, writable --
+    within `timeout` seconds (None: as long as it takes).
 
     poll() where the platform has it: select() raises ValueError for a file descriptor past
     FD_SETSIZE (1024), which a proxy with a few hundred connections and their backend
@@ -6376,19 +6377,22 @@ def _readable(socks, timeout: float) -> list:
     """
     if hasattr(select, "poll"):
         poller = select.poll()
+        event = select.POLLOUT if writing else select.POLLIN
         for sock in socks:
-            poller.register(sock, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll(timeout * 1000.0)}   # POLLHUP/POLLERR count too
+            poller.register(sock, event)
+        # POLLHUP/POLLERR count too.
+        ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000.0)}
         return [sock for sock in socks if sock.fileno() in ready]
-    readable, _, _ = select.select(socks, [], [], timeout)
-    return readable
+    if writing:
+        return select.select([], socks, [], timeout)[1]
+    return select.select(socks, [], [], timeout)[0]
 
 
 def _socket_is_quiet(sock) -> bool:
     if sock is None:
         return False
     try:
-        return not _readable([sock], 0)
+        return not _ready([sock], 0)
     except (OSError, ValueError):
         return False
 
@@ -7152,15 +7156,7 @@ def _time_left(deadline: Optional[float]) -> Optional[float]:
 
 def _wait_until_ready(sock, writing: bool, timeout: Optional[float]) -> None:
     """Wait until ``sock`` can be written (or read); socket.timeout after ``timeout`` s."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT if writing else select.POLLIN)
-        ready = poller.poll(None if timeout is None else timeout * 1000.0)
-    elif writing:
-        ready = select.select([], [sock], [], timeout)[1]
-    else:
-        ready = select.select([sock], [], [], timeout)[0]
-    if not ready:
+    if not _ready([sock], timeout, writing):
         raise socket.timeout("timed out")
 
 
@@ -7446,7 +7442,7 @@ class Exchange:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return                              # read_response() raises the timeout
-            readable = _readable(watched, remaining)
+            readable = _ready(watched, remaining)
             if backend in readable or not readable:
                 return
             if _peer_closed(client):
@@ -7809,7 +7805,7 @@ def _lingering_close(sock) -> None:
     try:
         while drained < LINGER_MAX_BYTES:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not _readable([sock], remaining):
+            if remaining <= 0 or not _ready([sock], remaining):
                 return
             data = socket.socket.recv(sock, 65536)
             if not data:
