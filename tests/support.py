@@ -304,6 +304,33 @@ def settled_stats(server) -> dict:
     return server.stats.snapshot()
 
 
+def small_buffer_socketpair(test: unittest.TestCase):
+    """A connected socket pair, closed when the test ends, whose first socket's kernel send
+    buffer is 4 KB: a large send() takes only part, as over a slow network."""
+    left, right = socket.socketpair()
+    test.addCleanup(left.close)
+    test.addCleanup(right.close)
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return left, right
+
+
+def received_while(sock, length: int, send) -> bytes:
+    """What `sock` receives while send() runs: read in a thread until `length` bytes or the end."""
+    got = bytearray()
+
+    def drain():
+        while len(got) < length:
+            piece = sock.recv(65536)
+            if not piece:
+                return
+            got.extend(piece)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    send()
+    reader.join(30)
+    return bytes(got)
+
+
 def wait_until(predicate, timeout=5.0, interval=0.01) -> bool:
     """Poll `predicate` until it is true or `timeout` passes; returns its last value."""
     deadline = time.monotonic() + timeout

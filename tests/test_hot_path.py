@@ -18,7 +18,8 @@ import time
 import unittest
 from unittest import mock
 
-from support import proxy, start_proxy, start_upstream, tls_socket, wait_until
+from support import (proxy, received_while, small_buffer_socketpair, start_proxy,
+                     start_upstream, tls_socket, wait_until)
 
 
 def chunk_event(i, usage_null=True, crlf=False):
@@ -228,39 +229,17 @@ class SendAllTests(unittest.TestCase):
 
     DATA = bytes(range(256)) * 4096          # 1 MiB, far more than one send takes
 
-    def small_buffer_pair(self):
-        left, right = socket.socketpair()
-        self.addCleanup(left.close)
-        self.addCleanup(right.close)
-        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return left, right
-
-    def received_while(self, right, send):
-        """What ``right`` receives while send() runs, read until DATA's length or the end."""
-        got = bytearray()
-
-        def drain():
-            while len(got) < len(self.DATA):
-                piece = right.recv(65536)
-                if not piece:
-                    return
-                got.extend(piece)
-        reader = threading.Thread(target=drain)
-        reader.start()
-        send()
-        reader.join(30)
-        return bytes(got)
-
     def test_a_large_piece_arrives_whole_over_a_small_socket_buffer(self):
-        left, right = self.small_buffer_pair()
-        self.assertEqual(self.received_while(right, lambda: proxy.send_all(left, self.DATA)),
-                         self.DATA)
+        left, right = small_buffer_socketpair(self)
+        self.assertEqual(received_while(right, len(self.DATA),
+                                        lambda: proxy.send_all(left, self.DATA)), self.DATA)
 
     def test_nonblocking_every_byte_arrives_and_a_stuck_reader_times_out(self):
-        left, right = self.small_buffer_pair()
+        left, right = small_buffer_socketpair(self)
         left.settimeout(0.0)
-        self.assertEqual(self.received_while(
-            right, lambda: proxy.send_all_nonblocking(left, self.DATA, 0, 10.0)), self.DATA)
+        self.assertEqual(received_while(
+            right, len(self.DATA), lambda: proxy.send_all_nonblocking(left, self.DATA, 0, 10.0)),
+            self.DATA)
         started = time.monotonic()
         with self.assertRaises(socket.timeout):
             proxy.send_all_nonblocking(left, self.DATA, 0, 0.3)     # nobody reads any more

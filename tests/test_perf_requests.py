@@ -7,10 +7,9 @@ path gives exactly what the slower, line-by-line code it skips would have given.
 import io
 import random
 import socket
-import threading
 import unittest
 
-from support import proxy
+from support import proxy, received_while, small_buffer_socketpair
 
 
 SDK_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\n"
@@ -110,25 +109,11 @@ class SendToBackendTests(unittest.TestCase):
     still arrives whole, in order, through sendall() and its timeout."""
 
     def test_more_than_the_kernel_takes_at_once_arrives_whole(self):
-        ours, theirs = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(theirs.close)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours, theirs = small_buffer_socketpair(self)
         ours.settimeout(10)
         data = bytes(random.Random(1).getrandbits(8) for _ in range(1 << 20))
-        received = bytearray()
-
-        def read_all():
-            while len(received) < len(data):
-                piece = theirs.recv(65536)
-                if not piece:
-                    return
-                received.extend(piece)
-        reader = threading.Thread(target=read_all)
-        reader.start()
-        proxy.send_to_backend(ours, data)
-        reader.join(10)
-        self.assertEqual(bytes(received), data)
+        self.assertEqual(received_while(theirs, len(data),
+                                        lambda: proxy.send_to_backend(ours, data)), data)
 
     def test_a_closed_peer_raises_as_sendall_does(self):
         ours, theirs = socket.socketpair()
